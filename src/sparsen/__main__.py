@@ -1,0 +1,5 @@
+import sys
+
+from sparsen.cli import main
+
+sys.exit(main())

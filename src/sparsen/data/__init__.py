@@ -1,0 +1,74 @@
+"""Corpora and token windows.
+
+WikiText-2 (Merity et al., 2016; CC BY-SA 3.0) ships inside the package, see ATTRIBUTION.md:
+the raw *test* split is for evaluation only, the *validation* split for calibration.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from sparsen.errors import SparsenError
+
+CORPORA = {
+    "wikitext2-test": "wikitext-2-raw-test.txt",
+    "wikitext2-valid": "wikitext-2-valid-tokenized.txt",
+}
+EVAL_CORPUS = "wikitext2-test"
+CALIB_CORPUS = "wikitext2-valid"
+
+
+def read_corpus(name_or_path: str) -> str:
+    """Text of a bundled corpus (by name) or of a user's UTF-8 text file."""
+    if name_or_path in CORPORA:
+        return resources.files(__package__).joinpath(CORPORA[name_or_path]).read_text(encoding="utf-8")
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise SparsenError(f"text file '{name_or_path}' not found: pass an existing UTF-8 text file or one of "
+                           f"{', '.join(CORPORA)}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SparsenError(f"'{name_or_path}' is not UTF-8 text: pass a plain UTF-8 text file") from None
+    if not text.strip():
+        raise SparsenError(f"text file '{name_or_path}' is empty: pass a file with enough text for the windows asked")
+    return text
+
+
+_TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Tokenize a whole corpus once, with no special tokens added; returns a 1-D int64 tensor."""
+    key = (id(tokenizer), len(text), hash(text))
+    if key not in _TOKEN_CACHE:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        _TOKEN_CACHE.clear()  # keep one corpus: they are large
+        _TOKEN_CACHE[key] = torch.tensor(ids, dtype=torch.long)
+    return _TOKEN_CACHE[key]
+
+
+def windows(ids: torch.Tensor, ctx: int, n: int | None = None, source: str = "corpus") -> torch.Tensor:
+    """Non-overlapping windows: window i is tokens [i*ctx, (i+1)*ctx). Returns [n, ctx].
+
+    ``n=None`` takes every whole window. Asking for more than the corpus holds is an error, never a
+    silently shorter run.
+    """
+    if ctx < 2:
+        raise SparsenError(f"context length {ctx} is too short: use --ctx 2 or more")
+    available = ids.numel() // ctx
+    if n is None:
+        n = available
+    if n < 1 or n > available:
+        raise SparsenError(
+            f"{source} has {ids.numel()} tokens: {available} whole window(s) of {ctx}, but {n} were asked; "
+            "lower --windows/--ctx/--tokens or pass a longer --text"
+        )
+    return ids[: n * ctx].view(n, ctx)
+
+
+def corpus_windows(tokenizer, corpus: str, ctx: int, n: int | None = None) -> torch.Tensor:
+    return windows(tokenize(tokenizer, read_corpus(corpus)), ctx, n, source=f"'{corpus}'")

@@ -1,0 +1,112 @@
+"""The quality harness: perplexity over non-overlapping windows, and KL / top-1 agreement to dense.
+
+Protocols
+- ``full``: every position of a window is computed by the model under test; predictions at
+  positions 0..ctx-2 (of tokens 1..ctx-1) are scored. Matches Hugging Face's ``labels=`` loss.
+- ``decode``: positions < ctx//2 are computed dense (the prompt, as a dense prefill would) and the
+  rest sparse; predictions made *at* sparse positions (P..ctx-2, of tokens P+1..ctx-1) are scored.
+  This is exactly a dense prompt of P tokens followed by sparse generation, teacher-forced.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sparsen.data import EVAL_CORPUS, corpus_windows
+
+PROTOCOLS = ("full", "decode")
+
+
+@dataclass
+class EvalResult:
+    model: str
+    corpus: str
+    ctx: int
+    windows: int
+    protocol: str
+    tokens_scored: int
+    nll: float
+    ppl: float
+    kl: float | None = None
+    top1_agree: float | None = None
+    dense_nll: float | None = None
+    dense_ppl: float | None = None
+    sparsity: dict | None = None
+    plan: str | None = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if not d["extra"]:
+            d.pop("extra")
+        return d
+
+
+def scored_range(ctx: int, protocol: str) -> tuple[int, int]:
+    """Positions whose next-token predictions are scored: [start, stop)."""
+    if protocol == "full":
+        return 0, ctx - 1
+    if protocol == "decode":
+        return ctx // 2, ctx - 1
+    raise ValueError(f"unknown protocol {protocol!r}: use one of {PROTOCOLS}")
+
+
+def dense_prefix(ctx: int, protocol: str) -> int:
+    return scored_range(ctx, protocol)[0]
+
+
+@torch.no_grad()
+def window_logprobs(model, window: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """log-softmax of the model's logits at positions [start, stop) of one window, fp32 [n, vocab]."""
+    logits = model(window[None]).logits[0, start:stop].float()
+    return F.log_softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def evaluate(lm, corpus: str = EVAL_CORPUS, ctx: int = 1024, n_windows: int | None = None, protocol: str = "full",
+             sparsifier=None, progress: bool = True, plan_name: str | None = None) -> EvalResult:
+    """Perplexity of ``lm`` (optionally under ``sparsifier``) on the corpus, and KL/top-1 vs dense if sparse."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}")
+    wins = corpus_windows(lm.tokenizer, corpus, ctx, n_windows)
+    start, stop = scored_range(ctx, protocol)
+    nll_sum = dense_nll_sum = kl_sum = 0.0
+    agree = scored = 0
+    t0 = time.perf_counter()
+    if sparsifier is not None:
+        sparsifier.dense_prefix = start
+        sparsifier.reset_stats()
+        sparsifier.attach()
+    try:
+        for w in tqdm(wins, desc=f"eval {protocol}", unit="win", disable=not progress, leave=False):
+            targets = w[start + 1: stop + 1]
+            logp = window_logprobs(lm.model, w, start, stop)
+            nll_sum += -logp.gather(1, targets[:, None]).double().sum().item()
+            scored += targets.numel()
+            if sparsifier is not None:
+                with sparsifier.disabled():
+                    logp_dense = window_logprobs(lm.model, w, start, stop)
+                dense_nll_sum += -logp_dense.gather(1, targets[:, None]).double().sum().item()
+                kl_sum += (logp_dense.exp() * (logp_dense - logp)).sum().double().item()
+                agree += int((logp_dense.argmax(-1) == logp.argmax(-1)).sum())
+    finally:
+        if sparsifier is not None:
+            sparsifier.detach()
+    nll = nll_sum / scored
+    res = EvalResult(model=lm.spec, corpus=corpus, ctx=ctx, windows=len(wins), protocol=protocol, tokens_scored=scored,
+                     nll=nll, ppl=math.exp(nll), plan=plan_name)
+    if sparsifier is not None:
+        res.kl = kl_sum / scored
+        res.top1_agree = agree / scored
+        res.dense_nll = dense_nll_sum / scored
+        res.dense_ppl = math.exp(res.dense_nll)
+        res.sparsity = sparsifier.achieved()
+    res.seconds = time.perf_counter() - t0
+    return res

@@ -1,0 +1,3 @@
+from sparsen.methods.runtime import InputSparsifier, ThresholdRule
+
+__all__ = ["InputSparsifier", "ThresholdRule"]

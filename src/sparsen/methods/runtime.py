@@ -1,0 +1,128 @@
+"""Input sparsity applied to a torch model through forward pre-hooks on its block linears.
+
+A *rule* per linear site turns the linear's input ``x [..., in]`` into the sparsified input the
+linear should see. Positions before ``dense_prefix`` are left dense: with one forward pass over a
+window, that reproduces exactly "dense prompt, sparse continuation" (a token's own computation is
+what the mask touches, and its KV entries are computed in its own pass).
+
+The runtime counts, per site, how many input entries it zeroed on the sparse positions: that is
+the achieved sparsity, and weighted by each linear's parameter count it is the share of block
+weight bytes a kernel could skip.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Protocol
+
+import torch
+
+
+class InputRule(Protocol):
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the sparsified input (same shape); zeros mark skipped channels."""
+
+
+class ThresholdRule:
+    """Keep x_i where |x_i| > t (t a scalar or a per-channel vector): TEAL-style magnitude sparsity."""
+
+    def __init__(self, threshold: float | torch.Tensor):
+        self.threshold = threshold
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (x.abs() > self.threshold)
+
+
+class InputSparsifier:
+    """Installs rules on a model's block linears; use as a context manager or call attach()/detach()."""
+
+    def __init__(self, adapter, rules: dict[str, Callable[[torch.Tensor], torch.Tensor]], dense_prefix: int = 0):
+        self.adapter = adapter
+        self.rules = dict(rules)
+        self.dense_prefix = dense_prefix
+        self.enabled = True
+        self._handles: list = []
+        self._modules = {site: mod for site, _, _, mod in adapter.linear_sites()}
+        unknown = set(self.rules) - set(self._modules)
+        if unknown:
+            raise KeyError(f"unknown linear sites: {sorted(unknown)[:3]}")
+        self.params = {site: self._modules[site].weight.numel() for site in self._modules}
+        self.reset_stats()
+
+    # --- stats -------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self.zeros = {site: 0 for site in self._modules}
+        self.entries = {site: 0 for site in self._modules}
+
+    def achieved(self) -> dict:
+        """Achieved sparsity on the tokens seen since reset: per site, per layer, per linear name, overall.
+
+        Sites without a rule count as dense (0). Overall = parameter-weighted over all block linears.
+        """
+        per_site = {s: (self.zeros[s] / self.entries[s] if self.entries[s] else 0.0) for s in self._modules}
+        total = sum(self.params.values())
+        overall = sum(per_site[s] * self.params[s] for s in per_site) / total
+        per_layer: dict[int, float] = {}
+        per_name: dict[str, float] = {}
+        for site, layer, name, _ in self.adapter.linear_sites():
+            per_layer.setdefault(layer, 0.0)
+            per_name.setdefault(name, 0.0)
+        for kind, table in (("layer", per_layer), ("name", per_name)):
+            weights: dict = {}
+            for site, layer, name, _ in self.adapter.linear_sites():
+                key = layer if kind == "layer" else name
+                table[key] += per_site[site] * self.params[site]
+                weights[key] = weights.get(key, 0) + self.params[site]
+            for key in table:
+                table[key] /= weights[key]
+        return {"overall": overall, "per_layer": [per_layer[i] for i in sorted(per_layer)],
+                "per_linear": per_name, "per_site": per_site}
+
+    # --- hooks -------------------------------------------------------------------------------
+    def _hook(self, site: str, rule):
+        def pre_hook(module, args):
+            if not self.enabled:
+                return None
+            x = args[0]
+            p = self.dense_prefix
+            if p <= 0:
+                xs = rule(x)
+                self.zeros[site] += int((xs == 0).sum())
+                self.entries[site] += xs.numel()
+            else:
+                if x.shape[-2] <= p:
+                    return None
+                tail = rule(x[..., p:, :])
+                self.zeros[site] += int((tail == 0).sum())
+                self.entries[site] += tail.numel()
+                xs = torch.cat([x[..., :p, :], tail], dim=-2)
+            return (xs,) + tuple(args[1:])
+
+        return pre_hook
+
+    def attach(self) -> "InputSparsifier":
+        if not self._handles:
+            for site, rule in self.rules.items():
+                self._handles.append(self._modules[site].register_forward_pre_hook(self._hook(site, rule)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self):
+        return self.attach()
+
+    def __exit__(self, *exc):
+        self.detach()
+
+    @contextmanager
+    def disabled(self):
+        """Temporarily run the dense model (for the KL reference) without removing the hooks."""
+        prev = self.enabled
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = prev
