@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=_positive_int, default=8192, help="calibration tokens to profile (default 8192)")
     p.add_argument("--ctx", type=_positive_int, default=1024, help="window length in tokens (default 1024)")
     p.add_argument("--no-attention", action="store_true", help="skip attention statistics (faster)")
+    p.add_argument("--sensitivity-windows", type=int, default=2, metavar="N",
+                   help="windows for the per-group sensitivity test (KL to dense with one input group 50/70%% "
+                        "sparse); 0 skips it (default 2)")
     p.add_argument("--out", default="profile", metavar="DIR", help="output directory (default ./profile)")
 
     p = sub.add_parser("eval", help="perplexity (and KL / top-1 agreement to dense) on the evaluation corpus",
@@ -75,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "report folder (JSON, PNG plots, index.html).")
     _add_model(p)
     p.add_argument("--tokens", type=_positive_int, default=4096, help="profile tokens (default 4096)")
-    p.add_argument("--windows", type=_positive_int, default=16, help="eval windows of 1024 (default 16)")
+    p.add_argument("--windows", type=_positive_int, default=10, help="eval windows (default 10)")
     p.add_argument("--ctx", type=_positive_int, default=1024, help="window length (default 1024)")
     p.add_argument("--out", default="report", metavar="DIR", help="report directory (default ./report)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -90,7 +93,7 @@ def cmd_profile(args) -> None:
 
     lm = load_model(args.model)
     prof = run_profile(lm, corpus=args.text, tokens=args.tokens, ctx=args.ctx, attention=not args.no_attention,
-                       progress=not args.quiet)
+                       sensitivity_windows=args.sensitivity_windows, progress=not args.quiet)
     out = Path(args.out)
     write_json(out / "profile.json", prof)
     pngs = plot_profile(prof, out)

@@ -6,7 +6,12 @@ All statistics are per entry or per token over vectors ``x [tokens, d]``:
 - ``l2_share[f]``: mean over tokens of the share of entries needed (largest first) to keep a
   fraction f of the token's squared L2 norm — the share a perfect per-token top-k must keep;
 - ``quantiles[q]``: quantiles of |x| (from a log-spaced histogram, 0.01-decade resolution);
-- ``kurtosis``: Pearson kurtosis of the entries, E[(x-m)^4]/var^2 (3 for a Gaussian).
+- ``kurtosis``: Pearson kurtosis of the entries, E[(x-m)^4]/var^2 (3 for a Gaussian);
+- ``out_err[s]`` (when the weight that reads x is given): relative output error of that linear when
+  the share s of each token's smallest-|x| entries is zeroed: mean over tokens of ||W x_dropped|| / ||W x||
+  (a per-token mean, so that the few tokens with massive norms do not dominate).
+  This is what input sparsity costs; input-side L2 shares can mislead where a few outlier channels
+  carry most of the mass (the residual stream) but are read by small weights.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ ABS_THRESHOLDS = (1e-3, 1e-2, 1e-1)
 REL_THRESHOLDS = (0.1, 0.25, 0.5)
 MASS_FRACTIONS = (0.9, 0.95, 0.99)
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
+OUT_SPARSITIES = (0.5, 0.7)
+OUT_ERR_TOKEN_STRIDE = 4  # output error on every 4th token: a matmul per sparsity is the costly part
 _LOG_LO, _LOG_HI, _BINS = -10.0, 6.0, 1600
 
 
@@ -26,7 +33,7 @@ def mass_share(x: torch.Tensor, fractions=MASS_FRACTIONS) -> torch.Tensor:
 
     Returns [n, len(fractions)]. A row of zeros needs no entries (share 0).
     """
-    sq = x.double().pow(2)
+    sq = x.float().pow(2)
     srt = sq.sort(dim=-1, descending=True).values
     csum = srt.cumsum(-1)
     total = csum[..., -1:]
@@ -50,22 +57,37 @@ class ActivationStats:
         self.below_rel = np.zeros(len(REL_THRESHOLDS))
         self.l2_share = np.zeros(len(MASS_FRACTIONS))
         self.hist = np.zeros(_BINS + 2)  # underflow, bins, overflow of log10|x|
+        self.out_err = np.zeros((len(OUT_SPARSITIES), 2))  # sum of per-token relative errors, tokens
 
-    def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, self.dim).double()
+    def update(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Add vectors ``x [..., dim]``; ``weight [out, dim]`` (the linear reading x) enables out_err."""
+        # float32 elementwise work, float64 accumulation: the sums stay exact enough, the sorts stay fast.
+        x = x.detach().reshape(-1, self.dim).float()
         n = x.shape[0]
         self.tokens += n
-        self.moments += [x.numel(), x.sum().item(), x.pow(2).sum().item(), x.pow(3).sum().item(), x.pow(4).sum().item()]
+        x2 = x * x
+        f64 = torch.float64
+        self.moments += [x.numel(), x.sum(dtype=f64).item(), x2.sum(dtype=f64).item(), (x2 * x).sum(dtype=f64).item(),
+                         (x2 * x2).sum(dtype=f64).item()]
         a = x.abs()
         for i, t in enumerate(ABS_THRESHOLDS):
             self.below_abs[i] += (a < t).sum().item()
-        rms = x.pow(2).mean(-1, keepdim=True).sqrt()
+        rms = x2.mean(-1, keepdim=True).sqrt()
         for i, r in enumerate(REL_THRESHOLDS):
             self.below_rel[i] += (a < r * rms).sum().item()
         self.l2_share += mass_share(x).sum(0).numpy()
-        logs = torch.log10(a.clamp_min(1e-30)).float()
+        logs = torch.log10(a.clamp_min(1e-30))
         idx = ((logs - _LOG_LO) / (_LOG_HI - _LOG_LO) * _BINS).floor().long().clamp(-1, _BINS) + 1
         self.hist += torch.bincount(idx.reshape(-1), minlength=_BINS + 2).numpy()
+        if weight is not None:
+            xs = x[::OUT_ERR_TOKEN_STRIDE]
+            full = (xs @ weight.T.float()).norm(dim=-1).clamp_min(1e-30)
+            order = xs.abs().argsort(dim=-1)
+            for i, sp in enumerate(OUT_SPARSITIES):
+                k = int(round(sp * self.dim))
+                dropped = torch.zeros_like(xs).scatter_(1, order[:, :k], xs.gather(1, order[:, :k]))
+                rel = (dropped @ weight.T.float()).norm(dim=-1) / full
+                self.out_err[i] += [rel.sum(dtype=torch.float64).item(), xs.shape[0]]
 
     def quantile(self, q: float) -> float:
         """Quantile of |x| from the histogram (geometric midpoint of the bin holding it)."""
@@ -93,25 +115,30 @@ class ActivationStats:
             "below_rel_rms": {str(r): self.below_rel[i] / entries for i, r in enumerate(REL_THRESHOLDS)},
             "l2_share": {str(f): self.l2_share[i] / self.tokens for i, f in enumerate(MASS_FRACTIONS)},
             "abs_quantiles": {str(q): self.quantile(q) for q in QUANTILES},
+            **({"out_err": {str(sp): float(self.out_err[i, 0] / self.out_err[i, 1])
+                            for i, sp in enumerate(OUT_SPARSITIES)}} if self.out_err[:, 1].any() else {}),
         }
 
 
-def attention_coverage(probs: torch.Tensor, fractions=(0.9, 0.95), min_keys: int = 1) -> torch.Tensor:
+def attention_coverage(probs: torch.Tensor, fractions=(0.9, 0.95), min_keys: int = 1, max_rows: int | None = None
+                       ) -> torch.Tensor:
     """Share of causal keys needed to cover each fraction of the attention mass, per head.
 
     ``probs [B, H, T, T]`` (rows sum to 1 over keys 0..q). For query q the share is
     (keys needed, largest weights first) / (q + 1). Averaged over batch and over queries with at
-    least ``min_keys`` causal keys. Returns [H, len(fractions)].
+    least ``min_keys`` causal keys; ``max_rows`` evenly subsamples those queries (sorting every
+    row of a long context costs more than the forward pass). Returns [H, len(fractions)].
     """
     B, H, T, _ = probs.shape
-    srt = probs.float().sort(dim=-1, descending=True).values
+    rows = torch.arange(min(min_keys, T) - 1, T)
+    if max_rows is not None and len(rows) > max_rows:
+        rows = rows[torch.linspace(0, len(rows) - 1, max_rows).round().long()]
+    srt = probs[:, :, rows].float().sort(dim=-1, descending=True).values
     csum = srt.cumsum(-1)
-    n_keys = torch.arange(1, T + 1, dtype=torch.float32)
-    rows = n_keys >= min(min_keys, T)
+    n_keys = (rows + 1).float()
     out = []
     for f in fractions:
         need = ((csum < f * csum[..., -1:]).sum(-1) + 1).float()
         need = torch.minimum(need, n_keys)
-        share = need / n_keys  # [B, H, T]
-        out.append(share[..., rows].mean(dim=(0, 2)))
+        out.append((need / n_keys).mean(dim=(0, 2)))
     return torch.stack(out, -1)

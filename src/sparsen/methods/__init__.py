@@ -1,3 +1,3 @@
-from sparsen.methods.runtime import InputSparsifier, ThresholdRule
+from sparsen.methods.runtime import InputSparsifier, ThresholdRule, TopKRule
 
-__all__ = ["InputSparsifier", "ThresholdRule"]
+__all__ = ["InputSparsifier", "ThresholdRule", "TopKRule"]

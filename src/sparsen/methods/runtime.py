@@ -33,6 +33,20 @@ class ThresholdRule:
         return x * (x.abs() > self.threshold)
 
 
+class TopKRule:
+    """Keep each token's largest-|x| entries, zeroing the share ``sparsity`` of them (exact per-token top-k)."""
+
+    def __init__(self, sparsity: float):
+        self.sparsity = sparsity
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        k = int(round(self.sparsity * x.shape[-1]))
+        if k <= 0:
+            return x
+        drop = x.abs().topk(k, dim=-1, largest=False).indices
+        return x.scatter(-1, drop, 0.0)
+
+
 class InputSparsifier:
     """Installs rules on a model's block linears; use as a context manager or call attach()/detach()."""
 

@@ -1,0 +1,78 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sparsen.cli import main
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "sparsen", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("cmd", [[], ["profile"], ["eval"], ["demo"]])
+def test_help_explains_flags(cmd):
+    p = run(*cmd, "--help")
+    assert p.returncode == 0
+    for flag in {"profile": ["--model", "--tokens", "--out"], "eval": ["--ctx", "--windows", "--protocol", "--plan"],
+                 "demo": ["--out"]}.get(cmd[0] if cmd else "", ["profile", "eval"]):
+        assert flag in p.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "--model", "/no/such/model"], "not found"),
+        (["eval", "--model", "tiny-llama", "--windows", "99999", "--ctx", "64"], "whole window"),
+        (["profile", "--model", "tiny-llama", "--text", "/no/such.txt"], "not found"),
+    ],
+)
+def test_bad_input_gives_one_line_error_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "out.json" if args[0] == "eval" else tmp_path / "prof"
+    p = run(*args, "--out", str(out), "--quiet")
+    assert p.returncode == 2
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error:" in lines[0] and message in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+    assert not out.exists()
+
+
+def test_wrong_file_type_and_empty_corpus(tmp_path, capsys):
+    bad = tmp_path / "model.txt"
+    bad.write_text("hi")
+    assert main(["eval", "--model", str(bad), "--out", str(tmp_path / "e.json")]) == 2
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["eval", "--model", "tiny-llama", "--text", str(empty), "--out", str(tmp_path / "e.json")]) == 2
+    err = capsys.readouterr().err
+    assert ".gguf file or a Hugging Face model directory" in err and "is empty" in err
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_eval_writes_json_with_required_keys(tmp_path):
+    out = tmp_path / "e.json"
+    assert main(["eval", "--model", "tiny-llama", "--ctx", "64", "--windows", "3", "--protocol", "decode",
+                 "--out", str(out), "--quiet"]) == 0
+    d = json.loads(out.read_text())
+    for key in ("model", "ctx", "windows", "protocol", "tokens_scored", "nll", "ppl"):
+        assert key in d
+    assert (d["ctx"], d["windows"], d["protocol"], d["tokens_scored"]) == (64, 3, "decode", 3 * 31)
+
+
+def test_profile_writes_json_and_plots(tmp_path):
+    out = tmp_path / "prof"
+    assert main(["profile", "--model", "tiny-qwen2", "--tokens", "256", "--ctx", "128", "--out", str(out),
+                 "--quiet"]) == 0
+    d = json.loads((out / "profile.json").read_text())
+    assert d["tokens"] == 256 and len(d["layers"]) == 3
+    layer = d["layers"][0]
+    assert set(layer["sites"]) == {"attn_in", "o_in", "mlp_in", "gate_act", "down_in"}
+    assert len(layer["attention"]["cover90"]) == 4
+    assert all(0 < v <= 1 for v in layer["attention"]["cover95"])
+    assert (out / "profile_layers.png").stat().st_size > 10_000
+    assert (out / "profile_attention.png").stat().st_size > 5_000
+    sens = d["sensitivity"]["groups"]
+    assert set(sens) == {"attn_in", "o_in", "mlp_in", "down_in"}
+    for row in sens.values():  # more sparsity, more damage
+        assert 0 < row["0.5"]["kl"] < row["0.7"]["kl"]

@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from sparsen import SparsenError
+from sparsen.data import CORPORA, corpus_windows, read_corpus, tokenize, windows
+
+
+def test_windows_are_contiguous_slices():
+    ids = torch.arange(1000)
+    w = windows(ids, 128, 5)
+    assert w.shape == (5, 128)
+    for i in range(5):
+        assert torch.equal(w[i], ids[i * 128:(i + 1) * 128])
+    assert windows(ids, 128).shape == (7, 128)  # all whole windows
+
+
+def test_too_short_corpus_is_an_error_not_a_shorter_run():
+    with pytest.raises(SparsenError, match="1 whole window"):
+        windows(torch.arange(300), 256, 2)
+    with pytest.raises(SparsenError, match="0 whole window"):
+        windows(torch.arange(10), 256)
+
+
+def test_bundled_corpora_ship_with_the_package():
+    for name in CORPORA:
+        assert len(read_corpus(name)) > 1_000_000
+
+
+def test_tokenize_adds_no_special_tokens(tiny_llama):
+    ids = tokenize(tiny_llama.tokenizer, "ab c")
+    assert ids.tolist() == tiny_llama.tokenizer("ab c", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 4 and tiny_llama.tokenizer.bos_token_id not in ids.tolist()
+
+
+def test_user_text_file(tmp_path, tiny_llama):
+    f = tmp_path / "mine.txt"
+    f.write_text("x" * 100)
+    w = corpus_windows(tiny_llama.tokenizer, str(f), 10, 10)
+    assert w.shape == (10, 10)
+    with pytest.raises(SparsenError, match="100 tokens"):
+        corpus_windows(tiny_llama.tokenizer, str(f), 10, 11)
+
+
+def test_bad_text_files(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(SparsenError, match="empty"):
+        read_corpus(str(empty))
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x80" * 10)
+    with pytest.raises(SparsenError, match="not UTF-8"):
+        read_corpus(str(binary))
+    with pytest.raises(SparsenError, match="not found"):
+        read_corpus(str(tmp_path / "missing.txt"))
