@@ -73,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", default=None, metavar="PLAN.json", help="sparsity plan from `sparsen calibrate`")
     p.add_argument("--out", default="eval.json", metavar="FILE", help="output JSON (default ./eval.json)")
 
+    p = sub.add_parser("calibrate", help="calibrate a sparsity method and write a plan file",
+                       description="Calibrate a training-free activation-sparsity method on calibration text and write "
+                                   "a plan (per-linear thresholds or top-k shares, the method, target and "
+                                   "calibration-measured sparsity, the model's fingerprint). Apply it with "
+                                   "`sparsen eval --plan`.")
+    _add_common(p, "wikitext2-valid", "calibration")
+    p.add_argument("--method", required=True, help="method name: teal, topk, stat-topk")
+    p.add_argument("--sparsity", type=float, required=True,
+                   help="target model-wide sparsity in [0, 1): the share of block-linear weight bytes skipped")
+    p.add_argument("--allocation", default="uniform", help="how sparsity is spread over linears (default uniform)")
+    p.add_argument("--tokens", type=_positive_int, default=16384, help="calibration tokens (default 16384)")
+    p.add_argument("--ctx", type=_positive_int, default=1024, help="calibration window length (default 1024)")
+    p.add_argument("--out", default="plan.json", metavar="FILE", help="plan file to write (default ./plan.json)")
+
     p = sub.add_parser("demo", help="the `make demo` job: profile + dense eval of the bundled model, with a report",
                        description="Profile and evaluate a model with bounded sizes; print a summary and write a "
                                    "report folder (JSON, PNG plots, index.html).")
@@ -104,7 +118,27 @@ def cmd_profile(args) -> None:
 def _load_plan_sparsifier(lm, plan_path):
     if plan_path is None:
         return None
-    raise SparsenError("--plan needs the methods of `sparsen calibrate`, which are not in this version yet")
+    from sparsen.methods import Plan
+
+    return Plan.load(plan_path).sparsifier(lm)
+
+
+def cmd_calibrate(args) -> None:
+    from sparsen import load_model
+    from sparsen.methods import CalibrationConfig, calibrate, check_sparsity, get_method
+
+    check_sparsity(args.sparsity)
+    get_method(args.method)  # fail on a bad name before loading the model
+    lm = load_model(args.model)
+    t0 = time.perf_counter()
+    plan = calibrate(lm, args.method, args.sparsity,
+                     CalibrationConfig(corpus=args.text, tokens=args.tokens, ctx=args.ctx, allocation=args.allocation),
+                     progress=not args.quiet)
+    plan.save(args.out)
+    got = "n/a (measured at eval)" if plan.calibrated_sparsity is None else f"{plan.calibrated_sparsity:.3f}"
+    print(f"{args.method} plan for {lm.spec}: target sparsity {args.sparsity:.3f}, on calibration tokens {got} "
+          f"({time.perf_counter() - t0:.0f} s)")
+    print(f"wrote {args.out}")
 
 
 def format_eval(res) -> str:
@@ -159,7 +193,7 @@ def cmd_demo(args) -> None:
     print(f"report: {page} ({time.perf_counter() - t0:.0f} s)")
 
 
-COMMANDS = {"profile": cmd_profile, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"profile": cmd_profile, "eval": cmd_eval, "calibrate": cmd_calibrate, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

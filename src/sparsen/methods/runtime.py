@@ -78,7 +78,7 @@ class InputSparsifier:
         overall = sum(per_site[s] * self.params[s] for s in per_site) / total
         per_layer: dict[int, float] = {}
         per_name: dict[str, float] = {}
-        for site, layer, name, _ in self.adapter.linear_sites():
+        for _site, layer, name, _ in self.adapter.linear_sites():
             per_layer.setdefault(layer, 0.0)
             per_name.setdefault(name, 0.0)
         for kind, table in (("layer", per_layer), ("name", per_name)):

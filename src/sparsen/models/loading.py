@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from sparsen.errors import SparsenError
-from sparsen.models.adapters import LlamaFamilyAdapter, adapter_for, SUPPORTED_MODEL_TYPES
+from sparsen.models.adapters import SUPPORTED_MODEL_TYPES, LlamaFamilyAdapter, adapter_for
 from sparsen.models.tiny import TINY_SPECS, tiny_model
 
 BUNDLED = {
@@ -88,8 +88,8 @@ def _bundled_gguf(spec: str) -> Path:
 
 def _load_gguf(path: Path, dtype: torch.dtype):
     """Dequantize a GGUF file to a torch model; cache the result as safetensors so later loads are fast."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]

@@ -1,0 +1,114 @@
+"""Sparsity plans: the artefact that flows between `calibrate`, `eval` (and later `generate`, `bench`).
+
+A plan is a JSON file: the method and its parameters, the target and calibration-measured sparsity,
+the model's fingerprint, and one rule per block linear (``layers.3.q``: a magnitude threshold, a
+per-token top-k share, ...). A plan refuses to apply to another model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from sparsen.errors import SparsenError
+from sparsen.io import write_json
+from sparsen.methods.runtime import InputSparsifier, ThresholdRule, TopKRule
+
+PLAN_FORMAT = "sparsen-plan/1"
+
+
+def check_sparsity(s: float) -> float:
+    if not isinstance(s, (int, float)) or math.isnan(s) or not 0.0 <= s < 1.0:
+        raise SparsenError(f"sparsity {s} is outside [0, 1): pass a share of inputs to skip, e.g. --sparsity 0.5")
+    return float(s)
+
+
+class GaussianTopKRule:
+    """Statistical top-k (Spark Transformer, Gemma 3n): no sort, no calibration.
+
+    Treats a token's entries as zero-mean Gaussian with std = rms(x) and keeps |x| above the
+    quantile that leaves the share ``sparsity`` out: t = rms * Phi^-1((1 + s) / 2). Exact only when the
+    entries are Gaussian; heavy-tailed inputs come out sparser than asked.
+    """
+
+    def __init__(self, sparsity: float):
+        self.sparsity = sparsity
+        self.z = float(torch.special.ndtri(torch.tensor((1.0 + sparsity) / 2.0, dtype=torch.float64)))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sparsity <= 0:
+            return x
+        rms = x.pow(2).mean(-1, keepdim=True).sqrt()
+        return x * (x.abs() > self.z * rms)
+
+
+def rule_from_entry(entry: dict):
+    kind = entry.get("rule")
+    if kind == "threshold":
+        return ThresholdRule(float(entry["threshold"]))
+    if kind == "topk":
+        return TopKRule(float(entry["sparsity"]))
+    if kind == "gaussian_topk":
+        return GaussianTopKRule(float(entry["sparsity"]))
+    if kind == "dense":
+        return None
+    raise SparsenError(f"plan rule '{kind}' is unknown: the plan is corrupt or from a newer sparsen; recalibrate it")
+
+
+@dataclass
+class Plan:
+    method: str
+    target_sparsity: float
+    model: str
+    fingerprint: str
+    sites: dict[str, dict]
+    params: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    calibrated_sparsity: float | None = None
+    format: str = PLAN_FORMAT
+
+    def save(self, path: str | Path) -> Path:
+        return write_json(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise SparsenError(f"plan file '{path}' not found: create one with `sparsen calibrate ... --out {path}`")
+        try:
+            d = json.loads(path.read_text())
+            if d.get("format") != PLAN_FORMAT:
+                raise ValueError(f"format {d.get('format')!r}")
+            plan = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+            if not isinstance(plan.sites, dict) or not plan.sites:
+                raise ValueError("no sites")
+            for entry in plan.sites.values():
+                rule_from_entry(entry)
+            check_sparsity(plan.target_sparsity)
+        except SparsenError:
+            raise
+        except (ValueError, TypeError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SparsenError(f"plan file '{path}' is corrupt ({e}): recreate it with `sparsen calibrate`") from None
+        return plan
+
+    def check_model(self, lm) -> None:
+        if self.fingerprint != lm.fingerprint:
+            raise SparsenError(f"this plan was made for model '{self.model}' (fingerprint {self.fingerprint}), not for "
+                               f"'{lm.spec}' ({lm.fingerprint}): calibrate a plan for this model")
+
+    def sparsifier(self, lm, dense_prefix: int = 0) -> InputSparsifier:
+        """The hooks that apply this plan to ``lm`` (checked against the model's fingerprint)."""
+        self.check_model(lm)
+        rules = {}
+        for site, entry in self.sites.items():
+            rule = rule_from_entry(entry)
+            if rule is not None:
+                rules[site] = rule
+        try:
+            return InputSparsifier(lm.adapter, rules, dense_prefix=dense_prefix)
+        except KeyError as e:
+            raise SparsenError(f"plan names linears this model does not have ({e}): calibrate a plan for it") from None

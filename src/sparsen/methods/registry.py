@@ -1,0 +1,82 @@
+"""Method registry: a method is one module with a ``calibrate`` function, plus one line here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from sparsen.data import CALIB_CORPUS, corpus_windows
+from sparsen.errors import SparsenError
+from sparsen.methods.plan import Plan, check_sparsity
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Where and how much a method calibrates."""
+
+    corpus: str = CALIB_CORPUS
+    """calibration text: a bundled corpus name or a UTF-8 file (never the evaluation corpus)"""
+    tokens: int = 16384
+    """calibration tokens (TEAL uses ~10 x 2048)"""
+    ctx: int = 1024
+    """window length of the calibration forward passes"""
+    allocation: str = "uniform"
+    """how sparsity is spread over the linears: 'uniform' (every linear at the target)"""
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    calibrate: Callable  # (lm, sparsity, wins, config, progress) -> dict of site entries (+ params)
+    needs_calibration: bool = True
+    allocations: tuple = ("uniform",)
+
+
+def _methods() -> dict[str, Method]:
+    from sparsen.methods import stat_topk, teal, topk
+
+    return {m.name: m for m in (teal.METHOD, topk.METHOD, stat_topk.METHOD)}
+
+
+def method_names() -> list[str]:
+    return list(_methods())
+
+
+def get_method(name: str) -> Method:
+    methods = _methods()
+    if name not in methods:
+        raise SparsenError(f"unknown method '{name}': choose one of {', '.join(methods)}")
+    return methods[name]
+
+
+def calibrate(lm, method: str, sparsity: float, config: CalibrationConfig = CalibrationConfig(),
+              progress: bool = True) -> Plan:
+    """Calibrate ``method`` on ``lm`` for a model-wide ``sparsity`` and return the plan."""
+    check_sparsity(sparsity)
+    m = get_method(method)
+    if config.allocation not in m.allocations:
+        raise SparsenError(f"method '{method}' supports allocation {', '.join(m.allocations)}, not "
+                           f"'{config.allocation}'")
+    wins = None
+    if m.needs_calibration:
+        n = max(1, config.tokens // config.ctx)
+        wins = corpus_windows(lm.tokenizer, config.corpus, min(config.ctx, config.tokens), n)
+    sites, calibrated = m.calibrate(lm, sparsity, wins, config, progress)
+    return Plan(
+        method=method,
+        target_sparsity=sparsity,
+        model=lm.spec,
+        fingerprint=lm.fingerprint,
+        sites=sites,
+        params={"allocation": config.allocation},
+        calibration={"corpus": config.corpus, "tokens": int(wins.numel()) if wins is not None else 0,
+                     "ctx": config.ctx} if m.needs_calibration else {},
+        calibrated_sparsity=calibrated,
+    )
+
+
+def weighted(lm, per_site: dict[str, float]) -> float:
+    """Parameter-weighted model-wide sparsity of per-site sparsities (missing sites count as dense)."""
+    params = lm.adapter.linear_params()
+    return sum(per_site.get(s, 0.0) * p for s, p in params.items()) / sum(params.values())
