@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from sparsen import SparsenError
+from sparsen import SparsenError, load_model
 from sparsen.cli import main
 from sparsen.data import CALIB_CORPUS, corpus_windows
 from sparsen.evaluation import evaluate
@@ -18,26 +18,37 @@ def plans(tiny_llama):
     return {m: calibrate(tiny_llama, m, 0.5, CFG, progress=False) for m in method_names()}
 
 
+@pytest.fixture
+def fresh_lm():
+    return load_model("tiny-llama")
+
+
 @pytest.mark.parametrize("method", method_names())
-def test_sparsity_zero_reproduces_dense_logits_exactly(tiny_llama, method):
-    plan = calibrate(tiny_llama, method, 0.0, CFG, progress=False)
+def test_sparsity_zero_reproduces_dense_logits(method):
+    lm = load_model("tiny-llama")  # a fresh model: a rotation plan transforms the model it is applied to
+    plan = calibrate(lm, method, 0.0, CFG, progress=False)
     x = torch.randint(0, 256, (1, 40))
     with torch.no_grad():
-        dense = tiny_llama.model(x).logits
-        with plan.sparsifier(tiny_llama):
-            sparse = tiny_llama.model(x).logits
-    assert torch.equal(dense, sparse)
+        dense = lm.model(x).logits
+        with plan.sparsifier(lm):
+            sparse = lm.model(x).logits
+    if plan.transform is None:
+        assert torch.equal(dense, sparse)
+    else:  # the folded rotation is the same function up to fp32 rounding of the rotated weights
+        assert torch.allclose(dense, sparse, atol=1e-4, rtol=1e-4)
+        assert not torch.equal(lm.adapter.blocks[0].linears["q"].weight, load_model("tiny-llama").adapter.blocks[0]
+                               .linears["q"].weight)  # the weights really were rotated
 
 
 # statistical top-k hits its target only on Gaussian inputs: tested on Gaussian rows below instead
 @pytest.mark.parametrize("method", [m for m in method_names() if m != "stat-topk"])
-def test_achieved_sparsity_on_calibration_data_is_near_target(tiny_llama, plans, method):
+def test_achieved_sparsity_on_calibration_data_is_near_target(fresh_lm, plans, method):
     plan = plans[method]
-    wins = corpus_windows(tiny_llama.tokenizer, CALIB_CORPUS, 256, 8)
-    sp = plan.sparsifier(tiny_llama)
+    wins = corpus_windows(fresh_lm.tokenizer, CALIB_CORPUS, 256, 8)
+    sp = plan.sparsifier(fresh_lm)
     with sp, torch.no_grad():
         for w in wins:
-            tiny_llama.model(w[None])
+            fresh_lm.model(w[None])
     assert abs(sp.achieved()["overall"] - 0.5) < 0.02
     assert abs(plan.calibrated_sparsity - 0.5) < 0.02
 
@@ -49,10 +60,11 @@ def test_gaussian_topk_hits_target_on_gaussian_rows():
 
 
 @pytest.mark.parametrize("method", method_names())
-def test_masked_forward_equals_hand_computed_masked_linear(tiny_llama, plans, method):
+def test_masked_forward_equals_hand_computed_masked_linear(fresh_lm, plans, method):
     plan = plans[method]
     site = "layers.1.gate"
-    lin = tiny_llama.adapter.blocks[1].linears["gate"]
+    sp = plan.sparsifier(fresh_lm)  # applies the plan's weight transform (if any) before we read the weight
+    lin = fresh_lm.adapter.blocks[1].linears["gate"]
     x = torch.randn(3, 5, lin.in_features)
     entry = plan.sites[site]
     if entry["rule"] == "threshold":
@@ -64,7 +76,7 @@ def test_masked_forward_equals_hand_computed_masked_linear(tiny_llama, plans, me
         z = torch.special.ndtri(torch.tensor((1 + entry["sparsity"]) / 2, dtype=torch.float64)).item()
         keep = x.abs() > z * x.pow(2).mean(-1, keepdim=True).sqrt()
     expected = (x * keep) @ lin.weight.T
-    with plan.sparsifier(tiny_llama):
+    with sp:
         got = lin(x)
     assert torch.allclose(got, expected, atol=1e-5)
 
@@ -118,3 +130,25 @@ def test_cli_calibrate_then_eval(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "outside [0, 1)" in err and "unknown method 'nope'" in err and "made for model 'tiny-qwen2'" in err
     assert not (tmp_path / "p2.json").exists() and not (tmp_path / "e2.json").exists()
+
+
+def test_rotation_plan_roundtrip_equals_in_memory_plan(tmp_path, plans):
+    path = plans["rotate"].save(tmp_path / "rot.json")
+    assert (tmp_path / "rot.safetensors").is_file()
+    loaded = Plan.load(path)
+    assert torch.equal(loaded.tensors["Q"], plans["rotate"].tensors["Q"])
+    Q = loaded.tensors["Q"]
+    assert torch.allclose(Q.T @ Q, torch.eye(Q.shape[0]), atol=1e-5)  # orthogonal
+    x = torch.randint(0, 256, (1, 30))
+    a, b = load_model("tiny-llama"), load_model("tiny-llama")
+    with torch.no_grad(), plans["rotate"].sparsifier(a):
+        la = a.model(x).logits
+    with torch.no_grad(), loaded.sparsifier(b):
+        lb = b.model(x).logits
+    assert torch.equal(la, lb)
+    (tmp_path / "rot.safetensors").write_bytes(b"garbage")
+    with pytest.raises(SparsenError, match="corrupt"):
+        Plan.load(path)
+    (tmp_path / "rot.safetensors").unlink()
+    with pytest.raises(SparsenError, match="missing"):
+        Plan.load(path)

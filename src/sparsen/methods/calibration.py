@@ -39,9 +39,13 @@ class MagnitudeHistogram:
 
 
 @torch.no_grad()
-def input_histograms(lm, wins: torch.Tensor, transform=None, progress: bool = True, desc: str = "calibrate"
-                     ) -> dict[str, MagnitudeHistogram]:
-    """Histogram of |input| (or of ``transform(site, x)``) of every block linear over calibration windows."""
+def input_histograms(lm, wins: torch.Tensor, transform=None, progress: bool = True, desc: str = "calibrate",
+                     sparsifier=None) -> dict[str, MagnitudeHistogram]:
+    """Histogram of |input| (or of ``transform(site, x)``) of every block linear over calibration windows.
+
+    With ``sparsifier``, it runs during the passes: each linear's input is recorded *before* its own
+    mask but *after* the upstream masks, i.e. as the deployed sparse model sees it.
+    """
     hists = {site: MagnitudeHistogram() for site, *_ in lm.adapter.linear_sites()}
     handles = []
     for site, _, _, mod in lm.adapter.linear_sites():
@@ -50,10 +54,14 @@ def input_histograms(lm, wins: torch.Tensor, transform=None, progress: bool = Tr
             hists[site].update(transform(site, x) if transform else x)
 
         handles.append(mod.register_forward_pre_hook(hook))
+    if sparsifier is not None:
+        sparsifier.attach()  # after our hooks: pre-hooks run in registration order
     try:
         for w in tqdm(wins, desc=desc, unit="win", disable=not progress, leave=False):
             lm.model(w[None])
     finally:
         for h in handles:
             h.remove()
+        if sparsifier is not None:
+            sparsifier.detach()
     return hists

@@ -69,10 +69,24 @@ class Plan:
     params: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     calibrated_sparsity: float | None = None
+    transform: str | None = None
+    """a weight transform the plan needs (e.g. 'residual_rotation'); its tensors live beside the plan"""
+    tensors_file: str | None = None
     format: str = PLAN_FORMAT
+    tensors: dict = field(default_factory=dict, repr=False)
+    """in memory only: the transform's tensors (saved as safetensors next to the JSON)"""
 
     def save(self, path: str | Path) -> Path:
-        return write_json(path, asdict(self))
+        path = Path(path)
+        d = asdict(self)
+        d.pop("tensors")
+        if self.tensors:
+            from sparsen.io import save_safetensors
+
+            tensor_path = path.with_name(path.stem + ".safetensors")
+            save_safetensors(tensor_path, self.tensors, metadata={"fingerprint": self.fingerprint})
+            d["tensors_file"] = self.tensors_file = tensor_path.name
+        return write_json(path, d)
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
@@ -89,6 +103,22 @@ class Plan:
             for entry in plan.sites.values():
                 rule_from_entry(entry)
             check_sparsity(plan.target_sparsity)
+            if plan.transform is not None:
+                if plan.transform != "residual_rotation" or not plan.tensors_file:
+                    raise ValueError(f"transform {plan.transform!r} without its tensors")
+                tensor_path = path.with_name(plan.tensors_file)
+                if not tensor_path.is_file():
+                    raise SparsenError(f"plan '{path}' needs '{tensor_path}', which is missing: keep the .safetensors "
+                                       "file beside the plan, or recalibrate")
+                from safetensors import SafetensorError
+                from safetensors.torch import load_file
+
+                try:
+                    plan.tensors = load_file(str(tensor_path))
+                except (SafetensorError, OSError) as e:
+                    raise ValueError(f"{tensor_path.name}: {e}") from None
+                if "Q" not in plan.tensors or plan.tensors["Q"].dim() != 2:
+                    raise ValueError(f"{tensor_path.name} holds no rotation Q")
         except SparsenError:
             raise
         except (ValueError, TypeError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -103,6 +133,12 @@ class Plan:
     def sparsifier(self, lm, dense_prefix: int = 0) -> InputSparsifier:
         """The hooks that apply this plan to ``lm`` (checked against the model's fingerprint)."""
         self.check_model(lm)
+        if self.transform == "residual_rotation":
+            from sparsen.methods.rotation import apply_transform
+
+            if self.tensors["Q"].shape[0] != lm.adapter.hidden_size:
+                raise SparsenError("the plan's rotation does not fit this model's hidden size: recalibrate")
+            apply_transform(lm, self.tensors)
         rules = {}
         for site, entry in self.sites.items():
             rule = rule_from_entry(entry)

@@ -28,15 +28,15 @@ class CalibrationConfig:
 class Method:
     name: str
     summary: str
-    calibrate: Callable  # (lm, sparsity, wins, config, progress) -> dict of site entries (+ params)
+    calibrate: Callable  # (lm, sparsity, wins, config, progress) -> (sites, calibrated sparsity[, extras])
     needs_calibration: bool = True
     allocations: tuple = ("uniform",)
 
 
 def _methods() -> dict[str, Method]:
-    from sparsen.methods import stat_topk, teal, topk
+    from sparsen.methods import rotation, stat_topk, teal, topk
 
-    return {m.name: m for m in (teal.METHOD, topk.METHOD, stat_topk.METHOD)}
+    return {m.name: m for m in (teal.METHOD, topk.METHOD, stat_topk.METHOD, rotation.METHOD)}
 
 
 def method_names() -> list[str]:
@@ -62,8 +62,11 @@ def calibrate(lm, method: str, sparsity: float, config: CalibrationConfig = Cali
     if m.needs_calibration:
         n = max(1, config.tokens // config.ctx)
         wins = corpus_windows(lm.tokenizer, config.corpus, min(config.ctx, config.tokens), n)
-    sites, calibrated = m.calibrate(lm, sparsity, wins, config, progress)
+    sites, calibrated, *extras = m.calibrate(lm, sparsity, wins, config, progress)
+    extras = extras[0] if extras else {}
     return Plan(
+        transform=extras.get("transform"),
+        tensors=extras.get("tensors", {}),
         method=method,
         target_sparsity=sparsity,
         model=lm.spec,
