@@ -152,3 +152,30 @@ def test_rotation_plan_roundtrip_equals_in_memory_plan(tmp_path, plans):
     (tmp_path / "rot.safetensors").unlink()
     with pytest.raises(SparsenError, match="missing"):
         Plan.load(path)
+
+
+def test_greedy_allocation_meets_budget_and_favours_cheap_groups():
+    from sparsen.methods.allocation import LEVELS, greedy_levels
+
+    cheap = [0.01 * s for s in LEVELS]
+    costly = [1.0 * s for s in LEVELS]
+    table = {"attn_in": costly, "o_in": cheap, "mlp_in": costly, "down_in": cheap}
+    params = {"attn_in": 100, "o_in": 100, "mlp_in": 100, "down_in": 100}
+    levels = greedy_levels(table, params, 0.5)
+    assert sum(levels[g] * params[g] for g in params) / 400 == pytest.approx(0.5)
+    assert levels["o_in"] == levels["down_in"] == pytest.approx(0.9)  # cheap groups go to the cap first
+    assert levels["attn_in"] + levels["mlp_in"] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("method", ["teal", "rotate"])
+def test_sensitivity_allocation_hits_the_model_wide_target(method):
+    lm = load_model("tiny-llama")
+    plan = calibrate(lm, method, 0.5, CalibrationConfig(tokens=2048, ctx=256, allocation="sensitivity"), progress=False)
+    levels = plan.params["group_levels"]
+    assert len(set(round(v, 3) for v in levels.values())) > 1  # not uniform
+    wins = corpus_windows(lm.tokenizer, CALIB_CORPUS, 256, 8)
+    sp = plan.sparsifier(lm)
+    with sp, torch.no_grad():
+        for w in wins:
+            lm.model(w[None])
+    assert abs(sp.achieved()["overall"] - 0.5) < 0.02

@@ -79,10 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "calibration-measured sparsity, the model's fingerprint). Apply it with "
                                    "`sparsen eval --plan`.")
     _add_common(p, "wikitext2-valid", "calibration")
-    p.add_argument("--method", required=True, help="method name: teal, topk, stat-topk")
+    p.add_argument("--method", required=True,
+                   help="teal (TEAL magnitude thresholds), rotate (ours: thresholds in a folded eigenbasis of the residual "
+                        "stream), topk (exact per-token top-k), stat-topk (Gaussian per-token threshold)")
     p.add_argument("--sparsity", type=float, required=True,
                    help="target model-wide sparsity in [0, 1): the share of block-linear weight bytes skipped")
-    p.add_argument("--allocation", default="uniform", help="how sparsity is spread over linears (default uniform)")
+    p.add_argument("--allocation", default="uniform", choices=("uniform", "sensitivity"),
+                   help="how sparsity is spread over linears: uniform, or sensitivity (per input group, greedy on "
+                        "measured KL per skipped weight byte; teal and rotate only). Default uniform")
     p.add_argument("--tokens", type=_positive_int, default=16384, help="calibration tokens (default 16384)")
     p.add_argument("--ctx", type=_positive_int, default=1024, help="calibration window length (default 1024)")
     p.add_argument("--out", default="plan.json", metavar="FILE", help="plan file to write (default ./plan.json)")

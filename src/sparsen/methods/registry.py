@@ -21,7 +21,8 @@ class CalibrationConfig:
     ctx: int = 1024
     """window length of the calibration forward passes"""
     allocation: str = "uniform"
-    """how sparsity is spread over the linears: 'uniform' (every linear at the target)"""
+    """how sparsity is spread over the linears: 'uniform' (every linear at the target) or 'sensitivity'
+    (per input group, greedy on measured KL per skipped byte; see methods/allocation.py)"""
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def calibrate(lm, method: str, sparsity: float, config: CalibrationConfig = Cali
         model=lm.spec,
         fingerprint=lm.fingerprint,
         sites=sites,
-        params={"allocation": config.allocation},
+        params={"allocation": config.allocation, **extras.get("params", {})},
         calibration={"corpus": config.corpus, "tokens": int(wins.numel()) if wins is not None else 0,
                      "ctx": config.ctx} if m.needs_calibration else {},
         calibrated_sparsity=calibrated,

@@ -114,9 +114,9 @@ def calibrate(lm, sparsity, wins, config, progress):
     Q = residual_basis(work, wins, progress)
     rotate_residual(work, Q)
     work._sparsen_transform = hash(Q.numpy().tobytes())
-    sites, achieved = teal.calibrate(work, sparsity, wins, config, progress)
-    return sites, achieved, {"transform": TRANSFORM, "tensors": {"Q": Q}}
+    sites, achieved, extras = teal.calibrate(work, sparsity, wins, config, progress)
+    return sites, achieved, {**extras, "transform": TRANSFORM, "tensors": {"Q": Q}}
 
 
 METHOD = Method("rotate", "ours: TEAL thresholds in a folded orthogonal eigenbasis of the residual stream (free)",
-                calibrate)
+                calibrate, allocations=teal.ALLOCATIONS)
