@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, "wikitext2-valid", "calibration")
     p.add_argument("--method", required=True,
                    help="teal (TEAL magnitude thresholds), rotate (ours: thresholds in a folded eigenbasis of the residual "
-                        "stream), topk (exact per-token top-k), stat-topk (Gaussian per-token threshold)")
+                        "stream), rotate-topk (ours: exact per-token top-k in that basis), topk (exact per-token top-k), "
+                        "stat-topk (Gaussian per-token threshold)")
     p.add_argument("--sparsity", type=float, required=True,
                    help="target model-wide sparsity in [0, 1): the share of block-linear weight bytes skipped")
     p.add_argument("--allocation", default="uniform", choices=("uniform", "sensitivity"),

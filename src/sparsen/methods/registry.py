@@ -37,7 +37,7 @@ class Method:
 def _methods() -> dict[str, Method]:
     from sparsen.methods import rotation, stat_topk, teal, topk
 
-    return {m.name: m for m in (teal.METHOD, topk.METHOD, stat_topk.METHOD, rotation.METHOD)}
+    return {m.name: m for m in (teal.METHOD, topk.METHOD, stat_topk.METHOD, rotation.METHOD, rotation.METHOD_TOPK)}
 
 
 def method_names() -> list[str]:

@@ -103,7 +103,7 @@ def residual_basis(lm, wins, progress: bool = True) -> torch.Tensor:
     return evecs.flip(-1).to(torch.float32).contiguous()
 
 
-def calibrate(lm, sparsity, wins, config, progress):
+def _rotated_copy(lm, wins, progress):
     work = copy.copy(lm)  # calibrate on a transformed copy; the caller's model stays as it was
     work.model = copy.deepcopy(lm.model)
     from sparsen.models.adapters import adapter_for
@@ -114,9 +114,25 @@ def calibrate(lm, sparsity, wins, config, progress):
     Q = residual_basis(work, wins, progress)
     rotate_residual(work, Q)
     work._sparsen_transform = hash(Q.numpy().tobytes())
+    return work, Q
+
+
+def calibrate(lm, sparsity, wins, config, progress):
+    work, Q = _rotated_copy(lm, wins, progress)
     sites, achieved, extras = teal.calibrate(work, sparsity, wins, config, progress)
     return sites, achieved, {**extras, "transform": TRANSFORM, "tensors": {"Q": Q}}
 
 
 METHOD = Method("rotate", "ours: TEAL thresholds in a folded orthogonal eigenbasis of the residual stream (free)",
                 calibrate, allocations=teal.ALLOCATIONS)
+
+
+def calibrate_topk(lm, sparsity, wins, config, progress):
+    """Rotation plus exact per-token top-k: the same share of every input is skipped on any text."""
+    _, Q = _rotated_copy(lm, wins, progress)
+    sites = {site: {"rule": "topk", "sparsity": sparsity} for site, *_ in lm.adapter.linear_sites()}
+    return sites, sparsity, {"transform": TRANSFORM, "tensors": {"Q": Q}}
+
+
+METHOD_TOPK = Method("rotate-topk", "ours: per-token top-k in the folded eigenbasis of the residual stream (free)",
+                     calibrate_topk)
