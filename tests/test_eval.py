@@ -81,3 +81,25 @@ def test_smollm2_perplexity_agrees_with_hf_labels_loss(smollm2):
     assert res.tokens_scored == n * (ctx - 1)
     assert abs(res.ppl / math.exp(hf_loss) - 1) < 0.01
     assert 10 < res.ppl < 40  # a real language model on English text, not noise
+
+
+@pytest.mark.parametrize("protocol", ["full", "decode"])
+def test_evaluate_many_equals_evaluate_per_config(protocol):
+    """The frontier's window-major sweep (shared dense reference, shared prompt KV) gives evaluate's numbers."""
+    from sparsen import load_model
+    from sparsen.evaluation import evaluate_many
+    from sparsen.methods import CalibrationConfig, calibrate
+
+    lm, rot = load_model("tiny-llama"), load_model("tiny-llama")
+    cfg = CalibrationConfig(tokens=1024, ctx=256)
+    teal, rotate = calibrate(lm, "teal", 0.5, cfg, progress=False), calibrate(lm, "rotate", 0.4, cfg, progress=False)
+    configs = {"teal": (lm.model, teal.sparsifier(lm)), "rotate": (rot.model, rotate.sparsifier(rot))}
+    dense, many = evaluate_many(lm, configs, ctx=128, n_windows=3, protocol=protocol, progress=False)
+    assert dense.nll == pytest.approx(evaluate(lm, ctx=128, n_windows=3, protocol=protocol, progress=False).nll, rel=1e-9)
+    for name, owner in (("teal", lm), ("rotate", rot)):
+        one = evaluate(owner, ctx=128, n_windows=3, protocol=protocol, sparsifier=configs[name][1], progress=False)
+        got = many[name]
+        assert got.tokens_scored == one.tokens_scored
+        assert got.nll == pytest.approx(one.nll, rel=1e-6) and got.kl == pytest.approx(one.kl, rel=1e-4, abs=1e-7)
+        assert got.top1_agree == one.top1_agree
+        assert got.sparsity["overall"] == pytest.approx(one.sparsity["overall"], abs=1e-12)

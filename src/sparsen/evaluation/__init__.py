@@ -110,3 +110,75 @@ def evaluate(lm, corpus: str = EVAL_CORPUS, ctx: int = 1024, n_windows: int | No
         res.sparsity = sparsifier.achieved()
     res.seconds = time.perf_counter() - t0
     return res
+
+
+@dataclass
+class _Tally:
+    nll: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+    scored: int = 0
+
+
+@torch.no_grad()
+def evaluate_many(lm, configs: dict, corpus: str = EVAL_CORPUS, ctx: int = 1024, n_windows: int | None = None,
+                  protocol: str = "full", progress: bool = True) -> tuple[EvalResult, dict[str, EvalResult]]:
+    """Evaluate many sparse configurations in one sweep over the windows; same numbers as ``evaluate``.
+
+    ``configs[name] = (model, sparsifier)``: ``model`` is ``lm.model`` or a transformed copy of it
+    (a folded rotation computes the same function). Window-major, so the dense reference of each
+    window is computed once for all configurations; under ``decode`` the dense prompt's KV cache is
+    computed once per distinct model and every configuration runs only the scored half on a copy of it
+    (exactly what the position-dependent masks of ``evaluate`` compute). Returns (dense, {name: result}).
+    """
+    import copy
+
+    wins = corpus_windows(lm.tokenizer, corpus, ctx, n_windows)
+    start, stop = scored_range(ctx, protocol)
+    dense_tally = _Tally()
+    tallies = {name: _Tally() for name in configs}
+    for _, sp in configs.values():
+        sp.dense_prefix = 0  # under decode only the sparse half runs through the hooks
+        sp.reset_stats()
+    t0 = time.perf_counter()
+    models = {id(m): m for m, _ in configs.values()} | {id(lm.model): lm.model}
+    for w in tqdm(wins, desc=f"frontier {protocol}", unit="win", disable=not progress, leave=False):
+        targets = w[start + 1: stop + 1]
+        if protocol == "full":
+            prefix_cache = {}
+        else:  # the dense prompt's KV, once per distinct (possibly rotated) model
+            prefix_cache = {key: m(w[None, :start], use_cache=True).past_key_values for key, m in models.items()}
+
+        def logprobs(model):
+            if protocol == "full":
+                logits = model(w[None]).logits[0, start:stop]
+            else:
+                cache = copy.deepcopy(prefix_cache[id(model)])
+                logits = model(w[None, start:], past_key_values=cache).logits[0, : stop - start]
+            return F.log_softmax(logits.float(), dim=-1)
+
+        dense = logprobs(lm.model)
+        dense_tally.nll += -dense.gather(1, targets[:, None]).double().sum().item()
+        dense_tally.scored += targets.numel()
+        for name, (model, sp) in configs.items():
+            with sp:
+                logp = logprobs(model)
+            t = tallies[name]
+            t.nll += -logp.gather(1, targets[:, None]).double().sum().item()
+            t.kl += (dense.exp() * (dense - logp)).sum().double().item()
+            t.agree += int((dense.argmax(-1) == logp.argmax(-1)).sum())
+            t.scored += targets.numel()
+    seconds = time.perf_counter() - t0
+
+    def result(t: _Tally, sp=None, name=None) -> EvalResult:
+        nll = t.nll / t.scored
+        res = EvalResult(model=lm.spec, corpus=corpus, ctx=ctx, windows=len(wins), protocol=protocol,
+                         tokens_scored=t.scored, nll=nll, ppl=math.exp(nll), plan=name, seconds=seconds)
+        if sp is not None:
+            res.kl, res.top1_agree = t.kl / t.scored, t.agree / t.scored
+            res.dense_nll = dense_tally.nll / dense_tally.scored
+            res.dense_ppl = math.exp(res.dense_nll)
+            res.sparsity = sp.achieved()
+        return res
+
+    return result(dense_tally), {name: result(tallies[name], sp, name) for name, (_, sp) in configs.items()}

@@ -25,8 +25,12 @@ MAX_LEVEL = 0.9
 
 
 @torch.no_grad()
-def group_kl_table(lm, hists, wins, progress=True) -> dict[str, list[float]]:
-    """KL(dense || sparse) per token with one input group at each level of LEVELS (thresholds from hists)."""
+def group_kl_table(lm, hists, wins, progress=True, rule_for=None) -> dict[str, list[float]]:
+    """KL(dense || sparse) per token with one input group at each level of LEVELS.
+
+    ``rule_for(site, level)`` gives a site's rule at a level (default: the magnitude threshold at that
+    quantile of ``hists[site]``)."""
+    rule_for = rule_for or (lambda site, s: ThresholdRule(hists[site].quantile(s)))
     def logp(w):
         return F.log_softmax(lm.model(w[None]).logits[0].float(), -1)
 
@@ -34,7 +38,7 @@ def group_kl_table(lm, hists, wins, progress=True) -> dict[str, list[float]]:
     table = {g: [0.0] for g in INPUT_GROUPS}
     jobs = [(g, s) for g in INPUT_GROUPS for s in LEVELS[1:]]
     for g, s in tqdm(jobs, desc="sensitivity allocation", disable=not progress, leave=False):
-        rules = {site: ThresholdRule(h.quantile(s)) for site, h in hists.items() if GROUP_OF[site.split(".")[-1]] == g}
+        rules = {site: rule_for(site, s) for site in hists if GROUP_OF[site.split(".")[-1]] == g}
         with InputSparsifier(lm.adapter, rules):
             kl = sum((d.exp() * (d - logp(w))).sum().item() for d, w in zip(dense, wins)) / sum(len(d) for d in dense)
         table[g].append(max(kl, 0.0))
@@ -74,12 +78,12 @@ def group_params(lm) -> dict[str, int]:
     return out
 
 
-def site_levels(lm, hists, wins, target, allocation, progress=True) -> tuple[dict[str, float], dict]:
+def site_levels(lm, hists, wins, target, allocation, progress=True, rule_for=None) -> tuple[dict[str, float], dict]:
     """Target sparsity per site, and a record of how it was chosen (for the plan)."""
     sites = [s for s, *_ in lm.adapter.linear_sites()]
     if allocation == "uniform" or target == 0:
         return {s: target for s in sites}, {}
-    table = group_kl_table(lm, hists, wins, progress)
+    table = group_kl_table(lm, hists, wins, progress, rule_for)
     levels = greedy_levels(table, group_params(lm), target)
     per_site = {s: levels[GROUP_OF[s.split(".")[-1]]] for s in sites}
     return per_site, {"group_levels": levels, "kl_table": {"levels": list(LEVELS), **table}}

@@ -39,23 +39,24 @@ class MagnitudeHistogram:
 
 
 @torch.no_grad()
-def input_histograms(lm, wins: torch.Tensor, transform=None, progress: bool = True, desc: str = "calibrate",
-                     sparsifier=None) -> dict[str, MagnitudeHistogram]:
-    """Histogram of |input| (or of ``transform(site, x)``) of every block linear over calibration windows.
+def collect_histograms(lm, wins: torch.Tensor, probes: dict, progress: bool = True, desc: str = "calibrate",
+                       sparsifier=None, skip: int = 0) -> dict[str, MagnitudeHistogram]:
+    """Histograms of magnitudes observed by ``probes`` over calibration windows.
 
-    With ``sparsifier``, it runs during the passes: each linear's input is recorded *before* its own
-    mask but *after* the upstream masks, i.e. as the deployed sparse model sees it.
+    ``probes[key] = (module, where, values)``: ``where`` is "input" (the module's input) or "output";
+    ``values(t)`` maps that tensor to the magnitudes to histogram. With ``sparsifier``, it runs during
+    the passes and every probe sees its tensor *before* that site's own mask but *after* the upstream
+    masks, i.e. as the deployed sparse model produces it (hooks run in registration order).
     """
-    hists = {site: MagnitudeHistogram() for site, *_ in lm.adapter.linear_sites()}
+    hists = {key: MagnitudeHistogram() for key in probes}
     handles = []
-    for site, _, _, mod in lm.adapter.linear_sites():
-        def hook(m, args, site=site):
-            x = args[0]
-            hists[site].update(transform(site, x) if transform else x)
-
-        handles.append(mod.register_forward_pre_hook(hook))
+    for key, (mod, where, values) in probes.items():
+        if where == "input":
+            handles.append(mod.register_forward_pre_hook(lambda m, args, key=key, f=values: hists[key].update(f(args[0]))))
+        else:
+            handles.append(mod.register_forward_hook(lambda m, args, out, key=key, f=values: hists[key].update(f(out))))
     if sparsifier is not None:
-        sparsifier.attach()  # after our hooks: pre-hooks run in registration order
+        sparsifier.attach()
     try:
         for w in tqdm(wins, desc=desc, unit="win", disable=not progress, leave=False):
             lm.model(w[None])
@@ -65,3 +66,27 @@ def input_histograms(lm, wins: torch.Tensor, transform=None, progress: bool = Tr
         if sparsifier is not None:
             sparsifier.detach()
     return hists
+
+
+def two_pass(lm, wins, probes: dict, build, sparse: bool, progress: bool = True, skip: int | None = None):
+    """Thresholds set on the activations the sparse model actually produces.
+
+    Pass 1 histograms the probes on the dense model and ``build(hists) -> (sites, tensors, achieved)``
+    turns them into plan site entries; pass 2 repeats with pass 1's rules active, so that each
+    threshold sees the upstream masks (one dense pass undershoots the target). ``achieved`` is the
+    per-site share of skipped inputs the histograms predict. Only positions >= ``skip`` (default: the
+    second half of each window) are observed and made sparse: as in decoding after a dense prompt,
+    which is where a plan is used (early positions, e.g. the attention-sink token, are atypical).
+    """
+    skip = wins.shape[1] // 2 if skip is None else skip
+    from sparsen.methods.plan import rule_from_entry
+    from sparsen.methods.runtime import InputSparsifier
+
+    hists = collect_histograms(lm, wins, probes, progress, "calibration pass 1/2", skip=skip)
+    sites, tensors, achieved = build(hists)
+    if sparse:
+        rules = {s: r for s, e in sites.items() if (r := rule_from_entry(e, tensors)) is not None}
+        first = InputSparsifier(lm.adapter, rules)
+        hists = collect_histograms(lm, wins, probes, progress, "calibration pass 2/2", sparsifier=first, skip=skip)
+        sites, tensors, achieved = build(hists)
+    return sites, tensors, achieved

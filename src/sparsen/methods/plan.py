@@ -1,8 +1,19 @@
 """Sparsity plans: the artefact that flows between `calibrate`, `eval` (and later `generate`, `bench`).
 
 A plan is a JSON file: the method and its parameters, the target and calibration-measured sparsity,
-the model's fingerprint, and one rule per block linear (``layers.3.q``: a magnitude threshold, a
-per-token top-k share, ...). A plan refuses to apply to another model.
+the model's fingerprint, and one rule per block linear (``layers.3.q``), one of:
+
+- ``{"rule": "dense"}``: no mask;
+- ``{"rule": "threshold", "threshold": t}``: keep x_i where |x_i| > t (TEAL);
+- ``{"rule": "channel_threshold", "tensor": KEY}``: keep x_i where |x_i| > t_i, t = tensors[KEY] (WINA, CHESS);
+- ``{"rule": "topk", "sparsity": s}``: zero each token's round(s * n) smallest |x_i|;
+- ``{"rule": "gaussian_topk", "sparsity": s}``: keep |x_i| > rms(x) * Phi^-1((1 + s) / 2);
+- ``{"rule": "gate_act", "threshold": t}`` or ``{..., "tensor": KEY}``, on a ``down`` site only
+  (CATS, CHESS): MLP channel j is active iff |silu(gate(x))_j| > t_j; inactive channels skip up's
+  row j and down's input j (the ``up`` site stays dense on its input).
+
+Tensors (per-channel thresholds, a rotation) live in a safetensors file beside the JSON. A plan
+refuses to apply to another model.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ import torch
 
 from sparsen.errors import SparsenError
 from sparsen.io import write_json
-from sparsen.methods.runtime import InputSparsifier, ThresholdRule, TopKRule
+from sparsen.methods.runtime import GateActRule, InputSparsifier, ThresholdRule, TopKRule
 
 PLAN_FORMAT = "sparsen-plan/1"
 
@@ -46,10 +57,26 @@ class GaussianTopKRule:
         return x * (x.abs() > self.z * rms)
 
 
-def rule_from_entry(entry: dict):
+def _entry_threshold(entry: dict, tensors: dict):
+    """A site entry's threshold: a number, or a per-channel vector named by ``tensor`` in the plan's tensors."""
+    if "tensor" in entry:
+        key = entry["tensor"]
+        if key not in tensors or tensors[key].dim() != 1:
+            raise ValueError(f"site threshold vector '{key}' is missing from the plan's tensors")
+        return tensors[key]
+    return float(entry["threshold"])
+
+
+def rule_from_entry(entry: dict, tensors: dict | None = None):
+    """The runtime rule of one plan site entry (see the module docstring for the kinds)."""
     kind = entry.get("rule")
+    tensors = tensors or {}
     if kind == "threshold":
         return ThresholdRule(float(entry["threshold"]))
+    if kind == "channel_threshold":
+        return ThresholdRule(_entry_threshold(entry, tensors))
+    if kind == "gate_act":
+        return GateActRule(_entry_threshold(entry, tensors))
     if kind == "topk":
         return TopKRule(float(entry["sparsity"]))
     if kind == "gaussian_topk":
@@ -100,12 +127,10 @@ class Plan:
             plan = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
             if not isinstance(plan.sites, dict) or not plan.sites:
                 raise ValueError("no sites")
-            for entry in plan.sites.values():
-                rule_from_entry(entry)
             check_sparsity(plan.target_sparsity)
-            if plan.transform is not None:
-                if plan.transform != "residual_rotation" or not plan.tensors_file:
-                    raise ValueError(f"transform {plan.transform!r} without its tensors")
+            if plan.transform is not None and plan.transform != "residual_rotation":
+                raise ValueError(f"unknown transform {plan.transform!r}")
+            if plan.tensors_file:
                 tensor_path = path.with_name(plan.tensors_file)
                 if not tensor_path.is_file():
                     raise SparsenError(f"plan '{path}' needs '{tensor_path}', which is missing: keep the .safetensors "
@@ -117,8 +142,12 @@ class Plan:
                     plan.tensors = load_file(str(tensor_path))
                 except (SafetensorError, OSError) as e:
                     raise ValueError(f"{tensor_path.name}: {e}") from None
-                if "Q" not in plan.tensors or plan.tensors["Q"].dim() != 2:
-                    raise ValueError(f"{tensor_path.name} holds no rotation Q")
+            if plan.transform is not None and ("Q" not in plan.tensors or plan.tensors["Q"].dim() != 2):
+                raise ValueError("the plan's rotation Q is missing from its tensors")
+            for site, entry in plan.sites.items():
+                rule = rule_from_entry(entry, plan.tensors)
+                if isinstance(rule, GateActRule) and not site.endswith(".down"):
+                    raise ValueError(f"gate_act rule on {site}: it belongs on a down site")
         except SparsenError:
             raise
         except (ValueError, TypeError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -141,7 +170,7 @@ class Plan:
             apply_transform(lm, self.tensors)
         rules = {}
         for site, entry in self.sites.items():
-            rule = rule_from_entry(entry)
+            rule = rule_from_entry(entry, self.tensors)
             if rule is not None:
                 rules[site] = rule
         try:

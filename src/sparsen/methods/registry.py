@@ -35,9 +35,10 @@ class Method:
 
 
 def _methods() -> dict[str, Method]:
-    from sparsen.methods import rotation, stat_topk, teal, topk
+    from sparsen.methods import cats, chess, rotation, stat_topk, teal, topk, wina
 
-    return {m.name: m for m in (teal.METHOD, topk.METHOD, stat_topk.METHOD, rotation.METHOD, rotation.METHOD_TOPK)}
+    return {m.name: m for m in (teal.METHOD, cats.METHOD, chess.METHOD, wina.METHOD, stat_topk.METHOD, topk.METHOD,
+                                rotation.METHOD, rotation.METHOD_WEIGHTED, rotation.METHOD_TOPK)}
 
 
 def method_names() -> list[str]:
@@ -78,6 +79,24 @@ def calibrate(lm, method: str, sparsity: float, config: CalibrationConfig = Cali
                      "ctx": config.ctx} if m.needs_calibration else {},
         calibrated_sparsity=calibrated,
     )
+
+
+MAX_LEVEL = 0.95  # no linear is asked to skip more than this share of its inputs
+
+
+def level_for(lm, covered: list[str], target: float, method: str) -> float:
+    """The uniform per-site level that makes the ``covered`` sites reach the model-wide ``target``.
+
+    A method that sparsifies only some linears (CATS: up and down) must skip a larger share of
+    those to reach a model-wide target; past MAX_LEVEL it cannot, and says so.
+    """
+    params = lm.adapter.linear_params()
+    share = sum(params[s] for s in covered) / sum(params.values())
+    level = target / share
+    if level > MAX_LEVEL + 1e-9:
+        raise SparsenError(f"method '{method}' sparsifies only {share:.1%} of the block weights, so it reaches at most "
+                           f"{MAX_LEVEL * share:.2f} model-wide sparsity: ask for --sparsity {MAX_LEVEL * share:.2f} or less")
+    return level
 
 
 def weighted(lm, per_site: dict[str, float]) -> float:

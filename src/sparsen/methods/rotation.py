@@ -123,6 +123,34 @@ def calibrate(lm, sparsity, wins, config, progress):
     return sites, achieved, {**extras, "transform": TRANSFORM, "tensors": {"Q": Q}}
 
 
+def group_column_norms(lm) -> dict:
+    """Per site, the column norms of all the linears that read its input (q|k|v, gate|up, o, down):
+    one criterion, hence one mask, per shared input, as a fused kernel wants."""
+    from sparsen.models.adapters import GROUP_OF, INPUT_GROUPS
+
+    out = {}
+    for b in lm.adapter.blocks:
+        for names in INPUT_GROUPS.values():
+            W = torch.cat([b.linears[n].weight.detach().float() for n in names])
+            norm = W.norm(dim=0).clamp_min(1e-12)
+            for n in names:
+                out[f"layers.{b.index}.{n}"] = norm
+    assert len(out) == len(GROUP_OF) * lm.adapter.n_layers
+    return out
+
+
+def calibrate_weighted(lm, sparsity, wins, config, progress):
+    """Rotation, then thresholds on |z_i| * ||W'[:, i]|| (W' the rotated, gain-folded readers of z)."""
+    work, Q = _rotated_copy(lm, wins, progress)
+    sites, achieved, extras = teal.criterion_thresholds(work, sparsity, wins, config, progress,
+                                                        scales=group_column_norms(work), tag="rw")
+    return sites, achieved, {**extras, "transform": TRANSFORM, "tensors": {"Q": Q, **extras["tensors"]}}
+
+
+METHOD_WEIGHTED = Method("rotate-wina", "ours: the folded rotation, then weight-aware thresholds |z_i|*||W'[:,i]|| "
+                         "(one mask per shared input)", calibrate_weighted, allocations=teal.ALLOCATIONS)
+
+
 METHOD = Method("rotate", "ours: TEAL thresholds in a folded orthogonal eigenbasis of the residual stream (free)",
                 calibrate, allocations=teal.ALLOCATIONS)
 

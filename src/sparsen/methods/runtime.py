@@ -47,6 +47,22 @@ class TopKRule:
         return x.scatter(-1, drop, 0.0)
 
 
+class GateActRule:
+    """CATS / CHESS: the MLP intermediate's mask comes from the gate activation a = silu(gate(x)).
+
+    Channel j is active iff |a_j| > t (t a scalar or a per-channel vector). An inactive channel's
+    intermediate silu(g_j) * up_j is 0, so a kernel computes gate densely, then only the active
+    rows of up, and reads only the active inputs of down. Installed on a block's ``down`` site; it
+    acts on gate's *output* (zeroing g_j gives silu(0) = 0).
+    """
+
+    def __init__(self, threshold: float | torch.Tensor):
+        self.threshold = threshold
+
+    def keep(self, g: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.silu(g).abs() > self.threshold
+
+
 class InputSparsifier:
     """Installs rules on a model's block linears; use as a context manager or call attach()/detach()."""
 
@@ -60,6 +76,9 @@ class InputSparsifier:
         unknown = set(self.rules) - set(self._modules)
         if unknown:
             raise KeyError(f"unknown linear sites: {sorted(unknown)[:3]}")
+        for site, rule in self.rules.items():
+            if isinstance(rule, GateActRule) and not site.endswith(".down"):
+                raise KeyError(f"a gate-activation rule belongs on a 'down' site, not {site}")
         self.params = {site: self._modules[site].weight.numel() for site in self._modules}
         self.reset_stats()
 
@@ -114,10 +133,35 @@ class InputSparsifier:
 
         return pre_hook
 
+    def _gate_hook(self, down_site: str, rule: GateActRule):
+        """Forward hook on gate: zero g_j of inactive channels; counts up's skipped rows and down's skipped inputs."""
+        up_site = down_site[: -len("down")] + "up"
+
+        def hook(module, args, g):
+            if not self.enabled:
+                return None
+            p = self.dense_prefix
+            if p > 0 and g.shape[-2] <= p:
+                return None
+            tail = g[..., p:, :] if p > 0 else g
+            keep = rule.keep(tail)
+            skipped, n = int((~keep).sum()), keep.numel()
+            for site in (up_site, down_site):
+                self.zeros[site] += skipped
+                self.entries[site] += n
+            tail = tail * keep
+            return torch.cat([g[..., :p, :], tail], dim=-2) if p > 0 else tail
+
+        return hook
+
     def attach(self) -> "InputSparsifier":
         if not self._handles:
             for site, rule in self.rules.items():
-                self._handles.append(self._modules[site].register_forward_pre_hook(self._hook(site, rule)))
+                if isinstance(rule, GateActRule):
+                    gate = self._modules[site[: -len("down")] + "gate"]
+                    self._handles.append(gate.register_forward_hook(self._gate_hook(site, rule)))
+                else:
+                    self._handles.append(self._modules[site].register_forward_pre_hook(self._hook(site, rule)))
         return self
 
     def detach(self) -> None:
