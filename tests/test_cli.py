@@ -11,12 +11,14 @@ def run(*args):
     return subprocess.run([sys.executable, "-m", "sparsen", *args], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("cmd", [[], ["profile"], ["eval"], ["demo"]])
+@pytest.mark.parametrize("cmd", [[], ["profile"], ["eval"], ["calibrate"], ["frontier"], ["demo"]])
 def test_help_explains_flags(cmd):
     p = run(*cmd, "--help")
     assert p.returncode == 0
     for flag in {"profile": ["--model", "--tokens", "--out"], "eval": ["--ctx", "--windows", "--protocol", "--plan"],
-                 "demo": ["--out"]}.get(cmd[0] if cmd else "", ["profile", "eval"]):
+                 "calibrate": ["--method", "--sparsity", "--allocation", "--out"],
+                 "frontier": ["--methods", "--sparsities", "--protocols", "--windows", "--out"],
+                 "demo": ["--out", "--sparsity"]}.get(cmd[0] if cmd else "", ["profile", "eval", "calibrate", "frontier"]):
         assert flag in p.stdout
 
 
@@ -76,3 +78,31 @@ def test_profile_writes_json_and_plots(tmp_path):
     assert set(sens) == {"attn_in", "o_in", "mlp_in", "down_in"}
     for row in sens.values():  # more sparsity, more damage
         assert 0 < row["0.5"]["kl"] < row["0.7"]["kl"]
+
+
+def test_frontier_writes_table_json_and_plot(tmp_path):
+    out = tmp_path / "fr"
+    assert main(["frontier", "--model", "tiny-llama", "--methods", "teal,cats,rotate-wina", "--sparsities", "0.25,0.5",
+                 "--windows", "2", "--ctx", "128", "--tokens", "1024", "--out", str(out), "--quiet"]) == 0
+    d = json.loads((out / "frontier.json").read_text())
+    assert set(d["dense"]) == {"full", "decode"}
+    rows = {(r["method"], r["target"]): r for r in d["rows"]}
+    assert "reaches at most" in rows[("cats", 0.5)]["skipped"]  # CATS covers only up/down
+    for key in (("teal", 0.25), ("teal", 0.5), ("cats", 0.25), ("rotate-wina", 0.5)):
+        for protocol in ("full", "decode"):
+            r = rows[key][protocol]
+            assert abs(r["achieved"] - key[1]) < 0.05 and r["kl"] > 0 and 0 < r["top1_agree"] < 1
+    assert rows[("teal", 0.5)]["decode"]["kl"] > rows[("teal", 0.25)]["decode"]["kl"]  # more sparsity, more damage
+    table = (out / "frontier.md").read_text()
+    assert table.count("\n") == 2 + 1 + 6 and "| cats | 0.5 | unreachable |" in table
+    assert (out / "frontier.png").stat().st_size > 20_000
+
+
+def test_frontier_bad_input(tmp_path, capsys):
+    out = tmp_path / "fr"
+    assert main(["frontier", "--model", "tiny-llama", "--methods", "teal,nope", "--out", str(out)]) == 2
+    assert main(["frontier", "--model", "tiny-llama", "--sparsities", "0.5,1.5", "--out", str(out)]) == 2
+    assert main(["frontier", "--model", "tiny-llama", "--methods", "cats:sensitivity", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'nope'" in err and "outside [0, 1)" in err and "supports allocation" in err
+    assert not out.exists()

@@ -36,6 +36,17 @@ def _add_common(p, corpus_default: str, corpus_role: str):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+BEST_METHOD = "rotate-wina"  # our best method on smollm2 (BENCHMARKS.md); the demo calibrates it
+FRONTIER_METHODS = ("teal", "cats", "chess", "wina", "stat-topk", "topk", "rotate", "rotate-wina")
+
+
+def _float_list(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SparsenError(f"--{what} '{text}' is not a comma-separated list of numbers, e.g. 0.25,0.5") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sparsen import __version__
 
@@ -92,13 +103,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=_positive_int, default=1024, help="calibration window length (default 1024)")
     p.add_argument("--out", default="plan.json", metavar="FILE", help="plan file to write (default ./plan.json)")
 
-    p = sub.add_parser("demo", help="the `make demo` job: profile + dense eval of the bundled model, with a report",
-                       description="Profile and evaluate a model with bounded sizes; print a summary and write a "
-                                   "report folder (JSON, PNG plots, index.html).")
+    p = sub.add_parser("frontier", help="quality vs achieved sparsity: a grid of methods x sparsities, both protocols",
+                       description="Calibrate every method at every target sparsity, evaluate all of them on the same "
+                                   "windows (window-major: one dense reference per window), and write frontier.json, "
+                                   "frontier.md (a markdown table) and frontier.png (perplexity and KL against the "
+                                   "sparsity achieved on the evaluated tokens, one line per method).")
+    _add_model(p)
+    p.add_argument("--methods", default=",".join(FRONTIER_METHODS), metavar="LIST",
+                   help="comma-separated methods, each optionally with an allocation as NAME:ALLOCATION "
+                        f"(default {','.join(FRONTIER_METHODS)})")
+    p.add_argument("--sparsities", default="0.25,0.4,0.5,0.6,0.7", metavar="LIST",
+                   help="comma-separated target model-wide sparsities in [0, 1) (default 0.25,0.4,0.5,0.6,0.7)")
+    p.add_argument("--protocols", default="full,decode", metavar="LIST", help="full, decode or both (default both)")
+    p.add_argument("--windows", type=_positive_int, default=8, help="evaluation windows (default 8)")
+    p.add_argument("--ctx", type=_positive_int, default=1024, help="window length (default 1024)")
+    p.add_argument("--text", default="wikitext2-test", metavar="FILE", help="evaluation corpus (default wikitext2-test)")
+    p.add_argument("--calib-text", default="wikitext2-valid", metavar="FILE",
+                   help="calibration corpus (default wikitext2-valid)")
+    p.add_argument("--tokens", type=_positive_int, default=8192, help="calibration tokens per plan (default 8192)")
+    p.add_argument("--out", default="frontier", metavar="DIR", help="output directory (default ./frontier)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("demo", help="the `make demo` job: profile, dense eval, 50%% plans (teal, our best), a report",
+                       description="Profile a model, evaluate it dense, calibrate uniform TEAL and our best method at "
+                                   "the target sparsity and evaluate them under the decode protocol, with bounded sizes; "
+                                   "print a summary and write a report folder (JSON, plans, PNG plots, index.html).")
     _add_model(p)
     p.add_argument("--tokens", type=_positive_int, default=4096, help="profile tokens (default 4096)")
     p.add_argument("--windows", type=_positive_int, default=10, help="eval windows (default 10)")
     p.add_argument("--ctx", type=_positive_int, default=1024, help="window length (default 1024)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="target sparsity of the demo's plans (default 0.5)")
+    p.add_argument("--calib-tokens", type=_positive_int, default=8192, help="calibration tokens per plan (default 8192)")
     p.add_argument("--out", default="report", metavar="DIR", help="report directory (default ./report)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -169,14 +204,48 @@ def cmd_eval(args) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_frontier(args) -> None:
+    from sparsen import load_model
+    from sparsen.evaluation.frontier import format_markdown, parse_method, plot_frontier, run_frontier
+    from sparsen.io import write_json, write_text
+    from sparsen.methods import CalibrationConfig, check_sparsity
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        parse_method(m)
+    sparsities = _float_list(args.sparsities, "sparsities")
+    for s in sparsities:
+        check_sparsity(s)
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    if not protocols or any(p not in ("full", "decode") for p in protocols):
+        raise SparsenError(f"--protocols '{args.protocols}': use full, decode or full,decode")
+    lm = load_model(args.model)
+    calib = CalibrationConfig(corpus=args.calib_text, tokens=args.tokens, ctx=min(args.ctx, args.tokens))
+    fr = run_frontier(lm, methods, sparsities, protocols, windows=args.windows, ctx=args.ctx, calib=calib,
+                      corpus=args.text, progress=not args.quiet, model_loader=lambda: load_model(args.model))
+    out = Path(args.out)
+    table = format_markdown(fr)
+    write_json(out / "frontier.json", fr)
+    write_text(out / "frontier.md", table + "\n")
+    plot_frontier(fr, out / "frontier.png")
+    print(f"{lm.spec}: {fr['windows']} windows of {fr['ctx']} of {fr['corpus']}; calibration {fr['calibration']['tokens']} "
+          f"tokens of {fr['calibration']['corpus']}; 'increase / teal's' = perplexity increase over dense divided by "
+          "uniform teal's at the same achieved sparsity")
+    print(table)
+    print(f"wrote {out / 'frontier.json'}, {out / 'frontier.md'}, {out / 'frontier.png'} "
+          f"({fr['seconds']['total']:.0f} s)")
+
+
 def cmd_demo(args) -> None:
     from sparsen import load_model
-    from sparsen.evaluation import evaluate
+    from sparsen.evaluation import evaluate, evaluate_many
     from sparsen.io import write_json
     from sparsen.measure.plots import plot_profile
     from sparsen.measure.profile import format_table, run_profile
+    from sparsen.methods import CalibrationConfig, calibrate, check_sparsity
     from sparsen.report import write_report
 
+    check_sparsity(args.sparsity)
     t0 = time.perf_counter()
     out = Path(args.out)
     lm = load_model(args.model)
@@ -187,18 +256,41 @@ def cmd_demo(args) -> None:
     prof_table = format_table(prof)
     print(prof_table)
     sections = [("Activation profile (sparsen profile)", prof_table, pngs)]
-    evals = []
-    for protocol in ("full", "decode"):
-        res = evaluate(lm, ctx=args.ctx, n_windows=args.windows, protocol=protocol, progress=not args.quiet)
-        write_json(out / f"eval_{protocol}.json", res.to_dict())
-        evals.append(format_eval(res))
-        print(evals[-1])
-    sections.append(("Dense quality (sparsen eval)", "\n".join(evals), []))
+    res = evaluate(lm, ctx=args.ctx, n_windows=args.windows, protocol="full", progress=not args.quiet)
+    write_json(out / "eval_full.json", res.to_dict())
+    evals = [format_eval(res)]
+    print(evals[-1])
+
+    # A 50% plan with our best method, next to uniform TEAL and dense, decode protocol (dense prompt, sparse
+    # continuation). The plans are saved in the report folder: `sparsen eval --plan` reproduces each line.
+    rotated = load_model(args.model)  # the rotation folds into the weights of the model it is applied to
+    configs = {}
+    for method, owner in (("teal", lm), (BEST_METHOD, rotated)):
+        print(f"calibrating {method} at {args.sparsity:g} on {args.calib_tokens} tokens ...", flush=True)
+        plan = calibrate(owner, method, args.sparsity, CalibrationConfig(tokens=args.calib_tokens, ctx=args.ctx),
+                         progress=not args.quiet)
+        plan.save(out / f"plan_{method}.json")
+        configs[method] = (owner.model, plan.sparsifier(owner))
+    dense, sparse = evaluate_many(lm, configs, ctx=args.ctx, n_windows=args.windows, protocol="decode",
+                                  progress=not args.quiet)
+    write_json(out / "eval_decode.json", dense.to_dict())
+    lines = [f"decode protocol, {dense.windows} windows of {dense.ctx}, {dense.tokens_scored} tokens scored "
+             f"(first half of each window dense, second half sparse)",
+             f"{'model':<34}{'achieved sparsity':>18}{'ppl':>9}{'vs dense':>10}{'KL':>8}{'top-1':>8}",
+             f"{'dense':<34}{0:>18.3f}{dense.ppl:>9.2f}{'':>10}{0:>8.3f}{1:>8.3f}"]
+    for method, r in sparse.items():
+        write_json(out / f"eval_decode_{method}.json", r.to_dict())
+        lines.append(f"{method + ' @ ' + format(args.sparsity, 'g') + ' target':<34}{r.sparsity['overall']:>18.3f}"
+                     f"{r.ppl:>9.2f}{r.ppl / dense.ppl - 1:>+10.1%}{r.kl:>8.3f}{r.top1_agree:>8.3f}")
+    print("\n".join(lines))
+    evals += [""] + lines
+    sections.append(("Quality: dense, uniform TEAL and our best method (sparsen eval)", "\n".join(evals), []))
     page = write_report(out, sections)
     print(f"report: {page} ({time.perf_counter() - t0:.0f} s)")
 
 
-COMMANDS = {"profile": cmd_profile, "eval": cmd_eval, "calibrate": cmd_calibrate, "demo": cmd_demo}
+COMMANDS = {"profile": cmd_profile, "eval": cmd_eval, "calibrate": cmd_calibrate, "frontier": cmd_frontier,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

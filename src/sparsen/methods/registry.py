@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from sparsen.data import CALIB_CORPUS, corpus_windows
-from sparsen.errors import SparsenError
+from sparsen.errors import SparsenError, UnreachableSparsity
 from sparsen.methods.plan import Plan, check_sparsity
 
 
@@ -94,7 +94,7 @@ def level_for(lm, covered: list[str], target: float, method: str) -> float:
     share = sum(params[s] for s in covered) / sum(params.values())
     level = target / share
     if level > MAX_LEVEL + 1e-9:
-        raise SparsenError(f"method '{method}' sparsifies only {share:.1%} of the block weights, so it reaches at most "
+        raise UnreachableSparsity(f"method '{method}' sparsifies only {share:.1%} of the block weights, so it reaches at most "
                            f"{MAX_LEVEL * share:.2f} model-wide sparsity: ask for --sparsity {MAX_LEVEL * share:.2f} or less")
     return level
 

@@ -1,0 +1,161 @@
+"""`sparsen frontier`: quality against achieved sparsity, every method on one grid, one protocol.
+
+Each (method, target sparsity) is calibrated on the calibration corpus, then all of them are
+evaluated in one window-major sweep per protocol (``evaluate_many``: the dense reference and, under
+``decode``, the dense prompt's KV cache are computed once per window). Quality is reported against
+the sparsity *achieved on the evaluated tokens* (share of block-linear weight bytes a kernel skips),
+not the target. A method that cannot reach a target (CATS covers only up/down) is listed as such.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from sparsen.errors import SparsenError, UnreachableSparsity
+from sparsen.evaluation import evaluate_many
+from sparsen.methods import CalibrationConfig, calibrate, check_sparsity, get_method
+
+DEFAULT_SPARSITIES = (0.25, 0.4, 0.5, 0.6, 0.7)
+REFERENCE = "teal"  # the uniform TEAL baseline every other method is compared with
+
+
+def parse_method(spec: str) -> tuple[str, str]:
+    """'teal' or 'teal:sensitivity' -> (method, allocation); checked against the registry."""
+    name, _, allocation = spec.partition(":")
+    m = get_method(name)
+    allocation = allocation or "uniform"
+    if allocation not in m.allocations:
+        raise SparsenError(f"method '{name}' supports allocation {', '.join(m.allocations)}, not '{allocation}'")
+    return name, allocation
+
+
+def run_frontier(lm, methods: list[str], sparsities=DEFAULT_SPARSITIES, protocols=("full", "decode"),
+                 windows: int = 8, ctx: int = 1024, calib: CalibrationConfig = CalibrationConfig(),
+                 corpus: str = "wikitext2-test", progress: bool = True, model_loader=None) -> dict:
+    """Calibrate every (method, sparsity) and evaluate them all; returns the frontier record.
+
+    ``methods`` are names, optionally with an allocation (``rotate:sensitivity``). ``model_loader()``
+    returns a fresh copy of the model, for methods that transform the weights (a folded rotation);
+    copies are shared between plans with the same transform tensors.
+    """
+    parsed = {spec: parse_method(spec) for spec in methods}
+    for s in sparsities:
+        check_sparsity(s)
+    t0 = time.perf_counter()
+    configs, rows, copies = {}, [], {}
+    jobs = [(m, s) for m in methods for s in sparsities]
+    for method, s in tqdm(jobs, desc="calibrate grid", disable=not progress):
+        name, allocation = parsed[method]
+        try:
+            plan = calibrate(lm, name, s, replace(calib, allocation=allocation), progress=False)
+        except UnreachableSparsity as e:
+            rows.append({"method": method, "target": s, "skipped": str(e)})
+            continue
+        owner = lm
+        if plan.transform is not None:
+            key = (plan.transform, hash(plan.tensors["Q"].numpy().tobytes()))
+            if key not in copies:
+                copies[key] = model_loader()
+            owner = copies[key]
+        name = f"{method}@{s:g}"
+        configs[name] = (owner.model, plan.sparsifier(owner))
+        rows.append({"method": method, "target": s, "name": name, "calibrated": plan.calibrated_sparsity,
+                     "params": {k: v for k, v in plan.params.items() if k != "kl_table"}})
+    calib_seconds = time.perf_counter() - t0
+    dense = {}
+    for protocol in protocols:
+        d, results = evaluate_many(lm, configs, corpus=corpus, ctx=ctx, n_windows=windows, protocol=protocol,
+                                   progress=progress)
+        dense[protocol] = {"ppl": d.ppl, "nll": d.nll, "tokens_scored": d.tokens_scored}
+        for row in rows:
+            if "name" in row:
+                r = results[row["name"]]
+                row[protocol] = {"ppl": r.ppl, "nll": r.nll, "kl": r.kl, "top1_agree": r.top1_agree,
+                                 "achieved": r.sparsity["overall"], "per_linear": r.sparsity["per_linear"]}
+    return {"model": lm.spec, "fingerprint": lm.fingerprint, "corpus": corpus, "ctx": ctx, "windows": windows,
+            "protocols": list(protocols), "sparsities": list(sparsities), "methods": list(methods),
+            "calibration": {"corpus": calib.corpus, "tokens": calib.tokens, "ctx": calib.ctx},
+            "dense": dense, "rows": rows, "seconds": {"calibration": calib_seconds,
+                                                      "total": time.perf_counter() - t0}}
+
+
+def _curve(frontier: dict, method: str, protocol: str):
+    pts = sorted((r[protocol]["achieved"], r[protocol]["nll"]) for r in frontier["rows"]
+                 if r["method"] == method and protocol in r)
+    return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+
+
+def reference_increase(frontier: dict, protocol: str, achieved: float) -> float | None:
+    """Perplexity increase (ratio - 1) of the reference method interpolated at an achieved sparsity
+    (linear in log-perplexity between its grid points; None outside its measured range)."""
+    x, y = _curve(frontier, REFERENCE, protocol)
+    if len(x) == 0 or achieved < x[0] - 1e-3 or achieved > x[-1] + 1e-3:
+        return None
+    nll = float(np.interp(achieved, x, y))
+    return math.exp(nll - frontier["dense"][protocol]["nll"]) - 1
+
+
+def format_markdown(frontier: dict) -> str:
+    """The frontier as a markdown table: per (method, target) the achieved sparsity and quality per protocol,
+    and, against uniform TEAL at the *same achieved sparsity*, the share of TEAL's perplexity increase."""
+    protocols = frontier["protocols"]
+    head = ["method", "target"]
+    for p in protocols:
+        head += [f"{p}: achieved", f"{p}: ppl", f"{p}: KL", f"{p}: top-1", f"{p}: increase / teal's"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    dense = ["dense", "0"]
+    for p in protocols:
+        dense += ["0", f"{frontier['dense'][p]['ppl']:.2f}", "0", "1", ""]
+    lines.append("| " + " | ".join(dense) + " |")
+    for r in frontier["rows"]:
+        cells = [r["method"], f"{r['target']:g}"]
+        if "skipped" in r:
+            cells += ["unreachable"] + [""] * (5 * len(protocols) - 1)
+        else:
+            for p in protocols:
+                q = r[p]
+                inc = math.exp(q["nll"] - frontier["dense"][p]["nll"]) - 1
+                ref = reference_increase(frontier, p, q["achieved"])
+                rel = f"{inc / ref:.2f}" if ref and ref > 0 else "n/a"
+                cells += [f"{q['achieved']:.3f}", f"{q['ppl']:.2f}", f"{q['kl']:.3f}", f"{q['top1_agree']:.3f}", rel]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_frontier(frontier: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sparsen.io import save_figure
+
+    protocols = frontier["protocols"]
+    fig, axes = plt.subplots(2, len(protocols), figsize=(6.5 * len(protocols), 9), squeeze=False)
+    for j, p in enumerate(protocols):
+        for method in frontier["methods"]:
+            pts = sorted((r[p]["achieved"], r[p]["ppl"], r[p]["kl"]) for r in frontier["rows"]
+                         if r["method"] == method and p in r)
+            if not pts:
+                continue
+            xs, ppl, kl = zip(*pts)
+            style = "-o" if method != REFERENCE else "--s"
+            axes[0, j].plot(xs, ppl, style, label=method, ms=4)
+            axes[1, j].plot(xs, kl, style, label=method, ms=4)
+        axes[0, j].axhline(frontier["dense"][p]["ppl"], color="k", lw=0.8, ls=":", label="dense")
+        axes[0, j].set_yscale("log")
+        axes[0, j].set_ylabel("perplexity")
+        axes[1, j].set_yscale("log")
+        axes[1, j].set_ylabel("KL(dense || sparse), nats/token")
+        axes[0, j].set_title(f"protocol {p}: {frontier['windows']} windows of {frontier['ctx']}")
+        for ax in axes[:, j]:
+            ax.set_xlabel("achieved model-wide sparsity (share of block-linear bytes skipped)")
+            ax.grid(alpha=0.3, which="both")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"{frontier['model']}: quality vs achieved activation sparsity ({frontier['corpus']})")
+    save_figure(fig, path)
