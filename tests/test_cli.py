@@ -103,6 +103,8 @@ def test_frontier_bad_input(tmp_path, capsys):
     assert main(["frontier", "--model", "tiny-llama", "--methods", "teal,nope", "--out", str(out)]) == 2
     assert main(["frontier", "--model", "tiny-llama", "--sparsities", "0.5,1.5", "--out", str(out)]) == 2
     assert main(["frontier", "--model", "tiny-llama", "--methods", "cats:sensitivity", "--out", str(out)]) == 2
+    assert main(["frontier", "--model", "tiny-llama", "--methods", "teal:uniform:3", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "unknown method 'nope'" in err and "outside [0, 1)" in err and "supports allocation" in err
+    assert "only for rotation methods" in err
     assert not out.exists()

@@ -212,3 +212,26 @@ def test_sensitivity_allocation_hits_the_model_wide_target(method):
         for w in wins:
             lm.model(w[None])
     assert abs(sp.achieved()["overall"] - 0.5) < 0.02
+
+
+def test_segmented_rotation_is_the_same_function_and_its_basis_changes_are_charged():
+    """Several residual bases (one per run of layers) with a change of basis between runs: the transformed model
+    computes the same logits, and the changes of basis are charged against the achieved sparsity."""
+    lm = load_model("tiny-llama")
+    x = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        dense = lm.model(x).logits
+    plan = calibrate(lm, "rotate", 0.4, CalibrationConfig(tokens=2048, ctx=256, segments=3), progress=False)
+    assert plan.tensors["Q"].shape == (3, 64, 64) and plan.tensors["starts"].tolist() == [0, 1, 2]
+    sp = plan.sparsifier(lm)  # folds and rotates lm; the hooks are not attached yet
+    with torch.no_grad():
+        assert torch.allclose(dense, lm.model(x).logits, atol=1e-4, rtol=1e-4)
+    charge = 2 * 64 * 64 / sum(sp.params.values())
+    assert charge > 0.05
+    wins = corpus_windows(lm.tokenizer, CALIB_CORPUS, 256, 8)
+    with sp, torch.no_grad():
+        for w in wins:
+            lm.model(w[None])
+    a = sp.achieved()
+    assert a["skipped"] - a["overall"] == pytest.approx(charge)  # the skipped share pays for the changes of basis
+    assert abs(a["overall"] - 0.4) < 0.02 and abs(plan.calibrated_sparsity - 0.4) < 0.02

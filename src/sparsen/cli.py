@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", default="uniform", choices=("uniform", "sensitivity"),
                    help="how sparsity is spread over linears: uniform, or sensitivity (per input group, greedy on "
                         "measured KL per skipped weight byte; teal and rotate only). Default uniform")
+    p.add_argument("--segments", type=_positive_int, default=1,
+                   help="rotation methods: give each of N runs of consecutive layers its own basis of the residual "
+                        "stream; each change of basis costs a d x d product per token, charged against the sparsity "
+                        "(default 1: one basis, free)")
     p.add_argument("--tokens", type=_positive_int, default=16384, help="calibration tokens (default 16384)")
     p.add_argument("--ctx", type=_positive_int, default=1024, help="calibration window length (default 1024)")
     p.add_argument("--out", default="plan.json", metavar="FILE", help="plan file to write (default ./plan.json)")
@@ -110,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "sparsity achieved on the evaluated tokens, one line per method).")
     _add_model(p)
     p.add_argument("--methods", default=",".join(FRONTIER_METHODS), metavar="LIST",
-                   help="comma-separated methods, each optionally with an allocation as NAME:ALLOCATION "
+                   help="comma-separated methods, each optionally with an allocation and, for rotation methods, a "
+                        "number of residual bases: NAME[:ALLOCATION[:SEGMENTS]], e.g. rotate:uniform:6 "
                         f"(default {','.join(FRONTIER_METHODS)})")
     p.add_argument("--sparsities", default="0.25,0.4,0.5,0.6,0.7", metavar="LIST",
                    help="comma-separated target model-wide sparsities in [0, 1) (default 0.25,0.4,0.5,0.6,0.7)")
@@ -123,6 +128,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=_positive_int, default=8192, help="calibration tokens per plan (default 8192)")
     p.add_argument("--out", default="frontier", metavar="DIR", help="output directory (default ./frontier)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("generate", help="stream text from the CPU decode engine (dense, or sparse with --plan)",
+                       description="Generate text with sparsen's batch-1 CPU engine: the prompt is prefilled dense, every "
+                                   "new token runs the plan's sparse kernels. Text streams to stdout; speed to stderr.")
+    _add_model(p)
+    p.add_argument("--plan", default=None, metavar="PLAN.json", help="sparsity plan from `sparsen calibrate` (default: dense)")
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0 (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (instruct models)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="engine weights dtype (default fp32)")
+    p.add_argument("--threads", type=_positive_int, default=2, help="threads (default 2)")
+
+    p = sub.add_parser("bench", help="decode tokens/s: engine dense and sparse vs HF generate and llama.cpp",
+                       description="Decode speed, batch 1: the engine dense, the engine under --plan, Hugging Face "
+                                   "`generate` on the same fp32 weights and llama.cpp (llama-cpp-python) on the same GGUF "
+                                   "file, same thread count, interleaved rounds, medians. Writes bench.json.")
+    _add_model(p)
+    p.add_argument("--plan", default=None, metavar="PLAN.json", help="sparsity plan for the sparse engine")
+    p.add_argument("--vs", default="hf,llamacpp", metavar="LIST",
+                   help="other systems to time: comma-separated subset of hf,llamacpp (default both; '' for none)")
+    p.add_argument("--prompt-tokens", type=_positive_int, default=64,
+                   help="prompt length, the first tokens of WikiText-2 test (default 64)")
+    p.add_argument("--new-tokens", type=_positive_int, default=128, help="tokens decoded per run (default 128)")
+    p.add_argument("--rounds", type=_positive_int, default=3, help="interleaved rounds; medians reported (default 3)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="engine weights dtype (default fp32)")
+    p.add_argument("--threads", type=_positive_int, default=2, help="threads for every system (default 2)")
+    p.add_argument("--out", default="bench.json", metavar="FILE", help="output JSON (default ./bench.json)")
+    p.add_argument("--quiet", action="store_true", help="no per-round lines")
 
     p = sub.add_parser("demo", help="the `make demo` job: profile, dense eval, 50%% plans (teal, our best), a report",
                        description="Profile a model, evaluate it dense, calibrate uniform TEAL and our best method at "
@@ -172,7 +208,8 @@ def cmd_calibrate(args) -> None:
     lm = load_model(args.model)
     t0 = time.perf_counter()
     plan = calibrate(lm, args.method, args.sparsity,
-                     CalibrationConfig(corpus=args.text, tokens=args.tokens, ctx=args.ctx, allocation=args.allocation),
+                     CalibrationConfig(corpus=args.text, tokens=args.tokens, ctx=args.ctx, allocation=args.allocation,
+                                       segments=args.segments),
                      progress=not args.quiet)
     plan.save(args.out)
     got = "n/a (measured at eval)" if plan.calibrated_sparsity is None else f"{plan.calibrated_sparsity:.3f}"
@@ -289,8 +326,20 @@ def cmd_demo(args) -> None:
     print(f"report: {page} ({time.perf_counter() - t0:.0f} s)")
 
 
+def cmd_generate(args) -> None:
+    from sparsen.engine.commands import cmd_generate as run
+
+    run(args)
+
+
+def cmd_bench(args) -> None:
+    from sparsen.engine.commands import cmd_bench as run
+
+    run(args)
+
+
 COMMANDS = {"profile": cmd_profile, "eval": cmd_eval, "calibrate": cmd_calibrate, "frontier": cmd_frontier,
-            "demo": cmd_demo}
+            "generate": cmd_generate, "bench": cmd_bench, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

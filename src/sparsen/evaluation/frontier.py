@@ -24,14 +24,16 @@ DEFAULT_SPARSITIES = (0.25, 0.4, 0.5, 0.6, 0.7)
 REFERENCE = "teal"  # the uniform TEAL baseline every other method is compared with
 
 
-def parse_method(spec: str) -> tuple[str, str]:
-    """'teal' or 'teal:sensitivity' -> (method, allocation); checked against the registry."""
-    name, _, allocation = spec.partition(":")
+def parse_method(spec: str) -> tuple[str, str, int]:
+    """'NAME[:ALLOCATION[:SEGMENTS]]' -> (method, allocation, segments); checked against the registry."""
+    name, allocation, segments = (spec.split(":") + ["", ""])[:3]
     m = get_method(name)
     allocation = allocation or "uniform"
     if allocation not in m.allocations:
         raise SparsenError(f"method '{name}' supports allocation {', '.join(m.allocations)}, not '{allocation}'")
-    return name, allocation
+    if segments and (not segments.isdigit() or int(segments) < 1 or (int(segments) > 1 and not m.segmented)):
+        raise SparsenError(f"'{spec}': segments must be a whole number >= 1, and above 1 only for rotation methods")
+    return name, allocation, int(segments or 1)
 
 
 def run_frontier(lm, methods: list[str], sparsities=DEFAULT_SPARSITIES, protocols=("full", "decode"),
@@ -50,9 +52,9 @@ def run_frontier(lm, methods: list[str], sparsities=DEFAULT_SPARSITIES, protocol
     configs, rows, copies = {}, [], {}
     jobs = [(m, s) for m in methods for s in sparsities]
     for method, s in tqdm(jobs, desc="calibrate grid", disable=not progress):
-        name, allocation = parsed[method]
+        name, allocation, segments = parsed[method]
         try:
-            plan = calibrate(lm, name, s, replace(calib, allocation=allocation), progress=False)
+            plan = calibrate(lm, name, s, replace(calib, allocation=allocation, segments=segments), progress=False)
         except UnreachableSparsity as e:
             rows.append({"method": method, "target": s, "skipped": str(e)})
             continue

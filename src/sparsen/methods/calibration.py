@@ -47,15 +47,21 @@ def collect_histograms(lm, wins: torch.Tensor, probes: dict, progress: bool = Tr
     ``values(t)`` maps that tensor to the magnitudes to histogram. With ``sparsifier``, it runs during
     the passes and every probe sees its tensor *before* that site's own mask but *after* the upstream
     masks, i.e. as the deployed sparse model produces it (hooks run in registration order).
+    The first ``skip`` positions of each window are not observed (and stay dense under ``sparsifier``).
     """
     hists = {key: MagnitudeHistogram() for key in probes}
     handles = []
+
+    def observe(key, f, t):
+        hists[key].update(f(t[..., skip:, :]))
+
     for key, (mod, where, values) in probes.items():
         if where == "input":
-            handles.append(mod.register_forward_pre_hook(lambda m, args, key=key, f=values: hists[key].update(f(args[0]))))
+            handles.append(mod.register_forward_pre_hook(lambda m, args, key=key, f=values: observe(key, f, args[0])))
         else:
-            handles.append(mod.register_forward_hook(lambda m, args, out, key=key, f=values: hists[key].update(f(out))))
+            handles.append(mod.register_forward_hook(lambda m, args, out, key=key, f=values: observe(key, f, out)))
     if sparsifier is not None:
+        sparsifier.dense_prefix = skip
         sparsifier.attach()
     try:
         for w in tqdm(wins, desc=desc, unit="win", disable=not progress, leave=False):

@@ -142,7 +142,7 @@ class Plan:
                     plan.tensors = load_file(str(tensor_path))
                 except (SafetensorError, OSError) as e:
                     raise ValueError(f"{tensor_path.name}: {e}") from None
-            if plan.transform is not None and ("Q" not in plan.tensors or plan.tensors["Q"].dim() != 2):
+            if plan.transform is not None and ("Q" not in plan.tensors or plan.tensors["Q"].dim() not in (2, 3)):
                 raise ValueError("the plan's rotation Q is missing from its tensors")
             for site, entry in plan.sites.items():
                 rule = rule_from_entry(entry, plan.tensors)
@@ -165,7 +165,7 @@ class Plan:
         if self.transform == "residual_rotation":
             from sparsen.methods.rotation import apply_transform
 
-            if self.tensors["Q"].shape[0] != lm.adapter.hidden_size:
+            if self.tensors["Q"].shape[-1] != lm.adapter.hidden_size:
                 raise SparsenError("the plan's rotation does not fit this model's hidden size: recalibrate")
             apply_transform(lm, self.tensors)
         rules = {}
@@ -174,6 +174,11 @@ class Plan:
             if rule is not None:
                 rules[site] = rule
         try:
-            return InputSparsifier(lm.adapter, rules, dense_prefix=dense_prefix)
+            sp = InputSparsifier(lm.adapter, rules, dense_prefix=dense_prefix)
         except KeyError as e:
             raise SparsenError(f"plan names linears this model does not have ({e}): calibrate a plan for it") from None
+        if self.transform == "residual_rotation":
+            from sparsen.methods.rotation import basis_changes
+
+            sp.added_params = basis_changes(self.tensors) * lm.adapter.hidden_size ** 2
+        return sp

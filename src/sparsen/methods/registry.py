@@ -23,6 +23,12 @@ class CalibrationConfig:
     allocation: str = "uniform"
     """how sparsity is spread over the linears: 'uniform' (every linear at the target) or 'sensitivity'
     (per input group, greedy on measured KL per skipped byte; see methods/allocation.py)"""
+    segments: int = 1
+    """rotation methods: runs of consecutive layers that get their own basis of the residual stream; each
+    change of basis between runs costs a d x d product per token, charged against the sparsity"""
+    basis: str = "pca"
+    """rotation methods: 'pca' (eigenbasis of the second moment) or 'sparse' (that basis refined so that
+    per-token thresholding drops the least energy; see methods/rotation.py)"""
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ class Method:
     calibrate: Callable  # (lm, sparsity, wins, config, progress) -> (sites, calibrated sparsity[, extras])
     needs_calibration: bool = True
     allocations: tuple = ("uniform",)
+    segmented: bool = False  # takes CalibrationConfig.segments (the rotation methods)
 
 
 def _methods() -> dict[str, Method]:
@@ -60,6 +67,8 @@ def calibrate(lm, method: str, sparsity: float, config: CalibrationConfig = Cali
     if config.allocation not in m.allocations:
         raise SparsenError(f"method '{method}' supports allocation {', '.join(m.allocations)}, not "
                            f"'{config.allocation}'")
+    if config.segments < 1 or (config.segments != 1 and not m.segmented):
+        raise SparsenError(f"--segments {config.segments}: only the rotation methods take segments (1 or more)")
     wins = None
     if m.needs_calibration:
         n = max(1, config.tokens // config.ctx)
@@ -74,7 +83,8 @@ def calibrate(lm, method: str, sparsity: float, config: CalibrationConfig = Cali
         model=lm.spec,
         fingerprint=lm.fingerprint,
         sites=sites,
-        params={"allocation": config.allocation, **extras.get("params", {})},
+        params={"allocation": config.allocation, **({"segments": config.segments} if m.segmented else {}),
+                **extras.get("params", {})},
         calibration={"corpus": config.corpus, "tokens": int(wins.numel()) if wins is not None else 0,
                      "ctx": config.ctx} if m.needs_calibration else {},
         calibrated_sparsity=calibrated,

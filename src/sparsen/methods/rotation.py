@@ -26,6 +26,8 @@ from sparsen.methods import teal
 from sparsen.methods.registry import Method
 
 TRANSFORM = "residual_rotation"
+SPARSE_BASIS_ITERS = 20
+SPARSE_BASIS_STRIDE = 2  # every other decode position of the calibration windows feeds the sparse-basis fit
 
 
 @torch.no_grad()
@@ -45,29 +47,58 @@ def fold_norm_gains(lm) -> None:
     ad.final_norm.weight.fill_(1.0)
 
 
+def segment_of(n_layers: int, starts: list[int]) -> list[int]:
+    """Segment index of every layer, given the first layer of each segment."""
+    return [sum(1 for st in starts if st <= layer) - 1 for layer in range(n_layers)]
+
+
+def change_of_basis(Q: torch.Tensor, s: int) -> torch.Tensor:
+    """R with h_s = h_{s-1} R: from segment s-1's basis to segment s's (h_s = h Q_s for a row vector h)."""
+    return (Q[s - 1].double().T @ Q[s].double()).float().contiguous()
+
+
 @torch.no_grad()
-def rotate_residual(lm, Q: torch.Tensor) -> None:
-    """Rotate the residual stream of a gain-folded model by the orthogonal Q [d, d] (in place)."""
+def rotate_residual(lm, Q: torch.Tensor, starts: list[int] | None = None) -> None:
+    """Rotate the residual stream of a gain-folded model (in place).
+
+    ``Q`` is one orthogonal [d, d] basis, or [S, d, d] with ``starts`` the first layer of each of S
+    segments: the layers of segment s read and write the stream in basis Q[s], and at the input of
+    the first layer of segment s >= 1 the stream is turned from basis s-1 into basis s (a forward
+    pre-hook, h <- h R_s: the one d x d product per token a segment boundary costs).
+    """
     ad = lm.adapter
-    Qd = Q.double()
+    if Q.dim() == 2:
+        Q, starts = Q[None], [0]
+    seg = segment_of(ad.n_layers, starts)
 
-    def right(p):  # W <- W Q
-        p.copy_((p.double() @ Qd).to(p.dtype))
+    def right(p, q):  # W <- W Q
+        p.copy_((p.double() @ q).to(p.dtype))
 
-    right(ad.embed.weight)
-    right(ad.lm_head.weight)
+    right(ad.embed.weight, Q[0].double())
+    right(ad.lm_head.weight, Q[-1].double())
     for b in ad.blocks:
+        Qd = Q[seg[b.index]].double()
         for name in ("q", "k", "v", "gate", "up"):
-            right(b.linears[name].weight)
+            right(b.linears[name].weight, Qd)
         for name in ("o", "down"):
             lin = b.linears[name]
             lin.weight.copy_((Qd.T @ lin.weight.double()).to(lin.weight.dtype))
             if lin.bias is not None:
                 lin.bias.copy_((Qd.T @ lin.bias.double()).to(lin.bias.dtype))
+    layers = lm.model.model.layers
+    for s in range(1, len(starts)):
+        R = change_of_basis(Q, s)
+        layers[starts[s]].register_forward_pre_hook(lambda m, args, R=R: (args[0] @ R,) + tuple(args[1:]))
+
+
+def basis_changes(tensors: dict) -> int:
+    """How many d x d changes of basis a token pays under a rotation transform."""
+    Q = tensors["Q"]
+    return 0 if Q.dim() == 2 else Q.shape[0] - 1
 
 
 def apply_transform(lm, tensors: dict) -> None:
-    """Fold and rotate ``lm`` by the plan's Q, once per model instance."""
+    """Fold and rotate ``lm`` by the plan's Q (and segment starts), once per model instance."""
     Q = tensors["Q"]
     key = hash(Q.numpy().tobytes())
     if getattr(lm, "_sparsen_transform", None) == key:
@@ -75,22 +106,54 @@ def apply_transform(lm, tensors: dict) -> None:
     if getattr(lm, "_sparsen_transform", None) is not None:
         raise RuntimeError("model already carries another rotation: load it again")
     fold_norm_gains(lm)
-    rotate_residual(lm, Q)
+    rotate_residual(lm, Q, tensors["starts"].tolist() if "starts" in tensors else None)
     lm._sparsen_transform = key
 
 
 @torch.no_grad()
-def residual_basis(lm, wins, progress: bool = True) -> torch.Tensor:
-    """Eigenbasis (descending eigenvalue) of the second moment of the normalized residual stream,
-    pooled over the q/k/v and gate/up inputs of every layer of a gain-folded model."""
-    d = lm.adapter.hidden_size
-    C = torch.zeros(d, d, dtype=torch.float64)
+def topk_procrustes(X: torch.Tensor, Q: torch.Tensor, keep: float, iters: int = SPARSE_BASIS_ITERS) -> torch.Tensor:
+    """Refine an orthogonal basis so that each row of X, expressed in it, loses the least energy when its
+    smallest (1 - keep) share of coordinates is zeroed: alternate Z = per-row top-k of X Q and the
+    orthogonal Procrustes step Q = argmin ||X Q - Z|| = U V^T (U S V^T = svd(X^T Z)). Each step can only
+    lower ||X Q - Z||^2, the energy the top-k drops."""
+    k_drop = int(round((1 - keep) * X.shape[1]))
+    if k_drop <= 0:
+        return Q
+    Q = Q.double()
+    for _ in range(iters):
+        Z = X @ Q
+        Z.scatter_(1, Z.abs().topk(k_drop, dim=1, largest=False).indices, 0.0)
+        U, _, Vh = torch.linalg.svd(X.T @ Z)
+        Q = U @ Vh
+    return Q
+
+
+@torch.no_grad()
+def residual_bases(lm, wins, segments: int = 1, progress: bool = True, basis: str = "pca",
+                   sparsity: float = 0.5) -> tuple[torch.Tensor, list[int]]:
+    """Orthogonal bases of the normalized residual stream of a gain-folded model, one per run of
+    consecutive layers (``segments`` runs), from the q/k/v and gate/up inputs of that run's layers on
+    the decode positions (second half) of the calibration windows.
+
+    ``basis="pca"``: the eigenbasis of their second moment (descending eigenvalue). ``"sparse"`` (ours):
+    that eigenbasis refined by ``topk_procrustes`` for the level ``sparsity``, so that per-token
+    thresholding drops less energy. Returns (Q [d, d] if one segment else [S, d, d], segment starts).
+    """
+    d, n = lm.adapter.hidden_size, lm.adapter.n_layers
+    segments = max(1, min(segments, n))
+    starts = [round(i * n / segments) for i in range(segments)]
+    seg = segment_of(n, starts)
+    skip = wins.shape[1] // 2
+    C = torch.zeros(segments, d, d, dtype=torch.float64)
+    rows: list[list[torch.Tensor]] = [[] for _ in range(segments)]
     handles = []
     for b in lm.adapter.blocks:
         for name in ("q", "gate"):
-            def hook(m, args):
-                x = args[0].reshape(-1, d).double()
-                C.add_(x.T @ x)
+            def hook(m, args, s=seg[b.index]):
+                x = args[0][..., skip:, :].reshape(-1, d)
+                C[s].add_(x.double().T @ x.double())
+                if basis == "sparse":
+                    rows[s].append(x[::SPARSE_BASIS_STRIDE].float().clone())
 
             handles.append(b.linears[name].register_forward_pre_hook(hook))
     try:
@@ -99,11 +162,18 @@ def residual_basis(lm, wins, progress: bool = True) -> torch.Tensor:
     finally:
         for h in handles:
             h.remove()
-    evals, evecs = torch.linalg.eigh(C)
-    return evecs.flip(-1).to(torch.float32).contiguous()
+    bases = []
+    for s in tqdm(range(segments), desc="fit bases", disable=not progress or basis == "pca", leave=False):
+        Q = torch.linalg.eigh(C[s])[1].flip(-1)
+        if basis == "sparse":
+            Q = topk_procrustes(torch.cat(rows[s]).double(), Q, keep=1 - sparsity)
+            rows[s] = []
+        bases.append(Q)
+    Q = torch.stack(bases).to(torch.float32).contiguous()
+    return (Q[0] if segments == 1 else Q), starts
 
 
-def _rotated_copy(lm, wins, progress):
+def _rotated_copy(lm, wins, progress, segments: int = 1, basis: str = "pca", sparsity: float = 0.5):
     work = copy.copy(lm)  # calibrate on a transformed copy; the caller's model stays as it was
     work.model = copy.deepcopy(lm.model)
     from sparsen.models.adapters import adapter_for
@@ -111,16 +181,22 @@ def _rotated_copy(lm, wins, progress):
     work.adapter = adapter_for(work.model)
     work._sparsen_transform = None
     fold_norm_gains(work)
-    Q = residual_basis(work, wins, progress)
-    rotate_residual(work, Q)
+    Q, starts = residual_bases(work, wins, segments, progress, basis, sparsity)
+    tensors = {"Q": Q} if segments == 1 else {"Q": Q, "starts": torch.tensor(starts, dtype=torch.int64)}
+    rotate_residual(work, Q, starts)
     work._sparsen_transform = hash(Q.numpy().tobytes())
-    return work, Q
+    return work, tensors
 
 
 def calibrate(lm, sparsity, wins, config, progress):
-    work, Q = _rotated_copy(lm, wins, progress)
-    sites, achieved, extras = teal.calibrate(work, sparsity, wins, config, progress)
-    return sites, achieved, {**extras, "transform": TRANSFORM, "tensors": {"Q": Q}}
+    work, tensors = _rotated_copy(lm, wins, progress, config.segments, config.basis, sparsity)
+    sites, achieved, extras = teal.calibrate(work, sparsity + charged_share(lm, tensors), wins, config, progress)
+    return sites, achieved - charged_share(lm, tensors), {**extras, "transform": TRANSFORM, "tensors": tensors}
+
+
+def charged_share(lm, tensors: dict) -> float:
+    """The changes of basis a token pays, as a share of the block-linear weights (charged against sparsity)."""
+    return basis_changes(tensors) * lm.adapter.hidden_size ** 2 / sum(lm.adapter.linear_params().values())
 
 
 def group_column_norms(lm) -> dict:
@@ -141,26 +217,28 @@ def group_column_norms(lm) -> dict:
 
 def calibrate_weighted(lm, sparsity, wins, config, progress):
     """Rotation, then thresholds on |z_i| * ||W'[:, i]|| (W' the rotated, gain-folded readers of z)."""
-    work, Q = _rotated_copy(lm, wins, progress)
-    sites, achieved, extras = teal.criterion_thresholds(work, sparsity, wins, config, progress,
-                                                        scales=group_column_norms(work), tag="rw")
-    return sites, achieved, {**extras, "transform": TRANSFORM, "tensors": {"Q": Q, **extras["tensors"]}}
+    work, tensors = _rotated_copy(lm, wins, progress, config.segments, config.basis, sparsity)
+    sites, achieved, extras = teal.criterion_thresholds(work, sparsity + charged_share(lm, tensors), wins, config,
+                                                        progress, scales=group_column_norms(work), tag="rw")
+    tensors = {**tensors, **extras["tensors"]}
+    return sites, achieved - charged_share(lm, tensors), {**extras, "transform": TRANSFORM, "tensors": tensors}
 
 
 METHOD_WEIGHTED = Method("rotate-wina", "ours: the folded rotation, then weight-aware thresholds |z_i|*||W'[:,i]|| "
-                         "(one mask per shared input)", calibrate_weighted, allocations=teal.ALLOCATIONS)
+                         "(one mask per shared input)", calibrate_weighted, allocations=teal.ALLOCATIONS, segmented=True)
 
 
 METHOD = Method("rotate", "ours: TEAL thresholds in a folded orthogonal eigenbasis of the residual stream (free)",
-                calibrate, allocations=teal.ALLOCATIONS)
+                calibrate, allocations=teal.ALLOCATIONS, segmented=True)
 
 
 def calibrate_topk(lm, sparsity, wins, config, progress):
     """Rotation plus exact per-token top-k: the same share of every input is skipped on any text."""
-    _, Q = _rotated_copy(lm, wins, progress)
-    sites = {site: {"rule": "topk", "sparsity": sparsity} for site, *_ in lm.adapter.linear_sites()}
-    return sites, sparsity, {"transform": TRANSFORM, "tensors": {"Q": Q}}
+    _, tensors = _rotated_copy(lm, wins, progress, config.segments, config.basis, sparsity)
+    raw = sparsity + charged_share(lm, tensors)
+    sites = {site: {"rule": "topk", "sparsity": raw} for site, *_ in lm.adapter.linear_sites()}
+    return sites, sparsity, {"transform": TRANSFORM, "tensors": tensors}
 
 
 METHOD_TOPK = Method("rotate-topk", "ours: per-token top-k in the folded eigenbasis of the residual stream (free)",
-                     calibrate_topk)
+                     calibrate_topk, segmented=True)

@@ -80,6 +80,7 @@ class InputSparsifier:
             if isinstance(rule, GateActRule) and not site.endswith(".down"):
                 raise KeyError(f"a gate-activation rule belongs on a 'down' site, not {site}")
         self.params = {site: self._modules[site].weight.numel() for site in self._modules}
+        self.added_params = 0  # weights read per token beyond the block linears (charged against the sparsity)
         self.reset_stats()
 
     # --- stats -------------------------------------------------------------------------------
@@ -90,11 +91,14 @@ class InputSparsifier:
     def achieved(self) -> dict:
         """Achieved sparsity on the tokens seen since reset: per site, per layer, per linear name, overall.
 
-        Sites without a rule count as dense (0). Overall = parameter-weighted over all block linears.
+        Sites without a rule count as dense (0). Overall = parameter-weighted over all block linears, less
+        the weights a method adds per token (``added_params``, e.g. a change of basis), as a share of them:
+        the *effective* sparsity. ``skipped`` is the same before that charge.
         """
         per_site = {s: (self.zeros[s] / self.entries[s] if self.entries[s] else 0.0) for s in self._modules}
         total = sum(self.params.values())
-        overall = sum(per_site[s] * self.params[s] for s in per_site) / total
+        skipped = sum(per_site[s] * self.params[s] for s in per_site) / total
+        overall = skipped - self.added_params / total
         per_layer: dict[int, float] = {}
         per_name: dict[str, float] = {}
         for _site, layer, name, _ in self.adapter.linear_sites():
@@ -108,7 +112,8 @@ class InputSparsifier:
                 weights[key] = weights.get(key, 0) + self.params[site]
             for key in table:
                 table[key] /= weights[key]
-        return {"overall": overall, "per_layer": [per_layer[i] for i in sorted(per_layer)],
+        return {"overall": overall, "skipped": skipped, "added_share": self.added_params / total,
+                "per_layer": [per_layer[i] for i in sorted(per_layer)],
                 "per_linear": per_name, "per_site": per_site}
 
     # --- hooks -------------------------------------------------------------------------------

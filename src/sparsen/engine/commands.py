@@ -1,0 +1,208 @@
+"""`sparsen generate` and `sparsen bench`: the engine on the command line."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from sparsen.errors import SparsenError
+
+SYSTEMS = ("hf", "llamacpp")
+
+
+def _load(args):
+    """The model and (optionally) the plan; a plan's rotation transforms the model it is applied to."""
+    from sparsen import load_model
+    from sparsen.methods import Plan
+
+    plan = Plan.load(args.plan) if args.plan else None
+    lm = load_model(args.model)
+    if plan is not None:
+        plan.check_model(lm)
+    return lm, plan
+
+
+def prompt_ids(lm, text: str, chat: bool) -> list[int]:
+    tok = lm.tokenizer
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise SparsenError(f"model '{lm.spec}' has no chat template: drop --chat")
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise SparsenError("the prompt is empty: pass some text with --prompt")
+    return list(ids)
+
+
+class TextStream:
+    """Prints decoded text as tokens arrive (re-decodes the tail so multi-byte characters print whole)."""
+
+    def __init__(self, tokenizer, out=sys.stdout):
+        self.tok, self.out, self.ids, self.printed = tokenizer, out, [], 0
+
+    def __call__(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+
+def cmd_generate(args) -> None:
+    from sparsen.engine import Engine
+
+    lm, plan = _load(args)
+    ids = prompt_ids(lm, args.prompt, args.chat)
+    engine = Engine(lm, plan, dtype=args.dtype, threads=args.threads, max_seq=len(ids) + args.max_new_tokens + 1)
+    stream = TextStream(lm.tokenizer)
+    t0 = time.perf_counter()
+    marks = []
+    tokens = engine.generate(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                             eos_token_id=lm.tokenizer.eos_token_id,
+                             on_token=lambda t: (marks.append(time.perf_counter()), stream(t)))
+    sys.stdout.write("\n")
+    rate = (len(marks) - 1) / (marks[-1] - marks[0]) if len(marks) > 1 else float("nan")
+    extra = f", achieved sparsity {engine.achieved()['overall']:.3f}" if plan is not None else ""
+    print(f"[{len(tokens)} tokens in {time.perf_counter() - t0:.2f} s; decode {rate:.1f} tok/s; {args.dtype}, "
+          f"{args.threads} threads{extra}]", file=sys.stderr)
+
+
+# --- bench -------------------------------------------------------------------------------------
+def _engine_run(engine, ids, n_new) -> float:
+    """Decode tokens/s of the engine: prefill dense (not timed), then n_new tokens (greedy)."""
+    logits = engine.prefill(ids)
+    t0 = time.perf_counter()
+    tok = int(np.argmax(logits))
+    for _ in range(n_new):
+        tok = int(np.argmax(engine.step(tok)))
+    return n_new / (time.perf_counter() - t0)
+
+
+def _hf_run(lm, ids, n_new, threads) -> float:
+    """HF `generate` decode tokens/s: (n_new - 1) / (time of n_new tokens - time of 1 token), the prefill and
+    first token cancelled out by measuring them alone."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x = torch.tensor([ids])
+
+    def run(n):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            lm.model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - t0
+
+    t1, tn = run(1), run(n_new)
+    return (n_new - 1) / max(tn - t1, 1e-9)
+
+
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python on the GGUF file the model was loaded from."""
+
+    def __init__(self, lm, threads: int, n_ctx: int):
+        from pathlib import Path
+
+        import llama_cpp
+
+        source = Path(lm.source)
+        if source.suffix.lower() != ".gguf":
+            raise SparsenError(f"llama.cpp needs a .gguf model; '{lm.spec}' was loaded from {lm.source}")
+        self.llm = llama_cpp.Llama(model_path=str(source), n_threads=threads, n_threads_batch=threads,
+                                   n_ctx=n_ctx, verbose=False)
+        self.version = llama_cpp.__version__
+
+    def run(self, ids, n_new) -> float:
+        """Decode tokens/s: the time from the first generated token to the n_new-th (greedy, no EOS stop)."""
+        marks = []
+        for _ in self.llm.generate(ids, top_k=1, temp=0.0, reset=True):
+            marks.append(time.perf_counter())
+            if len(marks) == n_new:
+                break
+        return (n_new - 1) / (marks[-1] - marks[0])
+
+
+def cmd_bench(args) -> None:
+    from sparsen import load_model
+    from sparsen.data import corpus_windows
+    from sparsen.engine import Engine, bytes_per_token
+    from sparsen.io import write_json
+
+    systems = [s.strip() for s in args.vs.split(",") if s.strip()] if args.vs else []
+    for s in systems:
+        if s not in SYSTEMS:
+            raise SparsenError(f"--vs '{s}' is unknown: use a comma-separated subset of {', '.join(SYSTEMS)}")
+    if args.new_tokens < 2:
+        raise SparsenError("--new-tokens must be at least 2")
+    lm, plan = _load(args)
+    ids = corpus_windows(lm.tokenizer, "wikitext2-test", args.prompt_tokens, 1)[0].tolist()
+    max_seq = len(ids) + args.new_tokens + 2
+    dense = Engine(lm, None, dtype=args.dtype, threads=args.threads, max_seq=max_seq)
+    sparse = None
+    if plan is not None:  # on its own copy: a rotation plan rewrites the weights of the model it is applied to
+        sparse = Engine(load_model(args.model), plan, dtype=args.dtype, threads=args.threads, max_seq=max_seq)
+    llamacpp, llamacpp_note = None, None
+    if "llamacpp" in systems:
+        try:
+            llamacpp = LlamaCpp(lm, args.threads, max_seq + 8)
+        except ImportError:
+            llamacpp_note = "llama-cpp-python is not installed"
+        except SparsenError as e:
+            llamacpp_note = str(e)
+    runs = {"engine_dense": [], "engine_sparse": [], "hf": [], "llamacpp": []}
+    for r in range(args.rounds):  # interleaved: every system once per round
+        runs["engine_dense"].append(_engine_run(dense, ids, args.new_tokens))
+        if sparse is not None:
+            sparse.reset()
+            runs["engine_sparse"].append(_engine_run(sparse, ids, args.new_tokens))
+        if "hf" in systems:
+            runs["hf"].append(_hf_run(lm, ids, args.new_tokens, args.threads))
+        if llamacpp is not None:
+            runs["llamacpp"].append(llamacpp.run(ids, args.new_tokens))
+        if not args.quiet:
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items() if v)
+                  + " tok/s", file=sys.stderr)
+
+    def med(k):
+        return statistics.median(runs[k]) if runs[k] else None
+
+    context = len(ids) + args.new_tokens / 2
+    achieved = sparse.achieved()["overall"] if sparse is not None else 0.0
+    res = {
+        "model": lm.spec, "plan": args.plan, "weights_dtype": args.dtype, "threads": args.threads,
+        "prompt_tokens": len(ids), "new_tokens": args.new_tokens, "rounds": args.rounds,
+        "engine_dense_tok_s": med("engine_dense"), "engine_sparse_tok_s": med("engine_sparse"),
+        "hf_tok_s": med("hf"), "llamacpp_tok_s": med("llamacpp"),
+        "achieved_sparsity": achieved,
+        "speedup_vs_dense": med("engine_sparse") / med("engine_dense") if sparse is not None else None,
+        "bound_speedup": bytes_per_token(dense, 0.0, context) / bytes_per_token(dense, achieved, context),
+        "engine_dense_vs_hf": med("engine_dense") / med("hf") if runs["hf"] else None,
+        "engine_best_vs_llamacpp": (max(filter(None, [med("engine_dense"), med("engine_sparse")])) / med("llamacpp")
+                                    if runs["llamacpp"] else None),
+        "raw_tok_s": runs,
+        "notes": {"hf": "HF generate on the same fp32 weights, dense; decode rate with prefill and first token "
+                        "cancelled ((N-1) / (t_N - t_1))",
+                  "llamacpp": llamacpp_note or (f"llama-cpp-python {llamacpp.version}, the same GGUF file (its own "
+                                                "quantized weights), greedy" if llamacpp else "not requested"),
+                  "engine": "prompt prefilled dense (not timed), then new_tokens greedy steps timed"},
+    }
+    write_json(args.out, res)
+    rows = [("engine dense", res["engine_dense_tok_s"]), ("engine sparse", res["engine_sparse_tok_s"]),
+            ("HF generate (fp32)", res["hf_tok_s"]), ("llama.cpp (GGUF)", res["llamacpp_tok_s"])]
+    print(f"{lm.spec}, {args.dtype} weights, {args.threads} threads, prompt {len(ids)} + {args.new_tokens} new tokens, "
+          f"median of {args.rounds} interleaved rounds")
+    for name, v in rows:
+        print(f"  {name:<22}{'n/a' if v is None else f'{v:8.1f} tok/s'}")
+    if sparse is not None:
+        print(f"  sparse / dense {res['speedup_vs_dense']:.2f}x at achieved sparsity {achieved:.3f} "
+              f"(bytes bound {res['bound_speedup']:.2f}x)")
+    if res["engine_dense_vs_hf"]:
+        print(f"  engine dense / HF generate {res['engine_dense_vs_hf']:.2f}x")
+    print(f"wrote {args.out}")
