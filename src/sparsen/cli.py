@@ -91,18 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`sparsen eval --plan`.")
     _add_common(p, "wikitext2-valid", "calibration")
     p.add_argument("--method", required=True,
-                   help="teal (TEAL magnitude thresholds), rotate (ours: thresholds in a folded eigenbasis of the residual "
-                        "stream), rotate-topk (ours: exact per-token top-k in that basis), topk (exact per-token top-k), "
-                        "stat-topk (Gaussian per-token threshold)")
+                   help="teal (TEAL magnitude thresholds), cats (|silu(gate)| threshold), chess (per-channel MLP and q/o "
+                        "thresholds), wina (|x_i|*||W[:,i]|| thresholds), stat-topk (Gaussian per-token threshold), topk "
+                        "(exact per-token top-k), rotate (ours: thresholds in a folded eigenbasis of the residual stream), "
+                        "rotate-wina (ours, best: per-segment sparse-fitted bases + weight-aware thresholds), rotate-topk")
     p.add_argument("--sparsity", type=float, required=True,
                    help="target model-wide sparsity in [0, 1): the share of block-linear weight bytes skipped")
     p.add_argument("--allocation", default="uniform", choices=("uniform", "sensitivity"),
                    help="how sparsity is spread over linears: uniform, or sensitivity (per input group, greedy on "
                         "measured KL per skipped weight byte; teal and rotate only). Default uniform")
-    p.add_argument("--segments", type=_positive_int, default=1,
+    p.add_argument("--segments", type=_positive_int, default=None,
                    help="rotation methods: give each of N runs of consecutive layers its own basis of the residual "
                         "stream; each change of basis costs a d x d product per token, charged against the sparsity "
-                        "(default 1: one basis, free)")
+                        "(default: rotate 1, i.e. one free basis; rotate-wina 6)")
+    p.add_argument("--basis", choices=("pca", "sparse"), default=None,
+                   help="rotation methods: pca (eigenbasis of the second moment) or sparse (refined so per-token "
+                        "thresholding drops the least energy); default: rotate pca, rotate-wina sparse")
     p.add_argument("--tokens", type=_positive_int, default=16384, help="calibration tokens (default 16384)")
     p.add_argument("--ctx", type=_positive_int, default=1024, help="calibration window length (default 1024)")
     p.add_argument("--out", default="plan.json", metavar="FILE", help="plan file to write (default ./plan.json)")
@@ -120,12 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsities", default="0.25,0.4,0.5,0.6,0.7", metavar="LIST",
                    help="comma-separated target model-wide sparsities in [0, 1) (default 0.25,0.4,0.5,0.6,0.7)")
     p.add_argument("--protocols", default="full,decode", metavar="LIST", help="full, decode or both (default both)")
-    p.add_argument("--windows", type=_positive_int, default=8, help="evaluation windows (default 8)")
+    p.add_argument("--windows", type=_positive_int, default=4, help="evaluation windows (default 4)")
     p.add_argument("--ctx", type=_positive_int, default=1024, help="window length (default 1024)")
     p.add_argument("--text", default="wikitext2-test", metavar="FILE", help="evaluation corpus (default wikitext2-test)")
     p.add_argument("--calib-text", default="wikitext2-valid", metavar="FILE",
                    help="calibration corpus (default wikitext2-valid)")
-    p.add_argument("--tokens", type=_positive_int, default=8192, help="calibration tokens per plan (default 8192)")
+    p.add_argument("--tokens", type=_positive_int, default=2048, help="calibration tokens per plan (default 2048)")
     p.add_argument("--out", default="frontier", metavar="DIR", help="output directory (default ./frontier)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -209,7 +213,7 @@ def cmd_calibrate(args) -> None:
     t0 = time.perf_counter()
     plan = calibrate(lm, args.method, args.sparsity,
                      CalibrationConfig(corpus=args.text, tokens=args.tokens, ctx=args.ctx, allocation=args.allocation,
-                                       segments=args.segments),
+                                       segments=args.segments, basis=args.basis),
                      progress=not args.quiet)
     plan.save(args.out)
     got = "n/a (measured at eval)" if plan.calibrated_sparsity is None else f"{plan.calibrated_sparsity:.3f}"
@@ -322,8 +326,56 @@ def cmd_demo(args) -> None:
     print("\n".join(lines))
     evals += [""] + lines
     sections.append(("Quality: dense, uniform TEAL and our best method (sparsen eval)", "\n".join(evals), []))
+    sections.append(("Speed: the CPU engine, dense vs sparse (sparsen generate, sparsen bench)",
+                     demo_engine(args, configs[BEST_METHOD][1], rotated, out), []))
     page = write_report(out, sections)
     print(f"report: {page} ({time.perf_counter() - t0:.0f} s)")
+
+
+def demo_engine(args, best_sparsifier, rotated, out: Path) -> str:
+    """The demo's last part: a streamed sample from the engine under our best plan, then a short dense-vs-sparse
+    bench of the engine (the full comparison with HF and llama.cpp is `sparsen bench`)."""
+    import statistics
+    import sys
+
+    from sparsen import load_model
+    from sparsen.data import corpus_windows
+    from sparsen.engine import Engine, bytes_per_token
+    from sparsen.engine.commands import TextStream, _engine_run, prompt_ids
+    from sparsen.io import write_json
+    from sparsen.methods import Plan
+
+    plan = Plan.load(out / f"plan_{BEST_METHOD}.json")
+    sparse = Engine(rotated, plan, threads=2, max_seq=512)  # `rotated` already carries the plan's rotation
+    chat = bool(getattr(rotated.tokenizer, "chat_template", None))
+    prompt = "Write two sentences about the European lobster."
+    print(f"\n$ sparsen generate --plan {out / f'plan_{BEST_METHOD}.json'} {'--chat ' if chat else ''}"
+          f"--prompt '{prompt}' --max-new-tokens 48")
+    stream = TextStream(rotated.tokenizer, sys.stdout)
+    tokens = sparse.generate(prompt_ids(rotated, prompt, chat), 48, eos_token_id=rotated.tokenizer.eos_token_id,
+                             on_token=stream)
+    sample = rotated.tokenizer.decode(tokens, skip_special_tokens=True)
+    print()
+    dense = Engine(load_model(args.model), None, threads=2, max_seq=512)
+    ids = corpus_windows(rotated.tokenizer, "wikitext2-test", 64, 1)[0].tolist()
+    runs = {"dense": [], "sparse": []}
+    for _ in range(3):
+        runs["dense"].append(_engine_run(dense, ids, 64))
+        sparse.reset()
+        runs["sparse"].append(_engine_run(sparse, ids, 64))
+    d, s = statistics.median(runs["dense"]), statistics.median(runs["sparse"])
+    achieved = sparse.achieved()["overall"]
+    bound = bytes_per_token(dense, 0, 96) / bytes_per_token(dense, achieved, 96)
+    write_json(out / "bench.json", {"engine_dense_tok_s": d, "engine_sparse_tok_s": s, "speedup_vs_dense": s / d,
+                                    "achieved_sparsity": achieved, "bound_speedup": bound, "threads": 2,
+                                    "weights_dtype": "fp32", "prompt_tokens": 64, "new_tokens": 64, "raw_tok_s": runs})
+    text = (f"sample ({BEST_METHOD} plan, {len(tokens)} tokens): {sample}\n\n"
+            f"engine, fp32, 2 threads, 64 + 64 tokens, median of 3 interleaved rounds:\n"
+            f"  dense  {d:6.1f} tok/s\n  sparse {s:6.1f} tok/s  ({s / d:.2f}x at achieved sparsity {achieved:.3f}; "
+            f"bytes bound {bound:.2f}x)\n"
+            "  (the full comparison with HF generate and llama.cpp: `sparsen bench`, see BENCHMARKS.md)")
+    print(text.split("\n\n", 1)[1])
+    return text
 
 
 def cmd_generate(args) -> None:

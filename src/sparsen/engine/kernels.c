@@ -54,42 +54,61 @@ static inline float bf16(uint16_t b) {
     return v.f;
 }
 
-/* y[o0:o1] (+)= sum over the active i of x[i] * W^T[i, o0:o1] */
+/* y[o0:o1] = sum over the active i of x[i] * W^T[i, o0:o1].
+ * Eight rows per pass over y: y is loaded and stored once per eight weight rows streamed (with one or
+ * two rows per pass the y traffic, not the weights, limited it to ~13 GB/s; eight reach ~20-27 GB/s here). */
+#define AXPY_PASS(T, LOAD)                                                                                 \
+    {                                                                                                      \
+        const T *Wt = (const T *)w;                                                                        \
+        int a = 0;                                                                                         \
+        for (; a + 8 <= n_act; a += 8) {                                                                   \
+            const T *restrict r0 = Wt + (size_t)act[a] * out, *restrict r1 = Wt + (size_t)act[a + 1] * out; \
+            const T *restrict r2 = Wt + (size_t)act[a + 2] * out, *restrict r3 = Wt + (size_t)act[a + 3] * out; \
+            const T *restrict r4 = Wt + (size_t)act[a + 4] * out, *restrict r5 = Wt + (size_t)act[a + 5] * out; \
+            const T *restrict r6 = Wt + (size_t)act[a + 6] * out, *restrict r7 = Wt + (size_t)act[a + 7] * out; \
+            const float x0 = x[act[a]], x1 = x[act[a + 1]], x2 = x[act[a + 2]], x3 = x[act[a + 3]];          \
+            const float x4 = x[act[a + 4]], x5 = x[act[a + 5]], x6 = x[act[a + 6]], x7 = x[act[a + 7]];      \
+            _Pragma("omp simd") for (int j = o0; j < o1; j++) y[j] +=                                       \
+                x0 * LOAD(r0[j]) + x1 * LOAD(r1[j]) + x2 * LOAD(r2[j]) + x3 * LOAD(r3[j]) +                \
+                x4 * LOAD(r4[j]) + x5 * LOAD(r5[j]) + x6 * LOAD(r6[j]) + x7 * LOAD(r7[j]);                 \
+        }                                                                                                  \
+        for (; a < n_act; a++) {                                                                           \
+            const float x0 = x[act[a]];                                                                    \
+            const T *restrict r0 = Wt + (size_t)act[a] * out;                                              \
+            _Pragma("omp simd") for (int j = o0; j < o1; j++) y[j] += x0 * LOAD(r0[j]);                    \
+        }                                                                                                  \
+    }
+#define AS_FLOAT(v) (v)
+
 static void axpy_rows(const void *w, int wbf16, int out, const float *x, const int *act, int n_act,
                       float *restrict y, int o0, int o1) {
     for (int j = o0; j < o1; j++) y[j] = 0.f;
-    if (wbf16) {
-        const uint16_t *W = (const uint16_t *)w;
-        int a = 0;
-        for (; a + 1 < n_act; a += 2) { /* two rows per pass: half the writes of y */
-            const int i0 = act[a], i1 = act[a + 1];
-            const float x0 = x[i0], x1 = x[i1];
-            const uint16_t *restrict r0 = W + (size_t)i0 * out, *restrict r1 = W + (size_t)i1 * out;
-#pragma omp simd
-            for (int j = o0; j < o1; j++) y[j] += x0 * bf16(r0[j]) + x1 * bf16(r1[j]);
-        }
-        for (; a < n_act; a++) {
-            const float x0 = x[act[a]];
-            const uint16_t *restrict r0 = W + (size_t)act[a] * out;
-#pragma omp simd
-            for (int j = o0; j < o1; j++) y[j] += x0 * bf16(r0[j]);
-        }
-    } else {
-        const float *W = (const float *)w;
-        int a = 0;
-        for (; a + 1 < n_act; a += 2) {
-            const int i0 = act[a], i1 = act[a + 1];
-            const float x0 = x[i0], x1 = x[i1];
-            const float *restrict r0 = W + (size_t)i0 * out, *restrict r1 = W + (size_t)i1 * out;
-#pragma omp simd
-            for (int j = o0; j < o1; j++) y[j] += x0 * r0[j] + x1 * r1[j];
-        }
-        for (; a < n_act; a++) {
-            const float x0 = x[act[a]];
-            const float *restrict r0 = W + (size_t)act[a] * out;
-#pragma omp simd
-            for (int j = o0; j < o1; j++) y[j] += x0 * r0[j];
-        }
+    if (wbf16) AXPY_PASS(uint16_t, bf16)
+    else AXPY_PASS(float, AS_FLOAT)
+}
+
+static void split(int n, int *lo, int *hi);
+
+/* y = W x over the active rows, inside a parallel region (every thread calls it). The threads split the
+ * ACTIVE ROWS: each streams whole contiguous rows (sequential memory, which the prefetchers like far
+ * better than every thread reading half of each row) into a full-width partial sum, then, after a
+ * barrier, each thread adds up the partials of its share of the outputs. Partial buffers alternate
+ * between two sets, so a thread that moves on to the next product never overwrites a partial another
+ * thread is still reading. part: 2 * nthreads * stride floats. */
+static void gemv(const void *w, int wbf16, int out, const float *x, const int *act, int n_act, float *y,
+                 float *part, int stride, int *phase) {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    float *base = part + (size_t)(*phase & 1) * nt * stride;
+    *phase += 1;
+    const int a0 = (int)((long)n_act * t / nt), a1 = (int)((long)n_act * (t + 1) / nt);
+    axpy_rows(w, wbf16, out, x, act + a0, a1 - a0, base + (size_t)t * stride, 0, out);
+#pragma omp barrier
+    int lo, hi;
+    split(out, &lo, &hi);
+    for (int j = lo; j < hi; j++) {
+        float s = 0.f;
+        for (int u = 0; u < nt; u++) s += base[(size_t)u * stride + j];
+        y[j] = s;
     }
 }
 
@@ -195,6 +214,8 @@ int decode_step(const Model *M, int pos, const float *emb, float *logits, int de
     float *scores = malloc(sizeof(float) * (size_t)nh * (pos + 1));
     int *gate_act = malloc(sizeof(int) * I);
     int n_gate_act = 0;
+    const int stride = (wide + 15) / 16 * 16;
+    float *part = malloc(sizeof(float) * 2 * (size_t)omp_get_max_threads() * stride);
     memcpy(h, emb, sizeof(float) * d);
     const float scale = 1.f / sqrtf((float)hd);
 
@@ -203,7 +224,7 @@ int decode_step(const Model *M, int pos, const float *emb, float *logits, int de
         const int tid = omp_get_thread_num();
         float *x = malloc(sizeof(float) * wide), *scratch = malloc(sizeof(float) * wide);
         int *act = malloc(sizeof(int) * wide), *act2 = malloc(sizeof(int) * wide);
-        int lo, hi;
+        int lo, hi, phase = 0;
         for (int l = 0; l < M->n_layers; l++) {
             const Layer *L = &M->layers[l];
             const Rule *R = L->rule;
@@ -211,8 +232,8 @@ int decode_step(const Model *M, int pos, const float *emb, float *logits, int de
             if (L->basis) { /* change of basis of the residual stream: h <- h R */
                 int all = d;
                 for (int i = 0; i < d; i++) act[i] = i;
+                gemv(L->basis, 0, d, h, act, all, proj, part, stride, &phase);
                 split(d, &lo, &hi);
-                axpy_rows(L->basis, 0, d, h, act, all, proj, lo, hi);
 #pragma omp barrier
                 for (int j = lo; j < hi; j++) h[j] = proj[j];
 #pragma omp barrier
@@ -226,8 +247,8 @@ int decode_step(const Model *M, int pos, const float *emb, float *logits, int de
                 const Rule dr = {RULE_DENSE, 0, 0.f, NULL};
                 const Rule *r = dense ? &dr : &R[LIN_Q + t];
                 if (t == 0 || !r->same_as_prev || dense) n_act = make_mask(r, x, d, act, scratch);
+                gemv(L->w[LIN_Q + t], M->wbf16, dims[t], x, act, n_act, outs[t], part, stride, &phase);
                 split(dims[t], &lo, &hi);
-                axpy_rows(L->w[LIN_Q + t], M->wbf16, dims[t], x, act, n_act, outs[t], lo, hi);
                 if (L->bias[LIN_Q + t])
                     for (int j = lo; j < hi; j++) outs[t][j] += L->bias[LIN_Q + t][j];
                 if (tid == 0 && !dense) { nact[LIN_Q + t] += n_act; nseen[LIN_Q + t] += d; }
@@ -272,8 +293,8 @@ int decode_step(const Model *M, int pos, const float *emb, float *logits, int de
             {
                 const Rule dr = {RULE_DENSE, 0, 0.f, NULL};
                 n_act = make_mask(dense ? &dr : &R[LIN_O], att, dq, act, scratch);
+                gemv(L->w[LIN_O], M->wbf16, d, att, act, n_act, proj, part, stride, &phase);
                 split(d, &lo, &hi);
-                axpy_rows(L->w[LIN_O], M->wbf16, d, att, act, n_act, proj, lo, hi);
                 for (int j = lo; j < hi; j++) h[j] += proj[j] + (L->bias[LIN_O] ? L->bias[LIN_O][j] : 0.f);
                 if (tid == 0 && !dense) { nact[LIN_O] += n_act; nseen[LIN_O] += dq; }
             }
@@ -285,8 +306,8 @@ int decode_step(const Model *M, int pos, const float *emb, float *logits, int de
             {
                 const Rule dr = {RULE_DENSE, 0, 0.f, NULL};
                 n_act = make_mask(dense ? &dr : &R[LIN_GATE], x, d, act, scratch);
+                gemv(L->w[LIN_GATE], M->wbf16, I, x, act, n_act, g, part, stride, &phase);
                 split(I, &lo, &hi);
-                axpy_rows(L->w[LIN_GATE], M->wbf16, I, x, act, n_act, g, lo, hi);
                 if (tid == 0 && !dense) { nact[LIN_GATE] += n_act; nseen[LIN_GATE] += d; }
                 if (dense && up_rows) { /* the dense prompt under a gate-activation plan: every row of up */
                     dot_rows(L->w[LIN_UP], M->wbf16, d, x, NULL, lo, hi, u);
@@ -294,8 +315,8 @@ int decode_step(const Model *M, int pos, const float *emb, float *logits, int de
                 } else if (!gate_rule) {
                     int n_up = n_act;
                     if (!(dense || R[LIN_UP].same_as_prev)) n_up = make_mask(&R[LIN_UP], x, d, act2, scratch);
-                    axpy_rows(L->w[LIN_UP], M->wbf16, I, x, (dense || R[LIN_UP].same_as_prev) ? act : act2, n_up, u,
-                              lo, hi);
+                    gemv(L->w[LIN_UP], M->wbf16, I, x, (dense || R[LIN_UP].same_as_prev) ? act : act2, n_up, u, part,
+                         stride, &phase);
                     for (int j = lo; j < hi; j++) mid[j] = silu(g[j]) * u[j];
                     if (tid == 0 && !dense) { nact[LIN_UP] += n_up; nseen[LIN_UP] += d; }
                 }
@@ -318,13 +339,13 @@ int decode_step(const Model *M, int pos, const float *emb, float *logits, int de
                 dot_rows(L->w[LIN_UP], M->wbf16, d, x, gate_act, r0, r1, u);
                 for (int a = r0; a < r1; a++) mid[gate_act[a]] *= u[gate_act[a]];
 #pragma omp barrier
+                gemv(L->w[LIN_DOWN], M->wbf16, d, mid, gate_act, n_gate_act, proj, part, stride, &phase);
                 split(d, &lo, &hi);
-                axpy_rows(L->w[LIN_DOWN], M->wbf16, d, mid, gate_act, n_gate_act, proj, lo, hi);
             } else {
                 const Rule dr = {RULE_DENSE, 0, 0.f, NULL};
                 n_act = make_mask(dense ? &dr : &R[LIN_DOWN], mid, I, act, scratch);
+                gemv(L->w[LIN_DOWN], M->wbf16, d, mid, act, n_act, proj, part, stride, &phase);
                 split(d, &lo, &hi);
-                axpy_rows(L->w[LIN_DOWN], M->wbf16, d, mid, act, n_act, proj, lo, hi);
                 if (tid == 0 && !dense) { nact[LIN_DOWN] += n_act; nseen[LIN_DOWN] += I; }
             }
             for (int j = lo; j < hi; j++) h[j] += proj[j] + (L->bias[LIN_DOWN] ? L->bias[LIN_DOWN][j] : 0.f);
@@ -336,7 +357,7 @@ int decode_step(const Model *M, int pos, const float *emb, float *logits, int de
         free(x); free(scratch); free(act); free(act2);
     }
     free(h); free(hb); free(q); free(k); free(v); free(att); free(g); free(u); free(mid); free(proj);
-    free(scores); free(gate_act);
+    free(scores); free(gate_act); free(part);
     return 0;
 }
 
@@ -344,12 +365,14 @@ int decode_step(const Model *M, int pos, const float *emb, float *logits, int de
 void gemv_axpy(const void *w, int wbf16, int in, int out, const float *x, const int *act, int n_act, float *y,
                int threads) {
     (void)in;
+    const int stride = (out + 15) / 16 * 16;
+    float *part = malloc(sizeof(float) * 2 * (size_t)threads * stride);
 #pragma omp parallel num_threads(threads)
     {
-        int lo, hi;
-        split(out, &lo, &hi);
-        axpy_rows(w, wbf16, out, x, act, n_act, y, lo, hi);
+        int phase = 0;
+        gemv(w, wbf16, out, x, act, n_act, y, part, stride, &phase);
     }
+    free(part);
 }
 
 void gemv_rows(const void *w, int wbf16, int in, int n_rows, const float *x, const int *rows, int n_sel, float *y,

@@ -24,7 +24,7 @@ DEFAULT_SPARSITIES = (0.25, 0.4, 0.5, 0.6, 0.7)
 REFERENCE = "teal"  # the uniform TEAL baseline every other method is compared with
 
 
-def parse_method(spec: str) -> tuple[str, str, int]:
+def parse_method(spec: str) -> tuple[str, str, int | None]:
     """'NAME[:ALLOCATION[:SEGMENTS]]' -> (method, allocation, segments); checked against the registry."""
     name, allocation, segments = (spec.split(":") + ["", ""])[:3]
     m = get_method(name)
@@ -33,7 +33,7 @@ def parse_method(spec: str) -> tuple[str, str, int]:
         raise SparsenError(f"method '{name}' supports allocation {', '.join(m.allocations)}, not '{allocation}'")
     if segments and (not segments.isdigit() or int(segments) < 1 or (int(segments) > 1 and not m.segmented)):
         raise SparsenError(f"'{spec}': segments must be a whole number >= 1, and above 1 only for rotation methods")
-    return name, allocation, int(segments or 1)
+    return name, allocation, int(segments) if segments else None
 
 
 def run_frontier(lm, methods: list[str], sparsities=DEFAULT_SPARSITIES, protocols=("full", "decode"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from sparsen.data import CALIB_CORPUS, corpus_windows
@@ -23,12 +23,13 @@ class CalibrationConfig:
     allocation: str = "uniform"
     """how sparsity is spread over the linears: 'uniform' (every linear at the target) or 'sensitivity'
     (per input group, greedy on measured KL per skipped byte; see methods/allocation.py)"""
-    segments: int = 1
+    segments: int | None = None
     """rotation methods: runs of consecutive layers that get their own basis of the residual stream; each
-    change of basis between runs costs a d x d product per token, charged against the sparsity"""
-    basis: str = "pca"
+    change of basis between runs costs a d x d product per token, charged against the sparsity
+    (None: the method's default)"""
+    basis: str | None = None
     """rotation methods: 'pca' (eigenbasis of the second moment) or 'sparse' (that basis refined so that
-    per-token thresholding drops the least energy; see methods/rotation.py)"""
+    per-token thresholding drops the least energy; see methods/rotation.py); None: the method's default"""
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ class Method:
     calibrate: Callable  # (lm, sparsity, wins, config, progress) -> (sites, calibrated sparsity[, extras])
     needs_calibration: bool = True
     allocations: tuple = ("uniform",)
-    segmented: bool = False  # takes CalibrationConfig.segments (the rotation methods)
+    segmented: bool = False  # takes CalibrationConfig.segments and .basis (the rotation methods)
+    defaults: tuple = ()  # (field, value) pairs filled into a CalibrationConfig left at None
 
 
 def _methods() -> dict[str, Method]:
@@ -67,8 +69,12 @@ def calibrate(lm, method: str, sparsity: float, config: CalibrationConfig = Cali
     if config.allocation not in m.allocations:
         raise SparsenError(f"method '{method}' supports allocation {', '.join(m.allocations)}, not "
                            f"'{config.allocation}'")
+    defaults = {"segments": 1, "basis": "pca", **dict(m.defaults)}
+    config = replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
     if config.segments < 1 or (config.segments != 1 and not m.segmented):
         raise SparsenError(f"--segments {config.segments}: only the rotation methods take segments (1 or more)")
+    if config.basis not in ("pca", "sparse") or (config.basis != "pca" and not m.segmented):
+        raise SparsenError(f"--basis {config.basis}: use pca or sparse, and sparse only with a rotation method")
     wins = None
     if m.needs_calibration:
         n = max(1, config.tokens // config.ctx)
@@ -83,7 +89,8 @@ def calibrate(lm, method: str, sparsity: float, config: CalibrationConfig = Cali
         model=lm.spec,
         fingerprint=lm.fingerprint,
         sites=sites,
-        params={"allocation": config.allocation, **({"segments": config.segments} if m.segmented else {}),
+        params={"allocation": config.allocation,
+                **({"segments": config.segments, "basis": config.basis} if m.segmented else {}),
                 **extras.get("params", {})},
         calibration={"corpus": config.corpus, "tokens": int(wins.numel()) if wins is not None else 0,
                      "ctx": config.ctx} if m.needs_calibration else {},

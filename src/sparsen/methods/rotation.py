@@ -27,7 +27,7 @@ from sparsen.methods.registry import Method
 
 TRANSFORM = "residual_rotation"
 SPARSE_BASIS_ITERS = 20
-SPARSE_BASIS_STRIDE = 2  # every other decode position of the calibration windows feeds the sparse-basis fit
+SPARSE_BASIS_STRIDE = 1  # every decode position of the calibration windows feeds the sparse-basis fit
 
 
 @torch.no_grad()
@@ -225,7 +225,8 @@ def calibrate_weighted(lm, sparsity, wins, config, progress):
 
 
 METHOD_WEIGHTED = Method("rotate-wina", "ours: the folded rotation, then weight-aware thresholds |z_i|*||W'[:,i]|| "
-                         "(one mask per shared input)", calibrate_weighted, allocations=teal.ALLOCATIONS, segmented=True)
+                         "(one mask per shared input)", calibrate_weighted, allocations=teal.ALLOCATIONS, segmented=True,
+                         defaults=(("segments", 6), ("basis", "sparse")))
 
 
 METHOD = Method("rotate", "ours: TEAL thresholds in a folded orthogonal eigenbasis of the residual stream (free)",
