@@ -167,14 +167,15 @@ def test_cli_generate_and_bench(tmp_path, capsys):
     assert main(["generate", "--model", "tiny-llama", "--plan", str(plan), "--prompt", "Hello", "--max-new-tokens",
                  "8"]) == 0
     out = tmp_path / "bench.json"
-    assert main(["bench", "--model", "tiny-llama", "--plan", str(plan), "--vs", "hf", "--prompt-tokens", "16",
-                 "--new-tokens", "8", "--rounds", "1", "--out", str(out)]) == 0
+    assert main(["bench", "--model", "tiny-llama", "--plan", str(plan), "--vs", "hf", "--profile", "--prompt-tokens",
+                 "16", "--new-tokens", "8", "--rounds", "1", "--out", str(out)]) == 0
     d = json.loads(out.read_text())
     for key in ("engine_dense_tok_s", "engine_sparse_tok_s", "hf_tok_s", "llamacpp_tok_s", "achieved_sparsity",
                 "speedup_vs_dense", "bound_speedup", "threads", "weights_dtype"):
         assert key in d
     assert d["engine_dense_tok_s"] > 0 and d["hf_tok_s"] > 0 and d["llamacpp_tok_s"] is None
     assert 0.3 < d["achieved_sparsity"] < 0.7 and d["bound_speedup"] > 1
+    assert d["profile"]["dense_ms"] > 0 and d["profile"]["rest_ms"] > 0  # (too small a model to split reliably)
     assert main(["generate", "--model", "tiny-qwen2", "--plan", str(plan), "--prompt", "Hi"]) == 2
     assert main(["bench", "--model", "tiny-llama", "--plan", str(tmp_path / "none.json"), "--out", str(out)]) == 2
     err = capsys.readouterr().err

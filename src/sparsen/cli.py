@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="engine weights dtype (default fp32)")
     p.add_argument("--threads", type=_positive_int, default=2, help="threads for every system (default 2)")
     p.add_argument("--out", default="bench.json", metavar="FILE", help="output JSON (default ./bench.json)")
+    p.add_argument("--profile", action="store_true",
+                   help="also time the engine with every block-linear input skipped, to split a token's time into the "
+                        "block linears and the rest (lm_head, attention, norms, synchronisation)")
     p.add_argument("--quiet", action="store_true", help="no per-round lines")
 
     p = sub.add_parser("demo", help="the `make demo` job: profile, dense eval, 50%% plans (teal, our best), a report",

@@ -104,6 +104,20 @@ def _hf_run(lm, ids, n_new, threads) -> float:
     return (n_new - 1) / max(tn - t1, 1e-9)
 
 
+def _profile(engine, dense_tok_s, floor_tok_s, context) -> dict:
+    """Split a dense token's time into the block linears and the rest, from a run that skips every block linear."""
+    from sparsen.engine import bytes_per_token
+
+    dense_ms, rest_ms = 1000 / dense_tok_s, 1000 / floor_tok_s
+    wbytes = 2 if engine.dtype == "bf16" else 4
+    block_mb = sum(engine.params.values()) * wbytes / 1e6
+    block_ms = dense_ms - rest_ms
+    return {"dense_ms": dense_ms, "rest_ms": rest_ms, "block_linears_ms": block_ms, "block_linear_mb": block_mb,
+            "block_linears_gb_s": block_mb / block_ms if block_ms > 0 else None,
+            "lm_head_mb": engine.vocab * engine.d * wbytes / 1e6,
+            "bytes_per_dense_token_mb": bytes_per_token(engine, 0.0, context) / 1e6}
+
+
 class LlamaCpp:
     """llama.cpp through llama-cpp-python on the GGUF file the model was loaded from."""
 
@@ -156,7 +170,14 @@ def cmd_bench(args) -> None:
             llamacpp_note = "llama-cpp-python is not installed"
         except SparsenError as e:
             llamacpp_note = str(e)
-    runs = {"engine_dense": [], "engine_sparse": [], "hf": [], "llamacpp": []}
+    floor = None
+    if args.profile:  # the same engine with every block-linear input skipped: what a token costs besides them
+        from sparsen.methods import Plan
+
+        skip_all = Plan(method="skip-all", target_sparsity=0.0, model=lm.spec, fingerprint=lm.fingerprint,
+                        sites={site: {"rule": "threshold", "threshold": float("inf")} for site in dense.params})
+        floor = Engine(lm, skip_all, dtype=args.dtype, threads=args.threads, max_seq=max_seq)
+    runs = {"engine_dense": [], "engine_sparse": [], "hf": [], "llamacpp": [], "engine_no_block_linears": []}
     for r in range(args.rounds):  # interleaved: every system once per round
         runs["engine_dense"].append(_engine_run(dense, ids, args.new_tokens))
         if sparse is not None:
@@ -166,6 +187,8 @@ def cmd_bench(args) -> None:
             runs["hf"].append(_hf_run(lm, ids, args.new_tokens, args.threads))
         if llamacpp is not None:
             runs["llamacpp"].append(llamacpp.run(ids, args.new_tokens))
+        if floor is not None:
+            runs["engine_no_block_linears"].append(_engine_run(floor, ids, args.new_tokens))
         if not args.quiet:
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items() if v)
                   + " tok/s", file=sys.stderr)
@@ -187,6 +210,7 @@ def cmd_bench(args) -> None:
         "engine_best_vs_llamacpp": (max(filter(None, [med("engine_dense"), med("engine_sparse")])) / med("llamacpp")
                                     if runs["llamacpp"] else None),
         "raw_tok_s": runs,
+        "profile": _profile(dense, med("engine_dense"), med("engine_no_block_linears"), context) if floor else None,
         "notes": {"hf": "HF generate on the same fp32 weights, dense; decode rate with prefill and first token "
                         "cancelled ((N-1) / (t_N - t_1))",
                   "llamacpp": llamacpp_note or (f"llama-cpp-python {llamacpp.version}, the same GGUF file (its own "
@@ -205,4 +229,10 @@ def cmd_bench(args) -> None:
               f"(bytes bound {res['bound_speedup']:.2f}x)")
     if res["engine_dense_vs_hf"]:
         print(f"  engine dense / HF generate {res['engine_dense_vs_hf']:.2f}x")
+    if res["profile"]:
+        pr = res["profile"]
+        print(f"  where a dense token's {pr['dense_ms']:.1f} ms go: block linears {pr['block_linears_ms']:.1f} ms "
+              f"({pr['block_linears_gb_s']:.1f} GB/s over {pr['block_linear_mb']:.0f} MB); everything else (lm_head "
+              f"{pr['lm_head_mb']:.0f} MB, attention over {context:.0f} positions, norms, masks, sync) "
+              f"{pr['rest_ms']:.1f} ms")
     print(f"wrote {args.out}")
