@@ -48,7 +48,7 @@ def test_sparsity_zero_reproduces_dense_logits(method):
 def test_achieved_sparsity_on_calibration_data_is_near_target(fresh_lm, plans, method):
     plan = plans[method]
     wins = corpus_windows(fresh_lm.tokenizer, CALIB_CORPUS, 256, 8)
-    sp = plan.sparsifier(fresh_lm)
+    sp = plan.sparsifier(fresh_lm, dense_prefix=128)  # thresholds are set on the decode positions (second halves)
     with sp, torch.no_grad():
         for w in wins:
             fresh_lm.model(w[None])
@@ -207,7 +207,7 @@ def test_sensitivity_allocation_hits_the_model_wide_target(method):
     levels = plan.params["group_levels"]
     assert len(set(round(v, 3) for v in levels.values())) > 1  # not uniform
     wins = corpus_windows(lm.tokenizer, CALIB_CORPUS, 256, 8)
-    sp = plan.sparsifier(lm)
+    sp = plan.sparsifier(lm, dense_prefix=128)
     with sp, torch.no_grad():
         for w in wins:
             lm.model(w[None])
@@ -228,6 +228,7 @@ def test_segmented_rotation_is_the_same_function_and_its_basis_changes_are_charg
         assert torch.allclose(dense, lm.model(x).logits, atol=1e-4, rtol=1e-4)
     charge = 2 * 64 * 64 / sum(sp.params.values())
     assert charge > 0.05
+    sp.dense_prefix = 128  # thresholds are set on the decode positions (second halves) of the calibration windows
     wins = corpus_windows(lm.tokenizer, CALIB_CORPUS, 256, 8)
     with sp, torch.no_grad():
         for w in wins:

@@ -216,8 +216,10 @@ def group_column_norms(lm) -> dict:
 
 
 def calibrate_weighted(lm, sparsity, wins, config, progress):
-    """Rotation, then thresholds on |z_i| * ||W'[:, i]|| (W' the rotated, gain-folded readers of z)."""
-    work, tensors = _rotated_copy(lm, wins, progress, config.segments, config.basis, sparsity)
+    """Rotation, then thresholds on |z_i| * ||W'[:, i]|| (W' the rotated, gain-folded readers of z).
+    At sparsity 0 one basis: there is no skipping to pay for a change of basis with."""
+    segments = config.segments if sparsity > 0 else 1
+    work, tensors = _rotated_copy(lm, wins, progress, segments, config.basis, sparsity)
     sites, achieved, extras = teal.criterion_thresholds(work, sparsity + charged_share(lm, tensors), wins, config,
                                                         progress, scales=group_column_norms(work), tag="rw")
     tensors = {**tensors, **extras["tensors"]}
