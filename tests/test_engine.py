@@ -121,15 +121,15 @@ def hand_plan(lm, kind):
     return plan
 
 
-@pytest.mark.parametrize("method", ["teal", "topk", "stat-topk", "rotate", "rotate:3", "wina", "chess", "cats",
-                                    "hand:gate_act", "hand:channel"])
+@pytest.mark.parametrize("method", ["teal", "topk", "stat-topk", "rotate", "rotate:3", "rotate-wina", "rotate-topk",
+                                    "wina", "chess", "cats", "hand:gate_act", "hand:channel"])
 def test_sparse_engine_equals_masked_dense_computation(method):
     source = load_model("tiny-llama")
     if method.startswith("hand:"):
         plan = hand_plan(source, method.split(":")[1])
     else:
         name, _, segments = method.partition(":")
-        cfg = CalibrationConfig(tokens=2048, ctx=256, segments=int(segments or 1))
+        cfg = CalibrationConfig(tokens=2048, ctx=256, segments=int(segments) if segments else None)
         plan = calibrate(source, name, 0.4 if name == "cats" else 0.5, cfg, progress=False)
     ids = [int(t) for t in torch.randint(0, 256, (48,), generator=torch.Generator().manual_seed(1))]
     prompt = 20
