@@ -372,13 +372,12 @@ def demo_engine(args, best_sparsifier, rotated, out: Path) -> str:
     write_json(out / "bench.json", {"engine_dense_tok_s": d, "engine_sparse_tok_s": s, "speedup_vs_dense": s / d,
                                     "achieved_sparsity": achieved, "bound_speedup": bound, "threads": 2,
                                     "weights_dtype": "fp32", "prompt_tokens": 64, "new_tokens": 64, "raw_tok_s": runs})
-    text = (f"sample ({BEST_METHOD} plan, {len(tokens)} tokens): {sample}\n\n"
-            f"engine, fp32, 2 threads, 64 + 64 tokens, median of 3 interleaved rounds:\n"
-            f"  dense  {d:6.1f} tok/s\n  sparse {s:6.1f} tok/s  ({s / d:.2f}x at achieved sparsity {achieved:.3f}; "
-            f"bytes bound {bound:.2f}x)\n"
-            "  (the full comparison with HF generate and llama.cpp: `sparsen bench`, see BENCHMARKS.md)")
-    print(text.split("\n\n", 1)[1])
-    return text
+    speed = (f"engine, fp32, 2 threads, 64 + 64 tokens, median of 3 interleaved rounds:\n"
+             f"  dense  {d:6.1f} tok/s\n  sparse {s:6.1f} tok/s  ({s / d:.2f}x at achieved sparsity {achieved:.3f}; "
+             f"bytes bound {bound:.2f}x)\n"
+             "  (the full comparison with HF generate and llama.cpp: `sparsen bench`, see BENCHMARKS.md)")
+    print(speed)
+    return f"sample ({BEST_METHOD} plan, {len(tokens)} tokens): {sample}\n\n{speed}"
 
 
 def cmd_generate(args) -> None:
