@@ -30,12 +30,9 @@ MAX_LEVEL = 0.9
 
 
 @torch.no_grad()
-def group_kl_table(lm, hists, wins, progress=True, rule_for=None) -> dict[str, list[float]]:
-    """KL(dense || sparse) per token with one input group at each level of LEVELS.
-
-    ``rule_for(site, level)`` gives a site's rule at a level (default: the magnitude threshold at that
-    quantile of ``hists[site]``)."""
-    rule_for = rule_for or (lambda site, s: ThresholdRule(hists[site].quantile(s)))
+def group_kl_table(lm, hists, wins, rule_for, progress=True) -> dict[str, list[float]]:
+    """KL(dense || sparse) per token with one input group at each level of LEVELS;
+    ``rule_for(site, level)`` gives a site's rule at a level."""
     def logp(w):
         return F.log_softmax(lm.model(w[None]).logits[0].float(), -1)
 
@@ -156,14 +153,15 @@ def site_levels(lm, hists, wins, target, allocation, progress=True, rule_for=Non
     sites = [s for s, *_ in lm.adapter.linear_sites()]
     if allocation == "uniform" or target == 0:
         return {s: target for s in sites}, {}
+    # default rule at a level: the magnitude threshold at that quantile of the site's calibration histogram
+    rule_for = rule_for or (lambda site, s: ThresholdRule(hists[site].quantile(s)))
     if allocation == "greedy":
-        rule_for = rule_for or (lambda site, s: ThresholdRule(hists[site].quantile(s)))
         per_site = block_greedy_levels(lm, wins[0], target, rule_for, progress)
         by_name = {}
         for site, s in per_site.items():
             by_name.setdefault(site.split(".")[-1], []).append(s)
         return per_site, {"greedy_mean_level": {n: float(np.mean(v)) for n, v in by_name.items()}}
-    table = group_kl_table(lm, hists, wins, progress, rule_for)
+    table = group_kl_table(lm, hists, wins, rule_for, progress)
     levels = greedy_levels(table, group_params(lm), target)
     per_site = {s: levels[GROUP_OF[s.split(".")[-1]]] for s in sites}
     return per_site, {"group_levels": levels, "kl_table": {"levels": list(LEVELS), **table}}
