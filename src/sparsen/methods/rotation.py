@@ -27,7 +27,7 @@ from sparsen.methods.registry import Method
 
 TRANSFORM = "residual_rotation"
 SPARSE_BASIS_ITERS = 20
-SPARSE_BASIS_STRIDE = 1  # every decode position of the calibration windows feeds the sparse-basis fit
+SPARSE_BASIS_ROWS = 32768  # rows (inputs of one segment) the sparse-basis fit uses at most, a seeded sample
 
 
 @torch.no_grad()
@@ -119,11 +119,12 @@ def topk_procrustes(X: torch.Tensor, Q: torch.Tensor, keep: float, iters: int = 
     k_drop = int(round((1 - keep) * X.shape[1]))
     if k_drop <= 0:
         return Q
-    Q = Q.double()
+    # The big products in fp32 (they dominate calibration time); the d x d SVD in fp64.
+    X, Q = X.float(), Q.double()
     for _ in range(iters):
-        Z = X @ Q
+        Z = X @ Q.float()
         Z.scatter_(1, Z.abs().topk(k_drop, dim=1, largest=False).indices, 0.0)
-        U, _, Vh = torch.linalg.svd(X.T @ Z)
+        U, _, Vh = torch.linalg.svd((X.T @ Z).double())
         Q = U @ Vh
     return Q
 
@@ -153,7 +154,7 @@ def residual_bases(lm, wins, segments: int = 1, progress: bool = True, basis: st
                 x = args[0][..., skip:, :].reshape(-1, d)
                 C[s].add_(x.double().T @ x.double())
                 if basis == "sparse":
-                    rows[s].append(x[::SPARSE_BASIS_STRIDE].float().clone())
+                    rows[s].append(x.float().clone())
 
             handles.append(b.linears[name].register_forward_pre_hook(hook))
     try:
@@ -166,7 +167,10 @@ def residual_bases(lm, wins, segments: int = 1, progress: bool = True, basis: st
     for s in tqdm(range(segments), desc="fit bases", disable=not progress or basis == "pca", leave=False):
         Q = torch.linalg.eigh(C[s])[1].flip(-1)
         if basis == "sparse":
-            Q = topk_procrustes(torch.cat(rows[s]).double(), Q, keep=1 - sparsity)
+            X = torch.cat(rows[s])
+            if len(X) > SPARSE_BASIS_ROWS:
+                X = X[torch.randperm(len(X), generator=torch.Generator().manual_seed(s))[:SPARSE_BASIS_ROWS]]
+            Q = topk_procrustes(X, Q, keep=1 - sparsity)
             rows[s] = []
         bases.append(Q)
     Q = torch.stack(bases).to(torch.float32).contiguous()
