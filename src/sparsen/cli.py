@@ -37,7 +37,7 @@ def _add_common(p, corpus_default: str, corpus_role: str):
 
 
 BEST_METHOD = "rotate-wina"  # our best method on smollm2 (BENCHMARKS.md); the demo calibrates it
-FRONTIER_METHODS = ("teal", "cats", "chess", "wina", "stat-topk", "topk", "rotate", "rotate-wina")
+FRONTIER_METHODS = ("teal", "teal:greedy", "cats", "chess", "wina", "stat-topk", "topk", "rotate", "rotate-wina")
 
 
 def _float_list(text: str, what: str) -> list[float]:
@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default="wikitext2-test", metavar="FILE", help="evaluation corpus (default wikitext2-test)")
     p.add_argument("--calib-text", default="wikitext2-valid", metavar="FILE",
                    help="calibration corpus (default wikitext2-valid)")
-    p.add_argument("--tokens", type=_positive_int, default=2048, help="calibration tokens per plan (default 2048)")
+    p.add_argument("--tokens", type=_positive_int, default=16384,
+                   help="calibration tokens per plan (default 16384, as `sparsen calibrate`)")
     p.add_argument("--out", default="frontier", metavar="DIR", help="output directory (default ./frontier)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
