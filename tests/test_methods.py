@@ -200,6 +200,29 @@ def test_greedy_allocation_meets_budget_and_favours_cheap_groups():
     assert levels["attn_in"] + levels["mlp_in"] == pytest.approx(0.2)
 
 
+def test_a_layer_rerun_alone_reproduces_the_model_and_sees_a_k_or_v_mask():
+    # TEAL's greedy re-runs one decoder layer on its captured inputs; a KV cache left in those inputs once
+    # hid every k/v mask from it (k and v went to the maximum level in every block).
+    from sparsen.methods.allocation import layer_calls
+    from sparsen.methods.runtime import InputSparsifier, ThresholdRule
+
+    lm = load_model("tiny-llama")
+    tokens = corpus_windows(lm.tokenizer, CALIB_CORPUS, 64, 1)[0]
+    calls = layer_calls(lm, tokens)
+    layer = lm.model.model.layers[1]
+    args, kwargs = calls[1]
+    def run():
+        out = layer(*args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    with torch.no_grad():
+        dense = run()
+        assert torch.equal(dense, run())
+        for name in ("k", "v"):
+            with InputSparsifier(lm.adapter, {f"layers.1.{name}": ThresholdRule(1e9)}):
+                out = run()
+            assert (out - dense).abs().max() > 1e-3, name
+
 @pytest.mark.parametrize("method", ["teal", "rotate"])
 def test_sensitivity_allocation_hits_the_model_wide_target(method):
     lm = load_model("tiny-llama")

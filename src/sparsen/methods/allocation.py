@@ -81,6 +81,27 @@ def group_params(lm) -> dict[str, int]:
 
 
 @torch.no_grad()
+def layer_calls(lm, tokens: torch.Tensor) -> dict[int, tuple]:
+    """The (args, kwargs) every decoder layer is called with on ``tokens``, so a layer can be re-run alone.
+
+    Without a KV cache: with one, re-running a layer would append its keys and values to the cache of the
+    capturing pass and attend to those (dense) entries, hiding the effect of a k or v mask (it did: TEAL's
+    greedy then saw no error from k and v and pushed both to the maximum level in every block)."""
+    calls, handles = {}, []
+    for i, layer in enumerate(lm.model.model.layers):
+        def grab(m, args, kwargs, i=i):
+            calls[i] = (args, kwargs)
+
+        handles.append(layer.register_forward_pre_hook(grab, with_kwargs=True))
+    try:
+        lm.model(tokens[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+@torch.no_grad()
 def block_greedy_levels(lm, win: torch.Tensor, target: float, rule_for, progress=True) -> dict[str, float]:
     """TEAL's greedy allocation, block by block, on the first GREEDY_TOKENS tokens of ``win``.
 
@@ -92,19 +113,8 @@ def block_greedy_levels(lm, win: torch.Tensor, target: float, rule_for, progress
     ad = lm.adapter
     tokens = win[: min(GREEDY_TOKENS, len(win))]
     skip = len(tokens) // 2
-    calls = {}
-    handles = []
+    calls = layer_calls(lm, tokens)
     layers = list(lm.model.model.layers)
-    for i, layer in enumerate(layers):
-        def grab(m, args, kwargs, i=i):
-            calls[i] = (args, kwargs)
-
-        handles.append(layer.register_forward_pre_hook(grab, with_kwargs=True))
-    try:
-        lm.model(tokens[None])
-    finally:
-        for h in handles:
-            h.remove()
     out: dict[str, float] = {}
     for b in tqdm(ad.blocks, desc="greedy allocation", unit="block", disable=not progress, leave=False):
         args, kwargs = calls[b.index]
