@@ -108,3 +108,11 @@ def test_frontier_bad_input(tmp_path, capsys):
     assert "unknown method 'nope'" in err and "outside [0, 1)" in err and "supports allocation" in err
     assert "only for rotation methods" in err
     assert not out.exists()
+
+
+def test_calibrate_takes_the_greedy_allocation(tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["calibrate", "--model", "tiny-llama", "--method", "teal", "--allocation", "greedy", "--sparsity", "0.4",
+                 "--tokens", "512", "--ctx", "256", "--out", str(out), "--quiet"]) == 0
+    plan = json.loads(out.read_text())
+    assert plan["params"]["allocation"] == "greedy" and "greedy_mean_level" in plan["params"]

@@ -97,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "rotate-wina (ours, best: per-segment sparse-fitted bases + weight-aware thresholds), rotate-topk")
     p.add_argument("--sparsity", type=float, required=True,
                    help="target model-wide sparsity in [0, 1): the share of block-linear weight bytes skipped")
-    p.add_argument("--allocation", default="uniform", choices=("uniform", "sensitivity"),
-                   help="how sparsity is spread over linears: uniform, or sensitivity (per input group, greedy on "
-                        "measured KL per skipped weight byte; teal and rotate only). Default uniform")
+    p.add_argument("--allocation", default="uniform", choices=("uniform", "greedy", "sensitivity"),
+                   help="how sparsity is spread over linears: uniform; greedy (TEAL's block-wise greedy: inside each "
+                        "block, raise the linear whose step adds the least block-output error per parameter share); "
+                        "or sensitivity (per input group, greedy on measured KL per skipped weight byte). greedy and "
+                        "sensitivity: teal, wina and the rotation methods. Default uniform")
     p.add_argument("--segments", type=_positive_int, default=None,
                    help="rotation methods: give each of N runs of consecutive layers its own basis of the residual "
                         "stream; each change of basis costs a d x d product per token, charged against the sparsity "
