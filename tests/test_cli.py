@@ -116,3 +116,12 @@ def test_calibrate_takes_the_greedy_allocation(tmp_path):
                  "--tokens", "512", "--ctx", "256", "--out", str(out), "--quiet"]) == 0
     plan = json.loads(out.read_text())
     assert plan["params"]["allocation"] == "greedy" and "greedy_mean_level" in plan["params"]
+
+
+def test_calibrate_offers_every_allocation():
+    # The command line's list is written apart from the methods' (the CLI does not import torch): keep them equal.
+    from sparsen.cli import build_parser
+    from sparsen.methods.allocation import ALLOCATIONS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["calibrate"]
+    assert tuple(next(a for a in sub._actions if a.dest == "allocation").choices) == ALLOCATIONS

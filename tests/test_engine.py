@@ -191,6 +191,7 @@ def test_profile_line_survives_a_noisy_split():
     assert "not measurable" in profile_line(pr, 20)
     assert "10.0 GB/s" in profile_line({**pr, "block_linears_gb_s": 10.0}, 20)
 
+
 @pytest.mark.slow
 def test_smollm2_dense_engine_matches_hf_generate(smollm2):
     ids = smollm2.tokenizer("The history of the city begins", add_special_tokens=False)["input_ids"]

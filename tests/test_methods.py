@@ -200,7 +200,7 @@ def test_greedy_allocation_meets_budget_and_favours_cheap_groups():
     assert levels["attn_in"] + levels["mlp_in"] == pytest.approx(0.2)
 
 
-def test_a_layer_rerun_alone_reproduces_the_model_and_sees_a_k_or_v_mask():
+def test_a_layer_rerun_alone_is_repeatable_and_sees_a_k_or_v_mask():
     # TEAL's greedy re-runs one decoder layer on its captured inputs; a KV cache left in those inputs once
     # hid every k/v mask from it (k and v went to the maximum level in every block).
     from sparsen.methods.allocation import layer_calls
@@ -211,6 +211,7 @@ def test_a_layer_rerun_alone_reproduces_the_model_and_sees_a_k_or_v_mask():
     calls = layer_calls(lm, tokens)
     layer = lm.model.model.layers[1]
     args, kwargs = calls[1]
+
     def run():
         out = layer(*args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
@@ -222,6 +223,7 @@ def test_a_layer_rerun_alone_reproduces_the_model_and_sees_a_k_or_v_mask():
             with InputSparsifier(lm.adapter, {f"layers.1.{name}": ThresholdRule(1e9)}):
                 out = run()
             assert (out - dense).abs().max() > 1e-3, name
+
 
 @pytest.mark.parametrize("method", ["teal", "rotate"])
 def test_sensitivity_allocation_hits_the_model_wide_target(method):

@@ -36,7 +36,7 @@ def _add_common(p, corpus_default: str, corpus_role: str):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-BEST_METHOD = "rotate-wina"  # our best method on smollm2 (BENCHMARKS.md); the demo calibrates it
+BEST_METHOD = "rotate-wina"  # our method the demo calibrates (BENCHMARKS.md: with --allocation greedy it does better)
 FRONTIER_METHODS = ("teal", "teal:greedy", "cats", "chess", "wina", "stat-topk", "topk", "rotate", "rotate-wina")
 
 
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teal (TEAL magnitude thresholds), cats (|silu(gate)| threshold), chess (per-channel MLP and q/o "
                         "thresholds), wina (|x_i|*||W[:,i]|| thresholds), stat-topk (Gaussian per-token threshold), topk "
                         "(exact per-token top-k), rotate (ours: thresholds in a folded eigenbasis of the residual stream), "
-                        "rotate-wina (ours, best: per-segment sparse-fitted bases + weight-aware thresholds), rotate-topk")
+                        "rotate-wina (ours: per-segment sparse-fitted bases + weight-aware thresholds), rotate-topk")
     p.add_argument("--sparsity", type=float, required=True,
                    help="target model-wide sparsity in [0, 1): the share of block-linear weight bytes skipped")
     p.add_argument("--allocation", default="uniform", choices=("uniform", "greedy", "sensitivity"),
