@@ -93,8 +93,12 @@ def test_frontier_writes_table_json_and_plot(tmp_path):
             r = rows[key][protocol]
             assert abs(r["achieved"] - key[1]) < 0.05 and r["kl"] > 0 and 0 < r["top1_agree"] < 1
     assert rows[("teal", 0.5)]["decode"]["kl"] > rows[("teal", 0.25)]["decode"]["kl"]  # more sparsity, more damage
+    # the reference also runs one step beyond the grid, so a method landing below its lowest target still gets a ratio
+    assert rows[("teal", 0.15)]["reference_range"] and rows[("teal", 0.6)]["reference_range"]
+    assert "reference_range" not in rows[("teal", 0.5)] and ("cats", 0.15) not in rows
     table = (out / "frontier.md").read_text()
-    assert table.count("\n") == 2 + 1 + 6 and "| cats | 0.5 | unreachable |" in table
+    assert table.count("\n") == 2 + 1 + 6 + 2 and "| cats | 0.5 | unreachable |" in table
+    assert "| teal | 0.15 (reference range) |" in table
     assert (out / "frontier.png").stat().st_size > 20_000
 
 

@@ -225,6 +225,43 @@ def test_a_layer_rerun_alone_is_repeatable_and_sees_a_k_or_v_mask():
             assert (out - dense).abs().max() > 1e-3, name
 
 
+def test_greedy_path_cut_at_a_target_is_the_greedy_run_to_that_target():
+    # One greedy run per block serves every target up to its end (the global allocation relies on it).
+    from sparsen.methods.allocation import block_greedy_levels, block_greedy_paths, block_params, levels_on_path
+    from sparsen.methods.runtime import TopKRule
+
+    lm = load_model("tiny-llama")
+    win = corpus_windows(lm.tokenizer, CALIB_CORPUS, 256, 1)[0]
+    rule_for = lambda site, s: TopKRule(s)  # noqa: E731
+    paths = block_greedy_paths(lm, win, 0.6, rule_for, progress=False)
+    direct = block_greedy_levels(lm, win, 0.4, rule_for, progress=False)
+    params = block_params(lm)
+    for i, path in paths.items():
+        assert path[-1][0] >= 0.6 - 1e-9
+        cut = levels_on_path(path, 0.4, params[i])
+        assert cut == pytest.approx({n: direct[f"layers.{i}.{n}"] for n in cut})
+        assert sum(cut[n] * params[i][n] for n in cut) / sum(params[i].values()) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("method", ["teal", "rotate-wina"])
+def test_global_allocation_sets_blocks_apart_and_hits_the_model_wide_target(method):
+    lm = load_model("tiny-llama")
+    plan = calibrate(lm, method, 0.5, CalibrationConfig(tokens=2048, ctx=256, allocation="global"), progress=False)
+    levels = plan.params["block_levels"]
+    assert len(levels) == lm.adapter.n_layers and max(levels) - min(levels) > 0.02  # blocks set apart
+    from sparsen.methods.rotation import charged_share
+
+    charge = charged_share(lm, plan.tensors) if plan.transform else 0.0  # changes of basis are paid in extra skipping
+    assert sum(levels) / len(levels) == pytest.approx(0.5 + charge)
+    assert all(k > 0 for k in plan.params["block_kl_at_target"])
+    wins = corpus_windows(lm.tokenizer, CALIB_CORPUS, 256, 8)
+    sp = plan.sparsifier(lm, dense_prefix=128)
+    with sp, torch.no_grad():
+        for w in wins:
+            lm.model(w[None])
+    assert abs(sp.achieved()["overall"] - 0.5) < 0.02
+
+
 @pytest.mark.parametrize("method", ["teal", "rotate"])
 def test_sensitivity_allocation_hits_the_model_wide_target(method):
     lm = load_model("tiny-llama")
@@ -261,3 +298,27 @@ def test_segmented_rotation_is_the_same_function_and_its_basis_changes_are_charg
     a = sp.achieved()
     assert a["skipped"] - a["overall"] == pytest.approx(charge)  # the skipped share pays for the changes of basis
     assert abs(a["overall"] - 0.4) < 0.02 and abs(plan.calibrated_sparsity - 0.4) < 0.02
+
+
+@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-qwen2"])
+def test_value_head_rotation_is_the_same_function(spec):
+    # o's input turned per value head (v rows by R^T, o's columns of every query head reading it by R): exact
+    from sparsen.methods.rotation import head_groups, rotate_head_values
+
+    lm = load_model(spec)
+    x = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        dense = lm.model(x).logits
+        _, n_kv, hd = head_groups(lm)
+        Qo = torch.linalg.qr(torch.randn(lm.adapter.n_layers, n_kv, hd, hd, generator=torch.Generator().manual_seed(0)))[0]
+        rotate_head_values(lm, Qo)
+        assert torch.allclose(dense, lm.model(x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_rotate_wina_plan_carries_value_bases_and_refuses_misfit_ones(tmp_path):
+    lm = load_model("tiny-llama")
+    plan = calibrate(lm, "rotate-wina", 0.5, CalibrationConfig(tokens=2048, ctx=256), progress=False)
+    assert plan.tensors["Qo"].shape[0] == lm.adapter.n_layers
+    plan.tensors["Qo"] = plan.tensors["Qo"][:, :, :-1, :-1]
+    with pytest.raises(SparsenError, match="does not fit"):
+        plan.sparsifier(load_model("tiny-llama"))

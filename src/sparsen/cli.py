@@ -36,8 +36,8 @@ def _add_common(p, corpus_default: str, corpus_role: str):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-BEST_METHOD = "rotate-wina"  # our method the demo calibrates (BENCHMARKS.md: with --allocation greedy it does better)
-FRONTIER_METHODS = ("teal", "teal:greedy", "cats", "chess", "wina", "stat-topk", "topk", "rotate", "rotate-wina")
+BEST_METHOD, BEST_ALLOCATION = "rotate-wina", "global"  # our best method (BENCHMARKS.md), what the demo calibrates
+FRONTIER_METHODS = ("teal", "teal:greedy", "cats", "chess", "wina", "stat-topk", "topk", f"{BEST_METHOD}:{BEST_ALLOCATION}")
 
 
 def _float_list(text: str, what: str) -> list[float]:
@@ -94,14 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teal (TEAL magnitude thresholds), cats (|silu(gate)| threshold), chess (per-channel MLP and q/o "
                         "thresholds), wina (|x_i|*||W[:,i]|| thresholds), stat-topk (Gaussian per-token threshold), topk "
                         "(exact per-token top-k), rotate (ours: thresholds in a folded eigenbasis of the residual stream), "
-                        "rotate-wina (ours: per-segment sparse-fitted bases + weight-aware thresholds), rotate-topk")
+                        "rotate-wina (ours: per-segment sparse-fitted bases, value-head bases, weight-aware thresholds; "
+                        "best with --allocation global), rotate-topk")
     p.add_argument("--sparsity", type=float, required=True,
                    help="target model-wide sparsity in [0, 1): the share of block-linear weight bytes skipped")
-    p.add_argument("--allocation", default="uniform", choices=("uniform", "greedy", "sensitivity"),
+    p.add_argument("--allocation", default="uniform", choices=("uniform", "greedy", "sensitivity", "global"),
                    help="how sparsity is spread over linears: uniform; greedy (TEAL's block-wise greedy: inside each "
                         "block, raise the linear whose step adds the least block-output error per parameter share); "
-                        "or sensitivity (per input group, greedy on measured KL per skipped weight byte). greedy and "
-                        "sensitivity: teal, wina and the rotation methods. Default uniform")
+                        "sensitivity (per input group, greedy on measured KL per skipped weight byte); or global (ours: "
+                        "TEAL's greedy inside each block, each block's level set by the KL it causes alone). All but "
+                        "uniform: teal, wina and the rotation methods. Default uniform")
     p.add_argument("--segments", type=_positive_int, default=None,
                    help="rotation methods: give each of N runs of consecutive layers its own basis of the residual "
                         "stream; each change of basis costs a d x d product per token, charged against the sparsity "
@@ -313,9 +315,11 @@ def cmd_demo(args) -> None:
     rotated = load_model(args.model)  # the rotation folds into the weights of the model it is applied to
     configs = {}
     for method, owner in (("teal", lm), (BEST_METHOD, rotated)):
-        print(f"calibrating {method} at {args.sparsity:g} on {args.calib_tokens} tokens ...", flush=True)
-        plan = calibrate(owner, method, args.sparsity, CalibrationConfig(tokens=args.calib_tokens, ctx=args.ctx),
-                         progress=not args.quiet)
+        print(f"calibrating {method} at {args.sparsity:g} on {args.calib_tokens} tokens"
+              f"{' (allocation ' + BEST_ALLOCATION + ')' if method == BEST_METHOD else ''} ...", flush=True)
+        allocation = BEST_ALLOCATION if method == BEST_METHOD else "uniform"
+        plan = calibrate(owner, method, args.sparsity, CalibrationConfig(tokens=args.calib_tokens, ctx=args.ctx,
+                                                                         allocation=allocation), progress=not args.quiet)
         plan.save(out / f"plan_{method}.json")
         configs[method] = (owner.model, plan.sparsifier(owner))
     dense, sparse = evaluate_many(lm, configs, ctx=args.ctx, n_windows=args.windows, protocol="decode",

@@ -22,6 +22,15 @@ from sparsen.methods import CalibrationConfig, calibrate, check_sparsity, get_me
 
 DEFAULT_SPARSITIES = (0.25, 0.4, 0.5, 0.6, 0.7)
 REFERENCE = "teal"  # the uniform TEAL baseline every other method is compared with
+REFERENCE_MARGIN = 0.1  # the reference is also run this far beyond both ends of the grid (see reference_targets)
+
+
+def reference_targets(sparsities) -> list[float]:
+    """Targets the reference runs at beyond the grid, so that every method's *achieved* sparsity lies inside the
+    reference's measured range and gets a ratio (a method can land below its lowest target: the rotations do on
+    the test text). One step of REFERENCE_MARGIN below the lowest and above the highest target, inside (0, 0.95)."""
+    lo, hi = round(min(sparsities) - REFERENCE_MARGIN, 4), round(max(sparsities) + REFERENCE_MARGIN, 4)
+    return [s for s in (lo, hi) if 0 < s < 0.95 and s not in sparsities]
 
 
 def parse_method(spec: str) -> tuple[str, str, int | None]:
@@ -51,6 +60,8 @@ def run_frontier(lm, methods: list[str], sparsities=DEFAULT_SPARSITIES, protocol
     t0 = time.perf_counter()
     configs, rows, copies = {}, [], {}
     jobs = [(m, s) for m in methods for s in sparsities]
+    if REFERENCE in methods:
+        jobs += [(REFERENCE, s) for s in reference_targets(sparsities)]
     for method, s in tqdm(jobs, desc="calibrate grid", disable=not progress):
         name, allocation, segments = parsed[method]
         try:
@@ -67,7 +78,8 @@ def run_frontier(lm, methods: list[str], sparsities=DEFAULT_SPARSITIES, protocol
         name = f"{method}@{s:g}"
         configs[name] = (owner.model, plan.sparsifier(owner))
         rows.append({"method": method, "target": s, "name": name, "calibrated": plan.calibrated_sparsity,
-                     "params": {k: v for k, v in plan.params.items() if k != "kl_table"}})
+                     "params": {k: v for k, v in plan.params.items() if k != "kl_table"},
+                     **({"reference_range": True} if s not in sparsities else {})})
     calib_seconds = time.perf_counter() - t0
     dense = {}
     for protocol in protocols:
@@ -115,7 +127,7 @@ def format_markdown(frontier: dict) -> str:
         dense += ["0", f"{frontier['dense'][p]['ppl']:.2f}", "0", "1", ""]
     lines.append("| " + " | ".join(dense) + " |")
     for r in frontier["rows"]:
-        cells = [r["method"], f"{r['target']:g}"]
+        cells = [r["method"], f"{r['target']:g}" + (" (reference range)" if r.get("reference_range") else "")]
         if "skipped" in r:
             cells += ["unreachable"] + [""] * (5 * len(protocols) - 1)
         else:

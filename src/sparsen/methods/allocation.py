@@ -13,6 +13,8 @@ per weight byte skipped, until the parameter-weighted budget is met. Assumes the
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,7 +23,8 @@ from tqdm.auto import tqdm
 from sparsen.methods.runtime import InputSparsifier, ThresholdRule
 from sparsen.models.adapters import GROUP_OF, INPUT_GROUPS
 
-ALLOCATIONS = ("uniform", "greedy", "sensitivity")
+ALLOCATIONS = ("uniform", "greedy", "sensitivity", "global")
+ALLOCATION_WINDOWS = {"sensitivity": 1, "global": 2}  # calibration windows an allocation measures KL on
 GREEDY_STEP = 0.05
 GREEDY_TOKENS = 256  # tokens of the calibration window the block errors are measured on (its second half)
 LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -94,7 +97,7 @@ def layer_calls(lm, tokens: torch.Tensor) -> dict[int, tuple]:
 
         handles.append(layer.register_forward_pre_hook(grab, with_kwargs=True))
     try:
-        lm.model(tokens[None], use_cache=False)
+        lm.adapter.trunk(tokens[None])
     finally:
         for h in handles:
             h.remove()
@@ -102,11 +105,13 @@ def layer_calls(lm, tokens: torch.Tensor) -> dict[int, tuple]:
 
 
 @torch.no_grad()
-def block_greedy_levels(lm, win: torch.Tensor, target: float, rule_for, progress=True) -> dict[str, float]:
-    """TEAL's greedy allocation, block by block, on the first GREEDY_TOKENS tokens of ``win``.
+def block_greedy_paths(lm, win: torch.Tensor, max_level: float, rule_for, progress=True) -> dict[int, list]:
+    """TEAL's greedy, block by block, on the first GREEDY_TOKENS tokens of ``win``, run until each block reaches
+    ``max_level``: per block the path [(block level, linear stepped, levels after the step, block error)].
 
     The block errors are measured on the second half of those tokens (the first half stays dense, as
-    a prompt would), each block fed the dense model's input to it.
+    a prompt would), each block fed the dense model's input to it. The path does not depend on where it
+    stops, so one run serves every target up to ``max_level`` (``levels_on_path``).
     """
     from sparsen.models.adapters import LINEAR_NAMES
 
@@ -115,7 +120,7 @@ def block_greedy_levels(lm, win: torch.Tensor, target: float, rule_for, progress
     skip = len(tokens) // 2
     calls = layer_calls(lm, tokens)
     layers = list(lm.model.model.layers)
-    out: dict[str, float] = {}
+    paths: dict[int, list] = {}
     for b in tqdm(ad.blocks, desc="greedy allocation", unit="block", disable=not progress, leave=False):
         args, kwargs = calls[b.index]
         layer = layers[b.index]
@@ -142,7 +147,8 @@ def block_greedy_levels(lm, win: torch.Tensor, target: float, rule_for, progress
         # cheapest. Same choice as re-evaluating all seven each step whenever the costs only grow as other
         # linears get sparser, at ~2 block forwards per step instead of 7.
         stale = {n: step_cost(n)[0] for n in LINEAR_NAMES}
-        while sum(levels[n] * params[n] for n in levels) / total < target - 1e-9:
+        path = []
+        while sum(levels[n] * params[n] for n in levels) / total < max_level - 1e-9:
             open_ = [n for n in LINEAR_NAMES if levels[n] + GREEDY_STEP <= MAX_LEVEL + 1e-9]
             if not open_:
                 break
@@ -151,11 +157,94 @@ def block_greedy_levels(lm, win: torch.Tensor, target: float, rule_for, progress
                 stale[n], e = step_cost(n)
                 if all(stale[n] <= stale[m] for m in open_):
                     break
-            missing = (target - sum(levels[m] * params[m] for m in levels) / total) * total / params[n]
-            levels[n] += min(GREEDY_STEP, missing)  # the last step lands on the target
+            levels[n] += GREEDY_STEP
             err = e
-        out.update({sites[n]: s for n, s in levels.items()})
-    return out
+            path.append((sum(levels[m] * params[m] for m in levels) / total, n, dict(levels), e))
+        paths[b.index] = path
+    return paths
+
+
+def levels_on_path(path: list, target: float, params: dict[str, int]) -> dict[str, float]:
+    """The per-linear levels of a block at block level ``target``: the path up to it, the last step cut short so
+    that the block lands exactly on the target (what the greedy run to ``target`` itself would give)."""
+    total = sum(params.values())
+    prev = {n: 0.0 for n in params}
+    for level, n, levels, _ in path:
+        if level >= target - 1e-9:
+            missing = (target - sum(prev[m] * params[m] for m in prev) / total) * total / params[n]
+            return {**prev, n: prev[n] + max(0.0, missing)}
+        prev = levels
+    return dict(prev)
+
+
+def block_params(lm) -> dict[int, dict[str, int]]:
+    return {b.index: {n: m.weight.numel() for n, m in b.linears.items()} for b in lm.adapter.blocks}
+
+
+def block_greedy_levels(lm, win: torch.Tensor, target: float, rule_for, progress=True) -> dict[str, float]:
+    """TEAL's greedy allocation: every block at ``target``, its linears' levels from its greedy path."""
+    paths = block_greedy_paths(lm, win, target, rule_for, progress)
+    params = block_params(lm)
+    return {f"layers.{i}.{n}": s for i, path in paths.items() for n, s in levels_on_path(path, target, params[i]).items()}
+
+
+GLOBAL_SPAN = 0.15  # blocks may be set this far above the target (the greedy paths run that far)
+GLOBAL_STEP = 0.025
+KL_TOKENS = 512  # tokens of each calibration window the per-block KL is measured on (its second half)
+
+
+@torch.no_grad()
+def global_levels(lm, wins: torch.Tensor, target: float, rule_for, progress=True) -> tuple[dict[str, float], dict]:
+    """Ours: TEAL's greedy inside each block, and across blocks a level per block set by measured damage.
+
+    Per block: the greedy path (block output error e_b(s) against block level s) and the KL to the dense model
+    when that block alone is sparse at the target, k_b (decode positions of the calibration windows). The
+    damage of block b at level s is taken as k_b * e_b(s) / e_b(target) (KL grows like the block's output
+    error); then, from all-dense, repeatedly raise by GLOBAL_STEP the block whose step adds the least damage,
+    until the blocks' mean level (they have equal parameter counts) is the target. Assumes blocks' damages
+    add up (measured on SmolLM2: one layer at a time summed to 0.29, all at once 0.25).
+    """
+    hi = min(target + GLOBAL_SPAN, MAX_LEVEL)
+    paths = block_greedy_paths(lm, wins[0], hi, rule_for, progress)
+    params = block_params(lm)
+    at_target = {i: levels_on_path(p, target, params[i]) for i, p in paths.items()}
+    tokens = wins[:, :KL_TOKENS]
+    skip = tokens.shape[1] // 2
+    # the dense prompt's KV once per window; each block's test runs only the sparse half on a copy of it
+    prompts = [lm.model(w[None, :skip], use_cache=True).past_key_values for w in tokens]
+
+    def logprobs(w, cache):
+        return F.log_softmax(lm.model(w[None, skip:], past_key_values=copy.deepcopy(cache)).logits[0].float(), -1)
+
+    dense = [logprobs(w, c) for w, c in zip(tokens, prompts)]
+    kl = {}
+    for i in tqdm(paths, desc="block sensitivity", unit="block", disable=not progress, leave=False):
+        rules = {f"layers.{i}.{n}": rule_for(f"layers.{i}.{n}", s) for n, s in at_target[i].items() if s > 0}
+        total = n_tok = 0.0
+        with InputSparsifier(lm.adapter, rules):
+            for d, w, c in zip(dense, tokens, prompts):
+                lp = logprobs(w, c)
+                total += float((d.exp() * (d - lp)).sum())
+                n_tok += len(d)
+        kl[i] = max(total / n_tok, 1e-9)
+
+    def damage(i, s):
+        xs = [0.0] + [p[0] for p in paths[i]]
+        es = [0.0] + [p[3] for p in paths[i]]
+        e_target = float(np.interp(target, xs, es))
+        return kl[i] * float(np.interp(s, xs, es)) / max(e_target, 1e-30)
+
+    level = {i: 0.0 for i in paths}
+    reach = {i: paths[i][-1][0] if paths[i] else 0.0 for i in paths}
+    while sum(level.values()) / len(level) < target - 1e-9:
+        open_ = [i for i in level if level[i] + 1e-9 < reach[i]]
+        if not open_:
+            break
+        i = min(open_, key=lambda j: damage(j, min(level[j] + GLOBAL_STEP, reach[j])) - damage(j, level[j]))
+        missing = (target - sum(level.values()) / len(level)) * len(level)
+        level[i] = min(level[i] + GLOBAL_STEP, reach[i], level[i] + missing)
+    per_site = {f"layers.{i}.{n}": s for i in paths for n, s in levels_on_path(paths[i], level[i], params[i]).items()}
+    return per_site, {"block_levels": [level[i] for i in sorted(level)], "block_kl_at_target": [kl[i] for i in sorted(kl)]}
 
 
 def site_levels(lm, hists, wins, target, allocation, progress=True, rule_for=None) -> tuple[dict[str, float], dict]:
@@ -165,6 +254,12 @@ def site_levels(lm, hists, wins, target, allocation, progress=True, rule_for=Non
         return {s: target for s in sites}, {}
     # default rule at a level: the magnitude threshold at that quantile of the site's calibration histogram
     rule_for = rule_for or (lambda site, s: ThresholdRule(hists[site].quantile(s)))
+    if allocation == "global":
+        per_site, record = global_levels(lm, wins, target, rule_for, progress)
+        by_name = {}
+        for site, s in per_site.items():
+            by_name.setdefault(site.split(".")[-1], []).append(s)
+        return per_site, {**record, "mean_level": {n: float(np.mean(v)) for n, v in by_name.items()}}
     if allocation == "greedy":
         per_site = block_greedy_levels(lm, wins[0], target, rule_for, progress)
         by_name = {}

@@ -65,7 +65,7 @@ def collect_histograms(lm, wins: torch.Tensor, probes: dict, progress: bool = Tr
         sparsifier.attach()
     try:
         for w in tqdm(wins, desc=desc, unit="win", disable=not progress, leave=False):
-            lm.model(w[None])
+            lm.adapter.trunk(w[None])
     finally:
         for h in handles:
             h.remove()

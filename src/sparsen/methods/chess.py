@@ -33,7 +33,7 @@ def up_rms(lm, wins, progress) -> list[torch.Tensor]:
         handles.append(b.linears["up"].register_forward_hook(hook))
     try:
         for w in tqdm(wins, desc="up-channel statistics", unit="win", disable=not progress, leave=False):
-            lm.model(w[None])
+            lm.adapter.trunk(w[None])
     finally:
         for h in handles:
             h.remove()

@@ -163,10 +163,12 @@ class Plan:
         """The hooks that apply this plan to ``lm`` (checked against the model's fingerprint)."""
         self.check_model(lm)
         if self.transform == "residual_rotation":
-            from sparsen.methods.rotation import apply_transform
+            from sparsen.methods.rotation import apply_transform, head_groups
 
-            if self.tensors["Q"].shape[-1] != lm.adapter.hidden_size:
-                raise SparsenError("the plan's rotation does not fit this model's hidden size: recalibrate")
+            _, n_kv, hd = head_groups(lm)
+            if self.tensors["Q"].shape[-1] != lm.adapter.hidden_size or (
+                    "Qo" in self.tensors and tuple(self.tensors["Qo"].shape) != (lm.adapter.n_layers, n_kv, hd, hd)):
+                raise SparsenError("the plan's rotation does not fit this model's shapes: recalibrate")
             apply_transform(lm, self.tensors)
         rules = {}
         for site, entry in self.sites.items():

@@ -12,12 +12,10 @@ thresholds active, so every threshold is set on the inputs the sparse model actu
 
 from __future__ import annotations
 
-from sparsen.methods.allocation import ALLOCATIONS, site_levels
+from sparsen.methods.allocation import ALLOCATION_WINDOWS, ALLOCATIONS, site_levels
 from sparsen.methods.calibration import two_pass
 from sparsen.methods.registry import Method, weighted
 from sparsen.methods.runtime import ThresholdRule
-
-ALLOCATION_WINDOWS = 1  # calibration windows the sensitivity allocation measures KL on
 
 
 def criterion_thresholds(lm, sparsity, wins, config, progress, scales: dict | None = None, tag: str = "t"):
@@ -37,7 +35,8 @@ def criterion_thresholds(lm, sparsity, wins, config, progress, scales: dict | No
 
     def build(hists):
         if not levels:  # pass 1: choose each site's level (uniform, or by measured sensitivity)
-            chosen, record = site_levels(lm, hists, wins[:ALLOCATION_WINDOWS], sparsity, config.allocation, progress,
+            chosen, record = site_levels(lm, hists, wins[:ALLOCATION_WINDOWS.get(config.allocation, 1)], sparsity,
+                                         config.allocation, progress,
                                          rule_for=lambda site, s: rule_at(site, hists[site].quantile(s)))
             levels.update(chosen)
             levels["_record"] = record

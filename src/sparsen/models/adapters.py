@@ -80,6 +80,11 @@ class LlamaFamilyAdapter:
     def linear_params(self) -> dict[str, int]:
         return {site: m.weight.numel() for site, _, _, m in self.linear_sites()}
 
+    def trunk(self, tokens, **kwargs):
+        """The decoder stack without the lm_head (calibration only needs the block linears' inputs; the
+        logits of 1024 positions cost ~20% of a forward pass). No KV cache."""
+        return self.model.model(tokens, use_cache=False, **kwargs)
+
     @property
     def final_norm(self) -> nn.Module:
         return self.model.model.norm
