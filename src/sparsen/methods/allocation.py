@@ -24,7 +24,7 @@ from sparsen.methods.runtime import InputSparsifier, ThresholdRule
 from sparsen.models.adapters import GROUP_OF, INPUT_GROUPS
 
 ALLOCATIONS = ("uniform", "greedy", "sensitivity", "global")
-ALLOCATION_WINDOWS = {"sensitivity": 1, "global": 2}  # calibration windows an allocation measures KL on
+ALLOCATION_WINDOWS = {"sensitivity": 1, "global": 3}  # calibration windows an allocation measures KL on
 GREEDY_STEP = 0.05
 GREEDY_TOKENS = 256  # tokens of the calibration window the block errors are measured on (its second half)
 LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
