@@ -315,9 +315,9 @@ def cmd_demo(args) -> None:
     rotated = load_model(args.model)  # the rotation folds into the weights of the model it is applied to
     configs = {}
     for method, owner in (("teal", lm), (BEST_METHOD, rotated)):
-        print(f"calibrating {method} at {args.sparsity:g} on {args.calib_tokens} tokens"
-              f"{' (allocation ' + BEST_ALLOCATION + ')' if method == BEST_METHOD else ''} ...", flush=True)
         allocation = BEST_ALLOCATION if method == BEST_METHOD else "uniform"
+        print(f"calibrating {method} at {args.sparsity:g} on {args.calib_tokens} tokens (allocation {allocation}) ...",
+              flush=True)
         plan = calibrate(owner, method, args.sparsity, CalibrationConfig(tokens=args.calib_tokens, ctx=args.ctx,
                                                                          allocation=allocation), progress=not args.quiet)
         plan.save(out / f"plan_{method}.json")

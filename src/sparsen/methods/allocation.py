@@ -120,12 +120,13 @@ def block_greedy_paths(lm, win: torch.Tensor, max_level: float, rule_for, progre
     skip = len(tokens) // 2
     calls = layer_calls(lm, tokens)
     layers = list(lm.model.model.layers)
+    all_params = block_params(lm)
     paths: dict[int, list] = {}
     for b in tqdm(ad.blocks, desc="greedy allocation", unit="block", disable=not progress, leave=False):
         args, kwargs = calls[b.index]
         layer = layers[b.index]
         sites = {n: f"layers.{b.index}.{n}" for n in LINEAR_NAMES}
-        params = {n: b.linears[n].weight.numel() for n in LINEAR_NAMES}
+        params = all_params[b.index]
         total = sum(params.values())
         dense = layer(*args, **kwargs)[..., skip:, :]
 
@@ -228,11 +229,11 @@ def global_levels(lm, wins: torch.Tensor, target: float, rule_for, progress=True
                 n_tok += len(d)
         kl[i] = max(total / n_tok, 1e-9)
 
+    curves = {i: ([0.0] + [p[0] for p in path], [0.0] + [p[3] for p in path]) for i, path in paths.items()}
+    scale = {i: kl[i] / max(float(np.interp(target, *curves[i])), 1e-30) for i in paths}  # KL per unit block error
+
     def damage(i, s):
-        xs = [0.0] + [p[0] for p in paths[i]]
-        es = [0.0] + [p[3] for p in paths[i]]
-        e_target = float(np.interp(target, xs, es))
-        return kl[i] * float(np.interp(s, xs, es)) / max(e_target, 1e-30)
+        return scale[i] * float(np.interp(s, *curves[i]))
 
     level = {i: 0.0 for i in paths}
     reach = {i: paths[i][-1][0] if paths[i] else 0.0 for i in paths}
@@ -247,6 +248,14 @@ def global_levels(lm, wins: torch.Tensor, target: float, rule_for, progress=True
     return per_site, {"block_levels": [level[i] for i in sorted(level)], "block_kl_at_target": [kl[i] for i in sorted(kl)]}
 
 
+def mean_level_by_name(per_site: dict[str, float]) -> dict[str, float]:
+    """Mean level of each linear name (q, k, ...) over the blocks, for the plan's record."""
+    by_name: dict[str, list[float]] = {}
+    for site, s in per_site.items():
+        by_name.setdefault(site.split(".")[-1], []).append(s)
+    return {n: float(np.mean(v)) for n, v in by_name.items()}
+
+
 def site_levels(lm, hists, wins, target, allocation, progress=True, rule_for=None) -> tuple[dict[str, float], dict]:
     """Target sparsity per site, and a record of how it was chosen (for the plan)."""
     sites = [s for s, *_ in lm.adapter.linear_sites()]
@@ -256,16 +265,10 @@ def site_levels(lm, hists, wins, target, allocation, progress=True, rule_for=Non
     rule_for = rule_for or (lambda site, s: ThresholdRule(hists[site].quantile(s)))
     if allocation == "global":
         per_site, record = global_levels(lm, wins, target, rule_for, progress)
-        by_name = {}
-        for site, s in per_site.items():
-            by_name.setdefault(site.split(".")[-1], []).append(s)
-        return per_site, {**record, "mean_level": {n: float(np.mean(v)) for n, v in by_name.items()}}
+        return per_site, {**record, "mean_level": mean_level_by_name(per_site)}
     if allocation == "greedy":
         per_site = block_greedy_levels(lm, wins[0], target, rule_for, progress)
-        by_name = {}
-        for site, s in per_site.items():
-            by_name.setdefault(site.split(".")[-1], []).append(s)
-        return per_site, {"greedy_mean_level": {n: float(np.mean(v)) for n, v in by_name.items()}}
+        return per_site, {"greedy_mean_level": mean_level_by_name(per_site)}
     table = group_kl_table(lm, hists, wins, rule_for, progress)
     levels = greedy_levels(table, group_params(lm), target)
     per_site = {s: levels[GROUP_OF[s.split(".")[-1]]] for s in sites}
