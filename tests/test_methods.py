@@ -322,3 +322,58 @@ def test_rotate_wina_plan_carries_value_bases_and_refuses_misfit_ones(tmp_path):
     plan.tensors["Qo"] = plan.tensors["Qo"][:, :, :-1, :-1]
     with pytest.raises(SparsenError, match="does not fit"):
         plan.sparsifier(load_model("tiny-llama"))
+
+
+def rotated_in_segments(lm):
+    """``lm`` folded and turned into three random residual bases (a change of basis before layers 1 and 2)."""
+    from sparsen.methods.rotation import fold_norm_gains, rotate_residual
+
+    g = torch.Generator().manual_seed(0)
+    fold_norm_gains(lm)
+    d = lm.adapter.hidden_size
+    rotate_residual(lm, torch.linalg.qr(torch.randn(3, d, d, generator=g))[0], [0, 1, 2])
+    return lm
+
+
+def test_a_layer_rerun_alone_gives_its_output_in_the_pass_under_a_segmented_rotation():
+    # The change of basis is a layer pre-hook; a capture behind it had the re-run turn the stream twice.
+    from sparsen.methods.allocation import layer_calls
+
+    lm = rotated_in_segments(load_model("tiny-llama"))
+    tokens = torch.randint(0, 256, (48,))
+    outs, layers = {}, lm.model.model.layers
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+               for i, layer in enumerate(layers)]
+    calls = layer_calls(lm, tokens)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            out = layer(*calls[i][0], **calls[i][1])
+            assert torch.allclose(out[0] if isinstance(out, tuple) else out, outs[i], atol=1e-5), i
+
+
+def test_block_kl_from_recorded_layer_inputs_equals_a_whole_model_run():
+    import copy
+
+    import torch.nn.functional as F
+
+    from sparsen.methods.allocation import block_kls
+    from sparsen.methods.runtime import InputSparsifier, TopKRule
+
+    lm = rotated_in_segments(load_model("tiny-llama"))
+    tokens = torch.randint(0, 256, (2, 64))
+    levels = {i: {"q": 0.5, "gate": 0.3, "down": 0.6} for i in range(lm.adapter.n_layers)}
+    rule_for = lambda site, s: TopKRule(s)  # noqa: E731
+    fast = block_kls(lm, tokens, levels, rule_for, progress=False)
+
+    def logprobs(w, prompt):  # the scored half, after a dense prompt
+        return F.log_softmax(lm.model(w[None, 32:], past_key_values=copy.deepcopy(prompt)).logits[0], -1)
+
+    with torch.no_grad():
+        prompts = [lm.model(w[None, :32], use_cache=True).past_key_values for w in tokens]
+        dense = [logprobs(w, p) for w, p in zip(tokens, prompts)]
+        for i, kl in fast.items():
+            with InputSparsifier(lm.adapter, {f"layers.{i}.{n}": rule_for(None, s) for n, s in levels[i].items()}):
+                slow = sum(float((d.exp() * (d - logprobs(w, p))).sum()) for d, w, p in zip(dense, tokens, prompts)) / 64
+            assert kl > 1e-6 and kl == pytest.approx(slow, rel=1e-4, abs=1e-7), i

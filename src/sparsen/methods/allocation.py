@@ -90,18 +90,31 @@ def layer_calls(lm, tokens: torch.Tensor) -> dict[int, tuple]:
     Without a KV cache: with one, re-running a layer would append its keys and values to the cache of the
     capturing pass and attend to those (dense) entries, hiding the effect of a k or v mask (it did: TEAL's
     greedy then saw no error from k and v and pushed both to the maximum level in every block)."""
+    return _captured_calls(lm, lambda: lm.adapter.trunk(tokens[None]))
+
+
+def _captured_calls(lm, run) -> dict[int, tuple]:
+    """The (args, kwargs) every decoder layer is called with while ``run()`` runs.
+
+    Captured ahead of the layer's own pre-hooks (``prepend``): a segmented rotation turns the stream into
+    its new basis in a pre-hook, and a capture after it would have it turned twice on a re-run (it was:
+    the greedy saw a wrongly rotated input at every segment's first layer)."""
     calls, handles = {}, []
     for i, layer in enumerate(lm.model.model.layers):
         def grab(m, args, kwargs, i=i):
             calls[i] = (args, kwargs)
 
-        handles.append(layer.register_forward_pre_hook(grab, with_kwargs=True))
+        handles.append(layer.register_forward_pre_hook(grab, with_kwargs=True, prepend=True))
     try:
-        lm.adapter.trunk(tokens[None])
+        run()
     finally:
         for h in handles:
             h.remove()
     return calls
+
+
+def _layer_out(out):
+    return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()
@@ -189,6 +202,49 @@ def block_greedy_levels(lm, win: torch.Tensor, target: float, rule_for, progress
     return {f"layers.{i}.{n}": s for i, path in paths.items() for n, s in levels_on_path(path, target, params[i]).items()}
 
 
+@torch.no_grad()
+def block_kls(lm, tokens: torch.Tensor, block_levels: dict[int, dict[str, float]], rule_for,
+              progress=True) -> dict[int, float]:
+    """Per block i, the KL(dense || sparse) per decode token when block i alone is sparse at
+    ``block_levels[i]``: the first half of each window is a dense prompt, the second half is scored.
+
+    The dense run records every layer's input on the scored half; block i's test starts from its recorded
+    input (and the dense prompt's KV cache), so it runs only layers i.. and the head, not the dense layers
+    before it: the same numbers as a whole-model run, at about half the cost over the blocks."""
+    ad = lm.adapter
+    layers = list(lm.model.model.layers)
+    skip = tokens.shape[1] // 2
+    runs = []
+    for w in tokens:
+        prompt = lm.model(w[None, :skip], use_cache=True).past_key_values
+        cache = copy.deepcopy(prompt)
+        box = {}
+        calls = _captured_calls(lm, lambda: box.setdefault("logits", lm.model(w[None, skip:], past_key_values=cache).logits))
+        # the keyword the layers get the cache under differs between transformers versions: find it by identity
+        key = next(k for k, v in calls[0][1].items() if v is cache)
+        runs.append((prompt, calls, key, F.log_softmax(box["logits"][0].float(), -1)))
+
+    def logprobs_from(i, prompt, calls, key):
+        cache = copy.deepcopy(prompt)
+        h = None
+        for j in range(i, len(layers)):
+            args, kwargs = calls[j]
+            h = _layer_out(layers[j](*((args[0] if h is None else h),) + tuple(args[1:]), **{**kwargs, key: cache}))
+        return F.log_softmax(ad.lm_head(ad.final_norm(h))[0].float(), -1)
+
+    kl = {}
+    for i in tqdm(block_levels, desc="block sensitivity", unit="block", disable=not progress, leave=False):
+        rules = {f"layers.{i}.{n}": rule_for(f"layers.{i}.{n}", s) for n, s in block_levels[i].items() if s > 0}
+        total = n_tok = 0.0
+        with InputSparsifier(ad, rules):
+            for prompt, calls, key, d in runs:
+                lp = logprobs_from(i, prompt, calls, key)
+                total += float((d.exp() * (d - lp)).sum())
+                n_tok += len(d)
+        kl[i] = max(total / n_tok, 1e-9)
+    return kl
+
+
 GLOBAL_SPAN = 0.15  # blocks may be set this far above the target (the greedy paths run that far)
 GLOBAL_STEP = 0.025
 KL_TOKENS = 512  # tokens of each calibration window the per-block KL is measured on (its second half)
@@ -209,25 +265,7 @@ def global_levels(lm, wins: torch.Tensor, target: float, rule_for, progress=True
     paths = block_greedy_paths(lm, wins[0], hi, rule_for, progress)
     params = block_params(lm)
     at_target = {i: levels_on_path(p, target, params[i]) for i, p in paths.items()}
-    tokens = wins[:, :KL_TOKENS]
-    skip = tokens.shape[1] // 2
-    # the dense prompt's KV once per window; each block's test runs only the sparse half on a copy of it
-    prompts = [lm.model(w[None, :skip], use_cache=True).past_key_values for w in tokens]
-
-    def logprobs(w, cache):
-        return F.log_softmax(lm.model(w[None, skip:], past_key_values=copy.deepcopy(cache)).logits[0].float(), -1)
-
-    dense = [logprobs(w, c) for w, c in zip(tokens, prompts)]
-    kl = {}
-    for i in tqdm(paths, desc="block sensitivity", unit="block", disable=not progress, leave=False):
-        rules = {f"layers.{i}.{n}": rule_for(f"layers.{i}.{n}", s) for n, s in at_target[i].items() if s > 0}
-        total = n_tok = 0.0
-        with InputSparsifier(lm.adapter, rules):
-            for d, w, c in zip(dense, tokens, prompts):
-                lp = logprobs(w, c)
-                total += float((d.exp() * (d - lp)).sum())
-                n_tok += len(d)
-        kl[i] = max(total / n_tok, 1e-9)
+    kl = block_kls(lm, wins[:, :KL_TOKENS], at_target, rule_for, progress)
 
     curves = {i: ([0.0] + [p[0] for p in path], [0.0] + [p[3] for p in path]) for i, path in paths.items()}
     scale = {i: kl[i] / max(float(np.interp(target, *curves[i])), 1e-30) for i in paths}  # KL per unit block error
