@@ -103,3 +103,19 @@ def test_evaluate_many_equals_evaluate_per_config(protocol):
         assert got.nll == pytest.approx(one.nll, rel=1e-6) and got.kl == pytest.approx(one.kl, rel=1e-4, abs=1e-7)
         assert got.top1_agree == one.top1_agree
         assert got.sparsity["overall"] == pytest.approx(one.sparsity["overall"], abs=1e-12)
+
+
+def test_frontier_ratios_interpolate_the_reference_at_the_achieved_sparsity():
+    from sparsen.evaluation.frontier import format_markdown, reference_increase, reference_kl
+
+    def row(method, target, achieved, ppl, kl):
+        return {"method": method, "target": target, "decode": {"achieved": achieved, "nll": math.log(ppl), "ppl": ppl,
+                                                               "kl": kl, "top1_agree": 0.8}}
+
+    fr = {"protocols": ["decode"], "dense": {"decode": {"nll": math.log(20.0), "ppl": 20.0}},
+          "rows": [row("teal", 0.4, 0.4, 25.0, 0.1), row("teal", 0.6, 0.6, 45.0, 0.4), row("ours", 0.5, 0.5, 24.0, 0.1)]}
+    assert reference_increase(fr, "decode", 0.5) == pytest.approx(math.sqrt(25 * 45) / 20 - 1)  # geometric midpoint
+    assert reference_kl(fr, "decode", 0.5) == pytest.approx(0.2)
+    assert reference_kl(fr, "decode", 0.3) is None and reference_increase(fr, "decode", 0.7) is None
+    ours = format_markdown(fr).splitlines()[-1].split(" | ")
+    assert ours[-2] == f"{0.2 / (math.sqrt(25 * 45) / 20 - 1):.2f}" and ours[-1] == "0.50 |"

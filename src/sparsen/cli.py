@@ -279,7 +279,7 @@ def cmd_frontier(args) -> None:
     plot_frontier(fr, out / "frontier.png")
     print(f"{lm.spec}: {fr['windows']} windows of {fr['ctx']} of {fr['corpus']}; calibration {fr['calibration']['tokens']} "
           f"tokens of {fr['calibration']['corpus']}; 'increase / teal's' = perplexity increase over dense divided by "
-          "uniform teal's at the same achieved sparsity")
+          "uniform teal's at the same achieved sparsity; 'KL / teal's' likewise for the KL")
     print(table)
     print(f"wrote {out / 'frontier.json'}, {out / 'frontier.md'}, {out / 'frontier.png'} "
           f"({fr['seconds']['total']:.0f} s)")
