@@ -122,7 +122,7 @@ def hand_plan(lm, kind):
 
 
 @pytest.mark.parametrize("method", ["teal", "topk", "stat-topk", "rotate", "rotate:3", "rotate-wina", "rotate-topk",
-                                    "wina", "chess", "cats", "hand:gate_act", "hand:channel"])
+                                    "wina", "rsparse", "chess", "cats", "hand:gate_act", "hand:channel"])
 def test_sparse_engine_equals_masked_dense_computation(method):
     source = load_model("tiny-llama")
     if method.startswith("hand:"):

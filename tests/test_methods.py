@@ -93,7 +93,11 @@ def test_masked_forward_equals_hand_computed_masked_linear(fresh_lm, plans, meth
         if entry["rule"] == "dense":
             continue
         xi = torch.randn(3, 5, lin.in_features)
-        expected = (xi * hand_keep(entry, xi, plan.tensors)) @ lin.weight.T
+        keep = hand_keep(entry, xi, plan.tensors)
+        expected = (xi * keep) @ lin.weight.T
+        if "lowrank" in entry:  # R-Sparse: the dropped inputs through the low-rank factors
+            A, B = plan.tensors[entry["lowrank"] + ".A"], plan.tensors[entry["lowrank"] + ".B"]
+            expected = expected + ((xi * ~keep) @ A.T) @ B.T
         with sp:
             got = lin(xi)
         assert torch.allclose(got, expected, atol=1e-5), name
@@ -377,3 +381,41 @@ def test_block_kl_from_recorded_layer_inputs_equals_a_whole_model_run():
             with InputSparsifier(lm.adapter, {f"layers.{i}.{n}": rule_for(None, s) for n, s in levels[i].items()}):
                 slow = sum(float((d.exp() * (d - logprobs(w, p))).sum()) for d, w, p in zip(dense, tokens, prompts)) / 64
             assert kl > 1e-6 and kl == pytest.approx(slow, rel=1e-4, abs=1e-7), i
+
+
+def test_rsparse_low_rank_term_at_full_rank_restores_the_dense_output_and_is_charged(tmp_path):
+    """y = W (x*m) + B A (x*(1-m)): at full rank B A = W, so the sparse linear gives the dense output; at the
+    default rank its bytes are charged against the achieved sparsity."""
+    from sparsen.methods import rsparse
+    from sparsen.methods.runtime import InputSparsifier, LowRankCompensated, ThresholdRule
+
+    lm = load_model("tiny-llama")
+    lin = lm.adapter.blocks[0].linears["gate"]
+    A, B = rsparse.low_rank_terms(lm, share=10.0)["layers.0.gate"]  # rank capped at min(in, out)
+    assert A.shape[0] == min(lin.in_features, lin.out_features)
+    x = torch.randn(4, lin.in_features)
+    with torch.no_grad():
+        dense = lin(x)
+        with InputSparsifier(lm.adapter, {"layers.0.gate": LowRankCompensated(ThresholdRule(0.8), A, B)}) as sp:
+            full_rank = lin(x)
+        with InputSparsifier(lm.adapter, {"layers.0.gate": ThresholdRule(0.8)}):
+            masked = lin(x)
+    assert (masked - dense).abs().max() > 0.1 and torch.allclose(full_rank, dense, atol=1e-4)
+    assert sp.added_params == A.numel() + B.numel()
+    plan = calibrate(lm, "rsparse", 0.5, CFG, progress=False)
+    charge = plan.params["charged_share"]
+    assert 0.03 < charge < 0.08 and sum("lowrank" in e for e in plan.sites.values()) == len(plan.sites)
+    sp = plan.sparsifier(lm, dense_prefix=128)
+    with sp, torch.no_grad():
+        for w in corpus_windows(lm.tokenizer, CALIB_CORPUS, 256, 8):
+            lm.model(w[None])
+    a = sp.achieved()
+    assert a["skipped"] - a["overall"] == pytest.approx(charge) and abs(a["overall"] - 0.5) < 0.02
+    # the factors travel in the plan's safetensors; a plan naming factors it does not carry is refused
+    loaded = Plan.load(plan.save(tmp_path / "rs.json"))
+    assert torch.equal(loaded.tensors["lr.layers.1.q.A"], plan.tensors["lr.layers.1.q.A"])
+    d = json.loads((tmp_path / "rs.json").read_text())
+    d["sites"]["layers.1.q"]["lowrank"] = "lr.nope"
+    (tmp_path / "rs.json").write_text(json.dumps(d))
+    with pytest.raises(SparsenError, match="corrupt"):
+        Plan.load(tmp_path / "rs.json")

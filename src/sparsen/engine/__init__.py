@@ -28,7 +28,8 @@ class Rule(ctypes.Structure):
 
 class Layer(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p * 7), ("bias", ctypes.c_void_p * 7), ("norm1", ctypes.c_void_p),
-                ("norm2", ctypes.c_void_p), ("basis", ctypes.c_void_p), ("rule", Rule * 7)]
+                ("norm2", ctypes.c_void_p), ("basis", ctypes.c_void_p), ("rule", Rule * 7),
+                ("lr_a", ctypes.c_void_p * 7), ("lr_b", ctypes.c_void_p * 7), ("lr_rank", ctypes.c_int * 7)]
 
 
 class Model(ctypes.Structure):
@@ -156,6 +157,14 @@ class Engine:
                     raise SparsenError(f"plan puts a gate_act rule on layers.{b.index}.{n}: recalibrate it")
                 L.rule[j].kind, L.rule[j].param = kind, param
                 L.rule[j].thr = _ptr(keep(thr)) if thr is not None else None
+                if entries[n] is not None and "lowrank" in entries[n]:  # R-Sparse: A^T [in, r], B^T [r, out]
+                    if kind != RULE_THRESHOLD:
+                        raise SparsenError(f"plan puts a low-rank term on a non-threshold rule at layers.{b.index}.{n}")
+                    key = entries[n]["lowrank"]
+                    A, B = plan.tensors[f"{key}.A"], plan.tensors[f"{key}.B"]
+                    L.lr_a[j] = _ptr(keep(weight_array(A.T, dtype)))
+                    L.lr_b[j] = _ptr(keep(weight_array(B.T, dtype)))
+                    L.lr_rank[j] = A.shape[0]
                 prev = {"k": "q", "v": "k", "up": "gate"}.get(n)
                 L.rule[j].same_as_prev = int(prev is not None and entries[n] == entries[prev])
             L.norm1 = _ptr(keep(b.input_norm.weight.detach().float().numpy().copy()))

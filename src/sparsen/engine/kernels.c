@@ -33,6 +33,10 @@ typedef struct {
     const float *norm1, *norm2;
     const float *basis;     /* NULL, or R [d, d] ([in, out]): h <- h R at this layer's input */
     Rule rule[N_LIN];
+    /* R-Sparse: NULL, or the low-rank term of the dropped inputs, y += B A x_dropped, stored as
+     * A^T [in, rank] (rows of dropped channels are read) and B^T [rank, out], in the weights' dtype */
+    const void *lr_a[N_LIN], *lr_b[N_LIN];
+    int lr_rank[N_LIN];
 } Layer;
 
 typedef struct {
@@ -110,6 +114,27 @@ static void gemv(const void *w, int wbf16, int out, const float *x, const int *a
         for (int u = 0; u < nt; u++) s += base[(size_t)u * stride + j];
         y[j] = s;
     }
+}
+
+/* R-Sparse: y += B (A x_dropped) for linear j, the dropped channels being those of [0, n_in) not in act
+ * (act ascending, as make_mask writes it). Inside the parallel region, after the linear's own gemv: each
+ * thread then adds its split share of y, the share gemv left it. t: rank floats, ly: out floats, both shared;
+ * drop, ridx: this thread's n_in and rank ints. */
+static void lowrank_add(const Layer *L, int j, int wbf16, const float *x, int n_in, const int *act, int n_act,
+                        int out, float *y, float *t, float *ly, int *drop, int *ridx, float *part, int stride, int *phase) {
+    const int r = L->lr_rank[j];
+    int nd = 0, a = 0;
+    for (int i = 0; i < n_in; i++) {
+        if (a < n_act && act[a] == i) a++;
+        else drop[nd++] = i;
+    }
+    for (int k = 0; k < r; k++) ridx[k] = k;
+    gemv(L->lr_a[j], wbf16, r, x, drop, nd, t, part, stride, phase);
+#pragma omp barrier
+    gemv(L->lr_b[j], wbf16, out, t, ridx, r, ly, part, stride, phase);
+    int lo, hi;
+    split(out, &lo, &hi);
+    for (int o = lo; o < hi; o++) y[o] += ly[o];
 }
 
 /* y[r] = dot(W[r, :], x) for the rows r listed in rows[r0:r1] (or r in [r0, r1) when rows is NULL) */
@@ -216,6 +241,11 @@ int decode_step(const Model *M, int pos, const float *emb, float *logits, int de
     int n_gate_act = 0;
     const int stride = (wide + 15) / 16 * 16;
     float *part = malloc(sizeof(float) * 2 * (size_t)omp_get_max_threads() * stride);
+    int max_rank = 0;
+    for (int l = 0; l < M->n_layers; l++)
+        for (int j = 0; j < N_LIN; j++)
+            if (M->layers[l].lr_a[j] && M->layers[l].lr_rank[j] > max_rank) max_rank = M->layers[l].lr_rank[j];
+    float *lr_t = malloc(sizeof(float) * (max_rank + 1)), *lr_y = malloc(sizeof(float) * wide);
     memcpy(h, emb, sizeof(float) * d);
     const float scale = 1.f / sqrtf((float)hd);
 
@@ -224,6 +254,9 @@ int decode_step(const Model *M, int pos, const float *emb, float *logits, int de
         const int tid = omp_get_thread_num();
         float *x = malloc(sizeof(float) * wide), *scratch = malloc(sizeof(float) * wide);
         int *act = malloc(sizeof(int) * wide), *act2 = malloc(sizeof(int) * wide);
+        int *drop = malloc(sizeof(int) * wide), *ridx = malloc(sizeof(int) * (max_rank + 1));
+#define LOWRANK(J, X, N_IN, ACT, N_ACT, OUT, Y) \
+        if (!dense && L->lr_a[J]) lowrank_add(L, J, M->wbf16, X, N_IN, ACT, N_ACT, OUT, Y, lr_t, lr_y, drop, ridx, part, stride, &phase)
         int lo, hi, phase = 0;
         for (int l = 0; l < M->n_layers; l++) {
             const Layer *L = &M->layers[l];
@@ -248,6 +281,7 @@ int decode_step(const Model *M, int pos, const float *emb, float *logits, int de
                 const Rule *r = dense ? &dr : &R[LIN_Q + t];
                 if (t == 0 || !r->same_as_prev || dense) n_act = make_mask(r, x, d, act, scratch);
                 gemv(L->w[LIN_Q + t], M->wbf16, dims[t], x, act, n_act, outs[t], part, stride, &phase);
+                LOWRANK(LIN_Q + t, x, d, act, n_act, dims[t], outs[t]);
                 split(dims[t], &lo, &hi);
                 if (L->bias[LIN_Q + t])
                     for (int j = lo; j < hi; j++) outs[t][j] += L->bias[LIN_Q + t][j];
@@ -294,6 +328,7 @@ int decode_step(const Model *M, int pos, const float *emb, float *logits, int de
                 const Rule dr = {RULE_DENSE, 0, 0.f, NULL};
                 n_act = make_mask(dense ? &dr : &R[LIN_O], att, dq, act, scratch);
                 gemv(L->w[LIN_O], M->wbf16, d, att, act, n_act, proj, part, stride, &phase);
+                LOWRANK(LIN_O, att, dq, act, n_act, d, proj);
                 split(d, &lo, &hi);
                 for (int j = lo; j < hi; j++) h[j] += proj[j] + (L->bias[LIN_O] ? L->bias[LIN_O][j] : 0.f);
                 if (tid == 0 && !dense) { nact[LIN_O] += n_act; nseen[LIN_O] += dq; }
@@ -307,6 +342,7 @@ int decode_step(const Model *M, int pos, const float *emb, float *logits, int de
                 const Rule dr = {RULE_DENSE, 0, 0.f, NULL};
                 n_act = make_mask(dense ? &dr : &R[LIN_GATE], x, d, act, scratch);
                 gemv(L->w[LIN_GATE], M->wbf16, I, x, act, n_act, g, part, stride, &phase);
+                LOWRANK(LIN_GATE, x, d, act, n_act, I, g);
                 split(I, &lo, &hi);
                 if (tid == 0 && !dense) { nact[LIN_GATE] += n_act; nseen[LIN_GATE] += d; }
                 if (dense && up_rows) { /* the dense prompt under a gate-activation plan: every row of up */
@@ -317,6 +353,7 @@ int decode_step(const Model *M, int pos, const float *emb, float *logits, int de
                     if (!(dense || R[LIN_UP].same_as_prev)) n_up = make_mask(&R[LIN_UP], x, d, act2, scratch);
                     gemv(L->w[LIN_UP], M->wbf16, I, x, (dense || R[LIN_UP].same_as_prev) ? act : act2, n_up, u, part,
                          stride, &phase);
+                    LOWRANK(LIN_UP, x, d, (dense || R[LIN_UP].same_as_prev) ? act : act2, n_up, I, u);
                     for (int j = lo; j < hi; j++) mid[j] = silu(g[j]) * u[j];
                     if (tid == 0 && !dense) { nact[LIN_UP] += n_up; nseen[LIN_UP] += d; }
                 }
@@ -345,6 +382,7 @@ int decode_step(const Model *M, int pos, const float *emb, float *logits, int de
                 const Rule dr = {RULE_DENSE, 0, 0.f, NULL};
                 n_act = make_mask(dense ? &dr : &R[LIN_DOWN], mid, I, act, scratch);
                 gemv(L->w[LIN_DOWN], M->wbf16, d, mid, act, n_act, proj, part, stride, &phase);
+                LOWRANK(LIN_DOWN, mid, I, act, n_act, d, proj);
                 split(d, &lo, &hi);
                 if (tid == 0 && !dense) { nact[LIN_DOWN] += n_act; nseen[LIN_DOWN] += I; }
             }
@@ -354,10 +392,11 @@ int decode_step(const Model *M, int pos, const float *emb, float *logits, int de
         rmsnorm(h, M->final_norm, d, M->eps, x);
         split(M->vocab, &lo, &hi);
         dot_rows(M->lm_head, M->wbf16, d, x, NULL, lo, hi, logits);
-        free(x); free(scratch); free(act); free(act2);
+        free(x); free(scratch); free(act); free(act2); free(drop); free(ridx);
+#undef LOWRANK
     }
     free(h); free(hb); free(q); free(k); free(v); free(att); free(g); free(u); free(mid); free(proj);
-    free(scores); free(gate_act); free(part);
+    free(scores); free(gate_act); free(part); free(lr_t); free(lr_y);
     return 0;
 }
 

@@ -12,6 +12,9 @@ the model's fingerprint, and one rule per block linear (``layers.3.q``), one of:
   (CATS, CHESS): MLP channel j is active iff |silu(gate(x))_j| > t_j; inactive channels skip up's
   row j and down's input j (the ``up`` site stays dense on its input).
 
+A ``threshold`` or ``channel_threshold`` entry may also carry ``"lowrank": KEY`` (R-Sparse): the dropped
+inputs reach the output through tensors[KEY + ".B"] @ tensors[KEY + ".A"] ([out, r] @ [r, in]).
+
 Tensors (per-channel thresholds, a rotation) live in a safetensors file beside the JSON. A plan
 refuses to apply to another model.
 """
@@ -27,7 +30,7 @@ import torch
 
 from sparsen.errors import SparsenError
 from sparsen.io import write_json
-from sparsen.methods.runtime import GateActRule, InputSparsifier, ThresholdRule, TopKRule
+from sparsen.methods.runtime import GateActRule, InputSparsifier, LowRankCompensated, ThresholdRule, TopKRule
 
 PLAN_FORMAT = "sparsen-plan/1"
 
@@ -69,8 +72,15 @@ def _entry_threshold(entry: dict, tensors: dict):
 
 def rule_from_entry(entry: dict, tensors: dict | None = None):
     """The runtime rule of one plan site entry (see the module docstring for the kinds)."""
-    kind = entry.get("rule")
     tensors = tensors or {}
+    if "lowrank" in entry:
+        if entry.get("rule") not in ("threshold", "channel_threshold"):
+            raise ValueError(f"a low-rank term goes with a threshold rule, not {entry.get('rule')!r}")
+        A, B = tensors.get(f"{entry['lowrank']}.A"), tensors.get(f"{entry['lowrank']}.B")
+        if A is None or B is None or A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(f"low-rank factors '{entry['lowrank']}' are missing from the plan's tensors or misshapen")
+        return LowRankCompensated(rule_from_entry({k: v for k, v in entry.items() if k != "lowrank"}, tensors), A, B)
+    kind = entry.get("rule")
     if kind == "threshold":
         return ThresholdRule(float(entry["threshold"]))
     if kind == "channel_threshold":
@@ -179,8 +189,13 @@ class Plan:
             sp = InputSparsifier(lm.adapter, rules, dense_prefix=dense_prefix)
         except KeyError as e:
             raise SparsenError(f"plan names linears this model does not have ({e}): calibrate a plan for it") from None
+        modules = {site: mod for site, _, _, mod in lm.adapter.linear_sites()}
+        for site, rule in rules.items():
+            if isinstance(rule, LowRankCompensated) and (rule.A.shape[1], rule.B.shape[0]) != (
+                    modules[site].in_features, modules[site].out_features):
+                raise SparsenError(f"the plan's low-rank term for {site} does not fit this model's shapes: recalibrate")
         if self.transform == "residual_rotation":
             from sparsen.methods.rotation import basis_changes
 
-            sp.added_params = basis_changes(self.tensors) * lm.adapter.hidden_size ** 2
+            sp.added_params += basis_changes(self.tensors) * lm.adapter.hidden_size ** 2
         return sp

@@ -63,6 +63,23 @@ class GateActRule:
         return torch.nn.functional.silu(g).abs() > self.threshold
 
 
+class LowRankCompensated:
+    """R-Sparse (Zhang et al., ICLR 2025): a rule's dropped inputs still reach the output, through a rank-r
+    approximation of the weight: y = W (x * m) + B A (x * (1 - m)), with A [r, in] and B [out, r] from the
+    top-r SVD of W. The rule masks as ``base`` does; the sparsifier adds the low-rank term to the linear's
+    output. Per token it reads r * (in + out) weights more (charged against the sparsity)."""
+
+    def __init__(self, base, A: torch.Tensor, B: torch.Tensor):
+        self.base, self.A, self.B = base, A, B
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x)
+
+    @property
+    def added_params(self) -> int:
+        return self.A.numel() + self.B.numel()
+
+
 class InputSparsifier:
     """Installs rules on a model's block linears; use as a context manager or call attach()/detach()."""
 
@@ -80,7 +97,10 @@ class InputSparsifier:
             if isinstance(rule, GateActRule) and not site.endswith(".down"):
                 raise KeyError(f"a gate-activation rule belongs on a 'down' site, not {site}")
         self.params = {site: self._modules[site].weight.numel() for site in self._modules}
-        self.added_params = 0  # weights read per token beyond the block linears (charged against the sparsity)
+        # weights read per token beyond the block linears (charged against the sparsity): low-rank terms here,
+        # a change of basis added by the plan
+        self.added_params = sum(r.added_params for r in self.rules.values() if isinstance(r, LowRankCompensated))
+        self._dropped: dict[str, torch.Tensor] = {}
         self.reset_stats()
 
     # --- stats -------------------------------------------------------------------------------
@@ -134,9 +154,21 @@ class InputSparsifier:
                 self.zeros[site] += int((tail == 0).sum())
                 self.entries[site] += tail.numel()
                 xs = torch.cat([x[..., :p, :], tail], dim=-2)
+            if isinstance(rule, LowRankCompensated):
+                self._dropped[site] = x - xs
             return (xs,) + tuple(args[1:])
 
         return pre_hook
+
+    def _lowrank_hook(self, site: str, rule: LowRankCompensated):
+        """Forward hook: add B A (dropped inputs) to the output (the pre-hook left the dropped part here)."""
+        def hook(module, args, y):
+            dropped = self._dropped.pop(site, None)
+            if dropped is None or not self.enabled:
+                return None
+            return y + (dropped @ rule.A.to(dropped.dtype).T) @ rule.B.to(dropped.dtype).T
+
+        return hook
 
     def _gate_hook(self, down_site: str, rule: GateActRule):
         """Forward hook on gate: zero g_j of inactive channels; counts up's skipped rows and down's skipped inputs."""
@@ -167,12 +199,15 @@ class InputSparsifier:
                     self._handles.append(gate.register_forward_hook(self._gate_hook(site, rule)))
                 else:
                     self._handles.append(self._modules[site].register_forward_pre_hook(self._hook(site, rule)))
+                    if isinstance(rule, LowRankCompensated):
+                        self._handles.append(self._modules[site].register_forward_hook(self._lowrank_hook(site, rule)))
         return self
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._dropped.clear()
 
     def __enter__(self):
         return self.attach()

@@ -18,11 +18,14 @@ from sparsen.methods.registry import Method, weighted
 from sparsen.methods.runtime import ThresholdRule
 
 
-def criterion_thresholds(lm, sparsity, wins, config, progress, scales: dict | None = None, tag: str = "t"):
+def criterion_thresholds(lm, sparsity, wins, config, progress, scales: dict | None = None, tag: str = "t",
+                         lowrank: dict | None = None):
     """Per-linear thresholds on |x_i| (or |x_i| * scales[site][i]) at each site's level.
 
     Returns (sites, achieved, extras) as a method's ``calibrate`` does; with ``scales`` the sites are
-    ``channel_threshold`` entries whose vectors (c / scale) go into the plan's tensors.
+    ``channel_threshold`` entries whose vectors (c / scale) go into the plan's tensors. With ``lowrank``
+    (site -> (A, B)) each site also carries that low-rank term for its dropped inputs (R-Sparse), active
+    in the second calibration pass as in use.
     """
     ad = lm.adapter
     values = {site: (lambda x, s=scales[site]: x.abs() * s) if scales else (lambda x: x) for site, *_ in ad.linear_sites()}
@@ -50,6 +53,10 @@ def criterion_thresholds(lm, sparsity, wins, config, progress, scales: dict | No
                 sites[site] = {"rule": "channel_threshold", "tensor": key, "target": levels[site]}
             else:
                 sites[site] = {"rule": "threshold", "threshold": c, "target": levels[site]}
+            if lowrank and site in lowrank:
+                key = f"lr.{site}"
+                tensors[f"{key}.A"], tensors[f"{key}.B"] = lowrank[site]
+                sites[site]["lowrank"] = key
         return sites, tensors, achieved
 
     sites, tensors, achieved = two_pass(lm, wins, probes, build, sparsity > 0, progress)
