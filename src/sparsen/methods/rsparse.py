@@ -16,7 +16,10 @@ from sparsen.methods.registry import Method
 from sparsen.methods.teal import criterion_thresholds
 from sparsen.methods.wina import column_norms
 
-RANK_SHARE = 0.05  # of each linear's weight bytes spent on its low-rank term: r = RANK_SHARE * in*out / (in+out)
+# Share of each linear's weight bytes spent on its low-rank term: r = RANK_SHARE * in*out / (in+out). On SmolLM2 at
+# 50% (decode, BENCHMARKS.md) 5% did worse than WINA's masks alone (the extra masking that pays for the term costs
+# more than the term restores); 1.5% (rank 4 for q, 6 for gate) about equals them.
+RANK_SHARE = 0.015
 
 
 def rank_for(n_in: int, n_out: int, share: float = RANK_SHARE) -> int:
@@ -52,4 +55,4 @@ def calibrate(lm, sparsity, wins, config, progress):
 
 
 METHOD = Method("rsparse", "R-Sparse: WINA's masks plus a rank-r SVD term for the dropped inputs (its bytes "
-                f"charged; {RANK_SHARE:.0%} of each linear's)", calibrate)
+                f"charged; {RANK_SHARE:.1%} of each linear's)", calibrate)
