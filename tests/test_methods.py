@@ -421,3 +421,6 @@ def test_rsparse_low_rank_term_at_full_rank_restores_the_dense_output_and_is_cha
     (tmp_path / "rs.json").write_text(json.dumps(d))
     with pytest.raises(SparsenError, match="corrupt"):
         Plan.load(tmp_path / "rs.json")
+    loaded.tensors["lr.layers.1.q.A"] = loaded.tensors["lr.layers.1.q.A"][:, :-1]  # factors for another shape
+    with pytest.raises(SparsenError, match="does not fit"):
+        loaded.sparsifier(lm)

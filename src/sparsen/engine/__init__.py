@@ -157,9 +157,7 @@ class Engine:
                     raise SparsenError(f"plan puts a gate_act rule on layers.{b.index}.{n}: recalibrate it")
                 L.rule[j].kind, L.rule[j].param = kind, param
                 L.rule[j].thr = _ptr(keep(thr)) if thr is not None else None
-                if entries[n] is not None and "lowrank" in entries[n]:  # R-Sparse: A^T [in, r], B^T [r, out]
-                    if kind != RULE_THRESHOLD:
-                        raise SparsenError(f"plan puts a low-rank term on a non-threshold rule at layers.{b.index}.{n}")
+                if entries[n] is not None and "lowrank" in entries[n]:  # R-Sparse (rule_from_entry checked it)
                     key = entries[n]["lowrank"]
                     A, B = plan.tensors[f"{key}.A"], plan.tensors[f"{key}.B"]
                     L.lr_a[j] = _ptr(keep(weight_array(A.T, dtype)))

@@ -90,11 +90,11 @@ def layer_calls(lm, tokens: torch.Tensor) -> dict[int, tuple]:
     Without a KV cache: with one, re-running a layer would append its keys and values to the cache of the
     capturing pass and attend to those (dense) entries, hiding the effect of a k or v mask (it did: TEAL's
     greedy then saw no error from k and v and pushed both to the maximum level in every block)."""
-    return _captured_calls(lm, lambda: lm.adapter.trunk(tokens[None]))
+    return _captured_calls(lm, lambda: lm.adapter.trunk(tokens[None]))[0]
 
 
-def _captured_calls(lm, run) -> dict[int, tuple]:
-    """The (args, kwargs) every decoder layer is called with while ``run()`` runs.
+def _captured_calls(lm, run) -> tuple[dict[int, tuple], object]:
+    """The (args, kwargs) every decoder layer is called with while ``run()`` runs, and what ``run()`` returned.
 
     Captured ahead of the layer's own pre-hooks (``prepend``): a segmented rotation turns the stream into
     its new basis in a pre-hook, and a capture after it would have it turned twice on a re-run (it was:
@@ -106,11 +106,11 @@ def _captured_calls(lm, run) -> dict[int, tuple]:
 
         handles.append(layer.register_forward_pre_hook(grab, with_kwargs=True, prepend=True))
     try:
-        run()
+        out = run()
     finally:
         for h in handles:
             h.remove()
-    return calls
+    return calls, out
 
 
 def _layer_out(out):
@@ -141,12 +141,12 @@ def block_greedy_paths(lm, win: torch.Tensor, max_level: float, rule_for, progre
         sites = {n: f"layers.{b.index}.{n}" for n in LINEAR_NAMES}
         params = all_params[b.index]
         total = sum(params.values())
-        dense = layer(*args, **kwargs)[..., skip:, :]
+        dense = _layer_out(layer(*args, **kwargs))[..., skip:, :]
 
         def error(levels):
             rules = {sites[n]: rule_for(sites[n], s) for n, s in levels.items() if s > 0}
             with InputSparsifier(ad, rules, dense_prefix=skip):
-                y = layer(*args, **kwargs)[..., skip:, :]
+                y = _layer_out(layer(*args, **kwargs))[..., skip:, :]
             return float((y - dense).double().pow(2).sum())
 
         levels = {n: 0.0 for n in LINEAR_NAMES}
@@ -218,11 +218,10 @@ def block_kls(lm, tokens: torch.Tensor, block_levels: dict[int, dict[str, float]
     for w in tokens:
         prompt = lm.model(w[None, :skip], use_cache=True).past_key_values
         cache = copy.deepcopy(prompt)
-        box = {}
-        calls = _captured_calls(lm, lambda: box.setdefault("logits", lm.model(w[None, skip:], past_key_values=cache).logits))
+        calls, logits = _captured_calls(lm, lambda: lm.model(w[None, skip:], past_key_values=cache).logits)
         # the keyword the layers get the cache under differs between transformers versions: find it by identity
         key = next(k for k, v in calls[0][1].items() if v is cache)
-        runs.append((prompt, calls, key, F.log_softmax(box["logits"][0].float(), -1)))
+        runs.append((prompt, calls, key, F.log_softmax(logits[0].float(), -1)))
 
     def logprobs_from(i, prompt, calls, key):
         cache = copy.deepcopy(prompt)

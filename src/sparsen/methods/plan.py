@@ -189,11 +189,8 @@ class Plan:
             sp = InputSparsifier(lm.adapter, rules, dense_prefix=dense_prefix)
         except KeyError as e:
             raise SparsenError(f"plan names linears this model does not have ({e}): calibrate a plan for it") from None
-        modules = {site: mod for site, _, _, mod in lm.adapter.linear_sites()}
-        for site, rule in rules.items():
-            if isinstance(rule, LowRankCompensated) and (rule.A.shape[1], rule.B.shape[0]) != (
-                    modules[site].in_features, modules[site].out_features):
-                raise SparsenError(f"the plan's low-rank term for {site} does not fit this model's shapes: recalibrate")
+        except ValueError as e:
+            raise SparsenError(f"the plan's {e}: recalibrate") from None
         if self.transform == "residual_rotation":
             from sparsen.methods.rotation import basis_changes
 

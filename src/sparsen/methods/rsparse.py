@@ -44,9 +44,7 @@ def charged_share(lm, terms: dict) -> float:
 
 
 def calibrate(lm, sparsity, wins, config, progress):
-    if sparsity == 0:  # nothing dropped: a low-rank term would only cost
-        return criterion_thresholds(lm, 0.0, wins, config, progress, scales=column_norms(lm), tag="rs")
-    terms = low_rank_terms(lm)
+    terms = low_rank_terms(lm) if sparsity > 0 else {}  # nothing dropped at 0: a low-rank term would only cost
     charge = charged_share(lm, terms)
     sites, achieved, extras = criterion_thresholds(lm, sparsity + charge, wins, config, progress,
                                                    scales=column_norms(lm), tag="rs", lowrank=terms)

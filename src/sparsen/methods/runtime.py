@@ -96,6 +96,10 @@ class InputSparsifier:
         for site, rule in self.rules.items():
             if isinstance(rule, GateActRule) and not site.endswith(".down"):
                 raise KeyError(f"a gate-activation rule belongs on a 'down' site, not {site}")
+            mod = self._modules[site]
+            if isinstance(rule, LowRankCompensated) and (rule.A.shape[1], rule.B.shape[0]) != (mod.in_features,
+                                                                                              mod.out_features):
+                raise ValueError(f"low-rank term for {site} does not fit its linear's shapes")
         self.params = {site: self._modules[site].weight.numel() for site in self._modules}
         # weights read per token beyond the block linears (charged against the sparsity): low-rank terms here,
         # a change of basis added by the plan
