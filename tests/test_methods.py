@@ -5,12 +5,23 @@ import torch
 
 from sparsen import SparsenError, load_model
 from sparsen.cli import main
+from sparsen.core import GaussianTopKRule, Plan, Sparsifier
 from sparsen.data import CALIB_CORPUS, corpus_windows
 from sparsen.evaluation import evaluate
-from sparsen.methods import CalibrationConfig, Plan, calibrate, method_names
-from sparsen.methods.plan import GaussianTopKRule
+from sparsen.methods import calibrate as calibrate_config
+from sparsen.methods import config_for, method_names
 
-CFG = CalibrationConfig(tokens=2048, ctx=256)
+CFG = {"tokens": 2048, "ctx": 256}
+
+
+def calibrate(lm, method, sparsity, fields=CFG, progress=False):
+    return calibrate_config(lm, config_for(method, sparsity=sparsity, **fields), progress=progress)
+
+
+def applied(plan, lm, dense_prefix=0):
+    """The plan's hooks on ``lm`` (not attached), after its weight transform, if any, was applied to ``lm``."""
+    plan.transform_(lm)
+    return plan.build_sparsifier(lm, dense_prefix=dense_prefix)
 
 
 TARGET = {"cats": 0.4}  # CATS sparsifies only up and down: it cannot reach 0.5 model-wide
@@ -29,12 +40,17 @@ def fresh_lm():
 @pytest.mark.parametrize("method", method_names())
 def test_sparsity_zero_reproduces_dense_logits(method):
     lm = load_model("tiny-llama")  # a fresh model: a rotation plan transforms the model it is applied to
-    plan = calibrate(lm, method, 0.0, CFG, progress=False)
+    plan = calibrate(lm, method, 0.0)
     x = torch.randint(0, 256, (1, 40))
     with torch.no_grad():
         dense = lm.model(x).logits
-        with plan.sparsifier(lm):
+        sp = applied(plan, lm)
+        with sp:
             sparse = lm.model(x).logits
+    # the plan's hooks really ran on every site it covers, and skipped nothing there
+    covered = [s for s, e in plan.sites.items() if e["rule"] != "dense"]
+    assert covered and all(sp.entries[s] > 0 for s in covered)
+    assert sp.achieved()["skipped"] == 0
     if plan.transform is None:
         assert torch.equal(dense, sparse)
     else:  # the folded rotation is the same function up to fp32 rounding of the rotated weights
@@ -43,12 +59,32 @@ def test_sparsity_zero_reproduces_dense_logits(method):
                                .linears["q"].weight)  # the weights really were rotated
 
 
+# Measured here: teal, wina, chess land within 0.005 of 0.5 on the test text; rotate-wina 0.021 below it (its bases
+# are fitted to the calibration text: the subject of the "sparsity that travels" issue), so its band is wider.
+HELD_OUT_BAND = {"teal": 0.02, "wina": 0.02, "chess": 0.02, "rotate-wina": 0.04}
+
+
+@pytest.mark.parametrize("method", sorted(HELD_OUT_BAND))
+def test_achieved_sparsity_on_held_out_text_stays_near_target(plans, method):
+    """Calibrated on WikiText-2 validation, measured on the decode halves of WikiText-2 *test* windows: a plan's
+    target has to mean something on text it never saw (the band is wider than on the calibration text)."""
+    from sparsen.data import EVAL_CORPUS
+
+    lm = load_model("tiny-llama")
+    plan = plans[method]
+    sp = applied(plan, lm, dense_prefix=128)
+    with sp, torch.no_grad():
+        for w in corpus_windows(lm.tokenizer, EVAL_CORPUS, 256, 8):
+            lm.model(w[None])
+    assert abs(sp.achieved()["overall"] - plan.target_sparsity) < HELD_OUT_BAND[method]
+
+
 # statistical top-k hits its target only on Gaussian inputs: tested on Gaussian rows below instead
 @pytest.mark.parametrize("method", [m for m in method_names() if m != "stat-topk"])
 def test_achieved_sparsity_on_calibration_data_is_near_target(fresh_lm, plans, method):
     plan = plans[method]
     wins = corpus_windows(fresh_lm.tokenizer, CALIB_CORPUS, 256, 8)
-    sp = plan.sparsifier(fresh_lm, dense_prefix=128)  # thresholds are set on the decode positions (second halves)
+    sp = applied(plan, fresh_lm, dense_prefix=128)  # thresholds are set on the decode positions (second halves)
     with sp, torch.no_grad():
         for w in wins:
             fresh_lm.model(w[None])
@@ -84,7 +120,7 @@ def hand_keep(entry, x, tensors):
 @pytest.mark.parametrize("method", method_names())
 def test_masked_forward_equals_hand_computed_masked_linear(fresh_lm, plans, method):
     plan = plans[method]
-    sp = plan.sparsifier(fresh_lm)  # applies the plan's weight transform (if any) before we read the weights
+    sp = applied(plan, fresh_lm)  # the plan's weight transform (if any) is applied before we read the weights
     block = fresh_lm.adapter.blocks[1]
     x = torch.randn(3, 5, block.linears["q"].in_features)
     checked = 0
@@ -106,7 +142,7 @@ def test_masked_forward_equals_hand_computed_masked_linear(fresh_lm, plans, meth
     if down["rule"] == "gate_act":  # CATS / CHESS: the whole MLP, by hand
         W = {n: block.linears[n].weight for n in ("gate", "up", "down")}
         t = plan.tensors[down["tensor"]] if "tensor" in down else down["threshold"]
-        a = torch.nn.functional.silu(x @ W["gate"].T)
+        a = torch.nn.functional.silu(x @ W["gate"].T)  # tiny-llama's MLP is SwiGLU
         keep = a.abs() > t
         assert 0.2 < 1 - keep.float().mean() < 0.98  # the mask really drops channels
         expected = ((a * keep) * (x @ W["up"].T)) @ W["down"].T
@@ -122,14 +158,14 @@ def test_plan_roundtrip_and_eval(tmp_path, tiny_llama, plans):
     path = plans["teal"].save(tmp_path / "plan.json")
     plan = Plan.load(path)
     assert plan.sites == plans["teal"].sites and plan.fingerprint == tiny_llama.fingerprint
-    res = evaluate(tiny_llama, ctx=128, n_windows=2, protocol="decode", sparsifier=plan.sparsifier(tiny_llama),
+    res = evaluate(tiny_llama, ctx=128, n_windows=2, protocol="decode", sparsifier=applied(plan, tiny_llama),
                    progress=False)
     assert res.kl > 0 and 0.4 < res.sparsity["overall"] < 0.6
 
 
 def test_plan_for_another_model_is_refused(tiny_qwen2, plans):
     with pytest.raises(SparsenError, match="made for model 'tiny-llama'"):
-        plans["teal"].sparsifier(tiny_qwen2)
+        plans["teal"].build_sparsifier(tiny_qwen2)
 
 
 def test_corrupt_plan_is_refused(tmp_path):
@@ -178,9 +214,9 @@ def test_rotation_plan_roundtrip_equals_in_memory_plan(tmp_path, plans):
     assert torch.allclose(Q.T @ Q, torch.eye(Q.shape[0]), atol=1e-5)  # orthogonal
     x = torch.randint(0, 256, (1, 30))
     a, b = load_model("tiny-llama"), load_model("tiny-llama")
-    with torch.no_grad(), plans["rotate"].sparsifier(a):
+    with torch.no_grad(), applied(plans["rotate"], a):
         la = a.model(x).logits
-    with torch.no_grad(), loaded.sparsifier(b):
+    with torch.no_grad(), applied(loaded, b):
         lb = b.model(x).logits
     assert torch.equal(la, lb)
     (tmp_path / "rot.safetensors").write_bytes(b"garbage")
@@ -207,13 +243,13 @@ def test_greedy_allocation_meets_budget_and_favours_cheap_groups():
 def test_a_layer_rerun_alone_is_repeatable_and_sees_a_k_or_v_mask():
     # TEAL's greedy re-runs one decoder layer on its captured inputs; a KV cache left in those inputs once
     # hid every k/v mask from it (k and v went to the maximum level in every block).
+    from sparsen.core import ThresholdRule
     from sparsen.methods.allocation import layer_calls
-    from sparsen.methods.runtime import InputSparsifier, ThresholdRule
 
     lm = load_model("tiny-llama")
     tokens = corpus_windows(lm.tokenizer, CALIB_CORPUS, 64, 1)[0]
     calls = layer_calls(lm, tokens)
-    layer = lm.model.model.layers[1]
+    layer = lm.adapter.blocks[1].layer
     args, kwargs = calls[1]
 
     def run():
@@ -224,7 +260,7 @@ def test_a_layer_rerun_alone_is_repeatable_and_sees_a_k_or_v_mask():
         dense = run()
         assert torch.equal(dense, run())
         for name in ("k", "v"):
-            with InputSparsifier(lm.adapter, {f"layers.1.{name}": ThresholdRule(1e9)}):
+            with Sparsifier(lm.adapter, {f"layers.1.{name}": ThresholdRule(1e9)}):
                 out = run()
             assert (out - dense).abs().max() > 1e-3, name
 
@@ -232,7 +268,7 @@ def test_a_layer_rerun_alone_is_repeatable_and_sees_a_k_or_v_mask():
 def achieved_on_calibration_windows(lm, plan) -> float:
     """Effective sparsity a plan achieves on the decode halves of the tiny model's 8 calibration windows."""
     wins = corpus_windows(lm.tokenizer, CALIB_CORPUS, 256, 8)
-    sp = plan.sparsifier(lm, dense_prefix=128)
+    sp = applied(plan, lm, dense_prefix=128)
     with sp, torch.no_grad():
         for w in wins:
             lm.model(w[None])
@@ -241,14 +277,15 @@ def achieved_on_calibration_windows(lm, plan) -> float:
 
 def test_greedy_path_cut_at_a_target_is_the_greedy_run_to_that_target():
     # One greedy run per block serves every target up to its end (the global allocation relies on it).
+    from sparsen.core import TopKRule
     from sparsen.methods.allocation import block_greedy_levels, block_greedy_paths, block_params, levels_on_path
-    from sparsen.methods.runtime import TopKRule
 
     lm = load_model("tiny-llama")
     win = corpus_windows(lm.tokenizer, CALIB_CORPUS, 256, 1)[0]
     rule_for = lambda site, s: TopKRule(s)  # noqa: E731
-    paths = block_greedy_paths(lm, win, 0.6, rule_for, progress=False)
-    direct = block_greedy_levels(lm, win, 0.4, rule_for, progress=False)
+    config = config_for("teal", sparsity=0.4, allocation="greedy")
+    paths = block_greedy_paths(lm, win, 0.6, rule_for, config, progress=False)
+    direct = block_greedy_levels(lm, win, 0.4, rule_for, config, progress=False)
     params = block_params(lm)
     for i, path in paths.items():
         assert path[-1][0] >= 0.6 - 1e-9
@@ -262,7 +299,7 @@ def test_global_allocation_sets_blocks_apart_and_hits_the_model_wide_target(meth
     from sparsen.methods.rotation import charged_share
 
     lm = load_model("tiny-llama")
-    plan = calibrate(lm, method, 0.5, CalibrationConfig(tokens=2048, ctx=256, allocation="global"), progress=False)
+    plan = calibrate(lm, method, 0.5, {**CFG, "allocation": "global"}, progress=False)
     levels = plan.params["block_levels"]
     assert len(levels) == lm.adapter.n_layers and max(levels) - min(levels) > 0.02  # blocks set apart
     charge = charged_share(lm, plan.tensors) if plan.transform else 0.0  # changes of basis are paid in extra skipping
@@ -274,7 +311,7 @@ def test_global_allocation_sets_blocks_apart_and_hits_the_model_wide_target(meth
 @pytest.mark.parametrize("method", ["teal", "rotate"])
 def test_sensitivity_allocation_hits_the_model_wide_target(method):
     lm = load_model("tiny-llama")
-    plan = calibrate(lm, method, 0.5, CalibrationConfig(tokens=2048, ctx=256, allocation="sensitivity"), progress=False)
+    plan = calibrate(lm, method, 0.5, {**CFG, "allocation": "sensitivity"}, progress=False)
     levels = plan.params["group_levels"]
     assert len(set(round(v, 3) for v in levels.values())) > 1  # not uniform
     assert abs(achieved_on_calibration_windows(lm, plan) - 0.5) < 0.02
@@ -287,9 +324,9 @@ def test_segmented_rotation_is_the_same_function_and_its_basis_changes_are_charg
     x = torch.randint(0, 256, (1, 40))
     with torch.no_grad():
         dense = lm.model(x).logits
-    plan = calibrate(lm, "rotate", 0.4, CalibrationConfig(tokens=2048, ctx=256, segments=3), progress=False)
+    plan = calibrate(lm, "rotate", 0.4, {**CFG, "segments": 3}, progress=False)
     assert plan.tensors["Q"].shape == (3, 64, 64) and plan.tensors["starts"].tolist() == [0, 1, 2]
-    sp = plan.sparsifier(lm)  # folds and rotates lm; the hooks are not attached yet
+    sp = applied(plan, lm)  # folds and rotates lm; the hooks are not attached yet
     with torch.no_grad():
         assert torch.allclose(dense, lm.model(x).logits, atol=1e-4, rtol=1e-4)
     charge = 2 * 64 * 64 / sum(sp.params.values())
@@ -321,11 +358,11 @@ def test_value_head_rotation_is_the_same_function(spec):
 
 def test_rotate_wina_plan_carries_value_bases_and_refuses_misfit_ones(tmp_path):
     lm = load_model("tiny-llama")
-    plan = calibrate(lm, "rotate-wina", 0.5, CalibrationConfig(tokens=2048, ctx=256), progress=False)
+    plan = calibrate(lm, "rotate-wina", 0.5, CFG, progress=False)
     assert plan.tensors["Qo"].shape[0] == lm.adapter.n_layers
     plan.tensors["Qo"] = plan.tensors["Qo"][:, :, :-1, :-1]
     with pytest.raises(SparsenError, match="does not fit"):
-        plan.sparsifier(load_model("tiny-llama"))
+        applied(plan, load_model("tiny-llama"))
 
 
 def rotated_in_segments(lm):
@@ -345,7 +382,7 @@ def test_a_layer_rerun_alone_gives_its_output_in_the_pass_under_a_segmented_rota
 
     lm = rotated_in_segments(load_model("tiny-llama"))
     tokens = torch.randint(0, 256, (48,))
-    outs, layers = {}, lm.model.model.layers
+    outs, layers = {}, [b.layer for b in lm.adapter.blocks]
     handles = [layer.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple) else o))
                for i, layer in enumerate(layers)]
     calls = layer_calls(lm, tokens)
@@ -362,8 +399,8 @@ def test_block_kl_from_recorded_layer_inputs_equals_a_whole_model_run():
 
     import torch.nn.functional as F
 
+    from sparsen.core import TopKRule
     from sparsen.methods.allocation import block_kls
-    from sparsen.methods.runtime import InputSparsifier, TopKRule
 
     lm = rotated_in_segments(load_model("tiny-llama"))
     tokens = torch.randint(0, 256, (2, 64))
@@ -378,7 +415,7 @@ def test_block_kl_from_recorded_layer_inputs_equals_a_whole_model_run():
         prompts = [lm.model(w[None, :32], use_cache=True).past_key_values for w in tokens]
         dense = [logprobs(w, p) for w, p in zip(tokens, prompts)]
         for i, kl in fast.items():
-            with InputSparsifier(lm.adapter, {f"layers.{i}.{n}": rule_for(None, s) for n, s in levels[i].items()}):
+            with Sparsifier(lm.adapter, {f"layers.{i}.{n}": rule_for(None, s) for n, s in levels[i].items()}):
                 slow = sum(float((d.exp() * (d - logprobs(w, p))).sum()) for d, w, p in zip(dense, tokens, prompts)) / 64
             assert kl > 1e-6 and kl == pytest.approx(slow, rel=1e-4, abs=1e-7), i
 
@@ -386,8 +423,8 @@ def test_block_kl_from_recorded_layer_inputs_equals_a_whole_model_run():
 def test_rsparse_low_rank_term_at_full_rank_restores_the_dense_output_and_is_charged(tmp_path):
     """y = W (x*m) + B A (x*(1-m)): at full rank B A = W, so the sparse linear gives the dense output; at the
     default rank its bytes are charged against the achieved sparsity."""
+    from sparsen.core import LowRankCompensated, ThresholdRule
     from sparsen.methods import rsparse
-    from sparsen.methods.runtime import InputSparsifier, LowRankCompensated, ThresholdRule
 
     lm = load_model("tiny-llama")
     lin = lm.adapter.blocks[0].linears["gate"]
@@ -396,9 +433,9 @@ def test_rsparse_low_rank_term_at_full_rank_restores_the_dense_output_and_is_cha
     x = torch.randn(4, lin.in_features)
     with torch.no_grad():
         dense = lin(x)
-        with InputSparsifier(lm.adapter, {"layers.0.gate": LowRankCompensated(ThresholdRule(0.8), A, B)}) as sp:
+        with Sparsifier(lm.adapter, {"layers.0.gate": LowRankCompensated(ThresholdRule(0.8), A, B)}) as sp:
             full_rank = lin(x)
-        with InputSparsifier(lm.adapter, {"layers.0.gate": ThresholdRule(0.8)}):
+        with Sparsifier(lm.adapter, {"layers.0.gate": ThresholdRule(0.8)}):
             masked = lin(x)
     assert (masked - dense).abs().max() > 0.1 and torch.allclose(full_rank, dense, atol=1e-4)
     assert sp.added_params == A.numel() + B.numel()
@@ -407,7 +444,7 @@ def test_rsparse_low_rank_term_at_full_rank_restores_the_dense_output_and_is_cha
     factors = sum(t.numel() for k, t in plan.tensors.items() if k.startswith("lr."))
     assert charge > 0.01 and charge == pytest.approx(factors / sum(lm.adapter.linear_params().values()))
     assert sum("lowrank" in e for e in plan.sites.values()) == len(plan.sites)
-    sp = plan.sparsifier(lm, dense_prefix=128)
+    sp = applied(plan, lm, dense_prefix=128)
     with sp, torch.no_grad():
         for w in corpus_windows(lm.tokenizer, CALIB_CORPUS, 256, 8):
             lm.model(w[None])
@@ -423,4 +460,4 @@ def test_rsparse_low_rank_term_at_full_rank_restores_the_dense_output_and_is_cha
         Plan.load(tmp_path / "rs.json")
     loaded.tensors["lr.layers.1.q.A"] = loaded.tensors["lr.layers.1.q.A"][:, :-1]  # factors for another shape
     with pytest.raises(SparsenError, match="does not fit"):
-        loaded.sparsifier(lm)
+        loaded.build_sparsifier(lm)

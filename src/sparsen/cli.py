@@ -10,8 +10,11 @@ from pathlib import Path
 
 from sparsen.errors import SparsenError
 
-MODEL_HELP = ("model SPEC: 'smollm2' (bundled SmolLM2-135M-Instruct, default), 'tiny-llama' / 'tiny-qwen2' "
-              "(seeded random test models), a Hugging Face model directory, or a .gguf file")
+MODEL_HELP = ("model SPEC: 'smollm2' (bundled SmolLM2-135M-Instruct, default), 'gemma3' (bundled Gemma 3 270M), "
+              "'tiny-llama' / 'tiny-qwen2' (seeded random test models), a Hugging Face model directory, or a .gguf file")
+# calibrate's --allocation choices; the CLI does not import torch to list them (a test keeps them equal to
+# sparsen.methods.ALLOCATIONS)
+ALLOCATION_CHOICES = ("uniform", "greedy", "sensitivity", "global")
 
 
 def _positive_int(s: str) -> int:
@@ -98,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "best with --allocation global), rotate-topk")
     p.add_argument("--sparsity", type=float, required=True,
                    help="target model-wide sparsity in [0, 1): the share of block-linear weight bytes skipped")
-    p.add_argument("--allocation", default="uniform", choices=("uniform", "greedy", "sensitivity", "global"),
+    p.add_argument("--allocation", default="uniform", choices=ALLOCATION_CHOICES,
                    help="how sparsity is spread over linears: uniform; greedy (TEAL's block-wise greedy: inside each "
                         "block, raise the linear whose step adds the least block-output error per parameter share); "
                         "sensitivity (per input group, greedy on measured KL per skipped weight byte); or global (ours: "
@@ -107,12 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segments", type=_positive_int, default=None,
                    help="rotation methods: give each of N runs of consecutive layers its own basis of the residual "
                         "stream; each change of basis costs a d x d product per token, charged against the sparsity "
-                        "(default: rotate 1, i.e. one free basis; rotate-wina 6)")
+                        "(default: rotate 1, i.e. one free basis; rotate-wina 4)")
     p.add_argument("--basis", choices=("pca", "sparse"), default=None,
                    help="rotation methods: pca (eigenbasis of the second moment) or sparse (refined so per-token "
                         "thresholding drops the least energy); default: rotate pca, rotate-wina sparse")
     p.add_argument("--tokens", type=_positive_int, default=16384, help="calibration tokens (default 16384)")
     p.add_argument("--ctx", type=_positive_int, default=1024, help="calibration window length (default 1024)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other field of the method's config (sparsen.<Method>Config; `python -c \"import sparsen; "
+                        "help(sparsen.RotateWinaConfig)\"` lists them), e.g. --set rank_share=0.03 --set "
+                        "greedy_step=0.025; repeatable; VALUE is parsed as JSON (numbers, true/false, null), else a string")
     p.add_argument("--out", default="plan.json", metavar="FILE", help="plan file to write (default ./plan.json)")
 
     p = sub.add_parser("frontier", help="quality vs achieved sparsity: a grid of methods x sparsities, both protocols",
@@ -188,41 +195,56 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_profile(args) -> None:
-    from sparsen import load_model
-    from sparsen.io import write_json
-    from sparsen.measure.plots import plot_profile
-    from sparsen.measure.profile import format_table, run_profile
+    import sparsen
+    from sparsen.io import check_writable, write_json
 
-    lm = load_model(args.model)
-    prof = run_profile(lm, corpus=args.text, tokens=args.tokens, ctx=args.ctx, attention=not args.no_attention,
-                       sensitivity_windows=args.sensitivity_windows, progress=not args.quiet)
-    out = Path(args.out)
-    write_json(out / "profile.json", prof)
-    pngs = plot_profile(prof, out)
-    print(format_table(prof))
+    out = check_writable(args.out, directory=True)
+    lm = sparsen.load_model(args.model)
+    prof = sparsen.profile(lm, corpus=args.text, tokens=args.tokens, ctx=args.ctx, attention=not args.no_attention,
+                           sensitivity_windows=args.sensitivity_windows, progress=not args.quiet)
+    write_json(out / "profile.json", prof.to_dict())
+    pngs = prof.plot(out)
+    print(prof.table())
     print(f"wrote {out / 'profile.json'} and {', '.join(str(p) for p in pngs)}")
 
 
-def _load_plan_sparsifier(lm, plan_path):
-    if plan_path is None:
-        return None
-    from sparsen.methods import Plan
+def _parse_sets(items: list[str]) -> dict:
+    """--set FIELD=VALUE pairs; VALUE as JSON where it parses (0.5, 3, true, null), else the string."""
+    import json
 
-    return Plan.load(plan_path).sparsifier(lm)
+    fields = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise SparsenError(f"--set '{item}': write FIELD=VALUE, e.g. --set rank_share=0.03")
+        try:
+            fields[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key.strip()] = value
+    return fields
+
+
+def config_from_args(args):
+    """The method config `sparsen calibrate` builds from its flags: the same object Python code would pass."""
+    from sparsen.methods import config_for
+
+    fields = {"corpus": args.text, "tokens": args.tokens, "ctx": args.ctx, "allocation": args.allocation,
+              "segments": args.segments, "basis": args.basis}
+    extra = _parse_sets(args.set)
+    if "sparsity" in extra or "method" in extra:
+        raise SparsenError("--set takes the method's other fields: pass --method and --sparsity as flags")
+    return config_for(args.method, sparsity=args.sparsity, **{**fields, **extra})
 
 
 def cmd_calibrate(args) -> None:
-    from sparsen import load_model
-    from sparsen.methods import CalibrationConfig, calibrate, check_sparsity, get_method
+    import sparsen
+    from sparsen.io import check_writable
 
-    check_sparsity(args.sparsity)
-    get_method(args.method)  # fail on a bad name before loading the model
-    lm = load_model(args.model)
+    check_writable(args.out)
+    config = config_from_args(args)  # a bad method, field or value fails before the model loads
+    lm = sparsen.load_model(args.model)
     t0 = time.perf_counter()
-    plan = calibrate(lm, args.method, args.sparsity,
-                     CalibrationConfig(corpus=args.text, tokens=args.tokens, ctx=args.ctx, allocation=args.allocation,
-                                       segments=args.segments, basis=args.basis),
-                     progress=not args.quiet)
+    plan = sparsen.calibrate(lm, config, progress=not args.quiet)
     plan.save(args.out)
     got = "n/a (measured at eval)" if plan.calibrated_sparsity is None else f"{plan.calibrated_sparsity:.3f}"
     print(f"{args.method} plan for {lm.spec}: target sparsity {args.sparsity:.3f}, on calibration tokens {got} "
@@ -240,14 +262,17 @@ def format_eval(res) -> str:
 
 
 def cmd_eval(args) -> None:
-    from sparsen import load_model
-    from sparsen.evaluation import evaluate
-    from sparsen.io import write_json
+    import sparsen
+    from sparsen.io import check_writable, write_json
 
-    lm = load_model(args.model)
-    sparsifier = _load_plan_sparsifier(lm, args.plan)
-    res = evaluate(lm, corpus=args.text, ctx=args.ctx, n_windows=args.windows, protocol=args.protocol,
-                   sparsifier=sparsifier, progress=not args.quiet, plan_name=args.plan)
+    check_writable(args.out)
+    plan = sparsen.Plan.load(args.plan) if args.plan else None  # a missing or corrupt plan fails before the model loads
+    lm = sparsen.load_model(args.model)
+    if plan is not None:
+        sparsen.sparsify_(lm, plan)
+    res = sparsen.evaluate(lm, corpus=args.text, ctx=args.ctx, windows=args.windows, protocol=args.protocol,
+                           progress=not args.quiet)
+    res.plan = args.plan
     write_json(args.out, res.to_dict())
     print(format_eval(res))
     print(f"wrote {args.out}")
@@ -255,10 +280,11 @@ def cmd_eval(args) -> None:
 
 def cmd_frontier(args) -> None:
     from sparsen import load_model
+    from sparsen.core.rules import check_sparsity
     from sparsen.evaluation.frontier import format_markdown, parse_method, plot_frontier, run_frontier
-    from sparsen.io import write_json, write_text
-    from sparsen.methods import CalibrationConfig, check_sparsity
+    from sparsen.io import check_writable, write_json, write_text
 
+    out = check_writable(args.out, directory=True)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         parse_method(m)
@@ -269,10 +295,9 @@ def cmd_frontier(args) -> None:
     if not protocols or any(p not in ("full", "decode") for p in protocols):
         raise SparsenError(f"--protocols '{args.protocols}': use full, decode or full,decode")
     lm = load_model(args.model)
-    calib = CalibrationConfig(corpus=args.calib_text, tokens=args.tokens, ctx=min(args.ctx, args.tokens))
+    calib = {"corpus": args.calib_text, "tokens": args.tokens, "ctx": min(args.ctx, args.tokens)}
     fr = run_frontier(lm, methods, sparsities, protocols, windows=args.windows, ctx=args.ctx, calib=calib,
                       corpus=args.text, progress=not args.quiet, model_loader=lambda: load_model(args.model))
-    out = Path(args.out)
     table = format_markdown(fr)
     write_json(out / "frontier.json", fr)
     write_text(out / "frontier.md", table + "\n")
@@ -286,88 +311,107 @@ def cmd_frontier(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from sparsen import load_model
-    from sparsen.evaluation import evaluate, evaluate_many
-    from sparsen.io import write_json
-    from sparsen.measure.plots import plot_profile
-    from sparsen.measure.profile import format_table, run_profile
-    from sparsen.methods import CalibrationConfig, calibrate, check_sparsity
+    import sparsen
+    from sparsen.core.rules import check_sparsity
+    from sparsen.io import check_writable, write_json
+    from sparsen.methods import config_for
     from sparsen.report import write_report
 
     check_sparsity(args.sparsity)
+    out = check_writable(args.out, directory=True)
     t0 = time.perf_counter()
-    out = Path(args.out)
-    lm = load_model(args.model)
+    lm = sparsen.load_model(args.model)
     print(f"loaded {lm.spec} ({lm.config.model_type}, {lm.adapter.n_layers} layers) in {time.perf_counter() - t0:.1f} s")
-    prof = run_profile(lm, tokens=args.tokens, ctx=min(args.ctx, args.tokens), progress=not args.quiet)
-    write_json(out / "profile.json", prof)
-    pngs = [p.name for p in plot_profile(prof, out)]
-    prof_table = format_table(prof)
+    prof = sparsen.profile(lm, tokens=args.tokens, ctx=min(args.ctx, args.tokens), progress=not args.quiet)
+    write_json(out / "profile.json", prof.to_dict())
+    pngs = [p.name for p in prof.plot(out)]
+    prof_table = prof.table()
     print(prof_table)
     sections = [("Activation profile (sparsen profile)", prof_table, pngs)]
-    res = evaluate(lm, ctx=args.ctx, n_windows=args.windows, protocol="full", progress=not args.quiet)
+    res = sparsen.evaluate(lm, ctx=args.ctx, windows=args.windows, protocol="full", progress=not args.quiet)
     write_json(out / "eval_full.json", res.to_dict())
     evals = [format_eval(res)]
     print(evals[-1])
 
-    # A 50% plan with our best method, next to uniform TEAL and dense, decode protocol (dense prompt, sparse
-    # continuation). The plans are saved in the report folder: `sparsen eval --plan` reproduces each line.
-    rotated = load_model(args.model)  # the rotation folds into the weights of the model it is applied to
-    configs = {}
-    for method, owner in (("teal", lm), (BEST_METHOD, rotated)):
+    # Our best method at the target, then uniform TEAL calibrated at the sparsity ours *achieved* on the evaluation
+    # text (the rotation lands a few points below its target there), so the two are compared at equal sparsity.
+    # Decode protocol (dense prompt, sparse continuation). The plans are saved in the report folder: `sparsen eval
+    # --plan` reproduces each line.
+    best = sparsen.load_model(args.model)  # sparsify_ folds the rotation into the weights of the model it is given
+    common = {"tokens": args.calib_tokens, "ctx": args.ctx}
+    runs = {}
+    for method, target in ((BEST_METHOD, args.sparsity), ("teal", None)):
+        owner = best if method == BEST_METHOD else lm
+        if target is None:
+            target = round(runs[BEST_METHOD].sparsity["overall"], 3)
         allocation = BEST_ALLOCATION if method == BEST_METHOD else "uniform"
-        print(f"calibrating {method} at {args.sparsity:g} on {args.calib_tokens} tokens (allocation {allocation}) ...",
-              flush=True)
-        plan = calibrate(owner, method, args.sparsity, CalibrationConfig(tokens=args.calib_tokens, ctx=args.ctx,
-                                                                         allocation=allocation), progress=not args.quiet)
+        print(f"calibrating {method} at {target:g} on {args.calib_tokens} tokens (allocation {allocation}) ...", flush=True)
+        plan = sparsen.calibrate(owner, config_for(method, sparsity=target, allocation=allocation, **common),
+                                 progress=not args.quiet)
         plan.save(out / f"plan_{method}.json")
-        configs[method] = (owner.model, plan.sparsifier(owner))
-    dense, sparse = evaluate_many(lm, configs, ctx=args.ctx, n_windows=args.windows, protocol="decode",
-                                  progress=not args.quiet)
-    write_json(out / "eval_decode.json", dense.to_dict())
-    lines = [f"decode protocol, {dense.windows} windows of {dense.ctx}, {dense.tokens_scored} tokens scored "
-             f"(first half of each window dense, second half sparse)",
-             f"{'model':<34}{'achieved sparsity':>18}{'ppl':>9}{'vs dense':>10}{'KL':>8}{'top-1':>8}",
-             f"{'dense':<34}{0:>18.3f}{dense.ppl:>9.2f}{'':>10}{0:>8.3f}{1:>8.3f}"]
-    for method, r in sparse.items():
-        write_json(out / f"eval_decode_{method}.json", r.to_dict())
-        lines.append(f"{method + ' @ ' + format(args.sparsity, 'g') + ' target':<34}{r.sparsity['overall']:>18.3f}"
-                     f"{r.ppl:>9.2f}{r.ppl / dense.ppl - 1:>+10.1%}{r.kl:>8.3f}{r.top1_agree:>8.3f}")
+        sparsen.sparsify_(owner, plan)
+        runs[method] = sparsen.evaluate(owner, ctx=args.ctx, windows=args.windows, protocol="decode",
+                                        progress=not args.quiet)
+        runs[method].plan = str(out / f"plan_{method}.json")
+        write_json(out / f"eval_decode_{method}.json", runs[method].to_dict())
+        if owner is lm:
+            sparsen.unsparsify_(lm)
+    dense_ppl = runs[BEST_METHOD].dense_ppl
+    first = runs[BEST_METHOD]
+    lines = [f"decode protocol, {first.windows} windows of {first.ctx}, {first.tokens_scored} tokens scored "
+             f"(first half of each window dense, second half sparse); TEAL's target = our achieved sparsity",
+             f"{'model':<34}{'target':>8}{'achieved':>10}{'ppl':>9}{'vs dense':>10}{'KL':>8}{'top-1':>8}",
+             f"{'dense':<34}{'':>8}{0:>10.3f}{dense_ppl:>9.2f}{'':>10}{0:>8.3f}{1:>8.3f}"]
+    for method in ("teal", BEST_METHOD):
+        r = runs[method]
+        label = method + (f" ({BEST_ALLOCATION})" if method == BEST_METHOD else " (uniform)")
+        target = json_target(out / f"plan_{method}.json")
+        lines.append(f"{label:<34}{target:>8.3f}{r.sparsity['overall']:>10.3f}{r.ppl:>9.2f}"
+                     f"{r.ppl / dense_ppl - 1:>+10.1%}{r.kl:>8.3f}{r.top1_agree:>8.3f}")
+    teal, ours = runs["teal"], runs[BEST_METHOD]
+    if teal.ppl > dense_ppl:
+        lines.append(f"our perplexity increase is {(ours.ppl - dense_ppl) / (teal.ppl - dense_ppl):.2f} of TEAL's, our KL "
+                     f"{ours.kl / teal.kl:.2f} of TEAL's, at achieved sparsity {ours.sparsity['overall']:.3f} vs "
+                     f"{teal.sparsity['overall']:.3f}")
     print("\n".join(lines))
     evals += [""] + lines
-    sections.append(("Quality: dense, uniform TEAL and our best method (sparsen eval)", "\n".join(evals), []))
+    sections.append(("Quality at equal achieved sparsity: dense, uniform TEAL and our best method (sparsen eval)",
+                     "\n".join(evals), []))
     sections.append(("Speed: the CPU engine, dense vs sparse (sparsen generate, sparsen bench)",
-                     demo_engine(args, configs[BEST_METHOD][1], rotated, out), []))
+                     demo_engine(args, best, lm, out), []))
     page = write_report(out, sections)
     print(f"report: {page} ({time.perf_counter() - t0:.0f} s)")
 
 
-def demo_engine(args, best_sparsifier, rotated, out: Path) -> str:
+def json_target(plan_path: Path) -> float:
+    import json
+
+    return float(json.loads(plan_path.read_text())["target_sparsity"])
+
+
+def demo_engine(args, best, dense_lm, out: Path) -> str:
     """The demo's last part: a streamed sample from the engine under our best plan, then a short dense-vs-sparse
     bench of the engine (the full comparison with HF and llama.cpp is `sparsen bench`)."""
     import statistics
     import sys
 
-    from sparsen import load_model
     from sparsen.data import corpus_windows
     from sparsen.engine import Engine, bytes_per_token
     from sparsen.engine.commands import TextStream, _engine_run, prompt_ids
     from sparsen.io import write_json
-    from sparsen.methods import Plan
 
-    plan = Plan.load(out / f"plan_{BEST_METHOD}.json")
-    sparse = Engine(rotated, plan, threads=2, max_seq=512)  # `rotated` already carries the plan's rotation
-    chat = bool(getattr(rotated.tokenizer, "chat_template", None))
+    sparse = Engine(best, best.plan, threads=2, max_seq=512)  # `best` already carries the plan's rotation
+    chat = bool(getattr(best.tokenizer, "chat_template", None))
     prompt = "Write two sentences about the European lobster."
     print(f"\n$ sparsen generate --plan {out / f'plan_{BEST_METHOD}.json'} {'--chat ' if chat else ''}"
           f"--prompt '{prompt}' --max-new-tokens 48")
-    stream = TextStream(rotated.tokenizer, sys.stdout)
-    tokens = sparse.generate(prompt_ids(rotated, prompt, chat), 48, eos_token_id=rotated.tokenizer.eos_token_id,
+    stream = TextStream(best.tokenizer, sys.stdout)
+    tokens = sparse.generate(prompt_ids(best, prompt, chat), 48, eos_token_id=best.tokenizer.eos_token_id,
                              on_token=stream)
-    sample = rotated.tokenizer.decode(tokens, skip_special_tokens=True)
+    sample = best.tokenizer.decode(tokens, skip_special_tokens=True)
     print()
-    dense = Engine(load_model(args.model), None, threads=2, max_seq=512)
-    ids = corpus_windows(rotated.tokenizer, "wikitext2-test", 64, 1)[0].tolist()
+    dense = Engine(dense_lm, None, threads=2, max_seq=512)
+    ids = corpus_windows(best.tokenizer, "wikitext2-test", 64, 1)[0].tolist()
     runs = {"dense": [], "sparse": []}
     for _ in range(3):
         runs["dense"].append(_engine_run(dense, ids, 64))
@@ -395,7 +439,9 @@ def cmd_generate(args) -> None:
 
 def cmd_bench(args) -> None:
     from sparsen.engine.commands import cmd_bench as run
+    from sparsen.io import check_writable
 
+    check_writable(args.out)
     run(args)
 
 

@@ -59,3 +59,29 @@ def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | No
 
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def check_writable(path: str | os.PathLike, directory: bool = False) -> Path:
+    """Refuse an output path that cannot be written, before any work starts (SparsenError, one line).
+
+    Tries a temporary file in the nearest existing folder on the way to ``path`` (and removes it): permission
+    bits alone say nothing for root or for /proc-like file systems. Creates nothing that stays."""
+    from sparsen.errors import SparsenError
+
+    path = Path(path)
+    what = "folder" if directory else "file"
+    if path.exists() and path.is_dir() != directory:
+        raise SparsenError(f"output '{path}' exists and is not a {what}: pass another --out")
+    target = path if directory else path.parent
+    probe = target
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SparsenError(f"cannot write output '{path}': '{probe}' is a file, not a folder; pass another --out")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".sparsen-probe.", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise SparsenError(f"cannot write output '{path}' ({e.strerror} in '{probe}'): pass a writable --out") from None
+    return path

@@ -81,9 +81,10 @@ def evaluate(lm, corpus: str = EVAL_CORPUS, ctx: int = 1024, n_windows: int | No
     agree = scored = 0
     t0 = time.perf_counter()
     if sparsifier is not None:
+        prev_prefix = sparsifier.dense_prefix
         sparsifier.dense_prefix = start
         sparsifier.reset_stats()
-        sparsifier.attach()
+        sparsifier.__enter__()
     try:
         for w in tqdm(wins, desc=f"eval {protocol}", unit="win", disable=not progress, leave=False):
             targets = w[start + 1: stop + 1]
@@ -98,7 +99,8 @@ def evaluate(lm, corpus: str = EVAL_CORPUS, ctx: int = 1024, n_windows: int | No
                 agree += int((logp_dense.argmax(-1) == logp.argmax(-1)).sum())
     finally:
         if sparsifier is not None:
-            sparsifier.detach()
+            sparsifier.__exit__(None, None, None)
+            sparsifier.dense_prefix = prev_prefix
     nll = nll_sum / scored
     res = EvalResult(model=lm.spec, corpus=corpus, ctx=ctx, windows=len(wins), protocol=protocol, tokens_scored=scored,
                      nll=nll, ppl=math.exp(nll), plan=plan_name)

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from sparsen.core.rules import check_sparsity
+from sparsen.data import CALIB_CORPUS
 from sparsen.errors import SparsenError, UnreachableSparsity
 from sparsen.evaluation import evaluate_many
-from sparsen.methods import CalibrationConfig, calibrate, check_sparsity, get_method
+from sparsen.methods import calibrate, config_for, get_method
 
 DEFAULT_SPARSITIES = (0.25, 0.4, 0.5, 0.6, 0.7)
 REFERENCE = "teal"  # the uniform TEAL baseline every other method is compared with
@@ -38,23 +39,25 @@ def parse_method(spec: str) -> tuple[str, str, int | None]:
     name, allocation, segments = (spec.split(":") + ["", ""])[:3]
     m = get_method(name)
     allocation = allocation or "uniform"
-    if allocation not in m.allocations:
-        raise SparsenError(f"method '{name}' supports allocation {', '.join(m.allocations)}, not '{allocation}'")
-    if segments and (not segments.isdigit() or int(segments) < 1 or (int(segments) > 1 and not m.segmented)):
+    if allocation not in m.config.allocations:
+        raise SparsenError(f"method '{name}' supports allocation {', '.join(m.config.allocations)}, not '{allocation}'")
+    if segments and (not segments.isdigit() or int(segments) < 1 or (int(segments) > 1 and not m.rotation)):
         raise SparsenError(f"'{spec}': segments must be a whole number >= 1, and above 1 only for rotation methods")
-    return name, allocation, int(segments) if segments else None
+    return name, allocation, int(segments) if segments and m.rotation else None
 
 
 def run_frontier(lm, methods: list[str], sparsities=DEFAULT_SPARSITIES, protocols=("full", "decode"),
-                 windows: int = 8, ctx: int = 1024, calib: CalibrationConfig = CalibrationConfig(),
+                 windows: int = 8, ctx: int = 1024, calib: dict | None = None,
                  corpus: str = "wikitext2-test", progress: bool = True, model_loader=None) -> dict:
     """Calibrate every (method, sparsity) and evaluate them all; returns the frontier record.
 
-    ``methods`` are names, optionally with an allocation (``rotate:sensitivity``). ``model_loader()``
+    ``methods`` are names, optionally with an allocation (``rotate:sensitivity``); ``calib`` holds the config
+    fields every plan shares (corpus, tokens, ctx; default: the configs' defaults). ``model_loader()``
     returns a fresh copy of the model, for methods that transform the weights (a folded rotation);
     copies are shared between plans with the same transform tensors.
     """
     parsed = {spec: parse_method(spec) for spec in methods}
+    calib = {"corpus": CALIB_CORPUS, "tokens": 16384, "ctx": 1024, **(calib or {})}
     for s in sparsities:
         check_sparsity(s)
     t0 = time.perf_counter()
@@ -65,18 +68,20 @@ def run_frontier(lm, methods: list[str], sparsities=DEFAULT_SPARSITIES, protocol
     for method, s in tqdm(jobs, desc="calibrate grid", disable=not progress):
         name, allocation, segments = parsed[method]
         try:
-            plan = calibrate(lm, name, s, replace(calib, allocation=allocation, segments=segments), progress=False)
+            plan = calibrate(lm, config_for(name, sparsity=s, allocation=allocation, segments=segments, **calib),
+                             progress=False)
         except UnreachableSparsity as e:
             rows.append({"method": method, "target": s, "skipped": str(e)})
             continue
         owner = lm
-        if plan.transform is not None:
+        if plan.transform is not None:  # a transformed copy per distinct transform (plans may share one)
             key = (plan.transform, hash(plan.tensors["Q"].numpy().tobytes()))
             if key not in copies:
                 copies[key] = model_loader()
+                plan.transform_(copies[key])
             owner = copies[key]
         name = f"{method}@{s:g}"
-        configs[name] = (owner.model, plan.sparsifier(owner))
+        configs[name] = (owner.model, plan.build_sparsifier(owner))
         rows.append({"method": method, "target": s, "name": name, "calibrated": plan.calibrated_sparsity,
                      "params": {k: v for k, v in plan.params.items() if k != "kl_table"},
                      **({"reference_range": True} if s not in sparsities else {})})
@@ -93,7 +98,7 @@ def run_frontier(lm, methods: list[str], sparsities=DEFAULT_SPARSITIES, protocol
                                  "achieved": r.sparsity["overall"], "per_linear": r.sparsity["per_linear"]}
     return {"model": lm.spec, "fingerprint": lm.fingerprint, "corpus": corpus, "ctx": ctx, "windows": windows,
             "protocols": list(protocols), "sparsities": list(sparsities), "methods": list(methods),
-            "calibration": {"corpus": calib.corpus, "tokens": calib.tokens, "ctx": calib.ctx},
+            "calibration": {"corpus": calib["corpus"], "tokens": calib["tokens"], "ctx": calib["ctx"]},
             "dense": dense, "rows": rows, "seconds": {"calibration": calib_seconds,
                                                       "total": time.perf_counter() - t0}}
 

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sparsen.core.hooks import Sparsifier
+from sparsen.core.rules import TopKRule
 from sparsen.data import CALIB_CORPUS, corpus_windows
 from sparsen.measure.stats import ActivationStats, attention_coverage
-from sparsen.methods.runtime import InputSparsifier, TopKRule
 from sparsen.models.adapters import INPUT_GROUPS
 
 SITES = ("attn_in", "o_in", "mlp_in", "gate_act", "down_in")
@@ -51,7 +52,7 @@ def group_sensitivity(lm, wins: torch.Tensor, sparsities=SENSITIVITY_SPARSITIES,
     jobs = [(g, s) for g in INPUT_GROUPS for s in sparsities]
     for group, sp in tqdm(jobs, desc="sensitivity", disable=not progress, leave=False):
         rules = {site: TopKRule(sp) for site, _, name, _ in lm.adapter.linear_sites() if name in INPUT_GROUPS[group]}
-        with InputSparsifier(lm.adapter, rules):
+        with Sparsifier(lm.adapter, rules):
             sparse = [F.log_softmax(lm.model(w[None]).logits[0, :-1].float(), -1) for w in wins]
         kl = sum((d.exp() * (d - s)).sum().item() for d, s in zip(dense, sparse)) / sum(map(len, targets))
         out["groups"].setdefault(group, {})[str(sp)] = {"kl": kl, "ppl": float(torch.tensor(nll(sparse)).exp())}
@@ -70,7 +71,7 @@ def run_profile(lm, corpus: str = CALIB_CORPUS, tokens: int = 8192, ctx: int = 1
     dims = {"attn_in": ad.hidden_size, "o_in": ad.blocks[0].linears["o"].in_features, "mlp_in": ad.hidden_size,
             "gate_act": ad.intermediate_size, "down_in": ad.intermediate_size}
     stats = [{s: ActivationStats(dims[s]) for s in SITES} for _ in ad.blocks]
-    heads = lm.config.num_attention_heads
+    heads = ad.n_heads
     cover_sum = torch.zeros(ad.n_layers, heads, len(COVER_FRACTIONS))
 
     handles = []
@@ -87,7 +88,8 @@ def run_profile(lm, corpus: str = CALIB_CORPUS, tokens: int = 8192, ctx: int = 1
         handles.append(b.linears["o"].register_forward_pre_hook(pre("o_in", b.linears["o"].weight)))
         handles.append(b.linears["gate"].register_forward_pre_hook(pre("mlp_in", gate_up)))
         handles.append(b.linears["down"].register_forward_pre_hook(pre("down_in", b.linears["down"].weight)))
-        handles.append(b.linears["gate"].register_forward_hook(lambda mod, a, out, st=st: st["gate_act"].update(F.silu(out))))
+        handles.append(b.linears["gate"].register_forward_hook(
+            lambda mod, a, out, st=st: st["gate_act"].update(ad.activation(out))))
 
     prev_impl = lm.config._attn_implementation
     if attention:

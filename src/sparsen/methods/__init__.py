@@ -1,8 +1,17 @@
-"""Sparsification methods: each calibrates a Plan; a Plan applies to a model through an InputSparsifier."""
+"""Training-free sparsification methods: each is one file with a config dataclass and a ``calibrate`` function,
+registered in ``registry.py``; ``calibrate(lm, config)`` returns a ``core.Plan``."""
 
-from sparsen.methods.plan import Plan, check_sparsity
-from sparsen.methods.registry import CalibrationConfig, calibrate, get_method, method_names
-from sparsen.methods.runtime import InputSparsifier, ThresholdRule, TopKRule
+from sparsen.methods.cats import CatsConfig
+from sparsen.methods.chess import ChessConfig
+from sparsen.methods.config import ALLOCATIONS, AllocatedConfig, MethodConfig, RotationConfig
+from sparsen.methods.registry import calibrate, config_for, get_method, method_names
+from sparsen.methods.rotation import RotateConfig, RotateTopKConfig, RotateWinaConfig
+from sparsen.methods.rsparse import RSparseConfig
+from sparsen.methods.stat_topk import StatTopKConfig
+from sparsen.methods.teal import TealConfig
+from sparsen.methods.topk import TopKConfig
+from sparsen.methods.wina import WinaConfig
 
-__all__ = ["Plan", "check_sparsity", "CalibrationConfig", "calibrate", "get_method", "method_names",
-           "InputSparsifier", "ThresholdRule", "TopKRule"]
+__all__ = ["ALLOCATIONS", "AllocatedConfig", "MethodConfig", "RotationConfig", "CatsConfig", "ChessConfig", "RotateConfig",
+           "RotateTopKConfig", "RotateWinaConfig", "RSparseConfig", "StatTopKConfig", "TealConfig", "TopKConfig",
+           "WinaConfig", "calibrate", "config_for", "get_method", "method_names"]

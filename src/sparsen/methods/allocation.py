@@ -20,13 +20,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sparsen.methods.runtime import InputSparsifier, ThresholdRule
-from sparsen.models.adapters import GROUP_OF, INPUT_GROUPS
+from sparsen.core.hooks import Sparsifier
+from sparsen.core.rules import ThresholdRule
+from sparsen.models.adapters import GROUP_OF, INPUT_GROUPS, LINEAR_NAMES
 
-ALLOCATIONS = ("uniform", "greedy", "sensitivity", "global")
-ALLOCATION_WINDOWS = {"sensitivity": 1, "global": 3}  # calibration windows an allocation measures KL on
-GREEDY_STEP = 0.05
-GREEDY_TOKENS = 256  # tokens of the calibration window the block errors are measured on (its second half)
+# The allocation knobs (steps, spans, tokens, windows) are fields of AllocatedConfig (methods/config.py).
 LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 STEP = 0.025
 MAX_LEVEL = 0.9
@@ -44,7 +42,7 @@ def group_kl_table(lm, hists, wins, rule_for, progress=True) -> dict[str, list[f
     jobs = [(g, s) for g in INPUT_GROUPS for s in LEVELS[1:]]
     for g, s in tqdm(jobs, desc="sensitivity allocation", disable=not progress, leave=False):
         rules = {site: rule_for(site, s) for site in hists if GROUP_OF[site.split(".")[-1]] == g}
-        with InputSparsifier(lm.adapter, rules):
+        with Sparsifier(lm.adapter, rules):
             kl = sum((d.exp() * (d - logp(w))).sum().item() for d, w in zip(dense, wins)) / sum(len(d) for d in dense)
         table[g].append(max(kl, 0.0))
     return table
@@ -100,7 +98,7 @@ def _captured_calls(lm, run) -> tuple[dict[int, tuple], object]:
     its new basis in a pre-hook, and a capture after it would have it turned twice on a re-run (it was:
     the greedy saw a wrongly rotated input at every segment's first layer)."""
     calls, handles = {}, []
-    for i, layer in enumerate(lm.model.model.layers):
+    for i, layer in enumerate(b.layer for b in lm.adapter.blocks):
         def grab(m, args, kwargs, i=i):
             calls[i] = (args, kwargs)
 
@@ -118,26 +116,24 @@ def _layer_out(out):
 
 
 @torch.no_grad()
-def block_greedy_paths(lm, win: torch.Tensor, max_level: float, rule_for, progress=True) -> dict[int, list]:
-    """TEAL's greedy, block by block, on the first GREEDY_TOKENS tokens of ``win``, run until each block reaches
+def block_greedy_paths(lm, win: torch.Tensor, max_level: float, rule_for, config, progress=True) -> dict[int, list]:
+    """TEAL's greedy, block by block, on the first ``config.greedy_tokens`` tokens of ``win``, run until each block reaches
     ``max_level``: per block the path [(block level, linear stepped, levels after the step, block error)].
 
     The block errors are measured on the second half of those tokens (the first half stays dense, as
     a prompt would), each block fed the dense model's input to it. The path does not depend on where it
     stops, so one run serves every target up to ``max_level`` (``levels_on_path``).
     """
-    from sparsen.models.adapters import LINEAR_NAMES
-
     ad = lm.adapter
-    tokens = win[: min(GREEDY_TOKENS, len(win))]
+    step = config.greedy_step
+    tokens = win[: min(config.greedy_tokens, len(win))]
     skip = len(tokens) // 2
     calls = layer_calls(lm, tokens)
-    layers = list(lm.model.model.layers)
     all_params = block_params(lm)
     paths: dict[int, list] = {}
     for b in tqdm(ad.blocks, desc="greedy allocation", unit="block", disable=not progress, leave=False):
         args, kwargs = calls[b.index]
-        layer = layers[b.index]
+        layer = b.layer
         sites = {n: f"layers.{b.index}.{n}" for n in LINEAR_NAMES}
         params = all_params[b.index]
         total = sum(params.values())
@@ -145,7 +141,7 @@ def block_greedy_paths(lm, win: torch.Tensor, max_level: float, rule_for, progre
 
         def error(levels):
             rules = {sites[n]: rule_for(sites[n], s) for n, s in levels.items() if s > 0}
-            with InputSparsifier(ad, rules, dense_prefix=skip):
+            with Sparsifier(ad, rules, dense_prefix=skip):
                 y = _layer_out(layer(*args, **kwargs))[..., skip:, :]
             return float((y - dense).double().pow(2).sum())
 
@@ -153,7 +149,7 @@ def block_greedy_paths(lm, win: torch.Tensor, max_level: float, rule_for, progre
         err = 0.0
 
         def step_cost(n):  # squared error added to the block output by raising n one step, per parameter share
-            e = error({**levels, n: levels[n] + GREEDY_STEP})
+            e = error({**levels, n: levels[n] + step})
             return (e - err) / (params[n] / total), e
 
         # Lazy greedy: every candidate's step cost is remembered from its last evaluation and only the
@@ -163,7 +159,7 @@ def block_greedy_paths(lm, win: torch.Tensor, max_level: float, rule_for, progre
         stale = {n: step_cost(n)[0] for n in LINEAR_NAMES}
         path = []
         while sum(levels[n] * params[n] for n in levels) / total < max_level - 1e-9:
-            open_ = [n for n in LINEAR_NAMES if levels[n] + GREEDY_STEP <= MAX_LEVEL + 1e-9]
+            open_ = [n for n in LINEAR_NAMES if levels[n] + step <= MAX_LEVEL + 1e-9]
             if not open_:
                 break
             while True:
@@ -171,7 +167,7 @@ def block_greedy_paths(lm, win: torch.Tensor, max_level: float, rule_for, progre
                 stale[n], e = step_cost(n)
                 if all(stale[n] <= stale[m] for m in open_):
                     break
-            levels[n] += GREEDY_STEP
+            levels[n] += step
             err = e
             path.append((sum(levels[m] * params[m] for m in levels) / total, n, dict(levels), e))
         paths[b.index] = path
@@ -195,9 +191,9 @@ def block_params(lm) -> dict[int, dict[str, int]]:
     return {b.index: {n: m.weight.numel() for n, m in b.linears.items()} for b in lm.adapter.blocks}
 
 
-def block_greedy_levels(lm, win: torch.Tensor, target: float, rule_for, progress=True) -> dict[str, float]:
+def block_greedy_levels(lm, win: torch.Tensor, target: float, rule_for, config, progress=True) -> dict[str, float]:
     """TEAL's greedy allocation: every block at ``target``, its linears' levels from its greedy path."""
-    paths = block_greedy_paths(lm, win, target, rule_for, progress)
+    paths = block_greedy_paths(lm, win, target, rule_for, config, progress)
     params = block_params(lm)
     return {f"layers.{i}.{n}": s for i, path in paths.items() for n, s in levels_on_path(path, target, params[i]).items()}
 
@@ -212,7 +208,7 @@ def block_kls(lm, tokens: torch.Tensor, block_levels: dict[int, dict[str, float]
     input (and the dense prompt's KV cache), so it runs only layers i.. and the head, not the dense layers
     before it: the same numbers as a whole-model run, at about half the cost over the blocks."""
     ad = lm.adapter
-    layers = list(lm.model.model.layers)
+    layers = [b.layer for b in ad.blocks]
     skip = tokens.shape[1] // 2
     runs = []
     for w in tokens:
@@ -229,13 +225,13 @@ def block_kls(lm, tokens: torch.Tensor, block_levels: dict[int, dict[str, float]
         for j in range(i, len(layers)):
             args, kwargs = calls[j]
             h = _layer_out(layers[j](*((args[0] if h is None else h),) + tuple(args[1:]), **{**kwargs, key: cache}))
-        return F.log_softmax(ad.lm_head(ad.final_norm(h))[0].float(), -1)
+        return F.log_softmax(ad.head(h)[0].float(), -1)
 
     kl = {}
     for i in tqdm(block_levels, desc="block sensitivity", unit="block", disable=not progress, leave=False):
         rules = {f"layers.{i}.{n}": rule_for(f"layers.{i}.{n}", s) for n, s in block_levels[i].items() if s > 0}
         total = n_tok = 0.0
-        with InputSparsifier(ad, rules):
+        with Sparsifier(ad, rules):
             for prompt, calls, key, d in runs:
                 lp = logprobs_from(i, prompt, calls, key)
                 total += float((d.exp() * (d - lp)).sum())
@@ -244,27 +240,23 @@ def block_kls(lm, tokens: torch.Tensor, block_levels: dict[int, dict[str, float]
     return kl
 
 
-GLOBAL_SPAN = 0.15  # blocks may be set this far above the target (the greedy paths run that far)
-GLOBAL_STEP = 0.025
-KL_TOKENS = 512  # tokens of each calibration window the per-block KL is measured on (its second half)
-
-
 @torch.no_grad()
-def global_levels(lm, wins: torch.Tensor, target: float, rule_for, progress=True) -> tuple[dict[str, float], dict]:
+def global_levels(lm, wins: torch.Tensor, target: float, rule_for, config, progress=True) -> tuple[dict[str, float], dict]:
     """Ours: TEAL's greedy inside each block, and across blocks a level per block set by measured damage.
 
     Per block: the greedy path (block output error e_b(s) against block level s) and the KL to the dense model
     when that block alone is sparse at the target, k_b (decode positions of the calibration windows). The
     damage of block b at level s is taken as k_b * e_b(s) / e_b(target) (KL grows like the block's output
-    error); then, from all-dense, repeatedly raise by GLOBAL_STEP the block whose step adds the least damage,
+    error); then, from all-dense, repeatedly raise by ``config.global_step`` the block whose step adds the least damage,
     until the blocks' mean level (they have equal parameter counts) is the target. Assumes blocks' damages
     add up (measured on SmolLM2: one layer at a time summed to 0.29, all at once 0.25).
     """
-    hi = min(target + GLOBAL_SPAN, MAX_LEVEL)
-    paths = block_greedy_paths(lm, wins[0], hi, rule_for, progress)
+    hi = min(target + config.global_span, MAX_LEVEL)
+    step = config.global_step
+    paths = block_greedy_paths(lm, wins[0], hi, rule_for, config, progress)
     params = block_params(lm)
     at_target = {i: levels_on_path(p, target, params[i]) for i, p in paths.items()}
-    kl = block_kls(lm, wins[:, :KL_TOKENS], at_target, rule_for, progress)
+    kl = block_kls(lm, wins[:, :config.kl_tokens], at_target, rule_for, progress)
 
     curves = {i: ([0.0] + [p[0] for p in path], [0.0] + [p[3] for p in path]) for i, path in paths.items()}
     scale = {i: kl[i] / max(float(np.interp(target, *curves[i])), 1e-30) for i in paths}  # KL per unit block error
@@ -278,9 +270,9 @@ def global_levels(lm, wins: torch.Tensor, target: float, rule_for, progress=True
         open_ = [i for i in level if level[i] + 1e-9 < reach[i]]
         if not open_:
             break
-        i = min(open_, key=lambda j: damage(j, min(level[j] + GLOBAL_STEP, reach[j])) - damage(j, level[j]))
+        i = min(open_, key=lambda j: damage(j, min(level[j] + step, reach[j])) - damage(j, level[j]))
         missing = (target - sum(level.values()) / len(level)) * len(level)
-        level[i] = min(level[i] + GLOBAL_STEP, reach[i], level[i] + missing)
+        level[i] = min(level[i] + step, reach[i], level[i] + missing)
     per_site = {f"layers.{i}.{n}": s for i in paths for n, s in levels_on_path(paths[i], level[i], params[i]).items()}
     return per_site, {"block_levels": [level[i] for i in sorted(level)], "block_kl_at_target": [kl[i] for i in sorted(kl)]}
 
@@ -293,18 +285,19 @@ def mean_level_by_name(per_site: dict[str, float]) -> dict[str, float]:
     return {n: float(np.mean(v)) for n, v in by_name.items()}
 
 
-def site_levels(lm, hists, wins, target, allocation, progress=True, rule_for=None) -> tuple[dict[str, float], dict]:
-    """Target sparsity per site, and a record of how it was chosen (for the plan)."""
+def site_levels(lm, hists, wins, target, config, progress=True, rule_for=None) -> tuple[dict[str, float], dict]:
+    """Target sparsity per site, and a record of how it was chosen (for the plan), by ``config.allocation``."""
+    allocation = config.allocation
     sites = [s for s, *_ in lm.adapter.linear_sites()]
     if allocation == "uniform" or target == 0:
         return {s: target for s in sites}, {}
     # default rule at a level: the magnitude threshold at that quantile of the site's calibration histogram
     rule_for = rule_for or (lambda site, s: ThresholdRule(hists[site].quantile(s)))
     if allocation == "global":
-        per_site, record = global_levels(lm, wins, target, rule_for, progress)
+        per_site, record = global_levels(lm, wins, target, rule_for, config, progress)
         return per_site, {**record, "mean_level": mean_level_by_name(per_site)}
     if allocation == "greedy":
-        per_site = block_greedy_levels(lm, wins[0], target, rule_for, progress)
+        per_site = block_greedy_levels(lm, wins[0], target, rule_for, config, progress)
         return per_site, {"greedy_mean_level": mean_level_by_name(per_site)}
     table = group_kl_table(lm, hists, wins, rule_for, progress)
     levels = greedy_levels(table, group_params(lm), target)

@@ -6,6 +6,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sparsen.core.hooks import Sparsifier
+from sparsen.core.rules import rule_from_entry
+
 _LO, _HI, _BINS = -10.0, 5.0, 6000  # log10|x| range; 0.0025 decade per bin (~0.6% threshold resolution)
 
 
@@ -85,14 +88,12 @@ def two_pass(lm, wins, probes: dict, build, sparse: bool, progress: bool = True,
     which is where a plan is used (early positions, e.g. the attention-sink token, are atypical).
     """
     skip = wins.shape[1] // 2 if skip is None else skip
-    from sparsen.methods.plan import rule_from_entry
-    from sparsen.methods.runtime import InputSparsifier
 
     hists = collect_histograms(lm, wins, probes, progress, "calibration pass 1/2", skip=skip)
     sites, tensors, achieved = build(hists)
     if sparse:
         rules = {s: r for s, e in sites.items() if (r := rule_from_entry(e, tensors)) is not None}
-        first = InputSparsifier(lm.adapter, rules)
+        first = Sparsifier(lm.adapter, rules)
         hists = collect_histograms(lm, wins, probes, progress, "calibration pass 2/2", sparsifier=first, skip=skip)
         sites, tensors, achieved = build(hists)
     return sites, tensors, achieved

@@ -8,10 +8,16 @@ CATS reaches at most ~0.5 model-wide sparsity on a Llama block.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from sparsen.methods.calibration import two_pass
+from sparsen.methods.config import MethodConfig, method_config
 from sparsen.methods.registry import Method, level_for, weighted
+
+
+@method_config
+class CatsConfig(MethodConfig):
+    """CATS: a per-layer threshold on |act(gate)|; covers up and down only (at most ~0.45 model-wide on SmolLM2)."""
+
+    method = "cats"
 
 
 def mlp_sites(lm):
@@ -20,7 +26,7 @@ def mlp_sites(lm):
 
 def calibrate(lm, sparsity, wins, config, progress):
     level = level_for(lm, mlp_sites(lm), sparsity, "cats")
-    probes = {f"layers.{b.index}.down": (b.linears["gate"], "output", lambda g: F.silu(g)) for b in lm.adapter.blocks}
+    probes = {f"layers.{b.index}.down": (b.linears["gate"], "output", lm.adapter.activation) for b in lm.adapter.blocks}
 
     def build(hists):
         sites = {site: {"rule": "dense"} for site, *_ in lm.adapter.linear_sites()}
@@ -35,4 +41,5 @@ def calibrate(lm, sparsity, wins, config, progress):
     return sites, weighted(lm, achieved), {"params": {"mlp_level": level}}
 
 
-METHOD = Method("cats", "CATS: threshold |silu(gate)| per layer; gate dense, up rows and down columns skipped", calibrate)
+METHOD = Method("cats", "CATS: threshold |act(gate)| per layer; gate dense, up rows and down columns skipped", CatsConfig,
+                calibrate)

@@ -10,11 +10,18 @@ only (k and v stay dense). The covered linears (q, o, up, down) share one level.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sparsen.methods.calibration import two_pass
+from sparsen.methods.config import MethodConfig, method_config
 from sparsen.methods.registry import Method, level_for, weighted
+
+
+@method_config
+class ChessConfig(MethodConfig):
+    """CHESS: per-channel MLP thresholds |act(gate)_i| * rms(up_i), plus magnitude thresholds on the q and o inputs."""
+
+    method = "chess"
 
 
 @torch.no_grad()
@@ -50,7 +57,7 @@ def calibrate(lm, sparsity, wins, config, progress):
         i = b.index
         probes[f"layers.{i}.q"] = (b.linears["q"], "input", lambda x: x)
         probes[f"layers.{i}.o"] = (b.linears["o"], "input", lambda x: x)
-        probes[f"layers.{i}.down"] = (b.linears["gate"], "output", lambda g, r=rms[i]: F.silu(g) * r)
+        probes[f"layers.{i}.down"] = (b.linears["gate"], "output", lambda g, r=rms[i], act=ad.activation: act(g) * r)
 
     def build(hists):
         sites = {site: {"rule": "dense"} for site, *_ in ad.linear_sites()}
@@ -72,4 +79,5 @@ def calibrate(lm, sparsity, wins, config, progress):
     return sites, weighted(lm, achieved), {"params": {"level": level}, "tensors": tensors}
 
 
-METHOD = Method("chess", "CHESS: per-channel MLP thresholds |silu(gate)|*rms(up) plus q and o input thresholds", calibrate)
+METHOD = Method("chess", "CHESS: per-channel MLP thresholds |act(gate)|*rms(up) plus q and o input thresholds",
+                ChessConfig, calibrate)

@@ -1,46 +1,28 @@
-"""Method registry: a method is one module with a ``calibrate`` function, plus one line here."""
+"""Method registry: a method is one module with a config dataclass and a ``calibrate`` function, plus one line here.
+
+``calibrate(lm, config)`` is the one entry point: it checks the config against the model, reads the calibration
+windows and returns a ``Plan``. A method's function has the signature
+``(lm, sparsity, wins, config, progress) -> (sites, calibrated sparsity[, extras])``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
-from sparsen.data import CALIB_CORPUS, corpus_windows
+from sparsen.core.plan import Plan
+from sparsen.data import corpus_windows
 from sparsen.errors import SparsenError, UnreachableSparsity
-from sparsen.methods.plan import Plan, check_sparsity
-
-
-@dataclass(frozen=True)
-class CalibrationConfig:
-    """Where and how much a method calibrates."""
-
-    corpus: str = CALIB_CORPUS
-    """calibration text: a bundled corpus name or a UTF-8 file (never the evaluation corpus)"""
-    tokens: int = 16384
-    """calibration tokens (TEAL uses ~10 x 2048)"""
-    ctx: int = 1024
-    """window length of the calibration forward passes"""
-    allocation: str = "uniform"
-    """how sparsity is spread over the linears: 'uniform' (every linear at the target) or 'sensitivity'
-    (per input group, greedy on measured KL per skipped byte; see methods/allocation.py)"""
-    segments: int | None = None
-    """rotation methods: runs of consecutive layers that get their own basis of the residual stream; each
-    change of basis between runs costs a d x d product per token, charged against the sparsity
-    (None: the method's default)"""
-    basis: str | None = None
-    """rotation methods: 'pca' (eigenbasis of the second moment) or 'sparse' (that basis refined so that
-    per-token thresholding drops the least energy; see methods/rotation.py); None: the method's default"""
+from sparsen.methods.config import ConfigFieldError, MethodConfig
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
     summary: str
+    config: type[MethodConfig]
     calibrate: Callable  # (lm, sparsity, wins, config, progress) -> (sites, calibrated sparsity[, extras])
-    needs_calibration: bool = True
-    allocations: tuple = ("uniform",)
-    segmented: bool = False  # takes CalibrationConfig.segments and .basis (the rotation methods)
-    defaults: tuple = ()  # (field, value) pairs filled into a CalibrationConfig left at None
+    rotation: bool = False  # folds a rotation of the residual stream into the weights
 
 
 def _methods() -> dict[str, Method]:
@@ -61,40 +43,44 @@ def get_method(name: str) -> Method:
     return methods[name]
 
 
-def calibrate(lm, method: str, sparsity: float, config: CalibrationConfig = CalibrationConfig(),
-              progress: bool = True) -> Plan:
-    """Calibrate ``method`` on ``lm`` for a model-wide ``sparsity`` and return the plan."""
-    check_sparsity(sparsity)
-    m = get_method(method)
-    if config.allocation not in m.allocations:
-        raise SparsenError(f"method '{method}' supports allocation {', '.join(m.allocations)}, not "
-                           f"'{config.allocation}'")
-    defaults = {"segments": 1, "basis": "pca", **dict(m.defaults)}
-    config = replace(config, **{k: v for k, v in defaults.items() if getattr(config, k) is None})
-    if config.segments < 1 or (config.segments != 1 and not m.segmented):
-        raise SparsenError(f"--segments {config.segments}: only the rotation methods take segments (1 or more)")
-    if config.basis not in ("pca", "sparse") or (config.basis != "pca" and not m.segmented):
-        raise SparsenError(f"--basis {config.basis}: use pca or sparse, and sparse only with a rotation method")
+def config_for(method: str, **fields) -> MethodConfig:
+    """The config of ``method`` with ``fields`` (None values take the field's default), e.g.
+    ``config_for("teal", sparsity=0.5, allocation="greedy")``."""
+    cls = get_method(method).config
+    return cls(**{k: v for k, v in fields.items() if v is not None})
+
+
+def calibrate(lm, config: MethodConfig, progress: bool = True) -> Plan:
+    """Calibrate the method of ``config`` on ``lm`` and return the plan (the model is not changed)."""
+    if not isinstance(config, MethodConfig):
+        raise ConfigFieldError(f"calibrate takes a method config such as sparsen.TealConfig(sparsity=0.5), not "
+                               f"{type(config).__name__}")
+    m = get_method(config.method)
+    if m.rotation and lm.adapter.rotation_refusal:
+        raise SparsenError(f"method '{m.name}' cannot apply to {lm.config.model_type}: {lm.adapter.rotation_refusal}")
+    if getattr(lm, "transform_key", None) is not None:
+        raise SparsenError("this model carries a plan's weight transform: calibrate on a freshly loaded model")
     wins = None
-    if m.needs_calibration:
+    if config.needs_calibration:
         n = max(1, config.tokens // config.ctx)
         wins = corpus_windows(lm.tokenizer, config.corpus, min(config.ctx, config.tokens), n)
-    sites, calibrated, *extras = m.calibrate(lm, sparsity, wins, config, progress)
+    sites, calibrated, *extras = m.calibrate(lm, config.sparsity, wins, config, progress)
     extras = extras[0] if extras else {}
     return Plan(
         transform=extras.get("transform"),
         tensors=extras.get("tensors", {}),
-        method=method,
-        target_sparsity=sparsity,
+        method=m.name,
+        target_sparsity=config.sparsity,
         model=lm.spec,
         fingerprint=lm.fingerprint,
         sites=sites,
         params={"allocation": config.allocation,
-                **({"segments": config.segments, "basis": config.basis} if m.segmented else {}),
+                **({"segments": config.segments, "basis": config.basis} if m.rotation else {}),
                 **extras.get("params", {})},
         calibration={"corpus": config.corpus, "tokens": int(wins.numel()) if wins is not None else 0,
-                     "ctx": config.ctx} if m.needs_calibration else {},
+                     "ctx": config.ctx} if config.needs_calibration else {},
         calibrated_sparsity=calibrated,
+        config=config.fields(),
     )
 
 

@@ -26,14 +26,39 @@ import copy
 import torch
 from tqdm.auto import tqdm
 
+from sparsen.core.transforms import applied_key, register_transform
+from sparsen.errors import SparsenError
 from sparsen.methods import teal
+from sparsen.methods.config import RotationConfig, method_config
 from sparsen.methods.registry import Method
 
 TRANSFORM = "residual_rotation"
-SPARSE_BASIS_ITERS = 10
-BASIS_WINDOWS = 2.0  # basis-fit windows per threshold window (see basis_windows): more text, less overfitted bases
-SPARSE_BASIS_ROWS = 65536  # rows (inputs of one segment) the sparse-basis fit uses at most, a seeded sample
-ROTATE_VALUES = True  # also turn each value head into the eigenbasis of its outputs (rotate_head_values; free)
+
+
+@method_config
+class RotateConfig(RotationConfig):
+    """Ours: fold the norm gains, rotate the residual stream into its eigenbasis (free), then TEAL thresholds."""
+
+    method = "rotate"
+
+
+@method_config
+class RotateWinaConfig(RotationConfig):
+    """Ours: a sparse-fitted basis per run of layers (changes of basis charged), value-head bases, then
+    weight-aware thresholds |z_i| * ||W'[:, i]|| with one mask per shared input. Best with allocation='global'."""
+
+    method = "rotate-wina"
+
+    segments: int = 4
+    basis: str = "sparse"
+
+
+@method_config
+class RotateTopKConfig(RotationConfig):
+    """The one-basis rotation with exact per-token top-k (a measured negative result)."""
+
+    method = "rotate-topk"
+    allocations = ("uniform",)
 
 
 @torch.no_grad()
@@ -41,16 +66,16 @@ def fold_norm_gains(lm) -> None:
     """Move every RMSNorm gain into the following linears; set the gains to 1. Unties the lm_head."""
     ad = lm.adapter
     for b in ad.blocks:
-        for norm, readers in ((b.input_norm, ("q", "k", "v")), (b.post_attn_norm, ("gate", "up"))):
-            g = norm.weight.double()
+        for norm, readers in ((b.attn_norm, ("q", "k", "v")), (b.mlp_norm, ("gate", "up"))):
+            g = ad.norm_gain(norm).double()
             for name in readers:
                 w = b.linears[name].weight
                 w.copy_((w.double() * g[None, :]).to(w.dtype))
-            norm.weight.fill_(1.0)
-    g = ad.final_norm.weight.double()
+            ad.set_unit_gain(norm)
+    g = ad.norm_gain(ad.final_norm).double()
     head = ad.lm_head
     head.weight = torch.nn.Parameter((head.weight.double() * g[None, :]).to(head.weight.dtype), requires_grad=False)
-    ad.final_norm.weight.fill_(1.0)
+    ad.set_unit_gain(ad.final_norm)
 
 
 def segment_of(n_layers: int, starts: list[int]) -> list[int]:
@@ -91,10 +116,9 @@ def rotate_residual(lm, Q: torch.Tensor, starts: list[int] | None = None) -> Non
             lin.weight.copy_((Qd.T @ lin.weight.double()).to(lin.weight.dtype))
             if lin.bias is not None:
                 lin.bias.copy_((Qd.T @ lin.bias.double()).to(lin.bias.dtype))
-    layers = lm.model.model.layers
     for s in range(1, len(starts)):
         R = change_of_basis(Q, s)
-        layers[starts[s]].register_forward_pre_hook(lambda m, args, R=R: (args[0] @ R,) + tuple(args[1:]))
+        ad.blocks[starts[s]].layer.register_forward_pre_hook(lambda m, args, R=R: (args[0] @ R,) + tuple(args[1:]))
 
 
 def basis_changes(tensors: dict) -> int:
@@ -103,25 +127,53 @@ def basis_changes(tensors: dict) -> int:
     return 0 if Q.dim() == 2 else Q.shape[0] - 1
 
 
-def apply_transform(lm, tensors: dict) -> None:
-    """Fold and rotate ``lm`` by the plan's Q (and segment starts), once per model instance."""
-    Q = tensors["Q"]
-    key = hash(Q.numpy().tobytes())
-    if getattr(lm, "_sparsen_transform", None) == key:
-        return
-    if getattr(lm, "_sparsen_transform", None) is not None:
-        raise RuntimeError("model already carries another rotation: load it again")
-    fold_norm_gains(lm)
-    rotate_residual(lm, Q, tensors["starts"].tolist() if "starts" in tensors else None)
-    if "Qo" in tensors:
-        rotate_head_values(lm, tensors["Qo"])
-    lm._sparsen_transform = key
+class ResidualRotation:
+    """The rotation transform a plan names: fold the norm gains, rotate the residual stream by Q (one basis, or one per
+    run of layers with the changes of basis between them), and each value head by Qo. Tensors: Q [d, d] or [S, d, d],
+    starts [S] (first layer of each run), Qo [L, n_kv, hd, hd] (optional)."""
+
+    name = TRANSFORM
+    tensor_keys = ("Q", "starts", "Qo")
+
+    def validate(self, tensors: dict) -> None:
+        Q = tensors.get("Q")
+        if Q is None or Q.dim() not in (2, 3) or Q.shape[-1] != Q.shape[-2]:
+            raise ValueError("the plan's rotation Q is missing from its tensors")
+        if Q.dim() == 3 and ("starts" not in tensors or tensors["starts"].numel() != Q.shape[0]):
+            raise ValueError("the plan's rotation has no segment starts for its bases")
+
+    def check_model(self, lm, tensors: dict) -> None:
+        ad = lm.adapter
+        if ad.rotation_refusal:
+            raise SparsenError(f"a residual rotation cannot apply to {lm.config.model_type}: {ad.rotation_refusal}")
+        _, n_kv, hd = head_groups(lm)
+        if tensors["Q"].shape[-1] != ad.hidden_size or (
+                "Qo" in tensors and tuple(tensors["Qo"].shape) != (ad.n_layers, n_kv, hd, hd)):
+            raise SparsenError("the plan's rotation does not fit this model's shapes: recalibrate")
+
+    def apply_(self, lm, tensors: dict) -> None:
+        fold_norm_gains(lm)
+        rotate_residual(lm, tensors["Q"], tensors["starts"].tolist() if "starts" in tensors else None)
+        if "Qo" in tensors:
+            rotate_head_values(lm, tensors["Qo"])
+
+    def added_params(self, lm, tensors: dict) -> int:
+        return basis_changes(tensors) * lm.adapter.hidden_size ** 2
+
+    def residual_changes(self, tensors: dict) -> dict:
+        if "starts" not in tensors:
+            return {}
+        starts = tensors["starts"].tolist()
+        return {starts[s]: change_of_basis(tensors["Q"], s) for s in range(1, len(starts))}
+
+
+register_transform(ResidualRotation())
 
 
 def head_groups(lm) -> tuple[int, int, int]:
     """(query heads, key-value heads, head dim) of the attention."""
-    c = lm.adapter.config
-    return c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, lm.adapter.head_dim
+    ad = lm.adapter
+    return ad.n_heads, ad.n_kv_heads, ad.head_dim
 
 
 @torch.no_grad()
@@ -147,7 +199,7 @@ def rotate_head_values(lm, Qo: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def topk_procrustes(X: torch.Tensor, Q: torch.Tensor, keep: float, iters: int = SPARSE_BASIS_ITERS) -> torch.Tensor:
+def topk_procrustes(X: torch.Tensor, Q: torch.Tensor, keep: float, iters: int = 10) -> torch.Tensor:
     """Refine an orthogonal basis so that each row of X, expressed in it, loses the least energy when its
     smallest (1 - keep) share of coordinates is zeroed: alternate Z = per-row top-k of X Q and the
     orthogonal Procrustes step Q = argmin ||X Q - Z|| = U V^T (U S V^T = svd(X^T Z)). Each step can only
@@ -168,7 +220,8 @@ def topk_procrustes(X: torch.Tensor, Q: torch.Tensor, keep: float, iters: int = 
 
 @torch.no_grad()
 def residual_bases(lm, wins, segments: int = 1, progress: bool = True, basis: str = "pca",
-                   sparsity: float = 0.5, values: bool = False) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
+                   sparsity: float = 0.5, values: bool = False, max_rows: int = 65536,
+                   iters: int = 10) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
     """Orthogonal bases of the normalized residual stream of a gain-folded model, one per run of
     consecutive layers (``segments`` runs), from the q/k/v and gate/up inputs of that run's layers on
     the decode positions (second half) of the calibration windows.
@@ -216,9 +269,9 @@ def residual_bases(lm, wins, segments: int = 1, progress: bool = True, basis: st
         Q = torch.linalg.eigh(C[s])[1].flip(-1)
         if basis == "sparse":
             X = torch.cat(rows[s])
-            if len(X) > SPARSE_BASIS_ROWS:
-                X = X[torch.randperm(len(X), generator=torch.Generator().manual_seed(s))[:SPARSE_BASIS_ROWS]]
-            Q = topk_procrustes(X, Q, keep=1 - sparsity)
+            if len(X) > max_rows:
+                X = X[torch.randperm(len(X), generator=torch.Generator().manual_seed(s))[:max_rows]]
+            Q = topk_procrustes(X, Q, keep=1 - sparsity, iters=iters)
             rows[s] = []
         bases.append(Q)
     Q = torch.stack(bases).to(torch.float32).contiguous()
@@ -228,7 +281,7 @@ def residual_bases(lm, wins, segments: int = 1, progress: bool = True, basis: st
 
 def basis_windows(lm, config, n_threshold: int) -> torch.Tensor:
     """Calibration windows for the basis fit, disjoint from the ``n_threshold`` windows the thresholds are
-    set on: the next ``BASIS_WINDOWS`` x as many of the calibration text.
+    set on: the next ``config.basis_windows`` x as many of the calibration text.
 
     Why disjoint: the sparse basis is fitted to make *its* rows sparse; thresholds set on those same
     rows then skip more there than on any other text (a 0.5 target reached 0.44 on the test text), so a
@@ -238,7 +291,7 @@ def basis_windows(lm, config, n_threshold: int) -> torch.Tensor:
     from sparsen.errors import SparsenError
 
     ctx = min(config.ctx, config.tokens)
-    n_basis = max(1, round(BASIS_WINDOWS * n_threshold))
+    n_basis = max(1, round(config.basis_windows * n_threshold))
     try:
         wins = corpus_windows(lm.tokenizer, config.corpus, ctx, n_threshold + n_basis)
     except SparsenError as e:
@@ -247,28 +300,27 @@ def basis_windows(lm, config, n_threshold: int) -> torch.Tensor:
     return wins[n_threshold:]
 
 
-def _rotated_copy(lm, wins, progress, segments: int = 1, basis: str = "pca", sparsity: float = 0.5):
+def _rotated_copy(lm, wins, progress, config, segments: int, sparsity: float):
     """A folded, rotated copy of ``lm``; the bases fitted on ``wins`` (the basis windows)."""
     work = copy.copy(lm)  # calibrate on a transformed copy; the caller's model stays as it was
     work.model = copy.deepcopy(lm.model)
     from sparsen.models.adapters import adapter_for
 
     work.adapter = adapter_for(work.model)
-    work._sparsen_transform = None
     fold_norm_gains(work)
-    Q, starts, Qo = residual_bases(work, wins, segments, progress, basis, sparsity, values=ROTATE_VALUES)
+    Q, starts, Qo = residual_bases(work, wins, segments, progress, config.basis, sparsity, values=config.rotate_values,
+                                   max_rows=config.sparse_basis_rows, iters=config.sparse_basis_iters)
     tensors = {"Q": Q} if segments == 1 else {"Q": Q, "starts": torch.tensor(starts, dtype=torch.int64)}
     rotate_residual(work, Q, starts)
     if Qo is not None:
         tensors["Qo"] = Qo
         rotate_head_values(work, Qo)
-    work._sparsen_transform = hash(Q.numpy().tobytes())
+    work.transform_key = applied_key(tensors)
     return work, tensors
 
 
 def calibrate(lm, sparsity, wins, config, progress):
-    work, tensors = _rotated_copy(lm, basis_windows(lm, config, len(wins)), progress, config.segments, config.basis,
-                                  sparsity)
+    work, tensors = _rotated_copy(lm, basis_windows(lm, config, len(wins)), progress, config, config.segments, sparsity)
     sites, achieved, extras = teal.calibrate(work, sparsity + charged_share(lm, tensors), wins, config, progress)
     return sites, achieved - charged_share(lm, tensors), {**extras, "transform": TRANSFORM, "tensors": tensors}
 
@@ -298,7 +350,7 @@ def calibrate_weighted(lm, sparsity, wins, config, progress):
     """Rotation, then thresholds on |z_i| * ||W'[:, i]|| (W' the rotated, gain-folded readers of z).
     At sparsity 0 one basis: there is no skipping to pay for a change of basis with."""
     segments = config.segments if sparsity > 0 else 1
-    work, tensors = _rotated_copy(lm, basis_windows(lm, config, len(wins)), progress, segments, config.basis, sparsity)
+    work, tensors = _rotated_copy(lm, basis_windows(lm, config, len(wins)), progress, config, segments, sparsity)
     sites, achieved, extras = teal.criterion_thresholds(work, sparsity + charged_share(lm, tensors), wins, config,
                                                         progress, scales=group_column_norms(work), tag="rw")
     tensors = {**tensors, **extras["tensors"]}
@@ -307,21 +359,20 @@ def calibrate_weighted(lm, sparsity, wins, config, progress):
 
 METHOD_WEIGHTED = Method("rotate-wina", "ours: the folded rotations (residual stream per run of layers, value heads), "
                          "then weight-aware thresholds |z_i|*||W'[:,i]|| (one mask per shared input)",
-                         calibrate_weighted, allocations=teal.ALLOCATIONS, segmented=True,
-                         defaults=(("segments", 4), ("basis", "sparse")))
+                         RotateWinaConfig, calibrate_weighted, rotation=True)
 
 
 METHOD = Method("rotate", "ours: TEAL thresholds in a folded orthogonal eigenbasis of the residual stream (free)",
-                calibrate, allocations=teal.ALLOCATIONS, segmented=True)
+                RotateConfig, calibrate, rotation=True)
 
 
 def calibrate_topk(lm, sparsity, wins, config, progress):
     """Rotation plus exact per-token top-k: the same share of every input is skipped on any text."""
-    _, tensors = _rotated_copy(lm, wins, progress, config.segments, config.basis, sparsity)
+    _, tensors = _rotated_copy(lm, wins, progress, config, config.segments, sparsity)
     raw = sparsity + charged_share(lm, tensors)
     sites = {site: {"rule": "topk", "sparsity": raw} for site, *_ in lm.adapter.linear_sites()}
     return sites, sparsity, {"transform": TRANSFORM, "tensors": tensors}
 
 
 METHOD_TOPK = Method("rotate-topk", "ours: per-token top-k in the folded eigenbasis of the residual stream (free)",
-                     calibrate_topk, segmented=True)
+                     RotateTopKConfig, calibrate_topk, rotation=True)

@@ -4,7 +4,16 @@ token's own statistics, assuming Gaussian entries. Linear time, no sort, no cali
 
 from __future__ import annotations
 
+from sparsen.methods.config import MethodConfig, method_config
 from sparsen.methods.registry import Method
+
+
+@method_config
+class StatTopKConfig(MethodConfig):
+    """Statistical top-k: keep |x| > rms(x) * Phi^-1((1 + s) / 2) per token; no calibration, exact for Gaussian rows."""
+
+    method = "stat-topk"
+    needs_calibration = False
 
 
 def calibrate(lm, sparsity, wins, config, progress):
@@ -13,4 +22,4 @@ def calibrate(lm, sparsity, wins, config, progress):
 
 
 METHOD = Method("stat-topk", "Gaussian per-token threshold rms*Phi^-1((1+s)/2) on all 7 inputs; no calibration",
-                calibrate, needs_calibration=False)
+                StatTopKConfig, calibrate)

@@ -12,10 +12,18 @@ thresholds active, so every threshold is set on the inputs the sparse model actu
 
 from __future__ import annotations
 
-from sparsen.methods.allocation import ALLOCATION_WINDOWS, ALLOCATIONS, site_levels
+from sparsen.core.rules import ThresholdRule
+from sparsen.methods.allocation import site_levels
 from sparsen.methods.calibration import two_pass
+from sparsen.methods.config import AllocatedConfig, method_config
 from sparsen.methods.registry import Method, weighted
-from sparsen.methods.runtime import ThresholdRule
+
+
+@method_config
+class TealConfig(AllocatedConfig):
+    """TEAL: per-linear magnitude thresholds on the inputs of all 7 block linears."""
+
+    method = "teal"
 
 
 def criterion_thresholds(lm, sparsity, wins, config, progress, scales: dict | None = None, tag: str = "t",
@@ -38,8 +46,8 @@ def criterion_thresholds(lm, sparsity, wins, config, progress, scales: dict | No
 
     def build(hists):
         if not levels:  # pass 1: choose each site's level (uniform, or by measured sensitivity)
-            chosen, record = site_levels(lm, hists, wins[:ALLOCATION_WINDOWS.get(config.allocation, 1)], sparsity,
-                                         config.allocation, progress,
+            chosen, record = site_levels(lm, hists, wins[:config.kl_windows()] if hasattr(config, "kl_windows")
+                                         else wins[:1], sparsity, config, progress,
                                          rule_for=lambda site, s: rule_at(site, hists[site].quantile(s)))
             levels.update(chosen)
             levels["_record"] = record
@@ -67,5 +75,4 @@ def calibrate(lm, sparsity, wins, config, progress):
     return criterion_thresholds(lm, sparsity, wins, config, progress)
 
 
-METHOD = Method("teal", "magnitude thresholds on the inputs of all 7 linears (TEAL)", calibrate,
-                allocations=ALLOCATIONS)
+METHOD = Method("teal", "magnitude thresholds on the inputs of all 7 linears (TEAL)", TealConfig, calibrate)

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+from sparsen.methods.config import MethodConfig, method_config
 from sparsen.methods.registry import Method
+
+
+@method_config
+class TopKConfig(MethodConfig):
+    """Exact per-token top-k of |x| on every block-linear input (sorts; no calibration)."""
+
+    method = "topk"
+    needs_calibration = False
 
 
 def calibrate(lm, sparsity, wins, config, progress):
@@ -10,5 +19,5 @@ def calibrate(lm, sparsity, wins, config, progress):
     return sites, sparsity
 
 
-METHOD = Method("topk", "exact per-token top-k of |x| on the inputs of all 7 linears; no calibration", calibrate,
-                needs_calibration=False)
+METHOD = Method("topk", "exact per-token top-k of |x| on the inputs of all 7 linears; no calibration", TopKConfig,
+                calibrate)

@@ -9,9 +9,16 @@ released Llama code applies the norm to gate and k only), so q/k/v (and gate/up)
 
 from __future__ import annotations
 
-from sparsen.methods.allocation import ALLOCATIONS
+from sparsen.methods.config import AllocatedConfig, method_config
 from sparsen.methods.registry import Method
 from sparsen.methods.teal import criterion_thresholds
+
+
+@method_config
+class WinaConfig(AllocatedConfig):
+    """WINA: thresholds on |x_i| * ||W[:, i]||, per linear, stored as per-channel input thresholds."""
+
+    method = "wina"
 
 
 def column_norms(lm) -> dict:
@@ -23,4 +30,4 @@ def calibrate(lm, sparsity, wins, config, progress):
 
 
 METHOD = Method("wina", "WINA: keep inputs with large |x_i|*||W[:,i]||, per-linear thresholds on that criterion",
-                calibrate, allocations=ALLOCATIONS)
+                WinaConfig, calibrate)

@@ -1,15 +1,21 @@
-"""Architecture adapters: where the seven block linears of a model live.
+"""Architecture adapters: the one place that knows where a model's parts live.
 
-A block has q, k, v, o (attention) and gate, up, down (SwiGLU MLP). The MLP intermediate is the
-input of down: ``silu(gate(x)) * up(x)``. Every later layer (measurement, methods, engine) asks
-the adapter for these modules instead of knowing attribute names.
+Every other layer (measure, methods, evaluation, engine) asks an adapter for blocks, linears, norms,
+attention geometry, the rotary tables, the embedding and the lm_head; nothing outside ``models/``
+reads a Hugging Face module's attributes. One file per architecture (``llama.py``, ``gemma3.py``),
+each registering its adapter class here with ``register_adapter``.
+
+A block has q, k, v, o (attention) and gate, up, down (gated MLP: ``act(gate(x)) * up(x)`` is the input
+of down; act is SiLU for Llama, tanh-GELU for Gemma).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from sparsen.errors import SparsenError
 
@@ -19,41 +25,59 @@ LINEAR_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 INPUT_GROUPS = {"attn_in": ("q", "k", "v"), "o_in": ("o",), "mlp_in": ("gate", "up"), "down_in": ("down",)}
 GROUP_OF = {name: group for group, names in INPUT_GROUPS.items() for name in names}
 
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}
+
 
 @dataclass
 class Block:
-    """One transformer block's modules, found by the adapter."""
+    """One transformer block's modules, found by the adapter. Norms a block does not have are None."""
 
     index: int
+    layer: nn.Module
+    """the decoder layer itself (re-run alone by the allocations; a change of basis hooks its input)"""
     attn: nn.Module
     mlp: nn.Module
-    input_norm: nn.Module
-    post_attn_norm: nn.Module
+    attn_norm: nn.Module
+    """the norm before attention (its output is the q/k/v input)"""
+    mlp_norm: nn.Module
+    """the norm before the MLP (its output is the gate/up input)"""
     linears: dict[str, nn.Linear]
+    attn_out_norm: nn.Module | None = None
+    """a norm on the attention output before the residual add (Gemma 3)"""
+    mlp_out_norm: nn.Module | None = None
+    """a norm on the MLP output before the residual add (Gemma 3)"""
+    q_norm: nn.Module | None = None
+    """per-head RMSNorm of the queries after q (Gemma 3's QK-norm)"""
+    k_norm: nn.Module | None = None
+    sliding_window: int | None = None
+    """this layer attends to the last ``sliding_window`` positions only (None: every position)"""
+    rope: str = "global"
+    """which rotary table this layer uses (a key of ``Adapter.rope_tables``)"""
 
 
-class LlamaFamilyAdapter:
-    """Llama, Mistral, Qwen2 (and SmolLM2, which is Llama): pre-RMSNorm, SwiGLU, GQA."""
+class Adapter:
+    """What every architecture adapter provides. Subclasses set ``model_types`` and ``_block``."""
 
-    model_types = ("llama", "mistral", "qwen2")
-    _attr = {
-        "q": ("self_attn", "q_proj"),
-        "k": ("self_attn", "k_proj"),
-        "v": ("self_attn", "v_proj"),
-        "o": ("self_attn", "o_proj"),
-        "gate": ("mlp", "gate_proj"),
-        "up": ("mlp", "up_proj"),
-        "down": ("mlp", "down_proj"),
-    }
+    model_types: tuple[str, ...] = ()
+    mlp_activation = "silu"
+    norm_offset = 0.0
+    """RMSNorm computes x / rms(x) * (offset + weight): 0 for Llama, 1 for Gemma"""
+    embed_scale = 1.0
+    """the embedding rows are multiplied by this before the first block (Gemma: sqrt(hidden))"""
+    rotation_refusal: str | None = None
+    """why a residual-stream rotation cannot be folded into this architecture (None: it can)"""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
-        self.blocks = [self._block(i, layer) for i, layer in enumerate(model.model.layers)]
+        self.blocks = [self._block(i, layer) for i, layer in enumerate(self._decoder().layers)]
 
-    def _block(self, i: int, layer: nn.Module) -> Block:
-        linears = {name: getattr(getattr(layer, a), b) for name, (a, b) in self._attr.items()}
-        return Block(i, layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm, linears)
+    # --- structure -----------------------------------------------------------------------------
+    def _decoder(self) -> nn.Module:
+        return self.model.model
+
+    def _block(self, i: int, layer: nn.Module) -> Block:  # pragma: no cover - per architecture
+        raise NotImplementedError
 
     @property
     def n_layers(self) -> int:
@@ -68,9 +92,56 @@ class LlamaFamilyAdapter:
         return self.config.intermediate_size
 
     @property
+    def n_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return getattr(self.config, "num_key_value_heads", None) or self.n_heads
+
+    @property
     def head_dim(self) -> int:
         return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
 
+    @property
+    def norm_eps(self) -> float:
+        return float(getattr(self.config, "rms_norm_eps", 1e-6))
+
+    @property
+    def attn_scale(self) -> float:
+        """The factor on q.k before the softmax."""
+        return self.head_dim ** -0.5
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.weight.shape[0]
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self._decoder().norm
+
+    @property
+    def embed(self) -> nn.Embedding:
+        return self._decoder().embed_tokens
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.model.lm_head
+
+    def activation(self, g: torch.Tensor) -> torch.Tensor:
+        """The MLP's gate activation (what CATS and CHESS threshold)."""
+        return ACTIVATIONS[self.mlp_activation](g)
+
+    def norm_gain(self, norm: nn.Module) -> torch.Tensor:
+        """The per-channel gain a norm multiplies by (its weight, plus the architecture's offset)."""
+        return norm.weight.detach() + self.norm_offset
+
+    @torch.no_grad()
+    def set_unit_gain(self, norm: nn.Module) -> None:
+        """Make a norm's gain 1 (after folding it into the linears that read its output)."""
+        norm.weight.fill_(1.0 - self.norm_offset)
+
+    # --- sites -----------------------------------------------------------------------------------
     def linear_sites(self):
         """Yield (site_name, block_index, linear_name, module); site names look like ``layers.3.q``."""
         for b in self.blocks:
@@ -80,34 +151,55 @@ class LlamaFamilyAdapter:
     def linear_params(self) -> dict[str, int]:
         return {site: m.weight.numel() for site, _, _, m in self.linear_sites()}
 
+    # --- running -----------------------------------------------------------------------------------
     def trunk(self, tokens, **kwargs):
         """The decoder stack without the lm_head (calibration only needs the block linears' inputs; the
         logits of 1024 positions cost ~20% of a forward pass). No KV cache."""
-        return self.model.model(tokens, use_cache=False, **kwargs)
+        return self._decoder()(tokens, use_cache=False, **kwargs)
 
-    @property
-    def final_norm(self) -> nn.Module:
-        return self.model.model.norm
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits from the last block's output: final norm, then lm_head."""
+        return self.lm_head(self.final_norm(h))
 
-    @property
-    def embed(self) -> nn.Embedding:
-        return self.model.model.embed_tokens
+    @torch.no_grad()
+    def rope_tables(self, max_seq: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per rotary kind (``Block.rope``), cos and sin [max_seq, head_dim] (HF's rotate-half convention)."""
+        pos = torch.arange(max_seq)[None]
+        cos, sin = self._decoder().rotary_emb(torch.zeros(1, 1, self.hidden_size), pos)
+        return {"global": (cos[0].float(), sin[0].float())}
 
-    @property
-    def lm_head(self) -> nn.Linear:
-        return self.model.lm_head
+    def fingerprint_tensors(self) -> list[torch.Tensor]:
+        """Sampled weights that identify the model (with its config): first and last block, embedding rows."""
+        first, last = self.blocks[0], self.blocks[-1]
+        out = [lin.weight.detach().reshape(-1)[:4096] for b in (first, last) for lin in (b.linears["q"], b.linears["down"])]
+        return out + [self.embed.weight.detach()[:4]]
 
 
-ADAPTERS = [LlamaFamilyAdapter]
-SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
+ADAPTERS: list[type[Adapter]] = []
 
 
-def adapter_for(model: nn.Module) -> LlamaFamilyAdapter:
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: make an architecture known to ``adapter_for`` (one line per architecture file)."""
+    ADAPTERS.append(cls)
+    return cls
+
+
+def supported_model_types() -> tuple[str, ...]:
+    _load_builtin()
+    return tuple(t for a in ADAPTERS for t in a.model_types)
+
+
+def _load_builtin() -> None:
+    from sparsen.models import gemma3, llama  # noqa: F401  (each registers its adapter)
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    _load_builtin()
     model_type = getattr(model.config, "model_type", None)
     for cls in ADAPTERS:
         if model_type in cls.model_types:
             return cls(model)
     raise SparsenError(
-        f"unsupported architecture '{model_type}': sparsen supports {', '.join(SUPPORTED_MODEL_TYPES)} "
-        "(Llama-family decoder models); pass one of those"
+        f"unsupported architecture '{model_type}': sparsen supports {', '.join(supported_model_types())}; "
+        "load a model of one of those"
     )

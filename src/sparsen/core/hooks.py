@@ -1,0 +1,183 @@
+"""The hooks that apply rules to a torch model's sites (forward hooks; nothing in the weights changes).
+
+Positions before ``dense_prefix`` are left dense: with one forward pass over a window, that reproduces
+exactly "dense prompt, sparse continuation" (a token's own computation is what the mask touches, and its
+KV entries are computed in its own pass). The sparsifier counts, per site, the inputs it zeroed on the
+sparse positions (``core/accounting.py``).
+
+Installers are per site kind: a new kind registers one with ``register_installer`` and the existing
+methods do not change.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+
+from sparsen.core.accounting import Tally, achieved
+from sparsen.core.rules import GateActRule, LowRankCompensated
+from sparsen.core.sites import SiteKind, model_sites
+
+INSTALLERS: dict[SiteKind, Callable] = {}
+
+
+def register_installer(kind: SiteKind):
+    """Decorator: ``fn(sparsifier, site, rule) -> [handles]`` installs ``rule`` on a site of this kind."""
+    def deco(fn):
+        INSTALLERS[kind] = fn
+        return fn
+
+    return deco
+
+
+class Sparsifier:
+    """Rules on a model's sites; use as a context manager or call attach()/detach().
+
+    ``rules`` maps site names (``layers.3.q``) to rules (``core/rules.py``). ``added_params``: weights read per
+    token beyond the sites' own (a change of basis, low-rank terms), charged against the sparsity."""
+
+    def __init__(self, adapter, rules: dict[str, Callable], dense_prefix: int = 0, added_params: int = 0):
+        self.adapter = adapter
+        self.rules = dict(rules)
+        self.dense_prefix = dense_prefix
+        self.enabled = True
+        self._handles: list = []
+        self._outer: list[bool] = []
+        self.sites = model_sites(adapter)
+        unknown = set(self.rules) - set(self.sites)
+        if unknown:
+            raise KeyError(f"unknown sites: {sorted(unknown)[:3]}")
+        for name, rule in self.rules.items():
+            if isinstance(rule, GateActRule) and not name.endswith(".down"):
+                raise KeyError(f"a gate-activation rule belongs on a 'down' site, not {name}")
+            mod = self.sites[name].module
+            if isinstance(rule, LowRankCompensated) and (rule.A.shape[1], rule.B.shape[0]) != (mod.in_features,
+                                                                                              mod.out_features):
+                raise ValueError(f"low-rank term for {name} does not fit its linear's shapes")
+        self.params = {name: site.params for name, site in self.sites.items()}
+        self.added_params = added_params + sum(r.added_params for r in self.rules.values()
+                                               if isinstance(r, LowRankCompensated))
+        self._dropped: dict[str, torch.Tensor] = {}
+        self.reset_stats()
+
+    # --- stats -------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self.tally = Tally({s: 0 for s in self.sites}, {s: 0 for s in self.sites})
+
+    @property
+    def zeros(self) -> dict[str, int]:
+        return self.tally.zeros
+
+    @property
+    def entries(self) -> dict[str, int]:
+        return self.tally.entries
+
+    def achieved(self) -> dict:
+        """Achieved sparsity on the tokens seen since reset (``core/accounting.achieved``)."""
+        return achieved(self.sites, self.tally, self.added_params)
+
+    # --- hooks -------------------------------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> "Sparsifier":
+        if not self._handles:
+            for name, rule in self.rules.items():
+                site = self.sites[name]
+                self._handles += INSTALLERS[site.kind](self, site, rule)
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._dropped.clear()
+
+    def __enter__(self):
+        self._outer.append(self.attached)  # a sparsifier attached before the with-block stays attached after it
+        return self.attach()
+
+    def __exit__(self, *exc):
+        if not self._outer.pop():
+            self.detach()
+
+    @contextmanager
+    def disabled(self):
+        """Temporarily run the dense model (for the KL reference) without removing the hooks."""
+        prev = self.enabled
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = prev
+
+
+@register_installer(SiteKind.LINEAR_INPUT)
+def install_linear_input(sp: Sparsifier, site, rule) -> list:
+    """A pre-hook masks the linear's input; a gate-activation rule hooks gate's output instead; a low-rank term
+    adds B A (dropped inputs) to the output in a forward hook."""
+    if isinstance(rule, GateActRule):
+        gate = sp.adapter.blocks[site.layer].linears["gate"]
+        return [gate.register_forward_hook(_gate_hook(sp, site.name, rule))]
+    handles = [site.module.register_forward_pre_hook(_input_hook(sp, site.name, rule))]
+    if isinstance(rule, LowRankCompensated):
+        handles.append(site.module.register_forward_hook(_lowrank_hook(sp, site.name, rule)))
+    return handles
+
+
+def _input_hook(sp: Sparsifier, name: str, rule):
+    def pre_hook(module, args):
+        if not sp.enabled:
+            return None
+        x = args[0]
+        p = sp.dense_prefix
+        if p <= 0:
+            xs = rule(x)
+            sp.tally.add(name, int((xs == 0).sum()), xs.numel())
+        else:
+            if x.shape[-2] <= p:
+                return None
+            tail = rule(x[..., p:, :])
+            sp.tally.add(name, int((tail == 0).sum()), tail.numel())
+            xs = torch.cat([x[..., :p, :], tail], dim=-2)
+        if isinstance(rule, LowRankCompensated):
+            sp._dropped[name] = x - xs
+        return (xs,) + tuple(args[1:])
+
+    return pre_hook
+
+
+def _lowrank_hook(sp: Sparsifier, name: str, rule: LowRankCompensated):
+    """Forward hook: add B A (dropped inputs) to the output (the pre-hook left the dropped part here)."""
+    def hook(module, args, y):
+        dropped = sp._dropped.pop(name, None)
+        if dropped is None or not sp.enabled:
+            return None
+        return y + (dropped @ rule.A.to(dropped.dtype).T) @ rule.B.to(dropped.dtype).T
+
+    return hook
+
+
+def _gate_hook(sp: Sparsifier, down_site: str, rule: GateActRule):
+    """Forward hook on gate: zero g_j of inactive channels; counts up's skipped rows and down's skipped inputs."""
+    up_site = down_site[: -len("down")] + "up"
+    act = sp.adapter.activation
+
+    def hook(module, args, g):
+        if not sp.enabled:
+            return None
+        p = sp.dense_prefix
+        if p > 0 and g.shape[-2] <= p:
+            return None
+        tail = g[..., p:, :] if p > 0 else g
+        keep = rule.keep(act(tail))
+        skipped, n = int((~keep).sum()), keep.numel()
+        for site in (up_site, down_site):
+            sp.tally.add(site, skipped, n)
+        tail = tail * keep
+        return torch.cat([g[..., :p, :], tail], dim=-2) if p > 0 else tail
+
+    return hook

@@ -1,0 +1,148 @@
+"""Sparsity plans: the artefact that flows between `calibrate`, `eval`, `generate` and `bench`.
+
+A plan is a JSON file: the method, its config and parameters, the target and calibration-measured sparsity,
+the model's fingerprint, and one rule entry per site (``layers.3.q``; kinds in ``core/rules.py``). Tensors
+(per-channel thresholds, low-rank factors, a transform's bases) live in a safetensors file beside the JSON.
+A plan may name a registered weight transform (``core/transforms.py``). A plan refuses to apply to another
+model.
+
+Applying a plan is explicit: ``plan.transform_(lm)`` changes lm's weights (if the plan has a transform),
+``plan.build_sparsifier(lm)`` only builds the hooks (and refuses a model that lacks the plan's transform);
+``sparsen.sparsify_`` does both and attaches the hooks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sparsen.core.hooks import Sparsifier
+from sparsen.core.rules import GateActRule, check_sparsity, rule_from_entry
+from sparsen.core.transforms import applied_key, get_transform
+from sparsen.errors import SparsenError
+from sparsen.io import write_json
+
+PLAN_FORMAT = "sparsen-plan/1"
+
+
+@dataclass
+class Plan:
+    method: str
+    target_sparsity: float
+    model: str
+    fingerprint: str
+    sites: dict[str, dict]
+    params: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    calibrated_sparsity: float | None = None
+    transform: str | None = None
+    """a registered weight transform the plan needs (e.g. 'residual_rotation'); its tensors live beside the plan"""
+    tensors_file: str | None = None
+    format: str = PLAN_FORMAT
+    config: dict | None = None
+    """the method's config fields as calibrated (``sparsen.config_for(method, **config)`` rebuilds it)"""
+    tensors: dict = field(default_factory=dict, repr=False)
+    """in memory only: the plan's tensors (saved as safetensors next to the JSON)"""
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        d = asdict(self)
+        d.pop("tensors")
+        if d["config"] is None:
+            d.pop("config")
+        if self.tensors:
+            from sparsen.io import save_safetensors
+
+            tensor_path = path.with_name(path.stem + ".safetensors")
+            save_safetensors(tensor_path, self.tensors, metadata={"fingerprint": self.fingerprint})
+            d["tensors_file"] = self.tensors_file = tensor_path.name
+        return write_json(path, d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise SparsenError(f"plan file '{path}' not found: create one with `sparsen calibrate ... --out {path}`")
+        try:
+            d = json.loads(path.read_text())
+            if d.get("format") != PLAN_FORMAT:
+                raise ValueError(f"format {d.get('format')!r}")
+            plan = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "tensors"})
+            if not isinstance(plan.sites, dict) or not plan.sites:
+                raise ValueError("no sites")
+            check_sparsity(plan.target_sparsity)
+            if plan.tensors_file:
+                tensor_path = path.with_name(plan.tensors_file)
+                if not tensor_path.is_file():
+                    raise SparsenError(f"plan '{path}' needs '{tensor_path}', which is missing: keep the .safetensors "
+                                       "file beside the plan, or recalibrate")
+                from safetensors import SafetensorError
+                from safetensors.torch import load_file
+
+                try:
+                    plan.tensors = load_file(str(tensor_path))
+                except (SafetensorError, OSError) as e:
+                    raise ValueError(f"{tensor_path.name}: {e}") from None
+            if plan.transform is not None:
+                get_transform(plan.transform).validate(plan.tensors)
+            for site, entry in plan.sites.items():
+                rule = rule_from_entry(entry, plan.tensors)
+                if isinstance(rule, GateActRule) and not site.endswith(".down"):
+                    raise ValueError(f"gate_act rule on {site}: it belongs on a down site")
+        except SparsenError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SparsenError(f"plan file '{path}' is corrupt ({e}): recreate it with `sparsen calibrate`") from None
+        return plan
+
+    def check_model(self, lm) -> None:
+        if self.fingerprint != lm.fingerprint:
+            raise SparsenError(f"this plan was made for model '{self.model}' (fingerprint {self.fingerprint}), not for "
+                               f"'{lm.spec}' ({lm.fingerprint}): calibrate a plan for this model")
+
+    # --- applying -------------------------------------------------------------------------------
+    def transform_tensors(self) -> dict:
+        """The tensors of the plan's transform (the rest are thresholds and low-rank factors)."""
+        if self.transform is None:
+            return {}
+        return {k: v for k, v in self.tensors.items() if k in get_transform(self.transform).tensor_keys}
+
+    def carried_by(self, lm) -> bool:
+        """Whether ``lm`` already carries this plan's transform (always, for a plan without one)."""
+        return self.transform is None or getattr(lm, "transform_key", None) == applied_key(self.transform_tensors())
+
+    def transform_(self, lm) -> None:
+        """Apply the plan's weight transform to ``lm`` in place (once; nothing to do without a transform)."""
+        self.check_model(lm)
+        if self.transform is None or self.carried_by(lm):
+            return
+        if getattr(lm, "transform_key", None) is not None:
+            raise SparsenError("this model already carries another plan's transform: load the model again")
+        t = get_transform(self.transform)
+        t.check_model(lm, self.tensors)
+        t.apply_(lm, self.tensors)
+        lm.transform_key = applied_key(self.transform_tensors())
+
+    def build_sparsifier(self, lm, dense_prefix: int = 0) -> Sparsifier:
+        """The hooks that apply this plan's rules to ``lm`` (not attached; the model is not changed)."""
+        self.check_model(lm)
+        if not self.carried_by(lm):
+            raise SparsenError(f"this {self.method} plan transforms the model's weights: apply it with "
+                               "sparsen.sparsify_(lm, plan) (or plan.transform_(lm)) first")
+        rules = {}
+        for site, entry in self.sites.items():
+            rule = rule_from_entry(entry, self.tensors)
+            if rule is not None:
+                rules[site] = rule
+        added = get_transform(self.transform).added_params(lm, self.tensors) if self.transform else 0
+        try:
+            return Sparsifier(lm.adapter, rules, dense_prefix=dense_prefix, added_params=added)
+        except KeyError as e:
+            raise SparsenError(f"plan names sites this model does not have ({e}): calibrate a plan for it") from None
+        except ValueError as e:
+            raise SparsenError(f"the plan's {e}: recalibrate") from None
+
+    def residual_changes(self) -> dict:
+        """layer -> R: the changes of basis of the residual stream the plan's transform needs (for the engine)."""
+        return get_transform(self.transform).residual_changes(self.tensors) if self.transform else {}

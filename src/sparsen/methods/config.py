@@ -1,0 +1,162 @@
+"""Method configs: one frozen dataclass per method, its fields documented and checked on construction.
+
+Every config carries the target ``sparsity`` and where it calibrates; a method's own knobs are fields of its
+config (rank share, allocation steps, segments, basis, ...), never module constants. A bad value or an unknown
+field raises a one-line ``SparsenError`` (also a ``TypeError`` or ``ValueError``, as Python would raise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from sparsen.core.rules import check_sparsity
+from sparsen.data import CALIB_CORPUS
+from sparsen.errors import SparsenError
+
+
+class ConfigFieldError(SparsenError, TypeError):
+    """A config was given a field it does not have."""
+
+
+class ConfigValueError(SparsenError, ValueError):
+    """A config field has a value outside its range."""
+
+
+def method_config(cls):
+    """Class decorator: a frozen dataclass whose constructor refuses unknown fields with a one-line SparsenError."""
+    cls = dataclass(frozen=True)(cls)
+    init = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            raise ConfigFieldError(f"{cls.__name__} has no field '{unknown[0]}': its fields are {', '.join(names)}")
+        if "sparsity" not in kwargs and not args:
+            raise ConfigFieldError(f"{cls.__name__} needs a target sparsity, e.g. {cls.__name__}(sparsity=0.5)")
+        init(self, *args, **kwargs)
+
+    __init__.__doc__ = init.__doc__
+    cls.__init__ = __init__
+    return cls
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigValueError(message)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+@method_config
+class MethodConfig:
+    """The fields every method takes. Subclasses name their method in ``method``."""
+
+    method: ClassVar[str] = ""
+    allocations: ClassVar[tuple[str, ...]] = ("uniform",)
+    needs_calibration: ClassVar[bool] = True
+
+    sparsity: float
+    """target model-wide sparsity in [0, 1): the share of block-linear weight bytes a kernel skips, effective
+    (less the bytes a method adds per token)"""
+    corpus: str = CALIB_CORPUS
+    """calibration text: a bundled corpus name or a UTF-8 file (never the evaluation corpus)"""
+    tokens: int = 16384
+    """calibration tokens (TEAL uses ~10 x 2048)"""
+    ctx: int = 1024
+    """window length of the calibration forward passes"""
+    allocation: str = "uniform"
+    """how sparsity is spread over the linears (the methods that allow others list them in ``allocations``)"""
+
+    def __post_init__(self):
+        check_sparsity(self.sparsity)
+        _check(isinstance(self.tokens, int) and self.tokens >= 2, f"tokens {self.tokens!r}: give at least 2")
+        _check(isinstance(self.ctx, int) and self.ctx >= 2, f"ctx {self.ctx!r}: give a window of at least 2 tokens")
+        _check(isinstance(self.corpus, str) and bool(self.corpus), "corpus: name a bundled corpus or a UTF-8 text file")
+        _check(self.allocation in self.allocations,
+               f"method '{self.method}' supports allocation {', '.join(self.allocations)}, not '{self.allocation}'")
+
+    def fields(self) -> dict:
+        """The config as a plain dict (what a plan records; ``config_for(method, **fields)`` rebuilds it)."""
+        return dataclasses.asdict(self)
+
+
+ALLOCATIONS = ("uniform", "greedy", "sensitivity", "global")
+
+
+@method_config
+class AllocatedConfig(MethodConfig):
+    """A method whose per-linear levels can be allocated (``methods/allocation.py``)."""
+
+    allocations: ClassVar[tuple[str, ...]] = ALLOCATIONS
+
+    allocation: str = "uniform"
+    """'uniform' (every linear at the target); 'greedy' (TEAL's block-wise greedy: inside each block raise the
+    linear whose step adds the least block-output error per parameter share); 'sensitivity' (per input group,
+    greedy on measured KL per skipped byte, the same in every layer); 'global' (ours: TEAL's greedy inside each
+    block, each block's level set by the KL it causes alone)"""
+    greedy_step: float = 0.05
+    """greedy and global: the step by which a linear's level is raised inside a block"""
+    greedy_tokens: int = 256
+    """greedy and global: tokens of the first calibration window the block errors are measured on (second half)"""
+    global_span: float = 0.15
+    """global: how far above the target a block's level may go"""
+    global_step: float = 0.025
+    """global: the step by which a block's level is raised"""
+    kl_tokens: int = 512
+    """global: tokens of each calibration window the per-block KL is measured on (second half)"""
+    allocation_windows: int | None = None
+    """sensitivity and global: calibration windows the KL is measured on (None: 1 for sensitivity, 3 for global)"""
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("greedy_step", "global_step"):
+            v = getattr(self, name)
+            _check(_number(v) and 0 < v <= 0.5, f"{name} {v!r}: give a step in (0, 0.5]")
+        _check(_number(self.global_span) and 0 <= self.global_span < 1, f"global_span {self.global_span!r}: give [0, 1)")
+        for name in ("greedy_tokens", "kl_tokens"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 2, f"{name} {v!r}: give at least 2 tokens")
+        _check(self.allocation_windows is None or (isinstance(self.allocation_windows, int) and self.allocation_windows >= 1),
+               f"allocation_windows {self.allocation_windows!r}: give 1 or more, or None")
+
+    def kl_windows(self) -> int:
+        """Calibration windows an allocation measures KL on."""
+        if self.allocation_windows is not None:
+            return self.allocation_windows
+        return {"sensitivity": 1, "global": 3}.get(self.allocation, 1)
+
+
+@method_config
+class RotationConfig(AllocatedConfig):
+    """The rotation methods (ours): a folded orthogonal basis of the residual stream, per run of layers."""
+
+    segments: int = 1
+    """runs of consecutive layers that get their own basis of the residual stream; each change of basis between
+    runs costs a d x d product per token, charged against the sparsity"""
+    basis: str = "pca"
+    """'pca' (eigenbasis of the second moment) or 'sparse' (that basis refined so that per-token thresholding drops
+    the least energy: alternating top-k and orthogonal Procrustes)"""
+    basis_windows: float = 2.0
+    """basis-fit windows per threshold window, disjoint from them (more text, less overfitted bases)"""
+    sparse_basis_rows: int = 65536
+    """rows (inputs of one segment) the sparse-basis fit uses at most, a seeded sample"""
+    sparse_basis_iters: int = 10
+    """alternations of the sparse-basis fit"""
+    rotate_values: bool = True
+    """also turn each value head into the eigenbasis of its outputs (folded into v and o: free)"""
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(isinstance(self.segments, int) and not isinstance(self.segments, bool) and self.segments >= 1,
+               f"segments {self.segments!r}: give a whole number of 1 or more")
+        _check(self.basis in ("pca", "sparse"), f"basis {self.basis!r}: use pca or sparse")
+        _check(_number(self.basis_windows) and self.basis_windows > 0, f"basis_windows {self.basis_windows!r}: give > 0")
+        _check(isinstance(self.sparse_basis_rows, int) and self.sparse_basis_rows >= 1, "sparse_basis_rows: give >= 1")
+        _check(isinstance(self.sparse_basis_iters, int) and self.sparse_basis_iters >= 1, "sparse_basis_iters: give >= 1")
+        _check(isinstance(self.rotate_values, bool), "rotate_values: give True or False")
