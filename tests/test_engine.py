@@ -1,23 +1,51 @@
+import copy
+import ctypes
+import ctypes.util
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 
+import sparsen
 from sparsen import SparsenError, load_model
 from sparsen.cli import main
-from sparsen.engine import RULE_GAUSS, RULE_THRESHOLD, RULE_TOPK, Engine, kernels, weight_array
-from sparsen.methods import CalibrationConfig, calibrate
-from sparsen.methods.plan import GaussianTopKRule
-from sparsen.methods.runtime import ThresholdRule, TopKRule
-
-CFG = CalibrationConfig(tokens=2048, ctx=256)
+from sparsen.core.rules import GaussianTopKRule, RuleKind, ThresholdRule, TopKRule
+from sparsen.engine import ABI_VERSION, STRUCTS, Engine, Model, kernels, library_path, open_kernels, sample, weight_array
+from sparsen.methods import calibrate, config_for
+from sparsen.models import LoadedModel, adapter_for
+from sparsen.models.tiny import byte_tokenizer
 
 
 def ptr(a):
     return a.ctypes.data
 
 
+def plan_for(lm, method, sparsity, **fields):
+    return calibrate(lm, config_for(method, sparsity=sparsity, tokens=2048, ctx=256, **fields), progress=False)
+
+
+def tiny_gemma3(softcap=None, seed=0):
+    """A random Gemma 3: 2 sliding layers (window 8) and 1 global, one KV head, QK-norm, random norm gains."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=258, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=24,
+                           sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                           max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=256,
+                           eos_token_id=257, pad_token_id=0, final_logit_softcapping=softcap)
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # std 0.05 (the embedding is scaled by 8): greedy decoding does not fall into a loop
+        for p in model.parameters():
+            p.normal_(0.0, 0.05 if p.dim() == 2 else 0.3)  # norm weights != 0: Gemma's 1 + w gains are exercised
+    model.requires_grad_(False)
+    return LoadedModel(spec="tiny-gemma3", model=model, tokenizer=byte_tokenizer(), adapter=adapter_for(model),
+                       source="random init, seed fixed")
+
+
+# --- kernels ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(64, 160), (160, 64), (37, 53), (576, 192)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
@@ -34,7 +62,8 @@ def test_axpy_gemv_equals_masked_dense_product(dtype, shape, sparsity):
     expected = (Wref @ torch.from_numpy(xm)).numpy()
     for threads in (1, 2):
         y = np.full(n_out, np.nan, np.float32)
-        kernels().gemv_axpy(ptr(wt), int(dtype == "bf16"), n_in, n_out, ptr(x), ptr(act), len(act), ptr(y), threads)
+        assert kernels().sp_test_gemv(ptr(wt), int(dtype == "bf16"), n_in, n_out, ptr(x), ptr(act), len(act), ptr(y),
+                                      threads) == 0
         np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
     if sparsity == 1.0:
         assert np.all(y == 0)
@@ -49,10 +78,10 @@ def test_row_gemv_on_selected_rows(dtype):
     w = weight_array(W, dtype)
     Wref = (W.to(torch.bfloat16).float() if dtype == "bf16" else W).numpy()
     y = np.zeros(300, np.float32)
-    kernels().gemv_rows(ptr(w), int(dtype == "bf16"), 70, 300, ptr(x), ptr(rows), len(rows), ptr(y), 2)
+    kernels().sp_test_dot_rows(ptr(w), int(dtype == "bf16"), 70, 300, ptr(x), ptr(rows), len(rows), ptr(y), 2)
     np.testing.assert_allclose(y[rows], Wref[rows] @ x, rtol=1e-4, atol=1e-4)
     assert np.all(np.delete(y, rows) == 0)
-    kernels().gemv_rows(ptr(w), int(dtype == "bf16"), 70, 300, ptr(x), None, 0, ptr(y), 2)  # all rows
+    kernels().sp_test_dot_rows(ptr(w), int(dtype == "bf16"), 70, 300, ptr(x), None, 0, ptr(y), 2)  # all rows
     np.testing.assert_allclose(y, Wref @ x, rtol=1e-4, atol=1e-4)
 
 
@@ -61,37 +90,170 @@ def test_masks_equal_the_torch_rules(n):
     x = torch.randn(n) * torch.rand(n) * 3
     xs = x.numpy().copy()
     act = np.zeros(n, np.int32)
-    cases = [(RULE_THRESHOLD, 0.0, np.full(n, 0.7, np.float32), ThresholdRule(0.7)),
-             (RULE_THRESHOLD, 0.0, np.linspace(0, 2, n).astype(np.float32), ThresholdRule(torch.linspace(0, 2, n)))]
+    cases = [(RuleKind.THRESHOLD, 0.0, np.full(n, 0.7, np.float32), ThresholdRule(0.7)),
+             (RuleKind.THRESHOLD, 0.0, np.linspace(0, 2, n).astype(np.float32), ThresholdRule(torch.linspace(0, 2, n)))]
     for s in (0.0, 0.3, 0.5, 1.0):
-        cases.append((RULE_TOPK, s, None, TopKRule(s)))
+        cases.append((RuleKind.TOPK, s, None, TopKRule(s)))
     for s in (0.3, 0.7):
         g = GaussianTopKRule(s)
-        cases.append((RULE_GAUSS, g.z, None, g))
+        cases.append((RuleKind.GAUSSIAN_TOPK, g.z, None, g))
     for kind, param, thr, rule in cases:
-        m = kernels().mask(kind, param, ptr(thr) if thr is not None else None, ptr(xs), n, ptr(act))
+        m = kernels().sp_test_mask(int(kind), param, ptr(thr) if thr is not None else None, ptr(xs), n, ptr(act))
         expected = torch.nonzero(rule(x[None])[0] != 0).flatten().numpy()
         assert m == len(expected) and np.array_equal(act[:m], expected), (kind, param)
 
 
-@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-qwen2"])
-def test_dense_engine_matches_hf_logits_and_greedy_tokens(spec):
-    lm = load_model(spec)
-    ids = list(range(60, 90))
+# --- ABI and loading -------------------------------------------------------------------------------
+def test_kernel_abi_agrees_with_the_ctypes_structs():
+    lib = kernels()
+    assert lib.sp_abi_version() == ABI_VERSION
+    for which, cls in STRUCTS.values():
+        assert lib.sp_struct_size(which) == ctypes.sizeof(cls) > 0
+    assert lib.sp_struct_size(99) == -1
+    assert lib.sp_rule_kinds().decode() == "".join(f"{k.name}={k.value}," for k in RuleKind)
+
+
+def test_a_stale_kernel_build_is_refused(monkeypatch, tmp_path):
+    path = library_path()
+    expected = rf"stale build \(ABI {ABI_VERSION}, this sparsen needs {ABI_VERSION + 1}\).*pip install -e \."
+    with pytest.raises(SparsenError, match=expected) as e:
+        open_kernels(path, abi_version=ABI_VERSION + 1)
+    assert "\n" not in str(e.value)
+
+    class Bigger(ctypes.Structure):
+        _fields_ = [*STRUCTS["sp_layer"][1]._fields_, ("extra", ctypes.c_void_p)]
+
+    monkeypatch.setitem(STRUCTS, "sp_layer", (STRUCTS["sp_layer"][0], Bigger))
+    with pytest.raises(SparsenError, match=r"sizeof\(sp_layer\).*pip install -e \."):
+        open_kernels(path)
+    monkeypatch.undo()
+    libm = ctypes.util.find_library("m")  # a library without the ABI symbol: a build from before ABI versions
+    if libm:
+        with pytest.raises(SparsenError, match="stale build"):
+            open_kernels(libm)
+    junk = tmp_path / "_kernels.so"
+    junk.write_bytes(b"not a library")
+    with pytest.raises(SparsenError, match="could not be loaded"):
+        open_kernels(junk)
+
+
+def test_engine_without_built_kernels_says_how_to_build(monkeypatch, tiny_llama):
+    import sparsen.engine as eng
+
+    monkeypatch.setattr(eng, "_LIB", None)
+    monkeypatch.setattr(eng, "library_path", lambda: None)
+    with pytest.raises(SparsenError, match="not built.*pip install -e") as e:
+        Engine(tiny_llama)
+    assert "\n" not in str(e.value)
+
+
+# --- bounds ---------------------------------------------------------------------------------------
+def test_out_of_range_tokens_and_positions_are_errors_not_crashes(tiny_llama):
+    engine = Engine(tiny_llama, threads=2, max_seq=4)
+    for bad in (engine.vocab, engine.vocab + 1000, -1):
+        with pytest.raises(SparsenError, match="outside the vocabulary"):
+            engine.step(bad)
+    # the C step checks too, whatever Python passes it
+    lib, m, logits = engine.lib, ctypes.byref(engine._model), ptr(engine.logits)
+    assert lib.sp_decode_step(m, engine._ws, 0, engine.vocab, logits, 1) == -2
+    assert lib.sp_decode_step(m, engine._ws, 0, -5, logits, 1) == -2
+    assert lib.sp_decode_step(m, engine._ws, 4, 1, logits, 1) == -1
+    assert lib.sp_decode_step(m, engine._ws, -1, 1, logits, 1) == -1
+    assert lib.sp_decode_step(m, engine._ws, 3, 1, logits, 1) == 0
+    for t in (1, 2, 3, 4):
+        engine.step(t)
+    with pytest.raises(SparsenError, match="context is full"):
+        engine.step(5)
+    with pytest.raises(SparsenError, match="larger max_seq"):
+        engine.generate([1, 2, 3], 8)
+
+
+def test_workspace_refuses_bad_shapes(tiny_llama):
+    engine = Engine(tiny_llama, threads=2, max_seq=8)
+    lib, status = engine.lib, ctypes.c_int(0)
+    for field, value, code in (("n_heads", 3, -4), ("head_dim", 15, -3), ("vocab", 0, -3), ("activation", 7, -3)):
+        m = Model.from_buffer_copy(engine._model)
+        setattr(m, field, value)
+        assert not lib.sp_workspace_create(ctypes.byref(m), 2, ctypes.byref(status))
+        assert status.value == code, field
+    assert not lib.sp_workspace_create(ctypes.byref(engine._model), 0, ctypes.byref(status))
+    ws = lib.sp_workspace_create(ctypes.byref(engine._model), 2, ctypes.byref(status))
+    assert ws and status.value == 0
+    lib.sp_workspace_free(ws)
+
+
+# --- dense engine against HF -------------------------------------------------------------------------
+def assert_matches_hf(lm, ids, new_tokens, dtype="fp32", ref_model=None, rtol=1e-4):
+    """Engine logits at every prompt position and its greedy tokens equal the torch model's (``ref_model``: the
+    model the engine should equal, default lm's own)."""
+    ref_model = ref_model or lm.model
     with torch.no_grad():
-        ref = lm.model(torch.tensor([ids])).logits[0].numpy()
-        hf = lm.model.generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False)
-    engine = Engine(lm, threads=2, max_seq=256)
+        ref = ref_model(torch.tensor([ids])).logits[0].numpy()
+        hf = ref_model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                do_sample=False)
+    engine = Engine(lm, dtype=dtype, threads=2, max_seq=256)
     engine.reset()
+    worst = 0.0
     for i, t in enumerate(ids):
         got = engine.step(t, dense=True)
-        assert np.abs(got - ref[i]).max() <= 1e-4 * np.abs(ref[i]).max()
-    assert engine.generate(ids, 64) == hf[0, len(ids):].tolist()
+        worst = max(worst, float(np.abs(got - ref[i]).max() / np.abs(ref[i]).max()))
+    assert worst <= rtol
+    assert engine.generate(ids, new_tokens) == hf[0, len(ids):].tolist()
+    return engine, ref
 
 
+@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-qwen2"])
+def test_dense_engine_matches_hf_logits_and_greedy_tokens(spec):
+    assert_matches_hf(load_model(spec), list(range(60, 90)), 64)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_tiny_gemma3_dense_engine_matches_hf(softcap):
+    lm = tiny_gemma3(softcap)
+    ad = lm.adapter
+    assert [b.sliding_window for b in ad.blocks] == [8, 8, None] and ad.n_kv_heads == 1
+    ids = list(range(60, 90))  # 30 prompt positions and 64 generated: far beyond the window of 8
+    engine, ref = assert_matches_hf(lm, ids, 64)
+    # the window is what makes it match: the same engine attending to every position does not
+    for i in range(engine.n_layers):
+        engine._layers[i].window = 0
+    engine.reset()
+    last = [engine.step(t, dense=True).copy() for t in ids][-1]
+    assert np.abs(last - ref[-1]).max() > 1e-2 * np.abs(ref[-1]).max()
+
+
+def bf16_rounded(lm):
+    """lm with every weight the bf16 engine holds rounded to bf16 (block linears, lm_head; not the embedding,
+    norms or biases, which the engine keeps in fp32); the lm_head is untied for that."""
+    model = copy.deepcopy(lm.model)
+    ad = adapter_for(model)
+    with torch.no_grad():
+        for b in ad.blocks:
+            for lin in b.linears.values():
+                lin.weight.copy_(lin.weight.to(torch.bfloat16).float())
+        ad.lm_head.weight = torch.nn.Parameter(ad.lm_head.weight.to(torch.bfloat16).float(), requires_grad=False)
+    return dataclasses.replace(lm, model=model, adapter=ad, _fingerprint=lm.fingerprint)
+
+
+@pytest.mark.parametrize("make", [lambda: load_model("tiny-llama"), tiny_gemma3], ids=["tiny-llama", "tiny-gemma3"])
+def test_bf16_engine_matches_the_model_with_bf16_rounded_weights(make):
+    lm = make()
+    ref_lm = bf16_rounded(lm)
+    ids = list(range(60, 90))
+    # Same tolerance as fp32: the engine widens each bf16 weight exactly and computes in fp32, as the reference
+    # does on the same rounded values, so only the order of the fp32 sums differs (~1e-6 relative here).
+    engine, ref = assert_matches_hf(lm, ids, 32, dtype="bf16", ref_model=ref_lm.model)
+    # and the rounding is visible: the fp32 model is much further away than the tolerance
+    with torch.no_grad():
+        full = lm.model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(full - ref).max() > 10 * 1e-4 * np.abs(ref).max()
+
+
+# --- sparse engine against the masked torch computation ------------------------------------------------
 def reference_logits(lm, plan, ids, prompt):
-    """The plan applied through `sparsen eval`'s path: one forward, positions >= prompt sparse."""
-    sp = plan.sparsifier(lm, dense_prefix=prompt)
+    """The plan applied as ``sparsen.sparsify_`` does (transform, then hooks), positions >= prompt sparse."""
+    plan.transform_(lm)
+    sp = plan.build_sparsifier(lm, dense_prefix=prompt)
     with torch.no_grad(), sp:
         return lm.model(torch.tensor([ids])).logits[0].numpy(), sp.achieved()
 
@@ -106,7 +268,7 @@ def engine_logits(engine, ids, prompt):
 
 def hand_plan(lm, kind):
     """Plans for the rule kinds whose methods need more calibration than a unit test should spend."""
-    plan = calibrate(lm, "teal", 0.0, CFG, progress=False)
+    plan = plan_for(lm, "teal", 0.0)
     d, inter = lm.adapter.hidden_size, lm.adapter.intermediate_size
     g = torch.Generator().manual_seed(0)
     for b in range(lm.adapter.n_layers):
@@ -121,21 +283,31 @@ def hand_plan(lm, kind):
     return plan
 
 
+def method_plan(lm, method, cats=0.4):
+    """A plan of ``method`` (``rotate:3``: 3 runs of layers; ``hand:...``: hand_plan) at 0.5, CATS at ``cats`` (it
+    reaches only what the MLP's share of the weights allows)."""
+    if method.startswith("hand:"):
+        return hand_plan(lm, method.split(":")[1])
+    name, _, segments = method.partition(":")
+    return plan_for(lm, name, cats if name == "cats" else 0.5, **({"segments": int(segments)} if segments else {}))
+
+
+def state(lm):
+    return {k: v.clone() for k, v in lm.model.state_dict().items()}
+
+
 @pytest.mark.parametrize("method", ["teal", "topk", "stat-topk", "rotate", "rotate:3", "rotate-wina", "rotate-topk",
                                     "wina", "rsparse", "chess", "cats", "hand:gate_act", "hand:channel"])
 def test_sparse_engine_equals_masked_dense_computation(method):
     source = load_model("tiny-llama")
-    if method.startswith("hand:"):
-        plan = hand_plan(source, method.split(":")[1])
-    else:
-        name, _, segments = method.partition(":")
-        cfg = CalibrationConfig(tokens=2048, ctx=256, segments=int(segments) if segments else None)
-        plan = calibrate(source, name, 0.4 if name == "cats" else 0.5, cfg, progress=False)
+    plan = method_plan(source, method)
     ids = [int(t) for t in torch.randint(0, 256, (48,), generator=torch.Generator().manual_seed(1))]
     prompt = 20
-    ref_lm, eng_lm = load_model("tiny-llama"), load_model("tiny-llama")  # a rotation plan transforms its model
-    ref, ref_sparsity = reference_logits(ref_lm, plan, ids, prompt)
-    engine = Engine(eng_lm, plan, threads=2, max_seq=64)
+    ref, ref_sparsity = reference_logits(load_model("tiny-llama"), plan, ids, prompt)
+    before = state(source)
+    engine = Engine(source, plan, threads=2, max_seq=64)
+    # the engine leaves the caller's model as it was (a rotation plan is applied to its own copy)
+    assert source.transform_key is None and all(torch.equal(v, before[k]) for k, v in state(source).items())
     got = engine_logits(engine, ids, prompt)
     np.testing.assert_allclose(got, ref[prompt - 1: len(ids) - 1], rtol=1e-3, atol=1e-3 * np.abs(ref).max())
     # the engine skips what the reference zeroes (the reference also counts the first sparse position's input)
@@ -143,15 +315,54 @@ def test_sparse_engine_equals_masked_dense_computation(method):
     assert engine.achieved()["overall"] > 0.1  # the plan really skips weights
 
 
-def test_engine_refuses_a_plan_for_another_model():
-    plan = calibrate(load_model("tiny-llama"), "teal", 0.5, CFG, progress=False)
+@pytest.mark.parametrize("method", ["teal", "cats", "wina"])
+def test_sparse_engine_on_tiny_gemma3(method):
+    # gelu_tanh gate activations (CATS), the branch-output norms and QK-norm under masks
+    plan = method_plan(tiny_gemma3(), method, cats=0.3)
+    ids = [int(t) for t in torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(2))]
+    prompt = 16
+    ref, ref_sparsity = reference_logits(tiny_gemma3(), plan, ids, prompt)
+    engine = Engine(tiny_gemma3(), plan, threads=2, max_seq=64)
+    got = engine_logits(engine, ids, prompt)
+    np.testing.assert_allclose(got, ref[prompt - 1: len(ids) - 1], rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+    assert engine.achieved()["overall"] == pytest.approx(ref_sparsity["overall"], abs=0.03)
+    assert engine.achieved()["overall"] > 0.1
+
+
+def test_engine_takes_the_plan_sparsify_applied(tiny_llama):
+    plan = plan_for(tiny_llama, "rotate", 0.5, segments=3)
+    ids = [int(t) for t in torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(3))]
+    expected = engine_logits(Engine(load_model("tiny-llama"), plan, max_seq=64), ids, 16)
+    lm = load_model("tiny-llama")
+    sparsen.sparsify_(lm, plan)  # lm now carries the rotation: the engine reads it as it is
+    engine = Engine(lm, max_seq=64)
+    assert engine.plan is plan
+    np.testing.assert_allclose(engine_logits(engine, ids, 16), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    sparsen.unsparsify_(lm)  # the rotation stays in lm's weights; its changes of basis are only the plan's
+    with pytest.raises(SparsenError, match="carries a plan's weight transform but no plan"):
+        Engine(lm)
+
+
+def test_engine_refuses_a_plan_for_another_model(tiny_llama, tiny_qwen2):
+    plan = plan_for(tiny_llama, "teal", 0.5)
     with pytest.raises(SparsenError, match="made for model"):
-        Engine(load_model("tiny-qwen2"), plan)
+        Engine(tiny_qwen2, plan)
+
+
+# --- generation --------------------------------------------------------------------------------------
+def test_generate_text_decodes_the_greedy_tokens(tiny_llama):
+    engine = Engine(tiny_llama, max_seq=64)
+    ids = tiny_llama.tokenizer("Hello", add_special_tokens=False)["input_ids"]
+    tokens = engine.generate(ids, 12, eos_token_id=tiny_llama.tokenizer.eos_token_id)
+    text = engine.generate_text("Hello", max_new_tokens=12)
+    assert text == tiny_llama.tokenizer.decode(tokens, skip_special_tokens=True) and text
+    assert engine.generate_text("Hello", max_new_tokens=12, temperature=1.0, seed=5) == \
+        engine.generate_text("Hello", max_new_tokens=12, temperature=1.0, seed=5)
+    with pytest.raises(SparsenError, match="no chat template"):
+        engine.generate_text("Hello", chat=True)
 
 
 def test_sampling_is_seeded_and_respects_top_p():
-    from sparsen.engine import sample
-
     logits = np.array([5.0, 4.9, -10, -10], np.float32)
     picks = {sample(logits, 1.0, 0.5, np.random.default_rng(s)) for s in range(20)}
     assert picks == {0}  # top-p 0.5 keeps only the most likely token
@@ -160,6 +371,7 @@ def test_sampling_is_seeded_and_respects_top_p():
     assert sample(logits, 0.0, 1.0, None) == 0
 
 
+# --- command line ------------------------------------------------------------------------------------
 def test_cli_generate_and_bench(tmp_path, capsys):
     plan = tmp_path / "plan.json"
     assert main(["calibrate", "--model", "tiny-llama", "--method", "teal", "--sparsity", "0.5", "--tokens", "1024",
@@ -182,6 +394,15 @@ def test_cli_generate_and_bench(tmp_path, capsys):
     assert "made for model 'tiny-llama'" in err and "not found" in err
 
 
+def test_cli_generate_with_a_rotation_plan(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    assert main(["calibrate", "--model", "tiny-llama", "--method", "rotate", "--sparsity", "0.5", "--tokens", "1024",
+                 "--ctx", "256", "--out", str(plan), "--quiet"]) == 0
+    assert main(["generate", "--model", "tiny-llama", "--plan", str(plan), "--prompt", "Hello", "--max-new-tokens",
+                 "4"]) == 0
+    assert "achieved sparsity" in capsys.readouterr().err
+
+
 def test_profile_line_survives_a_noisy_split():
     # A run without block linears can time slower than the dense run on a tiny model (CI failed on this once).
     from sparsen.engine.commands import profile_line
@@ -192,6 +413,7 @@ def test_profile_line_survives_a_noisy_split():
     assert "10.0 GB/s" in profile_line({**pr, "block_linears_gb_s": 10.0}, 20)
 
 
+# --- real models -------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_dense_engine_matches_hf_generate(smollm2):
     ids = smollm2.tokenizer("The history of the city begins", add_special_tokens=False)["input_ids"]
@@ -207,3 +429,12 @@ def test_smollm2_dense_engine_matches_hf_generate(smollm2):
         assert np.abs(got - ref[i]).max() <= 1e-3 * np.abs(ref[i]).max()
 
 
+@pytest.mark.slow
+def test_gemma3_270m_engine_greedy_equals_hf_generate():
+    lm = load_model("gemma3")
+    ids = lm.tokenizer("The history of the city begins", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        hf = lm.model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    engine = Engine(lm, threads=2, max_seq=128)
+    assert engine.vocab == 262144 and engine.head_dim == 256 and engine.n_kv == 1
+    assert engine.generate(ids, 32) == hf[0, len(ids):].tolist()

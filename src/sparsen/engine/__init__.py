@@ -1,44 +1,119 @@
-"""A batch-1 CPU decode engine for Llama-family models whose kernels skip the weights of inactive channels.
+"""A batch-1 CPU decode engine whose kernels skip the weights of inactive channels (Llama family, Gemma 3).
 
-``Engine(lm, plan)`` copies the (plan-transformed) model's weights into kernel-friendly layouts and
-decodes one token per C call (``kernels.c``: the whole forward inside one OpenMP parallel region).
-The prompt is prefilled dense and every generated token runs the plan's rules: exactly the
-``decode`` protocol of ``sparsen eval``.
+``Engine(lm, plan)`` copies the (plan-transformed) model's weights into kernel-friendly layouts and decodes one
+token per C call (``kernels/``: the whole forward inside one OpenMP parallel region). The prompt is prefilled
+dense and every generated token runs the plan's rules: exactly the ``decode`` protocol of ``sparsen eval``.
+
+The engine never changes ``lm``: a plan whose weight transform (a rotation) ``lm`` does not carry is applied to a
+deep copy, the engine's weights are taken from the copy, and the copy is dropped.
 """
 
 from __future__ import annotations
 
 import ctypes
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sparsen.core.rules import (
+    GateActRule,
+    GaussianTopKRule,
+    LowRankCompensated,
+    RuleKind,
+    ThresholdRule,
+    TopKRule,
+    rule_from_entry,
+)
+from sparsen.core.sites import Site, model_sites
 from sparsen.errors import SparsenError
 from sparsen.models.adapters import LINEAR_NAMES
 
-RULE_DENSE, RULE_THRESHOLD, RULE_TOPK, RULE_GAUSS, RULE_GATE_ACT = range(5)
+ABI_VERSION = 2
+"""must equal SP_ABI_VERSION in kernels/sparsen.h (bumped with any change to the structs below)"""
 DTYPES = ("fp32", "bf16")
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # enum sp_activation
+N_LIN = len(LINEAR_NAMES)
+REBUILD = "rebuild them with `pip install -e .` in the sparsen checkout"
+
+_p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
 
-class Rule(ctypes.Structure):
-    _fields_ = [("kind", ctypes.c_int), ("same_as_prev", ctypes.c_int), ("param", ctypes.c_float),
-                ("thr", ctypes.c_void_p)]
+class Rule(ctypes.Structure):  # sp_rule
+    _fields_ = [("kind", _i), ("same_as_prev", _i), ("param", _f), ("thr", _p)]
 
 
-class Layer(ctypes.Structure):
-    _fields_ = [("w", ctypes.c_void_p * 7), ("bias", ctypes.c_void_p * 7), ("norm1", ctypes.c_void_p),
-                ("norm2", ctypes.c_void_p), ("basis", ctypes.c_void_p), ("rule", Rule * 7),
-                ("lr_a", ctypes.c_void_p * 7), ("lr_b", ctypes.c_void_p * 7), ("lr_rank", ctypes.c_int * 7)]
+class Layer(ctypes.Structure):  # sp_layer
+    _fields_ = [("w", _p * N_LIN), ("bias", _p * N_LIN), ("attn_norm", _p), ("mlp_norm", _p), ("attn_out_norm", _p),
+                ("mlp_out_norm", _p), ("q_norm", _p), ("k_norm", _p), ("basis", _p), ("rope_cos", _p),
+                ("rope_sin", _p), ("window", _i), ("rule", Rule * N_LIN), ("lr_a", _p * N_LIN),
+                ("lr_b", _p * N_LIN), ("lr_rank", _i * N_LIN)]
 
 
-class Model(ctypes.Structure):
-    _fields_ = [("n_layers", ctypes.c_int), ("d", ctypes.c_int), ("n_heads", ctypes.c_int), ("n_kv", ctypes.c_int),
-                ("head_dim", ctypes.c_int), ("inter", ctypes.c_int), ("vocab", ctypes.c_int), ("max_seq", ctypes.c_int),
-                ("wbf16", ctypes.c_int), ("eps", ctypes.c_float), ("layers", ctypes.c_void_p),
-                ("final_norm", ctypes.c_void_p), ("lm_head", ctypes.c_void_p), ("rope_cos", ctypes.c_void_p),
-                ("rope_sin", ctypes.c_void_p), ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
-                ("active", ctypes.c_void_p), ("seen", ctypes.c_void_p)]
+class Model(ctypes.Structure):  # sp_model
+    _fields_ = [("n_layers", _i), ("d", _i), ("n_heads", _i), ("n_kv", _i), ("head_dim", _i), ("inter", _i),
+                ("vocab", _i), ("max_seq", _i), ("wbf16", _i), ("activation", _i), ("eps", _f), ("attn_scale", _f),
+                ("embed_scale", _f), ("logit_softcap", _f), ("layers", _p), ("embed", _p), ("final_norm", _p),
+                ("lm_head", _p), ("k_cache", _p), ("v_cache", _p), ("active", _p), ("seen", _p)]
+
+
+STRUCTS = {"sp_rule": (0, Rule), "sp_layer": (1, Layer), "sp_model": (2, Model)}  # name: (SP_STRUCT_*, ctypes)
+
+STATUS = {  # enum sp_status
+    -1: "the position is outside the context (max_seq)",
+    -2: "the token id is outside the vocabulary",
+    -3: "a model dimension or weight is missing or misshapen",
+    -4: "the number of attention heads is not a multiple of the number of key-value heads",
+    -5: "out of memory for the engine's workspace",
+    -6: "the workspace does not fit this model or thread count",
+    -7: "a plan rule the kernels cannot run",
+}
+
+
+def _status(rc: int) -> str:
+    return STATUS.get(rc, f"kernel status {rc}")
+
+
+def open_kernels(path: str | Path, abi_version: int = ABI_VERSION) -> ctypes.CDLL:
+    """Load the kernel library at ``path`` and check it is the build this Python expects (ABI version, every shared
+    struct's size, the rule numbering); anything else is a stale build and is refused with a one-line error."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise SparsenError(f"the engine's C kernels could not be loaded ({str(e).splitlines()[0]}): install the "
+                           f"OpenMP runtime (libgomp) or {REBUILD}") from None
+    try:
+        lib.sp_abi_version.restype = _i
+        version = lib.sp_abi_version()
+    except AttributeError:
+        version = None
+    if version != abi_version:
+        raise SparsenError(f"the engine's C kernels are a stale build (ABI {version}, this sparsen needs "
+                           f"{abi_version}): {REBUILD}")
+    lib.sp_struct_size.argtypes, lib.sp_struct_size.restype = [_i], ctypes.c_long
+    for name, (which, cls) in STRUCTS.items():
+        if lib.sp_struct_size(which) != ctypes.sizeof(cls):
+            raise SparsenError(f"the engine's C kernels disagree with this sparsen on sizeof({name}) "
+                               f"({lib.sp_struct_size(which)} vs {ctypes.sizeof(cls)} bytes): {REBUILD}")
+    lib.sp_rule_kinds.restype = ctypes.c_char_p
+    kinds = "".join(f"{k.name}={k.value}," for k in RuleKind)
+    if lib.sp_rule_kinds().decode() != kinds:
+        raise SparsenError(f"the engine's C kernels number the rule kinds differently ({lib.sp_rule_kinds().decode()} "
+                           f"vs {kinds}): {REBUILD}")
+    lib.sp_workspace_create.argtypes, lib.sp_workspace_create.restype = [_p, _i, ctypes.POINTER(_i)], _p
+    lib.sp_workspace_free.argtypes, lib.sp_workspace_free.restype = [_p], None
+    lib.sp_decode_step.argtypes, lib.sp_decode_step.restype = [_p, _p, _i, _i, _p, _i], _i
+    lib.sp_test_gemv.argtypes, lib.sp_test_gemv.restype = [_p, _i, _i, _i, _p, _p, _i, _p, _i], _i
+    lib.sp_test_dot_rows.argtypes, lib.sp_test_dot_rows.restype = [_p, _i, _i, _i, _p, _p, _i, _p, _i], _i
+    lib.sp_test_mask.argtypes, lib.sp_test_mask.restype = [_i, _f, _p, _p, _i, _p], _i
+    return lib
+
+
+def library_path() -> Path | None:
+    """The built kernel library inside the package, if the install built one."""
+    found = sorted(Path(__file__).parent.glob("_kernels*.so"))
+    return found[0] if found else None
 
 
 _LIB = None
@@ -48,20 +123,11 @@ def kernels() -> ctypes.CDLL:
     """The compiled kernels (built by the package's install: `pip install -e .`, which `make` runs)."""
     global _LIB
     if _LIB is None:
-        found = sorted(Path(__file__).parent.glob("_kernels*.so"))
-        if not found:
-            raise SparsenError("the engine's C kernels are not built: run `make test` or `pip install -e .` in the "
-                               "sparsen checkout (needs gcc)")
-        lib = ctypes.CDLL(str(found[0]))
-        p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-        lib.decode_step.argtypes = [p, i, p, p, i]
-        lib.decode_step.restype = i
-        lib.gemv_axpy.argtypes = [p, i, i, i, p, p, i, p, i]
-        lib.gemv_rows.argtypes = [p, i, i, i, p, p, i, p, i]
-        lib.mask.argtypes = [i, f, p, p, i, p]
-        lib.mask.restype = i
-        lib.set_threads.argtypes = [i]
-        _LIB = lib
+        path = library_path()
+        if path is None:
+            raise SparsenError("the engine's C kernels are not built (sparsen was installed without a C compiler with "
+                               "OpenMP): install gcc and libgomp, then run `pip install -e .` in the sparsen checkout")
+        _LIB = open_kernels(path)
     return _LIB
 
 
@@ -70,143 +136,237 @@ def _ptr(a: np.ndarray | None) -> int | None:
 
 
 def weight_array(w: torch.Tensor, dtype: str) -> np.ndarray:
-    """A contiguous numpy copy of ``w`` in the engine's storage dtype (bf16 as raw uint16)."""
+    """A contiguous numpy copy of ``w`` in the engine's storage dtype (bf16 as raw uint16, rounded to nearest)."""
     w = w.detach().contiguous()
     if dtype == "bf16":
         return w.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).copy()
     return w.to(torch.float32).numpy().copy()
 
 
-def _entry_rule(entry: dict | None, plan, n_in: int) -> tuple[int, float, np.ndarray | None]:
-    """(kind, param, thresholds [n_in] float32 or None) of a plan site entry."""
-    if entry is None or entry["rule"] == "dense":
-        return RULE_DENSE, 0.0, None
-    kind = entry["rule"]
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float32).contiguous().numpy().copy()
 
-    def thresholds():
-        if "tensor" in entry:
-            return plan.tensors[entry["tensor"]].detach().to(torch.float32).numpy().copy()
-        return np.full(n_in, float(entry["threshold"]), dtype=np.float32)
 
-    if kind in ("threshold", "channel_threshold"):
-        return RULE_THRESHOLD, 0.0, thresholds()
-    if kind == "gate_act":
-        return RULE_GATE_ACT, 0.0, thresholds()
-    if kind == "topk":
-        return RULE_TOPK, float(entry["sparsity"]), None
-    if kind == "gaussian_topk":
-        s = float(entry["sparsity"])
-        z = float(torch.special.ndtri(torch.tensor((1.0 + s) / 2.0, dtype=torch.float64))) if s > 0 else 0.0
-        return (RULE_GAUSS, z, None) if s > 0 else (RULE_DENSE, 0.0, None)
-    raise SparsenError(f"the engine does not know plan rule '{kind}': recalibrate with this sparsen")
+def _c_rule(rule, n_in: int, site: str) -> tuple[int, float, np.ndarray | None]:
+    """(kind, param, thresholds [n_in] float32 or None) of a runtime rule (``core.rules``) for the kernels."""
+    if isinstance(rule, LowRankCompensated):
+        rule = rule.base
+    if rule is None:
+        return RuleKind.DENSE, 0.0, None
+    if isinstance(rule, (ThresholdRule, GateActRule)):
+        t = rule.threshold
+        thr = _f32(t) if isinstance(t, torch.Tensor) else np.full(n_in, float(t), np.float32)
+        if thr.shape != (n_in,):
+            raise SparsenError(f"the plan's thresholds for {site} have shape {thr.shape}, not ({n_in},): recalibrate")
+        return rule.kind, 0.0, thr
+    if isinstance(rule, TopKRule):
+        return rule.kind, float(rule.sparsity), None
+    if isinstance(rule, GaussianTopKRule):
+        return (rule.kind, rule.z, None) if rule.sparsity > 0 else (RuleKind.DENSE, 0.0, None)
+    raise SparsenError(f"the engine cannot run the rule {type(rule).__name__} on {site}: evaluate it with `sparsen eval`")
+
+
+def _transformed_copy(lm, plan):
+    """A deep copy of ``lm`` carrying ``plan``'s weight transform; ``lm`` itself is left as it was."""
+    import copy
+    import dataclasses
+
+    from sparsen.models import adapter_for
+
+    model = copy.deepcopy(lm.model)
+    twin = dataclasses.replace(lm, model=model, adapter=adapter_for(model), plan=None, sparsifier=None,
+                               _fingerprint=lm.fingerprint)
+    plan.transform_(twin)
+    return twin
+
+
+def _model_option(lm, name: str):
+    """A model option the adapter states, else the config's (e.g. Gemma's final_logit_softcapping)."""
+    return getattr(lm.adapter, name, getattr(lm.config, name, None))
+
+
+def prompt_ids(lm, text: str, chat: bool) -> list[int]:
+    """The prompt's token ids: the plain text without special tokens, or the chat template's user turn."""
+    tok = lm.tokenizer
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise SparsenError(f"model '{lm.spec}' has no chat template: drop --chat")
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise SparsenError("the prompt is empty: pass some text with --prompt")
+    return list(ids)
+
+
+def stop_ids(lm) -> set[int]:
+    """The ids that end a generation: the tokenizer's EOS and the model's generation config's (Gemma's
+    <end_of_turn> is only there)."""
+    ids = set()
+    gen = getattr(lm.model, "generation_config", None)
+    for e in (lm.tokenizer.eos_token_id, getattr(gen, "eos_token_id", None)):
+        if e is not None:
+            ids |= {int(e)} if np.isscalar(e) else {int(t) for t in e}
+    return ids
 
 
 class Engine:
-    """Batch-1 decoding of a Llama-family ``LoadedModel`` (optionally under a sparsity ``Plan``).
+    """Batch-1 decoding of a ``LoadedModel`` (Llama family or Gemma 3), optionally under a sparsity ``Plan``.
 
-    The plan is applied to ``lm`` first (a rotation plan folds its rotation into lm's weights), then
-    the weights are copied: W^T [in, out] for every block linear (up as [out, in] rows under a
-    gate-activation rule), lm_head as [vocab, d] rows, in fp32 or bf16.
+    ``plan`` None takes ``lm.plan`` (the plan ``sparsen.sparsify_`` applied), or decodes dense if there is none.
+    ``lm`` is never changed: if the plan has a weight transform that ``lm`` does not carry, the weights come from a
+    transformed deep copy (memory for a second model while the engine is built). The weights are copied: W^T
+    [in, out] for every block linear (up as [out, in] rows under a gate-activation rule), lm_head as [vocab, d]
+    rows, in fp32 or bf16 (``dtype``); norms, biases and the embedding stay fp32. ``max_seq``: the context, prompt
+    and generated tokens together.
     """
 
     def __init__(self, lm, plan=None, dtype: str = "fp32", threads: int = 2, max_seq: int = 2048):
         if dtype not in DTYPES:
             raise SparsenError(f"weights dtype '{dtype}' is not supported: use one of {', '.join(DTYPES)}")
-        if threads < 1:
-            raise SparsenError("threads must be at least 1")
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise SparsenError(f"threads {threads!r}: give a whole number of 1 or more")
+        if isinstance(max_seq, bool) or not isinstance(max_seq, int) or max_seq < 1:
+            raise SparsenError(f"max_seq {max_seq!r}: give a whole number of 1 or more")
         self.lib = kernels()
-        self.lm, self.plan, self.dtype, self.threads = lm, plan, dtype, threads
-        added = 0
+        if plan is None:
+            plan = getattr(lm, "plan", None)
+        if plan is None and getattr(lm, "transform_key", None) is not None:
+            raise SparsenError("this model carries a plan's weight transform but no plan: pass that plan, "
+                               "Engine(lm, plan), or load the model again for a dense engine")
+        src, added = lm, 0
         if plan is not None:
-            sp = plan.sparsifier(lm)  # checks the fingerprint; folds a rotation into lm's weights
-            added = sp.added_params
+            plan.check_model(lm)
+            if not plan.carried_by(lm):
+                src = _transformed_copy(lm, plan)
+            added = plan.build_sparsifier(src).added_params  # also checks the plan's sites and factors
+        self.lm, self.plan, self.dtype, self.threads, self.max_seq = lm, plan, dtype, threads, max_seq
         self.added_params = added
-        cfg, ad = lm.config, lm.adapter
-        self.d, self.inter, self.n_layers = ad.hidden_size, ad.intermediate_size, ad.n_layers
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, ad.head_dim
-        self.vocab = ad.lm_head.weight.shape[0]
-        self.max_seq = max_seq
-        self._keep = []  # every array the C side points to stays alive here
+        self._keep: list[np.ndarray] = []  # every array the C side points to stays alive here
+        self._build(src, plan)
+        status = _i(0)
+        ws = self.lib.sp_workspace_create(ctypes.byref(self._model), threads, ctypes.byref(status))
+        if not ws:
+            raise SparsenError(f"the engine cannot run this model: {_status(status.value)}")
+        self._ws = ws
+        self._free = weakref.finalize(self, self.lib.sp_workspace_free, ws)
+        self.logits = np.zeros(self.vocab, np.float32)
+        self.pos = 0
 
-        def keep(a):
-            self._keep.append(a)
-            return a
+    def _keep_ptr(self, a: np.ndarray | None) -> int | None:
+        if a is None:
+            return None
+        self._keep.append(a)
+        return _ptr(a)
+
+    def _build(self, src, plan) -> None:
+        """Fill the C structs from ``src`` (lm or its transformed copy), reading it through its adapter only."""
+        ad, dtype, keep = src.adapter, self.dtype, self._keep_ptr
+        self.d, self.inter, self.n_layers = ad.hidden_size, ad.intermediate_size, ad.n_layers
+        self.n_heads, self.n_kv, self.head_dim = ad.n_heads, ad.n_kv_heads, ad.head_dim
+        self.vocab = ad.vocab_size
+        if self.n_heads % self.n_kv:
+            raise SparsenError(f"the engine needs the attention heads ({self.n_heads}) to be a multiple of the "
+                               f"key-value heads ({self.n_kv}): this model cannot run on it")
+        if self.head_dim % 2:
+            raise SparsenError(f"the engine's RoPE needs an even head_dim, not {self.head_dim}")
+        if ad.mlp_activation not in ACTIVATIONS:
+            raise SparsenError(f"the engine has no kernel for the activation '{ad.mlp_activation}': use one of "
+                               f"{', '.join(ACTIVATIONS)}")
+        if _model_option(src, "attn_logit_softcapping") is not None:
+            raise SparsenError("the engine does not implement attention-logit softcapping, which this model uses")
+        if ad.embed.weight.shape[0] != self.vocab:
+            raise SparsenError(f"the embedding has {ad.embed.weight.shape[0]} rows and the lm_head {self.vocab}: the "
+                               "engine needs one vocabulary for both")
+        # accounting: the sites and their weights (modules dropped, so a transformed copy is not kept alive)
+        self.sites = {name: Site(name, s.kind, s.layer, s.part, None, s.params) for name, s in model_sites(ad).items()}
+        self.params = {name: s.params for name, s in self.sites.items()}
 
         sites = plan.sites if plan is not None else {}
-        basis_at = {}
-        if plan is not None and plan.transform == "residual_rotation" and "starts" in plan.tensors:
-            from sparsen.methods.rotation import change_of_basis
-
-            starts = plan.tensors["starts"].tolist()
-            for s in range(1, len(starts)):
-                basis_at[starts[s]] = keep(change_of_basis(plan.tensors["Q"], s).numpy().copy())
-        self.params = {}
+        tensors = plan.tensors if plan is not None else {}
+        basis_at = {int(i): _f32(R) for i, R in plan.residual_changes().items()} if plan is not None else {}
+        tables = {}
+        for key, (cos, sin) in ad.rope_tables(self.max_seq).items():
+            if tuple(cos.shape) != (self.max_seq, self.head_dim) or cos.shape != sin.shape:
+                raise SparsenError(f"the adapter's rotary table '{key}' is {tuple(cos.shape)}, not "
+                                   f"({self.max_seq}, {self.head_dim}): the engine cannot use it")
+            tables[key] = (keep(_f32(cos)), keep(_f32(sin)))
         layers = (Layer * self.n_layers)()
         for b in ad.blocks:
             L = layers[b.index]
             entries = {n: sites.get(f"layers.{b.index}.{n}") for n in LINEAR_NAMES}
-            gate_act = entries["down"] is not None and entries["down"]["rule"] == "gate_act"
+            rules = {n: rule_from_entry(e, tensors) if e is not None else None for n, e in entries.items()}
+            gate_act = isinstance(rules["down"], GateActRule)
+            if gate_act and rules["up"] is not None:
+                raise SparsenError(f"the plan has a rule on layers.{b.index}.up beside the gate-activation rule on its "
+                                   "down (the engine reads up by the active rows): recalibrate")
             for j, n in enumerate(LINEAR_NAMES):
-                lin = b.linears[n]
-                self.params[f"layers.{b.index}.{n}"] = lin.weight.numel()
+                lin, site = b.linears[n], f"layers.{b.index}.{n}"
                 rows = n == "up" and gate_act
-                L.w[j] = _ptr(keep(weight_array(lin.weight if rows else lin.weight.T, dtype)))
-                L.bias[j] = _ptr(keep(lin.bias.detach().float().numpy().copy())) if lin.bias is not None else None
-                kind, param, thr = _entry_rule(entries[n], plan, lin.in_features)
-                if kind == RULE_GATE_ACT and n != "down":
-                    raise SparsenError(f"plan puts a gate_act rule on layers.{b.index}.{n}: recalibrate it")
-                L.rule[j].kind, L.rule[j].param = kind, param
-                L.rule[j].thr = _ptr(keep(thr)) if thr is not None else None
-                if entries[n] is not None and "lowrank" in entries[n]:  # R-Sparse (rule_from_entry checked it)
-                    key = entries[n]["lowrank"]
-                    A, B = plan.tensors[f"{key}.A"], plan.tensors[f"{key}.B"]
-                    L.lr_a[j] = _ptr(keep(weight_array(A.T, dtype)))
-                    L.lr_b[j] = _ptr(keep(weight_array(B.T, dtype)))
+                L.w[j] = keep(weight_array(lin.weight if rows else lin.weight.T, dtype))
+                L.bias[j] = keep(_f32(lin.bias)) if lin.bias is not None else None
+                n_in = self.inter if isinstance(rules[n], GateActRule) else lin.in_features
+                kind, param, thr = _c_rule(rules[n], n_in, site)
+                if kind == RuleKind.GATE_ACT and n != "down":
+                    raise SparsenError(f"the plan puts a gate_act rule on {site}: it belongs on a down site; recalibrate")
+                L.rule[j].kind, L.rule[j].param, L.rule[j].thr = int(kind), param, keep(thr)
+                if isinstance(rules[n], LowRankCompensated):  # R-Sparse (rule_from_entry checked the factors)
+                    A, B = rules[n].A, rules[n].B
+                    L.lr_a[j], L.lr_b[j] = keep(weight_array(A.T, dtype)), keep(weight_array(B.T, dtype))
                     L.lr_rank[j] = A.shape[0]
                 prev = {"k": "q", "v": "k", "up": "gate"}.get(n)
                 L.rule[j].same_as_prev = int(prev is not None and entries[n] == entries[prev])
-            L.norm1 = _ptr(keep(b.input_norm.weight.detach().float().numpy().copy()))
-            L.norm2 = _ptr(keep(b.post_attn_norm.weight.detach().float().numpy().copy()))
-            L.basis = _ptr(basis_at.get(b.index))
+            L.attn_norm, L.mlp_norm = keep(_f32(ad.norm_gain(b.attn_norm))), keep(_f32(ad.norm_gain(b.mlp_norm)))
+            for field in ("attn_out_norm", "mlp_out_norm", "q_norm", "k_norm"):
+                norm = getattr(b, field)
+                setattr(L, field, keep(_f32(ad.norm_gain(norm))) if norm is not None else None)
+            if b.rope not in tables:
+                raise SparsenError(f"layer {b.index} names the rotary table '{b.rope}', which the adapter does not build")
+            L.rope_cos, L.rope_sin = tables[b.rope]
+            L.window = int(b.sliding_window or 0)
+            L.basis = keep(basis_at.get(b.index))
         self._layers = layers
-        self.embed = ad.embed.weight.detach().float().numpy()
-        with torch.no_grad():
-            pos = torch.arange(max_seq)[None]
-            cos, sin = lm.model.model.rotary_emb(torch.zeros(1, 1, self.d), pos)
+
         m = Model()
         m.n_layers, m.d, m.n_heads, m.n_kv, m.head_dim = self.n_layers, self.d, self.n_heads, self.n_kv, self.head_dim
-        m.inter, m.vocab, m.max_seq, m.wbf16 = self.inter, self.vocab, max_seq, int(dtype == "bf16")
-        m.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
+        m.inter, m.vocab, m.max_seq, m.wbf16 = self.inter, self.vocab, self.max_seq, int(dtype == "bf16")
+        m.activation = ACTIVATIONS[ad.mlp_activation]
+        m.eps, m.attn_scale, m.embed_scale = float(ad.norm_eps), float(ad.attn_scale), float(ad.embed_scale)
+        m.logit_softcap = float(_model_option(src, "final_logit_softcapping") or 0.0)
         m.layers = ctypes.addressof(layers)
-        m.final_norm = _ptr(keep(ad.final_norm.weight.detach().float().numpy().copy()))
-        m.lm_head = _ptr(keep(weight_array(ad.lm_head.weight, dtype)))
-        m.rope_cos = _ptr(keep(cos[0].float().numpy().copy()))
-        m.rope_sin = _ptr(keep(sin[0].float().numpy().copy()))
-        kv = (self.n_layers, self.n_kv, max_seq, self.head_dim)
-        self.k_cache, self.v_cache = keep(np.zeros(kv, np.float32)), keep(np.zeros(kv, np.float32))
-        m.k_cache, m.v_cache = _ptr(self.k_cache), _ptr(self.v_cache)
-        self.active = keep(np.zeros((self.n_layers, 7), np.int64))
-        self.seen = keep(np.zeros((self.n_layers, 7), np.int64))
-        m.active, m.seen = _ptr(self.active), _ptr(self.seen)
+        embed = _f32(ad.embed.weight)
+        m.embed = keep(embed)
+        m.final_norm = keep(_f32(ad.norm_gain(ad.final_norm)))
+        tied = ad.lm_head.weight.data_ptr() == ad.embed.weight.data_ptr()
+        m.lm_head = _ptr(embed) if tied and dtype == "fp32" else keep(weight_array(ad.lm_head.weight, dtype))
+        kv = (self.n_layers, self.n_kv, self.max_seq, self.head_dim)
+        self.k_cache, self.v_cache = np.zeros(kv, np.float32), np.zeros(kv, np.float32)
+        m.k_cache, m.v_cache = keep(self.k_cache), keep(self.v_cache)
+        self.active = np.zeros((self.n_layers, N_LIN), np.int64)
+        self.seen = np.zeros((self.n_layers, N_LIN), np.int64)
+        m.active, m.seen = keep(self.active), keep(self.seen)
         self._model = m
-        self.logits = np.zeros(self.vocab, np.float32)
-        self.pos = 0
 
     # --- decoding -----------------------------------------------------------------------------
     def reset(self) -> None:
+        """Forget the context and the sparsity counts."""
         self.pos = 0
         self.active[:] = 0
         self.seen[:] = 0
 
     def step(self, token: int, dense: bool = False) -> np.ndarray:
         """Run one token at the next position; returns its logits (a buffer reused by the next call)."""
+        token = int(token)
+        if not 0 <= token < self.vocab:
+            raise SparsenError(f"token id {token} is outside the vocabulary [0, {self.vocab}): check the tokenizer")
         if self.pos >= self.max_seq:
-            raise SparsenError(f"the context is full ({self.max_seq} tokens): raise --max-seq or shorten the run")
-        self.lib.set_threads(self.threads)
-        emb = np.ascontiguousarray(self.embed[int(token)])
-        rc = self.lib.decode_step(ctypes.byref(self._model), self.pos, _ptr(emb), _ptr(self.logits), int(dense))
+            raise SparsenError(f"the context is full ({self.max_seq} tokens): raise max_seq or shorten the run")
+        rc = self.lib.sp_decode_step(ctypes.byref(self._model), self._ws, self.pos, token, _ptr(self.logits),
+                                     int(dense))
         if rc != 0:
-            raise RuntimeError(f"decode_step failed at position {self.pos}")
+            raise SparsenError(f"the engine refused the token at position {self.pos}: {_status(rc)}")
         self.pos += 1
         return self.logits
 
@@ -220,8 +380,14 @@ class Engine:
         return logits
 
     def generate(self, ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 eos_token_id: int | None = None, on_token=None) -> list[int]:
-        """Prefill ``ids`` dense, then decode up to ``max_new_tokens`` sparse tokens (greedy unless temperature > 0)."""
+                 eos_token_id=None, on_token=None) -> list[int]:
+        """Prefill ``ids`` dense, then decode up to ``max_new_tokens`` sparse tokens (greedy unless temperature > 0),
+        stopping after ``eos_token_id`` (an id or a collection of ids)."""
+        if len(ids) + max_new_tokens - 1 > self.max_seq:
+            raise SparsenError(f"{len(ids)} prompt tokens and {max_new_tokens} new ones do not fit the engine's "
+                               f"context of {self.max_seq}: build it with a larger max_seq")
+        stop = set() if eos_token_id is None else ({int(eos_token_id)} if np.isscalar(eos_token_id)
+                                                   else {int(t) for t in eos_token_id})
         rng = np.random.default_rng(seed)
         logits = self.prefill(ids)
         out = []
@@ -230,24 +396,31 @@ class Engine:
             out.append(tok)
             if on_token is not None:
                 on_token(tok)
-            if eos_token_id is not None and tok == eos_token_id:
+            if tok in stop:
                 break
             if i + 1 < max_new_tokens:
                 logits = self.step(tok)
         return out
 
+    def generate_text(self, prompt: str, max_new_tokens: int = 64, chat: bool = False, **sampling) -> str:
+        """The text generated after ``prompt`` (tokenized without special tokens, or as a chat user turn with
+        ``chat``); ``sampling``: temperature, top_p, seed (greedy by default). Stops at an EOS (``stop_ids``)."""
+        ids = prompt_ids(self.lm, prompt, chat)
+        tokens = self.generate(ids, max_new_tokens, eos_token_id=stop_ids(self.lm), **sampling)
+        return self.lm.tokenizer.decode(tokens, skip_special_tokens=True)
+
     # --- accounting ---------------------------------------------------------------------------
     def achieved(self) -> dict:
-        """Sparsity achieved on the sparse (decoded) tokens so far: share of block-linear weight bytes skipped,
-        parameter-weighted, less the weights a plan adds per token (a change of basis)."""
-        per_site = {}
+        """Sparsity achieved on the sparse (decoded) tokens so far (``core.accounting.achieved``): the share of
+        block-linear weight bytes skipped, parameter-weighted, less the weights the plan adds per token."""
+        from sparsen.core.accounting import Tally, achieved
+
+        tally = Tally()
         for b in range(self.n_layers):
             for j, n in enumerate(LINEAR_NAMES):
                 seen = int(self.seen[b, j])
-                per_site[f"layers.{b}.{n}"] = 1.0 - self.active[b, j] / seen if seen else 0.0
-        total = sum(self.params.values())
-        skipped = sum(per_site[s] * p for s, p in self.params.items()) / total
-        return {"overall": skipped - self.added_params / total, "skipped": skipped, "per_site": per_site}
+                tally.add(f"layers.{b}.{n}", seen - int(self.active[b, j]), seen)
+        return achieved(self.sites, tally, self.added_params)
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
@@ -273,4 +446,3 @@ def bytes_per_token(engine: Engine, sparsity: float, context: float) -> float:
     head = engine.vocab * engine.d * wbytes
     kv = engine.n_layers * 2 * engine.n_kv * engine.head_dim * context * 4
     return block * (1 - sparsity) + head + kv
-

@@ -8,15 +8,16 @@ import time
 
 import numpy as np
 
+from sparsen.engine import prompt_ids, stop_ids
 from sparsen.errors import SparsenError
 
 SYSTEMS = ("hf", "llamacpp")
 
 
 def _load(args):
-    """The model and (optionally) the plan; a plan's rotation transforms the model it is applied to."""
+    """The model and (optionally) the plan; the engine applies a plan's transform to its own copy of the model."""
     from sparsen import load_model
-    from sparsen.methods import Plan
+    from sparsen.core.plan import Plan
 
     plan = Plan.load(args.plan) if args.plan else None
     lm = load_model(args.model)
@@ -25,26 +26,12 @@ def _load(args):
     return lm, plan
 
 
-def prompt_ids(lm, text: str, chat: bool) -> list[int]:
-    tok = lm.tokenizer
-    if chat:
-        if not getattr(tok, "chat_template", None):
-            raise SparsenError(f"model '{lm.spec}' has no chat template: drop --chat")
-        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise SparsenError("the prompt is empty: pass some text with --prompt")
-    return list(ids)
-
-
 class TextStream:
     """Prints decoded text as tokens arrive (re-decodes the tail so multi-byte characters print whole)."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tok, self.out, self.ids, self.printed = tokenizer, out, [], 0
+    def __init__(self, tokenizer, out=None):
+        # sys.stdout looked up now, not at import (a test's captured stream may be gone by then)
+        self.tok, self.out, self.ids, self.printed = tokenizer, out or sys.stdout, [], 0
 
     def __call__(self, token: int) -> None:
         self.ids.append(token)
@@ -66,7 +53,7 @@ def cmd_generate(args) -> None:
     t0 = time.perf_counter()
     marks = []
     tokens = engine.generate(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                             eos_token_id=lm.tokenizer.eos_token_id,
+                             eos_token_id=stop_ids(lm),
                              on_token=lambda t: (marks.append(time.perf_counter()), stream(t)))
     sys.stdout.write("\n")
     rate = (len(marks) - 1) / (marks[-1] - marks[0]) if len(marks) > 1 else float("nan")
@@ -155,7 +142,6 @@ class LlamaCpp:
 
 
 def cmd_bench(args) -> None:
-    from sparsen import load_model
     from sparsen.data import corpus_windows
     from sparsen.engine import Engine, bytes_per_token
     from sparsen.io import write_json
@@ -170,9 +156,7 @@ def cmd_bench(args) -> None:
     ids = corpus_windows(lm.tokenizer, "wikitext2-test", args.prompt_tokens, 1)[0].tolist()
     max_seq = len(ids) + args.new_tokens + 2
     dense = Engine(lm, None, dtype=args.dtype, threads=args.threads, max_seq=max_seq)
-    sparse = None
-    if plan is not None:  # on its own copy: a rotation plan rewrites the weights of the model it is applied to
-        sparse = Engine(load_model(args.model), plan, dtype=args.dtype, threads=args.threads, max_seq=max_seq)
+    sparse = Engine(lm, plan, dtype=args.dtype, threads=args.threads, max_seq=max_seq) if plan is not None else None
     llamacpp, llamacpp_note = None, None
     if "llamacpp" in systems:
         try:
@@ -183,7 +167,7 @@ def cmd_bench(args) -> None:
             llamacpp_note = str(e)
     floor = None
     if args.profile:  # the same engine with every block-linear input skipped: what a token costs besides them
-        from sparsen.methods import Plan
+        from sparsen.core.plan import Plan
 
         skip_all = Plan(method="skip-all", target_sparsity=0.0, model=lm.spec, fingerprint=lm.fingerprint,
                         sites={site: {"rule": "threshold", "threshold": float("inf")} for site in dense.params})

@@ -1,0 +1,175 @@
+/* The decode loop (one token per call, one parallel region), the workspace, and the ABI checks Python runs. */
+#include <omp.h>
+#include <string.h>
+
+#include "ops.h"
+
+int sp_abi_version(void) { return SP_ABI_VERSION; }
+
+long sp_struct_size(int which) {
+    switch (which) {
+    case SP_STRUCT_RULE: return (long)sizeof(sp_rule);
+    case SP_STRUCT_LAYER: return (long)sizeof(sp_layer);
+    case SP_STRUCT_MODEL: return (long)sizeof(sp_model);
+    default: return -1;
+    }
+}
+
+#define SP_RULE_STR(name, value) #name "=" #value ","
+const char *sp_rule_kinds(void) { return SP_RULE_KINDS(SP_RULE_STR); }
+#undef SP_RULE_STR
+
+static int max_rank(const sp_model *M) {
+    int r = 0;
+    for (int l = 0; l < M->n_layers; l++)
+        for (int j = 0; j < SP_N_LIN; j++)
+            if (M->layers[l].lr_a[j] && M->layers[l].lr_rank[j] > r) r = M->layers[l].lr_rank[j];
+    return r;
+}
+
+/* Everything the ops assume about a model, checked once (the ops only assert it). */
+int sp_check_model(const sp_model *M) {
+    if (!M) return SP_ERR_SHAPE;
+    if (M->n_layers < 1 || M->d < 1 || M->n_heads < 1 || M->n_kv < 1 || M->head_dim < 2 || M->head_dim % 2 ||
+        M->inter < 1 || M->vocab < 1 || M->max_seq < 1)
+        return SP_ERR_SHAPE;
+    if (M->n_heads % M->n_kv) return SP_ERR_HEADS;
+    if (M->activation != SP_ACT_SILU && M->activation != SP_ACT_GELU_TANH) return SP_ERR_SHAPE;
+    if (!M->layers || !M->embed || !M->final_norm || !M->lm_head || !M->k_cache || !M->v_cache || !M->active ||
+        !M->seen)
+        return SP_ERR_SHAPE;
+    for (int l = 0; l < M->n_layers; l++) {
+        const sp_layer *L = &M->layers[l];
+        if (!L->attn_norm || !L->mlp_norm || !L->rope_cos || !L->rope_sin || L->window < 0) return SP_ERR_SHAPE;
+        for (int j = 0; j < SP_N_LIN; j++) {
+            const sp_rule *r = &L->rule[j];
+            if (!L->w[j]) return SP_ERR_SHAPE;
+            if (r->kind < SP_RULE_DENSE || r->kind > SP_RULE_GATE_ACT) return SP_ERR_RULE;
+            if (r->kind == SP_RULE_GATE_ACT && j != SP_DOWN) return SP_ERR_RULE;
+            if ((r->kind == SP_RULE_THRESHOLD || r->kind == SP_RULE_GATE_ACT) && !r->thr) return SP_ERR_RULE;
+            if (!L->lr_a[j] != !L->lr_b[j] || (L->lr_a[j] && L->lr_rank[j] < 1)) return SP_ERR_SHAPE;
+            if (L->lr_a[j] && r->kind != SP_RULE_THRESHOLD) return SP_ERR_RULE;
+        }
+    }
+    return SP_OK;
+}
+
+/* Carves n_bytes, 64-byte aligned, off the arena (size pass when base is NULL). */
+static void *carve(char *base, size_t *off, size_t n_bytes) {
+    void *p = base ? base + *off : NULL;
+    *off += (n_bytes + 63) / 64 * 64;
+    return p;
+}
+
+/* Lays every buffer out in one arena; with base NULL it only sizes them. */
+static size_t layout(sp_workspace *ws, char *base) {
+    size_t off = 0;
+    const int d = ws->d, I = ws->inter, dq = ws->n_heads * ws->head_dim, dkv = ws->n_kv * ws->head_dim;
+    const int nt = ws->n_threads, wide = ws->wide;
+    const size_t F = sizeof(float), N = sizeof(int);
+    ws->h = carve(base, &off, F * d);
+    ws->q = carve(base, &off, F * dq);
+    ws->k = carve(base, &off, F * dkv);
+    ws->v = carve(base, &off, F * dkv);
+    ws->att = carve(base, &off, F * dq);
+    ws->g = carve(base, &off, F * I);
+    ws->u = carve(base, &off, F * I);
+    ws->mid = carve(base, &off, F * I);
+    ws->proj = carve(base, &off, F * wide);
+    ws->scores = carve(base, &off, F * (size_t)ws->n_heads * ws->max_seq);
+    ws->part = carve(base, &off, F * 2 * (size_t)nt * ws->stride);
+    ws->lr_t = carve(base, &off, F * (ws->max_rank + 1));
+    ws->lr_y = carve(base, &off, F * wide);
+    ws->gate_act = carve(base, &off, N * I);
+    ws->iota = carve(base, &off, N * (wide > ws->max_rank ? wide : ws->max_rank));
+    ws->thr = carve(base, &off, sizeof(sp_thread) * nt);
+    for (int t = 0; t < nt; t++) {
+        sp_thread th;
+        th.x = carve(base, &off, F * wide);
+        th.scratch = carve(base, &off, F * wide);
+        th.act = carve(base, &off, N * wide);
+        th.act2 = carve(base, &off, N * wide);
+        th.drop = carve(base, &off, N * wide);
+        if (base) ws->thr[t] = th;
+    }
+    return off;
+}
+
+sp_workspace *sp_workspace_create(const sp_model *M, int n_threads, int *status) {
+    int st = sp_check_model(M);
+    if (st == SP_OK && n_threads < 1) st = SP_ERR_THREADS;
+    if (st != SP_OK) {
+        if (status) *status = st;
+        return NULL;
+    }
+    sp_workspace *ws = calloc(1, sizeof(sp_workspace));
+    if (!ws) {
+        if (status) *status = SP_ERR_NOMEM;
+        return NULL;
+    }
+    ws->d = M->d, ws->inter = M->inter, ws->n_heads = M->n_heads, ws->n_kv = M->n_kv, ws->head_dim = M->head_dim;
+    ws->max_seq = M->max_seq, ws->n_layers = M->n_layers, ws->n_threads = n_threads;
+    const int dq = M->n_heads * M->head_dim;
+    ws->wide = M->d > M->inter ? M->d : M->inter;
+    if (dq > ws->wide) ws->wide = dq;
+    ws->stride = (ws->wide + 15) / 16 * 16;
+    ws->max_rank = max_rank(M);
+    const size_t bytes = layout(ws, NULL);
+    ws->arena = aligned_alloc(64, bytes);
+    if (!ws->arena) {
+        free(ws);
+        if (status) *status = SP_ERR_NOMEM;
+        return NULL;
+    }
+    memset(ws->arena, 0, bytes);
+    layout(ws, ws->arena);
+    const int n_iota = ws->wide > ws->max_rank ? ws->wide : ws->max_rank;
+    for (int i = 0; i < n_iota; i++) ws->iota[i] = i;
+    if (status) *status = SP_OK;
+    return ws;
+}
+
+void sp_workspace_free(sp_workspace *ws) {
+    if (!ws) return;
+    free(ws->arena);
+    free(ws);
+}
+
+int sp_decode_step(const sp_model *M, sp_workspace *ws, int pos, int token, float *logits, int dense) {
+    if (!M || !ws || !logits) return SP_ERR_SHAPE;
+    if (pos < 0 || pos >= M->max_seq) return SP_ERR_POS;
+    if (token < 0 || token >= M->vocab) return SP_ERR_TOKEN;
+    if (ws->d != M->d || ws->inter != M->inter || ws->n_heads != M->n_heads || ws->n_kv != M->n_kv ||
+        ws->head_dim != M->head_dim || ws->max_seq != M->max_seq || ws->n_layers != M->n_layers ||
+        ws->max_rank < max_rank(M))
+        return SP_ERR_THREADS;
+    const int d = M->d;
+    const float *e = M->embed + (size_t)token * d;
+    for (int i = 0; i < d; i++) ws->h[i] = e[i] * M->embed_scale;
+
+#pragma omp parallel num_threads(ws->n_threads)
+    {
+        sp_ctx c = {omp_get_thread_num(), omp_get_num_threads(), 0, ws, NULL};
+        SP_ASSERT(c.nth <= ws->n_threads); /* the buffers are per thread */
+        c.t = &ws->thr[c.ith];
+        for (int l = 0; l < M->n_layers; l++) {
+            const sp_layer *L = &M->layers[l];
+            if (L->basis) { /* change of basis of the residual stream, h <- h R, in place: every partial sum has
+                             * read h before the GEMV's barrier, and only then are the shares of h written */
+                sp_gemv(&c, L->basis, 0, d, ws->h, ws->iota, d, ws->h);
+                SP_BARRIER();
+            }
+            sp_attn_stage(&c, M, l, pos, dense);
+            sp_mlp_stage(&c, M, l, dense);
+        }
+        sp_rmsnorm(ws->h, M->final_norm, d, M->eps, c.t->x);
+        int lo, hi;
+        sp_split(M->vocab, c.ith, c.nth, &lo, &hi);
+        sp_dot_rows(M->lm_head, M->wbf16, d, c.t->x, NULL, lo, hi, logits);
+        if (M->logit_softcap > 0.f) {
+            const float cap = M->logit_softcap;
+            for (int j = lo; j < hi; j++) logits[j] = cap * tanhf(logits[j] / cap);
+        }
+    }
+    return SP_OK;
+}

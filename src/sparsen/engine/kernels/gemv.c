@@ -1,0 +1,169 @@
+/* GEMV over the active input channels: the op that reads the weights, so the one that sets the speed. */
+#include <omp.h>
+#include <string.h>
+
+#include "ops.h"
+
+/* This thread's share of [0, n), in multiples of 16 floats (whole cache lines of y per thread). */
+void sp_split(int n, int ith, int nth, int *lo, int *hi) {
+    const int blocks = (n + 15) / 16;
+    const int b0 = (int)((long)blocks * ith / nth), b1 = (int)((long)blocks * (ith + 1) / nth);
+    *lo = b0 * 16 < n ? b0 * 16 : n;
+    *hi = b1 * 16 < n ? b1 * 16 : n;
+}
+
+/* y[0:out] = sum over the active i of x[i] * W^T[i, :].
+ * Eight rows per pass over y: y is loaded and stored once per eight weight rows streamed (with one or two rows
+ * per pass the y traffic, not the weights, limited it to ~13 GB/s; eight reach ~20-27 GB/s here). */
+#define AXPY_PASS(T, LOAD)                                                                                   \
+    {                                                                                                        \
+        const T *Wt = (const T *)w;                                                                          \
+        int a = 0;                                                                                           \
+        for (; a + 8 <= n_act; a += 8) {                                                                     \
+            const T *restrict r0 = Wt + (size_t)act[a] * out, *restrict r1 = Wt + (size_t)act[a + 1] * out;   \
+            const T *restrict r2 = Wt + (size_t)act[a + 2] * out, *restrict r3 = Wt + (size_t)act[a + 3] * out; \
+            const T *restrict r4 = Wt + (size_t)act[a + 4] * out, *restrict r5 = Wt + (size_t)act[a + 5] * out; \
+            const T *restrict r6 = Wt + (size_t)act[a + 6] * out, *restrict r7 = Wt + (size_t)act[a + 7] * out; \
+            const float x0 = x[act[a]], x1 = x[act[a + 1]], x2 = x[act[a + 2]], x3 = x[act[a + 3]];            \
+            const float x4 = x[act[a + 4]], x5 = x[act[a + 5]], x6 = x[act[a + 6]], x7 = x[act[a + 7]];        \
+            _Pragma("omp simd") for (int j = 0; j < out; j++) y[j] +=                                         \
+                x0 * LOAD(r0[j]) + x1 * LOAD(r1[j]) + x2 * LOAD(r2[j]) + x3 * LOAD(r3[j]) +                  \
+                x4 * LOAD(r4[j]) + x5 * LOAD(r5[j]) + x6 * LOAD(r6[j]) + x7 * LOAD(r7[j]);                   \
+        }                                                                                                    \
+        for (; a < n_act; a++) {                                                                             \
+            const float x0 = x[act[a]];                                                                      \
+            const T *restrict r0 = Wt + (size_t)act[a] * out;                                                \
+            _Pragma("omp simd") for (int j = 0; j < out; j++) y[j] += x0 * LOAD(r0[j]);                      \
+        }                                                                                                    \
+    }
+#define AS_FLOAT(v) (v)
+
+static void axpy_rows(const void *w, int wbf16, int out, const float *x, const int *act, int n_act,
+                      float *restrict y) {
+    for (int j = 0; j < out; j++) y[j] = 0.f;
+    if (wbf16) AXPY_PASS(uint16_t, sp_bf16)
+    else AXPY_PASS(float, AS_FLOAT)
+}
+
+/* The threads split the ACTIVE ROWS: each streams whole contiguous rows (sequential memory, which the prefetchers
+ * like far better than every thread reading part of each row) into a full-width partial sum at part + ith*stride. */
+void sp_gemv_partial(int ith, int nth, const void *w, int wbf16, int out, const float *x, const int *act, int n_act,
+                     float *part, int stride) {
+    SP_ASSERT(out >= 0 && out <= stride && n_act >= 0 && 0 <= ith && ith < nth);
+    const int a0 = (int)((long)n_act * ith / nth), a1 = (int)((long)n_act * (ith + 1) / nth);
+    axpy_rows(w, wbf16, out, x, act + a0, a1 - a0, part + (size_t)ith * stride);
+}
+
+/* y[lo:hi] = the sum of the nth partials, for this thread's split share [lo, hi) of the outputs. */
+void sp_gemv_reduce(int ith, int nth, int out, const float *part, int stride, float *y) {
+    SP_ASSERT(out <= stride);
+    int lo, hi;
+    sp_split(out, ith, nth, &lo, &hi);
+    for (int j = lo; j < hi; j++) {
+        float s = 0.f;
+        for (int u = 0; u < nth; u++) s += part[(size_t)u * stride + j];
+        y[j] = s;
+    }
+}
+
+/* y[r] = dot(W[r, :], x) for the rows r listed in rows[r0:r1] (or r in [r0, r1) when rows is NULL). */
+void sp_dot_rows(const void *w, int wbf16, int in, const float *restrict x, const int *rows, int r0, int r1,
+                 float *restrict y) {
+    SP_ASSERT(in > 0 && r0 <= r1);
+    for (int a = r0; a < r1; a++) {
+        const int r = rows ? rows[a] : a;
+        float s = 0.f;
+        if (wbf16) {
+            const uint16_t *restrict row = (const uint16_t *)w + (size_t)r * in;
+#pragma omp simd reduction(+ : s)
+            for (int i = 0; i < in; i++) s += sp_bf16(row[i]) * x[i];
+        } else {
+            const float *restrict row = (const float *)w + (size_t)r * in;
+#pragma omp simd reduction(+ : s)
+            for (int i = 0; i < in; i++) s += row[i] * x[i];
+        }
+        y[r] = s;
+    }
+}
+
+/* y = W x over the active rows, every thread calling: partial sums, a barrier, this thread's share of the sum.
+ * The partials alternate between two sets, so a thread that moves on to the next GEMV never overwrites a
+ * partial another thread is still adding up (the barrier of that next GEMV orders the one after it). */
+void sp_gemv(sp_ctx *c, const void *w, int wbf16, int out, const float *x, const int *act, int n_act, float *y) {
+    sp_workspace *ws = c->ws;
+    float *part = ws->part + (size_t)(c->phase & 1) * ws->n_threads * ws->stride;
+    c->phase += 1;
+    sp_gemv_partial(c->ith, c->nth, w, wbf16, out, x, act, n_act, part, ws->stride);
+    SP_BARRIER();
+    sp_gemv_reduce(c->ith, c->nth, out, part, ws->stride, y);
+}
+
+/* R-Sparse: y += B (A x_dropped) for linear j, the dropped channels being those of [0, n_in) not in act (act
+ * ascending, as sp_mask writes it). Adds to this thread's split share of y, the share sp_gemv left it. */
+static void lowrank_add(sp_ctx *c, const sp_model *M, const sp_layer *L, int j, const float *x, int n_in,
+                        const int *act, int n_act, int out, float *y) {
+    sp_workspace *ws = c->ws;
+    const int r = L->lr_rank[j];
+    SP_ASSERT(r > 0 && r <= ws->max_rank && n_in <= ws->wide && out <= ws->wide);
+    int *drop = c->t->drop, nd = 0, a = 0;
+    for (int i = 0; i < n_in; i++) {
+        if (a < n_act && act[a] == i) a++;
+        else drop[nd++] = i;
+    }
+    sp_gemv(c, L->lr_a[j], M->wbf16, r, x, drop, nd, ws->lr_t);
+    SP_BARRIER(); /* lr_t is complete */
+    sp_gemv(c, L->lr_b[j], M->wbf16, out, ws->lr_t, ws->iota, r, ws->lr_y);
+    int lo, hi;
+    sp_split(out, c->ith, c->nth, &lo, &hi);
+    for (int o = lo; o < hi; o++) y[o] += ws->lr_y[o];
+}
+
+/* Block linear j of layer l on its masked input: y = W x[act] (+ the low-rank term) (+ bias), this thread's split
+ * share of y final on return; counts the channels for the achieved sparsity (sparse tokens only). */
+void sp_linear(sp_ctx *c, const sp_model *M, int l, int j, const float *x, int n_in, const int *act, int n_act,
+               int out, float *y, int dense) {
+    const sp_layer *L = &M->layers[l];
+    SP_ASSERT(n_act >= 0 && n_act <= n_in && n_in <= c->ws->wide && out <= c->ws->wide);
+    sp_gemv(c, L->w[j], M->wbf16, out, x, act, n_act, y);
+    if (!dense && L->lr_a[j]) lowrank_add(c, M, L, j, x, n_in, act, n_act, out, y);
+    if (L->bias[j]) {
+        int lo, hi;
+        sp_split(out, c->ith, c->nth, &lo, &hi);
+        for (int o = lo; o < hi; o++) y[o] += L->bias[j][o];
+    }
+    if (c->ith == 0 && !dense) {
+        M->active[(size_t)l * SP_N_LIN + j] += n_act;
+        M->seen[(size_t)l * SP_N_LIN + j] += n_in;
+    }
+}
+
+/* Test entry points: the ops above on their own, with their own scratch. */
+int sp_test_gemv(const void *w, int wbf16, int in, int out, const float *x, const int *act, int n_act, float *y,
+                 int threads) {
+    (void)in;
+    if (threads < 1 || out < 0) return SP_ERR_SHAPE;
+    const int stride = (out + 15) / 16 * 16;
+    float *part = malloc(sizeof(float) * (size_t)threads * (stride ? stride : 1));
+    if (!part) return SP_ERR_NOMEM;
+#pragma omp parallel num_threads(threads)
+    {
+        const int ith = omp_get_thread_num(), nth = omp_get_num_threads();
+        sp_gemv_partial(ith, nth, w, wbf16, out, x, act, n_act, part, stride);
+        SP_BARRIER();
+        sp_gemv_reduce(ith, nth, out, part, stride, y);
+    }
+    free(part);
+    return SP_OK;
+}
+
+int sp_test_dot_rows(const void *w, int wbf16, int in, int n_rows, const float *x, const int *rows, int n_sel,
+                     float *y, int threads) {
+    if (threads < 1 || in < 1) return SP_ERR_SHAPE;
+#pragma omp parallel num_threads(threads)
+    {
+        const int ith = omp_get_thread_num(), nth = omp_get_num_threads();
+        const int total = rows ? n_sel : n_rows;
+        sp_dot_rows(w, wbf16, in, x, rows, (int)((long)total * ith / nth), (int)((long)total * (ith + 1) / nth), y);
+    }
+    return SP_OK;
+}

@@ -1,0 +1,67 @@
+/* Masks: the active input channels of a linear under its rule (sparsen.core.rules computes the same in torch). */
+#include <string.h>
+
+#include "ops.h"
+
+static int cmp_float(const void *a, const void *b) {
+    const float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+/* Active channels of x [n] under rule r, ascending, into act; returns their count. scratch: n floats.
+ * A rule that is not an input rule (DENSE, GATE_ACT) keeps every channel. */
+int sp_mask(const sp_rule *r, const float *x, int n, int *act, float *scratch) {
+    SP_ASSERT(n > 0);
+    int m = 0;
+    switch (r->kind) {
+    case SP_RULE_THRESHOLD:
+        SP_ASSERT(r->thr != NULL);
+        for (int i = 0; i < n; i++)
+            if (fabsf(x[i]) > r->thr[i]) act[m++] = i;
+        return m;
+    case SP_RULE_TOPK: {
+        const int k = (int)lrintf(r->param * n); /* the k smallest |x| are dropped */
+        if (k <= 0) break;
+        if (k >= n) return 0;
+        for (int i = 0; i < n; i++) scratch[i] = fabsf(x[i]);
+        qsort(scratch, n, sizeof(float), cmp_float);
+        const float kth = scratch[k - 1]; /* the largest dropped magnitude */
+        int ties = 0;                     /* entries equal to kth that are dropped */
+        for (int i = 0; i < k; i++) ties += scratch[i] == kth;
+        for (int i = 0; i < n; i++) {
+            const float a = fabsf(x[i]);
+            if (a > kth) act[m++] = i;
+            else if (a == kth && ties-- <= 0) act[m++] = i;
+        }
+        return m;
+    }
+    case SP_RULE_GAUSSIAN_TOPK: {
+        double ss = 0;
+        for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+        const float t = r->param * (float)sqrt(ss / n);
+        for (int i = 0; i < n; i++)
+            if (fabsf(x[i]) > t) act[m++] = i;
+        return m;
+    }
+    default: break;
+    }
+    for (int i = 0; i < n; i++) act[i] = i;
+    return n;
+}
+
+/* The mask of linear j's input x [n]; every channel on a dense token. */
+int sp_layer_mask(const sp_layer *L, int j, int dense, const float *x, int n, int *act, float *scratch) {
+    static const sp_rule all = {SP_RULE_DENSE, 0, 0.f, NULL};
+    return sp_mask(dense ? &all : &L->rule[j], x, n, act, scratch);
+}
+
+int sp_test_mask(int kind, float param, const float *thr, const float *x, int n, int *act) {
+    if (n < 1) return SP_ERR_SHAPE;
+    if (kind == SP_RULE_THRESHOLD && !thr) return SP_ERR_RULE;
+    const sp_rule r = {kind, 0, param, thr};
+    float *scratch = malloc(sizeof(float) * (size_t)n);
+    if (!scratch) return SP_ERR_NOMEM;
+    const int m = sp_mask(&r, x, n, act, scratch);
+    free(scratch);
+    return m;
+}

@@ -1,0 +1,105 @@
+/* Internal to the kernels: the workspace, the per-thread context, and one function per op.
+ *
+ * Style (after llama.cpp's ggml-cpu): an op is a plain function that does this thread's share of the work,
+ * given ith (this thread) and nth (the team size), and never synchronises; the stage functions (attention.c,
+ * mlp.c, decode.c) call the ops in order with a barrier (SP_BARRIER) wherever an op reads what another thread
+ * wrote. Shapes are asserted at the top of each op (an assertion is a bug in the kernels or in the Python that
+ * filled the structs, which sp_check_model screens first: it aborts with the failed condition).
+ */
+#ifndef SPARSEN_OPS_H
+#define SPARSEN_OPS_H
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "sparsen.h"
+
+#define SP_ASSERT(c)                                                                        \
+    do {                                                                                    \
+        if (!(c)) {                                                                         \
+            fprintf(stderr, "sparsen kernels: %s:%d: assertion failed: %s\n", __FILE__, __LINE__, #c); \
+            abort();                                                                        \
+        }                                                                                   \
+    } while (0)
+
+#define SP_BARRIER() _Pragma("omp barrier")
+
+typedef struct {
+    float *x;       /* [wide] the normed input of the current linear (each thread holds its own copy) */
+    float *scratch; /* [wide] */
+    int *act;       /* [wide] active input channels of the current linear, ascending */
+    int *act2;      /* [wide] up's own mask when it differs from gate's */
+    int *drop;      /* [wide] dropped channels (R-Sparse) */
+} sp_thread;
+
+struct sp_workspace {
+    /* the model it was made for (the step refuses another) */
+    int d, inter, n_heads, n_kv, head_dim, max_seq, n_layers;
+    int n_threads, wide, stride, max_rank;
+    float *h;          /* [d] the residual stream */
+    float *q, *k, *v;  /* [n_heads * head_dim], [n_kv * head_dim] x 2 */
+    float *att;        /* [n_heads * head_dim] attention output (o's input) */
+    float *g, *u, *mid;/* [inter] gate, up, down's input */
+    float *proj;       /* [wide] a branch's output before the residual add */
+    float *scores;     /* [n_heads, max_seq] */
+    float *part;       /* [2, n_threads, stride] GEMV partial sums, two alternating sets */
+    float *lr_t, *lr_y;/* [max_rank], [wide] R-Sparse: A x_dropped, then B of it */
+    int *gate_act;     /* [inter] active MLP channels under a gate-activation rule */
+    int n_gate_act;
+    int *iota;         /* [wide] 0, 1, 2, ...: every channel active */
+    sp_thread *thr;    /* [n_threads] */
+    void *arena;       /* the one allocation every buffer above lives in */
+};
+
+/* What one thread of the decode step carries from op to op. */
+typedef struct {
+    int ith, nth;
+    int phase;         /* which set of partial sums the next GEMV writes */
+    sp_workspace *ws;
+    sp_thread *t;      /* this thread's buffers */
+} sp_ctx;
+
+static inline float sp_bf16(uint16_t b) {
+    union { uint32_t u; float f; } v;
+    v.u = ((uint32_t)b) << 16;
+    return v.f;
+}
+
+static inline float sp_act(int kind, float g) {
+    if (kind == SP_ACT_GELU_TANH) {
+        const float c = 0.7978845608028654f; /* sqrt(2 / pi) */
+        return 0.5f * g * (1.f + tanhf(c * (g + 0.044715f * g * g * g)));
+    }
+    return g / (1.f + expf(-g));
+}
+
+/* gemv.c */
+void sp_split(int n, int ith, int nth, int *lo, int *hi);
+void sp_gemv_partial(int ith, int nth, const void *w, int wbf16, int out, const float *x, const int *act, int n_act,
+                     float *part, int stride);
+void sp_gemv_reduce(int ith, int nth, int out, const float *part, int stride, float *y);
+void sp_dot_rows(const void *w, int wbf16, int in, const float *x, const int *rows, int r0, int r1, float *y);
+void sp_gemv(sp_ctx *c, const void *w, int wbf16, int out, const float *x, const int *act, int n_act, float *y);
+void sp_linear(sp_ctx *c, const sp_model *M, int l, int j, const float *x, int n_in, const int *act,
+               int n_act, int out, float *y, int dense);
+
+/* mask.c */
+int sp_mask(const sp_rule *r, const float *x, int n, int *act, float *scratch);
+int sp_layer_mask(const sp_layer *L, int j, int dense, const float *x, int n, int *act, float *scratch);
+
+/* norm.c */
+void sp_rmsnorm(const float *h, const float *g, int n, float eps, float *out);
+void sp_add_branch(int ith, int nth, int d, float eps, const float *gain, const float *y, float *h);
+
+/* attention.c */
+void sp_qk_prepare(int ith, int nth, const sp_model *M, const sp_layer *L, int l, int pos, float *q, float *k,
+                   const float *v);
+void sp_attention(int ith, int nth, const float *q, const float *K, const float *V, int n_heads, int n_kv,
+                  int head_dim, int max_seq, int start, int pos, float scale, float *scores, float *out);
+void sp_attn_stage(sp_ctx *c, const sp_model *M, int l, int pos, int dense);
+
+/* mlp.c */
+void sp_mlp_stage(sp_ctx *c, const sp_model *M, int l, int dense);
+
+#endif

@@ -1,0 +1,111 @@
+/* sparsen decode kernels: the ABI shared with Python (engine/__init__.py mirrors every struct with ctypes).
+ *
+ * One call of sp_decode_step is the whole forward of one token: batch-1 decoding reads every weight once per
+ * token, so time is bytes / bandwidth, and a parallel region per GEMV costs more than a 576x576 GEMV. The whole
+ * token therefore runs inside ONE OpenMP parallel region; the threads meet at barriers between ops.
+ *
+ * Layouts: every block linear is stored transposed, W^T [in, out], so input channel i is one contiguous row and
+ * skipping it skips its bytes (never a gather + matmul). Under a gate-activation rule up is kept as [out, in]
+ * rows and only the active rows are dotted. lm_head is [vocab, d] rows, dotted, split over the vocabulary.
+ * Weights are fp32 or bf16 (uint16, widened in the kernel). Norm gains, biases, embeddings: fp32.
+ *
+ * Any change to a struct below or to the meaning of a field bumps SP_ABI_VERSION; Python refuses a library
+ * whose version or struct sizes differ from its own (a stale build: `pip install -e .` rebuilds it).
+ */
+#ifndef SPARSEN_H
+#define SPARSEN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define SP_ABI_VERSION 2
+
+/* Rule kinds, numbered as sparsen.core.rules.RuleKind (checked at load time through sp_rule_kinds()). */
+#define SP_RULE_KINDS(X) X(DENSE, 0) X(THRESHOLD, 1) X(TOPK, 2) X(GAUSSIAN_TOPK, 3) X(GATE_ACT, 4)
+#define SP_RULE_ENUM(name, value) SP_RULE_##name = value,
+enum rule_kind { SP_RULE_KINDS(SP_RULE_ENUM) };
+#undef SP_RULE_ENUM
+
+/* The block linears, in sparsen.models.LINEAR_NAMES order. */
+enum { SP_Q, SP_K, SP_V, SP_O, SP_GATE, SP_UP, SP_DOWN, SP_N_LIN };
+
+enum sp_activation { SP_ACT_SILU = 0, SP_ACT_GELU_TANH = 1 };
+
+/* Return codes of the exported functions (Python turns each into a SparsenError). */
+enum sp_status {
+    SP_OK = 0,
+    SP_ERR_POS = -1,       /* position outside [0, max_seq) */
+    SP_ERR_TOKEN = -2,     /* token id outside [0, vocab) */
+    SP_ERR_SHAPE = -3,     /* a dimension is not positive, head_dim odd, a required pointer is NULL */
+    SP_ERR_HEADS = -4,     /* n_heads is not a multiple of n_kv */
+    SP_ERR_NOMEM = -5,     /* a workspace allocation failed */
+    SP_ERR_THREADS = -6,   /* the workspace was made for fewer threads than the team, or for another model */
+    SP_ERR_RULE = -7,      /* an unknown rule kind, a gate_act rule off down, a rule without its thresholds */
+};
+
+typedef struct {
+    int kind;          /* enum rule_kind, on this linear's input (SP_RULE_GATE_ACT only on down) */
+    int same_as_prev;  /* this linear's input mask equals the previous linear's (k after q, v after k, up after gate) */
+    float param;       /* TOPK: share dropped; GAUSSIAN_TOPK: z = Phi^-1((1+s)/2) */
+    const float *thr;  /* per-input-channel thresholds (THRESHOLD, GATE_ACT) */
+} sp_rule;
+
+typedef struct {
+    const void *w[SP_N_LIN];      /* W^T [in, out]; up under a gate_act rule on down: W [out, in] */
+    const float *bias[SP_N_LIN];  /* [out] or NULL */
+    const float *attn_norm;       /* gain [d] of the norm before attention */
+    const float *mlp_norm;        /* gain [d] of the norm before the MLP */
+    const float *attn_out_norm;   /* NULL, or gain [d] of a norm on the attention output (Gemma 3) */
+    const float *mlp_out_norm;    /* NULL, or gain [d] of a norm on the MLP output (Gemma 3) */
+    const float *q_norm, *k_norm; /* NULL, or gain [head_dim] of a per-head norm before RoPE (Gemma 3) */
+    const float *basis;           /* NULL, or R [d, d] ([in, out], fp32): h <- h R at this layer's input */
+    const float *rope_cos;        /* [max_seq, head_dim] (HF rotate-half convention) */
+    const float *rope_sin;
+    int window;                   /* 0: attend to every position; W: to the last W positions only */
+    sp_rule rule[SP_N_LIN];
+    /* R-Sparse: NULL, or the low-rank term of the dropped inputs, y += B A x_dropped, stored as A^T [in, rank]
+     * (rows of dropped channels are read) and B^T [rank, out], in the weights' dtype */
+    const void *lr_a[SP_N_LIN], *lr_b[SP_N_LIN];
+    int lr_rank[SP_N_LIN];
+} sp_layer;
+
+typedef struct {
+    int n_layers, d, n_heads, n_kv, head_dim, inter, vocab, max_seq;
+    int wbf16;                /* block linears, low-rank factors and lm_head are bf16 (else fp32) */
+    int activation;           /* enum sp_activation */
+    float eps;                /* RMSNorm epsilon */
+    float attn_scale;         /* factor on q.k */
+    float embed_scale;        /* the embedding row is multiplied by this */
+    float logit_softcap;      /* 0, or c: logits <- c tanh(logits / c) */
+    const sp_layer *layers;
+    const float *embed;       /* [vocab, d] fp32 */
+    const float *final_norm;  /* gain [d] */
+    const void *lm_head;      /* [vocab, d] */
+    float *k_cache, *v_cache; /* [n_layers, n_kv, max_seq, head_dim] */
+    int64_t *active;          /* [n_layers, SP_N_LIN] active input channels (rows for gate_act up), summed */
+    int64_t *seen;            /* [n_layers, SP_N_LIN] input channels offered, summed */
+} sp_model;
+
+/* Buffers of one engine, allocated once (sp_workspace_create) for a model and a thread count. Opaque to Python. */
+typedef struct sp_workspace sp_workspace;
+
+enum { SP_STRUCT_RULE = 0, SP_STRUCT_LAYER = 1, SP_STRUCT_MODEL = 2 };
+
+int sp_abi_version(void);
+long sp_struct_size(int which);   /* sizeof a shared struct (SP_STRUCT_*), -1 for an unknown one */
+const char *sp_rule_kinds(void);  /* "DENSE=0,THRESHOLD=1,..." */
+int sp_check_model(const sp_model *M);
+sp_workspace *sp_workspace_create(const sp_model *M, int n_threads, int *status);
+void sp_workspace_free(sp_workspace *ws);
+/* The forward of `token` at position pos; writes logits [vocab]. dense != 0 ignores every rule (the prompt is
+ * prefilled dense, as in the decode protocol). */
+int sp_decode_step(const sp_model *M, sp_workspace *ws, int pos, int token, float *logits, int dense);
+
+/* The ops alone, for tests (same code as the decode step; these allocate their own scratch). */
+int sp_test_gemv(const void *w, int wbf16, int in, int out, const float *x, const int *act, int n_act, float *y,
+                 int threads);
+int sp_test_dot_rows(const void *w, int wbf16, int in, int n_rows, const float *x, const int *rows, int n_sel,
+                     float *y, int threads);
+int sp_test_mask(int kind, float param, const float *thr, const float *x, int n, int *act);
+
+#endif
