@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sparsen.core import Sparsifier, ThresholdRule
 from sparsen.data import EVAL_CORPUS, corpus_windows
 from sparsen.evaluation import evaluate, scored_range
-from sparsen.methods import InputSparsifier, ThresholdRule
 
 
 def direct_nll(model, wins, start, stop):
@@ -49,22 +49,30 @@ def test_decode_protocol_scores_only_sparse_positions(tiny_llama):
     # A sparsifier that destroys the input of every linear changes nothing in the dense prefix,
     # so under the decode protocol the achieved sparsity is measured on the second half only.
     rules = {site: ThresholdRule(1e9) for site, *_ in tiny_llama.adapter.linear_sites()}
-    sp = InputSparsifier(tiny_llama.adapter, rules)
+    sp = Sparsifier(tiny_llama.adapter, rules)
     res = evaluate(tiny_llama, ctx=64, n_windows=2, protocol="decode", sparsifier=sp, progress=False)
     assert res.sparsity["overall"] == pytest.approx(1.0)
     assert sp.entries["layers.0.q"] == 2 * 32 * tiny_llama.config.hidden_size
 
 
-def test_kl_and_agreement(tiny_llama):
+def test_kl_and_agreement_equal_a_hand_computation(tiny_llama):
+    from sparsen.data import EVAL_CORPUS, corpus_windows
+
     sites = [s for s, *_ in tiny_llama.adapter.linear_sites()]
-    zero = InputSparsifier(tiny_llama.adapter, {s: ThresholdRule(0.0) for s in sites})
-    res0 = evaluate(tiny_llama, ctx=64, n_windows=2, protocol="full", sparsifier=zero, progress=False)
+    some = Sparsifier(tiny_llama.adapter, {s: ThresholdRule(0.3) for s in sites})
     dense = evaluate(tiny_llama, ctx=64, n_windows=2, protocol="full", progress=False)
-    assert res0.kl == pytest.approx(0.0, abs=1e-7) and res0.top1_agree == 1.0
-    assert res0.nll == pytest.approx(dense.nll, rel=1e-6) and res0.dense_nll == pytest.approx(dense.nll, rel=1e-6)
-    some = InputSparsifier(tiny_llama.adapter, {s: ThresholdRule(0.3) for s in sites})
     res = evaluate(tiny_llama, ctx=64, n_windows=2, protocol="full", sparsifier=some, progress=False)
-    assert res.kl > 1e-3 and res.top1_agree < 1.0
+    kl = agree = n = 0.0
+    with torch.no_grad():
+        for w in corpus_windows(tiny_llama.tokenizer, EVAL_CORPUS, 64, 2):
+            p = torch.log_softmax(tiny_llama.model(w[None]).logits[0, :-1].double(), -1)
+            with some:
+                q = torch.log_softmax(tiny_llama.model(w[None]).logits[0, :-1].double(), -1)
+            kl += float((p.exp() * (p - q)).sum())
+            agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+            n += len(p)
+    assert res.kl == pytest.approx(kl / n, rel=1e-4) and res.kl > 1e-3
+    assert res.top1_agree == agree / n < 1.0
     assert 0.05 < res.sparsity["overall"] < 0.95
     assert res.dense_nll == pytest.approx(dense.nll, rel=1e-6)
     # the hooks are gone afterwards: the model is dense again
@@ -88,12 +96,13 @@ def test_evaluate_many_equals_evaluate_per_config(protocol):
     """The frontier's window-major sweep (shared dense reference, shared prompt KV) gives evaluate's numbers."""
     from sparsen import load_model
     from sparsen.evaluation import evaluate_many
-    from sparsen.methods import CalibrationConfig, calibrate
+    from sparsen.methods import RotateConfig, TealConfig, calibrate
 
     lm, rot = load_model("tiny-llama"), load_model("tiny-llama")
-    cfg = CalibrationConfig(tokens=1024, ctx=256)
-    teal, rotate = calibrate(lm, "teal", 0.5, cfg, progress=False), calibrate(lm, "rotate", 0.4, cfg, progress=False)
-    configs = {"teal": (lm.model, teal.sparsifier(lm)), "rotate": (rot.model, rotate.sparsifier(rot))}
+    teal = calibrate(lm, TealConfig(sparsity=0.5, tokens=1024, ctx=256), progress=False)
+    rotate = calibrate(lm, RotateConfig(sparsity=0.4, tokens=1024, ctx=256), progress=False)
+    rotate.transform_(rot)
+    configs = {"teal": (lm.model, teal.build_sparsifier(lm)), "rotate": (rot.model, rotate.build_sparsifier(rot))}
     dense, many = evaluate_many(lm, configs, ctx=128, n_windows=3, protocol=protocol, progress=False)
     assert dense.nll == pytest.approx(evaluate(lm, ctx=128, n_windows=3, protocol=protocol, progress=False).nll, rel=1e-9)
     for name, owner in (("teal", lm), ("rotate", rot)):
