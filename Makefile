@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint clean
 
-$(STAMP): pyproject.toml setup.py Makefile src/sparsen/engine/kernels.c
+$(STAMP): pyproject.toml setup.py Makefile $(wildcard src/sparsen/engine/kernels/*.c src/sparsen/engine/kernels/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: 2.13.0 is the CPU build available locally; a looser spec pulls a CUDA build.
