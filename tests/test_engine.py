@@ -431,10 +431,32 @@ def test_smollm2_dense_engine_matches_hf_generate(smollm2):
 
 @pytest.mark.slow
 def test_gemma3_270m_engine_greedy_equals_hf_generate():
+    from sparsen.engine import prompt_ids
+
     lm = load_model("gemma3")
-    ids = lm.tokenizer("The history of the city begins", add_special_tokens=False)["input_ids"]
+    ids = prompt_ids(lm, "The history of the city begins", chat=False)
+    assert ids[0] == lm.tokenizer.bos_token_id  # Gemma's tokenizer adds BOS; without it the model degenerates
     with torch.no_grad():
         hf = lm.model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
     engine = Engine(lm, threads=2, max_seq=128)
     assert engine.vocab == 262144 and engine.head_dim == 256 and engine.n_kv == 1
-    assert engine.generate(ids, 32) == hf[0, len(ids):].tolist()
+    tokens = engine.generate(ids, 32)
+    assert tokens == hf[0, len(ids):].tolist()
+    assert len(set(tokens)) > 8  # a real continuation, not one token repeated
+
+
+def test_prompt_ids_keep_the_bos_a_tokenizer_adds():
+    from types import SimpleNamespace
+
+    from tokenizers import processors
+
+    from sparsen.engine import prompt_ids
+
+    plain = byte_tokenizer()
+    text = plain("Hi", add_special_tokens=False)["input_ids"]
+    assert prompt_ids(SimpleNamespace(tokenizer=plain, spec="t"), "Hi", chat=False) == text
+    with_bos = byte_tokenizer()  # a tokenizer that adds BOS, as Gemma's does
+    bos = with_bos.bos_token_id
+    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    assert with_bos("Hi")["input_ids"] == [bos, *text]
+    assert prompt_ids(SimpleNamespace(tokenizer=with_bos, spec="t"), "Hi", chat=False) == [bos, *text]

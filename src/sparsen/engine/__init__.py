@@ -186,7 +186,8 @@ def _model_option(lm, name: str):
 
 
 def prompt_ids(lm, text: str, chat: bool) -> list[int]:
-    """The prompt's token ids: the plain text without special tokens, or the chat template's user turn."""
+    """The prompt's token ids: the text without special tokens, except the BOS its tokenizer adds (Gemma decodes
+    garbage without it; SmolLM2's tokenizer adds none), or the chat template's user turn with ``chat``."""
     tok = lm.tokenizer
     if chat:
         if not getattr(tok, "chat_template", None):
@@ -195,10 +196,13 @@ def prompt_ids(lm, text: str, chat: bool) -> list[int]:
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ids = list(tok(text, add_special_tokens=False)["input_ids"])
     if not ids:
         raise SparsenError("the prompt is empty: pass some text with --prompt")
-    return list(ids)
+    bos = tok.bos_token_id
+    if bos is not None and ids[0] != bos and tok(text, add_special_tokens=True)["input_ids"][:1] == [bos]:
+        ids.insert(0, bos)
+    return ids
 
 
 def stop_ids(lm) -> set[int]:
