@@ -16,7 +16,9 @@ KERNELS = Path("src/sparsen/engine/kernels")
 
 
 class OptionalBuildExt(build_ext):
-    """build_ext that warns instead of failing when the kernels cannot be compiled or linked."""
+    """build_ext that warns (one line) instead of failing when the kernels cannot be compiled or linked."""
+
+    failed = False
 
     def run(self):
         try:
@@ -30,9 +32,19 @@ class OptionalBuildExt(build_ext):
         except Exception as e:  # a compile or link failure (no gcc, no OpenMP, no libgomp)
             self._warn(e)
 
-    @staticmethod
-    def _warn(e):
-        reason = " ".join(str(e).split())[:200] or type(e).__name__
+    def copy_extensions_to_source(self):
+        if not self.failed:  # (editable installs) nothing to copy after a failed build
+            super().copy_extensions_to_source()
+
+    def _warn(self, e):
+        if self.failed:
+            return
+        self.failed = True
+        cc = getattr(getattr(self, "compiler", None), "compiler_so", None)
+        if isinstance(cc, list) and cc:  # a compile or link command failed: its message is the whole command line
+            reason = f"{type(e).__name__} with the compiler '{cc[0]}'"
+        else:
+            reason = f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
         print(f"WARNING: sparsen's engine kernels were not built ({reason}); everything but the engine works. "
               "Install gcc with OpenMP (libgomp) and rerun `pip install -e .` to build them.", file=sys.stderr)
 

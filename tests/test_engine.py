@@ -137,6 +137,18 @@ def test_a_stale_kernel_build_is_refused(monkeypatch, tmp_path):
         open_kernels(junk)
 
 
+def test_kernels_without_their_openmp_runtime_are_a_one_line_error(tmp_path):
+    # a build whose libgomp is missing on this machine: the same library, its NEEDED entry renamed
+    data = library_path().read_bytes()
+    if b"libgomp.so.1" not in data:
+        pytest.skip("the kernels are not linked against libgomp.so.1 here")
+    broken = tmp_path / "_kernels_nogomp.so"
+    broken.write_bytes(data.replace(b"libgomp.so.1", b"libgomx.so.1"))
+    with pytest.raises(SparsenError, match=r"could not be loaded \(libgomx.so.1.*install the OpenMP runtime") as e:
+        open_kernels(broken)
+    assert "\n" not in str(e.value)
+
+
 def test_engine_without_built_kernels_says_how_to_build(monkeypatch, tiny_llama):
     import sparsen.engine as eng
 
