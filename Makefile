@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml setup.py Makefile $(wildcard src/sparsen/engine/kernels
 	# torch first, pinned: 2.13.0 is the CPU build available locally; a looser spec pulls a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# headless Chromium for the report's browser test (Debian's package; needs root, as here and in CI)
+	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
+		echo "warning: could not install chromium; tests/test_report.py needs it"
 	touch $(STAMP)
 
 demo: $(STAMP)
