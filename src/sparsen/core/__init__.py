@@ -14,9 +14,10 @@ from sparsen.core.rules import (
                                 check_sparsity,
                                 rule_from_entry,
 )
-from sparsen.core.sites import Site, SiteKind, model_sites
+from sparsen.core.sites import Site, SiteKind, model_sites, register_site_kind
 from sparsen.core.transforms import Transform, get_transform, register_transform
 
 __all__ = ["Tally", "achieved", "Sparsifier", "register_installer", "PLAN_FORMAT", "Plan", "GateActRule",
            "GaussianTopKRule", "LowRankCompensated", "RuleKind", "ThresholdRule", "TopKRule", "check_sparsity",
-           "rule_from_entry", "Site", "SiteKind", "model_sites", "Transform", "get_transform", "register_transform"]
+           "rule_from_entry", "Site", "SiteKind", "model_sites", "register_site_kind", "Transform", "get_transform",
+           "register_transform"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Callable
 
 import torch.nn as nn
 
@@ -30,6 +31,20 @@ class Site:
     """weights the site governs (what accounting weighs its sparsity by)"""
 
 
+SITE_ENUMERATORS: dict[SiteKind, Callable] = {}
+
+
+def register_site_kind(kind: SiteKind):
+    """Decorator: ``fn(adapter) -> {name: Site}`` lists a model's sites of this kind (a new kind registers one,
+    and an installer in ``core/hooks.py``)."""
+    def deco(fn):
+        SITE_ENUMERATORS[kind] = fn
+        return fn
+
+    return deco
+
+
+@register_site_kind(SiteKind.LINEAR_INPUT)
 def linear_input_sites(adapter) -> dict[str, Site]:
     """Every block linear's input, in model order."""
     return {name: Site(name, SiteKind.LINEAR_INPUT, layer, lin, mod, mod.weight.numel())
@@ -37,5 +52,8 @@ def linear_input_sites(adapter) -> dict[str, Site]:
 
 
 def model_sites(adapter) -> dict[str, Site]:
-    """Every site of a model, of every kind the core knows."""
-    return linear_input_sites(adapter)
+    """Every site of a model, of every registered kind."""
+    out: dict[str, Site] = {}
+    for enumerate_sites in SITE_ENUMERATORS.values():
+        out.update(enumerate_sites(adapter))
+    return out
