@@ -353,6 +353,8 @@ def test_engine_takes_the_plan_sparsify_applied(tiny_llama):
     sparsen.unsparsify_(lm)  # the rotation stays in lm's weights; its changes of basis are only the plan's
     with pytest.raises(SparsenError, match="carries a plan's weight transform but no plan"):
         Engine(lm)
+    with pytest.raises(SparsenError, match="carries another plan's weight transform"):
+        Engine(lm, plan_for(tiny_llama, "teal", 0.5))
 
 
 def test_engine_refuses_a_plan_for_another_model(tiny_llama, tiny_qwen2):

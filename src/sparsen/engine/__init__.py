@@ -237,9 +237,13 @@ class Engine:
         self.lib = kernels()
         if plan is None:
             plan = getattr(lm, "plan", None)
-        if plan is None and getattr(lm, "transform_key", None) is not None:
+        carries = getattr(lm, "transform_key", None) is not None
+        if plan is None and carries:
             raise SparsenError("this model carries a plan's weight transform but no plan: pass that plan, "
                                "Engine(lm, plan), or load the model again for a dense engine")
+        if plan is not None and plan.transform is None and carries:  # its changes of basis would be missing
+            raise SparsenError(f"this model carries another plan's weight transform, which this {plan.method} plan "
+                               "does not have: load the model again")
         src, added = lm, 0
         if plan is not None:
             plan.check_model(lm)
