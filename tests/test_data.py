@@ -52,3 +52,11 @@ def test_bad_text_files(tmp_path):
         read_corpus(str(binary))
     with pytest.raises(SparsenError, match="not found"):
         read_corpus(str(tmp_path / "missing.txt"))
+
+
+def test_windows_for_a_model_that_needs_bos_start_with_it():
+    ids = torch.arange(100)
+    w = windows(ids, 10, 3, bos=7)
+    assert w.shape == (3, 10) and torch.equal(w[:, 0], torch.full((3,), 7))
+    assert torch.equal(w[:, 1:].reshape(-1), ids[:27])  # 9 corpus tokens a window, contiguous
+    assert windows(ids, 10, bos=7).shape[0] == 11

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`sparsen eval --plan`.")
     _add_common(p, "wikitext2-valid", "calibration")
     p.add_argument("--method", required=True,
-                   help="teal (TEAL magnitude thresholds), cats (|silu(gate)| threshold), chess (per-channel MLP and q/o "
+                   help="teal (TEAL magnitude thresholds), cats (|act(gate)| threshold), chess (per-channel MLP and q/o "
                         "thresholds), wina (|x_i|*||W[:,i]|| thresholds), stat-topk (Gaussian per-token threshold), topk "
                         "(exact per-token top-k), rotate (ours: thresholds in a folded eigenbasis of the residual stream), "
                         "rotate-wina (ours: per-segment sparse-fitted bases, value-head bases, weight-aware thresholds; "
@@ -411,7 +411,7 @@ def demo_engine(args, best, dense_lm, out: Path) -> str:
     sample = best.tokenizer.decode(tokens, skip_special_tokens=True)
     print()
     dense = Engine(dense_lm, None, threads=2, max_seq=512)
-    ids = corpus_windows(best.tokenizer, "wikitext2-test", 64, 1)[0].tolist()
+    ids = corpus_windows(best.tokenizer, "wikitext2-test", 64, 1, bos=best.window_bos)[0].tolist()
     runs = {"dense": [], "sparse": []}
     for _ in range(3):
         runs["dense"].append(_engine_run(dense, ids, 64))

@@ -51,15 +51,18 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return _TOKEN_CACHE[key]
 
 
-def windows(ids: torch.Tensor, ctx: int, n: int | None = None, source: str = "corpus") -> torch.Tensor:
+def windows(ids: torch.Tensor, ctx: int, n: int | None = None, source: str = "corpus", bos: int | None = None
+            ) -> torch.Tensor:
     """Non-overlapping windows: window i is tokens [i*ctx, (i+1)*ctx). Returns [n, ctx].
 
-    ``n=None`` takes every whole window. Asking for more than the corpus holds is an error, never a
-    silently shorter run.
+    With ``bos`` (for a model trained with a BOS token at the start of every sequence, like Gemma), window i is
+    that token followed by corpus tokens [i*(ctx-1), (i+1)*(ctx-1)). ``n=None`` takes every whole window. Asking
+    for more than the corpus holds is an error, never a silently shorter run.
     """
     if ctx < 2:
         raise SparsenError(f"context length {ctx} is too short: use --ctx 2 or more")
-    available = ids.numel() // ctx
+    body = ctx if bos is None else ctx - 1
+    available = ids.numel() // body
     if n is None:
         n = available
     if n < 1 or n > available:
@@ -67,8 +70,12 @@ def windows(ids: torch.Tensor, ctx: int, n: int | None = None, source: str = "co
             f"{source} has {ids.numel()} tokens: {available} whole window(s) of {ctx}, but {n} were asked; "
             "lower --windows/--ctx/--tokens or pass a longer --text"
         )
-    return ids[: n * ctx].view(n, ctx)
+    wins = ids[: n * body].view(n, body)
+    if bos is not None:
+        wins = torch.cat([torch.full((n, 1), bos, dtype=wins.dtype), wins], dim=1)
+    return wins
 
 
-def corpus_windows(tokenizer, corpus: str, ctx: int, n: int | None = None) -> torch.Tensor:
-    return windows(tokenize(tokenizer, read_corpus(corpus)), ctx, n, source=f"'{corpus}'")
+def corpus_windows(tokenizer, corpus: str, ctx: int, n: int | None = None, bos: int | None = None) -> torch.Tensor:
+    """``windows`` of a corpus tokenized once with no special tokens (``bos``: see ``windows``)."""
+    return windows(tokenize(tokenizer, read_corpus(corpus)), ctx, n, source=f"'{corpus}'", bos=bos)

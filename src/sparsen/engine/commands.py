@@ -153,7 +153,7 @@ def cmd_bench(args) -> None:
     if args.new_tokens < 2:
         raise SparsenError("--new-tokens must be at least 2")
     lm, plan = _load(args)
-    ids = corpus_windows(lm.tokenizer, "wikitext2-test", args.prompt_tokens, 1)[0].tolist()
+    ids = corpus_windows(lm.tokenizer, "wikitext2-test", args.prompt_tokens, 1, bos=lm.window_bos)[0].tolist()
     max_seq = len(ids) + args.new_tokens + 2
     dense = Engine(lm, None, dtype=args.dtype, threads=args.threads, max_seq=max_seq)
     sparse = Engine(lm, plan, dtype=args.dtype, threads=args.threads, max_seq=max_seq) if plan is not None else None

@@ -75,7 +75,7 @@ def evaluate(lm, corpus: str = EVAL_CORPUS, ctx: int = 1024, n_windows: int | No
     """Perplexity of ``lm`` (optionally under ``sparsifier``) on the corpus, and KL/top-1 vs dense if sparse."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}")
-    wins = corpus_windows(lm.tokenizer, corpus, ctx, n_windows)
+    wins = corpus_windows(lm.tokenizer, corpus, ctx, n_windows, bos=lm.window_bos)
     start, stop = scored_range(ctx, protocol)
     nll_sum = dense_nll_sum = kl_sum = 0.0
     agree = scored = 0
@@ -135,7 +135,7 @@ def evaluate_many(lm, configs: dict, corpus: str = EVAL_CORPUS, ctx: int = 1024,
     """
     import copy
 
-    wins = corpus_windows(lm.tokenizer, corpus, ctx, n_windows)
+    wins = corpus_windows(lm.tokenizer, corpus, ctx, n_windows, bos=lm.window_bos)
     start, stop = scored_range(ctx, protocol)
     dense_tally = _Tally()
     tallies = {name: _Tally() for name in configs}

@@ -4,8 +4,8 @@ Measured inputs per block (q/k/v share one input, gate/up share one):
 - ``attn_in``: input of q, k, v (post-attention-RMSNorm hidden state);
 - ``o_in``: input of o (concatenated head outputs);
 - ``mlp_in``: input of gate and up (post-MLP-RMSNorm hidden state);
-- ``gate_act``: silu(gate(x)), what CATS thresholds;
-- ``down_in``: input of down, the MLP intermediate silu(gate(x)) * up(x).
+- ``gate_act``: act(gate(x)) (SiLU for Llama, tanh-GELU for Gemma), what CATS thresholds;
+- ``down_in``: input of down, the MLP intermediate act(gate(x)) * up(x).
 Attention: per head, the share of causal keys needed to cover 90% / 95% of the attention mass.
 Sensitivity: each input group alone, in every layer, made 50% / 70% sparse by exact per-token top-k
 (no calibration): KL to the dense model and perplexity on the first windows. Input statistics alone
@@ -31,7 +31,7 @@ SITE_LABELS = {
     "attn_in": "q/k/v input",
     "o_in": "o input",
     "mlp_in": "gate/up input",
-    "gate_act": "silu(gate)",
+    "gate_act": "act(gate)",
     "down_in": "down input (MLP intermediate)",
 }
 COVER_FRACTIONS = (0.9, 0.95)
@@ -66,7 +66,7 @@ def run_profile(lm, corpus: str = CALIB_CORPUS, tokens: int = 8192, ctx: int = 1
     if tokens < ctx:
         ctx = tokens
     n_windows = tokens // ctx
-    wins = corpus_windows(lm.tokenizer, corpus, ctx, n_windows)
+    wins = corpus_windows(lm.tokenizer, corpus, ctx, n_windows, bos=lm.window_bos)
     ad = lm.adapter
     dims = {"attn_in": ad.hidden_size, "o_in": ad.blocks[0].linears["o"].in_features, "mlp_in": ad.hidden_size,
             "gate_act": ad.intermediate_size, "down_in": ad.intermediate_size}

@@ -1,7 +1,7 @@
 """CATS (Lee et al., COLM 2024): threshold the MLP's gate activation.
 
-a = silu(gate(x)); channel j of the MLP intermediate is kept iff |a_j| > t_layer, t the quantile of
-|a| on calibration tokens. gate is computed dense; up rows and down columns of inactive channels
+a = act(gate(x)) (SiLU; tanh-GELU for Gemma); channel j of the MLP intermediate is kept iff |a_j| > t_layer,
+t the quantile of |a| on calibration tokens. gate is computed dense; up rows and down columns of inactive channels
 are skipped, so only up and down (2/3 of the MLP) count as skipped bytes. Attention stays dense:
 CATS reaches at most ~0.5 model-wide sparsity on a Llama block.
 """

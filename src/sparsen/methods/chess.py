@@ -1,6 +1,6 @@
 """CHESS (He et al., EMNLP 2024): channel-wise thresholds on the MLP, plus q and o input thresholds.
 
-MLP: channel i of the intermediate is zeroed when |a_i| <= sqrt(T / E[u_i^2]) (a = silu(gate(x)),
+MLP: channel i of the intermediate is zeroed when |a_i| <= sqrt(T / E[u_i^2]) (a = act(gate(x)),
 u = up(x)), i.e. when |a_i| * rms(u_i) <= sqrt(T): a per-channel threshold that accounts for how
 large up's output usually is on that channel. E[u_i^2] comes from a dense calibration pass; T is a
 per-layer quantile of |a_i| * rms(u_i). Attention: magnitude thresholds on the inputs of q and o

@@ -63,7 +63,7 @@ def calibrate(lm, config: MethodConfig, progress: bool = True) -> Plan:
     wins = None
     if config.needs_calibration:
         n = max(1, config.tokens // config.ctx)
-        wins = corpus_windows(lm.tokenizer, config.corpus, min(config.ctx, config.tokens), n)
+        wins = corpus_windows(lm.tokenizer, config.corpus, min(config.ctx, config.tokens), n, bos=lm.window_bos)
     sites, calibrated, *extras = m.calibrate(lm, config.sparsity, wins, config, progress)
     extras = extras[0] if extras else {}
     return Plan(

@@ -293,7 +293,7 @@ def basis_windows(lm, config, n_threshold: int) -> torch.Tensor:
     ctx = min(config.ctx, config.tokens)
     n_basis = max(1, round(config.basis_windows * n_threshold))
     try:
-        wins = corpus_windows(lm.tokenizer, config.corpus, ctx, n_threshold + n_basis)
+        wins = corpus_windows(lm.tokenizer, config.corpus, ctx, n_threshold + n_basis, bos=lm.window_bos)
     except SparsenError as e:
         raise SparsenError(f"rotation methods fit their basis on {n_basis} more window(s) than the thresholds use, "
                            f"disjoint from them: {e}") from None

@@ -66,6 +66,9 @@ class Adapter:
     """the embedding rows are multiplied by this before the first block (Gemma: sqrt(hidden))"""
     rotation_refusal: str | None = None
     """why a residual-stream rotation cannot be folded into this architecture (None: it can)"""
+    window_bos = False
+    """the model was trained with BOS at the start of every sequence: evaluation and calibration windows start with
+    it (Gemma: without it its WikiText-2 perplexity nearly doubles, 40.8 instead of 22.1)"""
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -30,6 +30,7 @@ class Gemma3Adapter(Adapter):
     model_types = ("gemma3_text",)
     mlp_activation = "gelu_tanh"
     norm_offset = 1.0
+    window_bos = True
     rotation_refusal = ("its post-attention and post-feedforward RMSNorms sit on the branch outputs before the residual "
                         "add, so a rotation of the residual stream cannot be folded through them")
     _attr = {

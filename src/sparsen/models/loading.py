@@ -51,6 +51,11 @@ class LoadedModel:
         return self.model.config
 
     @property
+    def window_bos(self) -> int | None:
+        """The token every evaluation or calibration window starts with, for a model that needs one (else None)."""
+        return self.tokenizer.bos_token_id if self.adapter.window_bos else None
+
+    @property
     def fingerprint(self) -> str:
         """A short hash of the config and of sampled weights: plans made for another model are refused."""
         if self._fingerprint is None:
