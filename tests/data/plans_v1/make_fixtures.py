@@ -1,13 +1,22 @@
-"""Write plans with the pre-refactor code (commit f39fa18) and their eval numbers: regression fixtures."""
-import json, sys
+"""Write plans with the pre-refactor code and their eval numbers: the regression fixtures of tests/test_api.py.
+
+Run against commit f39fa18 (the last commit before the core/API refactor), from a worktree of it:
+    git worktree add /tmp/oldcode f39fa18
+    PYTHONPATH=/tmp/oldcode/src .venv/bin/python tests/data/plans_v1/make_fixtures.py tests/data/plans_v1
+"""
+
+import json
+import sys
 from pathlib import Path
+
 import sparsen
-assert "/tmp/oldcode" in sparsen.__file__, sparsen.__file__
 from sparsen import load_model
 from sparsen.evaluation import evaluate
 from sparsen.methods import CalibrationConfig, calibrate
 
-out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
+assert "/tmp/oldcode" in sparsen.__file__, sparsen.__file__
+out = Path(sys.argv[1])
+out.mkdir(parents=True, exist_ok=True)
 JOBS = {  # name: (method, sparsity, config overrides)
     "teal": ("teal", 0.5, {}),
     "teal-greedy": ("teal", 0.5, {"allocation": "greedy"}),
