@@ -25,6 +25,17 @@ LINEAR_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 INPUT_GROUPS = {"attn_in": ("q", "k", "v"), "o_in": ("o",), "mlp_in": ("gate", "up"), "down_in": ("down",)}
 GROUP_OF = {name: group for group, names in INPUT_GROUPS.items() for name in names}
 
+# Where Hugging Face's decoder layers keep the seven linears (Llama, Mistral, Qwen2 and Gemma 3 alike).
+HF_LINEAR_ATTRS = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"), "v": ("self_attn", "v_proj"),
+                   "o": ("self_attn", "o_proj"), "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"),
+                   "down": ("mlp", "down_proj")}
+
+
+def hf_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """The seven linears of a Hugging Face decoder layer, by our names."""
+    return {name: getattr(getattr(layer, a), b) for name, (a, b) in HF_LINEAR_ATTRS.items()}
+
+
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from sparsen.errors import SparsenError
-from sparsen.models.adapters import Adapter, Block, register_adapter
+from sparsen.models.adapters import Adapter, Block, hf_linears, register_adapter
 
 # HF layer_types entry -> our rotary-table key
 _ROPE_OF = {"sliding_attention": "local", "full_attention": "global"}
@@ -33,15 +33,6 @@ class Gemma3Adapter(Adapter):
     window_bos = True
     rotation_refusal = ("its post-attention and post-feedforward RMSNorms sit on the branch outputs before the residual "
                         "add, so a rotation of the residual stream cannot be folded through them")
-    _attr = {
-        "q": ("self_attn", "q_proj"),
-        "k": ("self_attn", "k_proj"),
-        "v": ("self_attn", "v_proj"),
-        "o": ("self_attn", "o_proj"),
-        "gate": ("mlp", "gate_proj"),
-        "up": ("mlp", "up_proj"),
-        "down": ("mlp", "down_proj"),
-    }
 
     def __init__(self, model: nn.Module):
         act = getattr(model.config, "hidden_activation", None)
@@ -56,7 +47,7 @@ class Gemma3Adapter(Adapter):
         self.embed_scale = float(self.embed.embed_scale.to(self.embed.weight.dtype))
 
     def _block(self, i: int, layer: nn.Module) -> Block:
-        linears = {name: getattr(getattr(layer, a), b) for name, (a, b) in self._attr.items()}
+        linears = hf_linears(layer)
         layer_type = self.config.layer_types[i]
         if layer_type not in _ROPE_OF:
             raise SparsenError(f"Gemma 3 layer {i} has attention type '{layer_type}': sparsen knows "
