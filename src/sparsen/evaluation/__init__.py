@@ -10,6 +10,7 @@ Protocols
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -84,22 +85,21 @@ def evaluate(lm, corpus: str = EVAL_CORPUS, ctx: int = 1024, n_windows: int | No
         prev_prefix = sparsifier.dense_prefix
         sparsifier.dense_prefix = start
         sparsifier.reset_stats()
-        sparsifier.__enter__()
     try:
-        for w in tqdm(wins, desc=f"eval {protocol}", unit="win", disable=not progress, leave=False):
-            targets = w[start + 1: stop + 1]
-            logp = window_logprobs(lm.model, w, start, stop)
-            nll_sum += -logp.gather(1, targets[:, None]).double().sum().item()
-            scored += targets.numel()
-            if sparsifier is not None:
-                with sparsifier.disabled():
-                    logp_dense = window_logprobs(lm.model, w, start, stop)
-                dense_nll_sum += -logp_dense.gather(1, targets[:, None]).double().sum().item()
-                kl_sum += (logp_dense.exp() * (logp_dense - logp)).sum().double().item()
-                agree += int((logp_dense.argmax(-1) == logp.argmax(-1)).sum())
+        with sparsifier if sparsifier is not None else contextlib.nullcontext():  # restores its attached state
+            for w in tqdm(wins, desc=f"eval {protocol}", unit="win", disable=not progress, leave=False):
+                targets = w[start + 1: stop + 1]
+                logp = window_logprobs(lm.model, w, start, stop)
+                nll_sum += -logp.gather(1, targets[:, None]).double().sum().item()
+                scored += targets.numel()
+                if sparsifier is not None:
+                    with sparsifier.disabled():
+                        logp_dense = window_logprobs(lm.model, w, start, stop)
+                    dense_nll_sum += -logp_dense.gather(1, targets[:, None]).double().sum().item()
+                    kl_sum += (logp_dense.exp() * (logp_dense - logp)).sum().double().item()
+                    agree += int((logp_dense.argmax(-1) == logp.argmax(-1)).sum())
     finally:
         if sparsifier is not None:
-            sparsifier.__exit__(None, None, None)
             sparsifier.dense_prefix = prev_prefix
     nll = nll_sum / scored
     res = EvalResult(model=lm.spec, corpus=corpus, ctx=ctx, windows=len(wins), protocol=protocol, tokens_scored=scored,

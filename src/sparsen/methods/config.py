@@ -81,6 +81,10 @@ class MethodConfig:
         _check(self.allocation in self.allocations,
                f"method '{self.method}' supports allocation {', '.join(self.allocations)}, not '{self.allocation}'")
 
+    def kl_windows(self) -> int:
+        """Calibration windows an allocation measures KL on (one window for the allocations that measure none)."""
+        return 1
+
     def fields(self) -> dict:
         """The config as a plain dict (what a plan records; ``config_for(method, **fields)`` rebuilds it)."""
         return dataclasses.asdict(self)
@@ -126,7 +130,6 @@ class AllocatedConfig(MethodConfig):
                f"allocation_windows {self.allocation_windows!r}: give 1 or more, or None")
 
     def kl_windows(self) -> int:
-        """Calibration windows an allocation measures KL on."""
         if self.allocation_windows is not None:
             return self.allocation_windows
         return {"sensitivity": 1, "global": 3}.get(self.allocation, 1)

@@ -46,8 +46,7 @@ def criterion_thresholds(lm, sparsity, wins, config, progress, scales: dict | No
 
     def build(hists):
         if not levels:  # pass 1: choose each site's level (uniform, or by measured sensitivity)
-            chosen, record = site_levels(lm, hists, wins[:config.kl_windows()] if hasattr(config, "kl_windows")
-                                         else wins[:1], sparsity, config, progress,
+            chosen, record = site_levels(lm, hists, wins[:config.kl_windows()], sparsity, config, progress,
                                          rule_for=lambda site, s: rule_at(site, hists[site].quantile(s)))
             levels.update(chosen)
             levels["_record"] = record
