@@ -39,6 +39,22 @@ def _add_common(p, corpus_default: str, corpus_role: str):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_eval_texts(p):
+    p.add_argument("--text", action="append", default=None, metavar="FILE",
+                   help="evaluation corpus, repeatable: a UTF-8 text file or a bundled name (wikitext2-test, "
+                        "python-docs, python-code, licences; 'domains' = all four; default wikitext2-test)")
+
+
+def _eval_texts(args) -> list[str]:
+    """The evaluation corpora asked for, each checked readable before any work."""
+    from sparsen.data import eval_corpora, read_corpus
+
+    corpora = eval_corpora(args.text or ["wikitext2-test"])
+    for c in corpora:
+        read_corpus(c)
+    return corpora
+
+
 BEST_METHOD, BEST_ALLOCATION = "rotate-wina", "global"  # our best method (BENCHMARKS.md), what the demo calibrates
 FRONTIER_METHODS = ("teal", "teal:greedy", "cats", "chess", "wina", "stat-topk", "topk", f"{BEST_METHOD}:{BEST_ALLOCATION}")
 
@@ -80,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the first half of each window dense and scores the second half with the model "
                                    "under test (= dense prompt, sparse generation). With --plan, also KL(dense||sparse) "
                                    "and top-1 agreement with the dense model.")
-    _add_common(p, "wikitext2-test", "evaluation")
+    _add_model(p)
+    _add_eval_texts(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--ctx", type=_positive_int, default=1024, help="window length in tokens (default 1024)")
     p.add_argument("--windows", type=_positive_int, default=None, help="number of windows (default: all)")
     p.add_argument("--protocol", choices=("full", "decode"), default="full", help="scoring protocol (default full)")
@@ -137,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocols", default="full,decode", metavar="LIST", help="full, decode or both (default both)")
     p.add_argument("--windows", type=_positive_int, default=4, help="evaluation windows (default 4)")
     p.add_argument("--ctx", type=_positive_int, default=1024, help="window length (default 1024)")
-    p.add_argument("--text", default="wikitext2-test", metavar="FILE", help="evaluation corpus (default wikitext2-test)")
+    _add_eval_texts(p)
     p.add_argument("--calib-text", default="wikitext2-valid", metavar="FILE",
                    help="calibration corpus (default wikitext2-valid)")
     p.add_argument("--tokens", type=_positive_int, default=16384,
@@ -261,28 +279,56 @@ def format_eval(res) -> str:
     return line
 
 
+def format_eval_corpora(results: list, target: float | None) -> str:
+    """The per-corpus table of a cross-domain eval: quality, KL and the achieved sparsity's miss of the target."""
+    sparse = results[0].kl is not None
+    head = "corpus                 dense ppl      ppl   vs dense      KL   top-1  achieved    miss" if sparse else \
+        "corpus                       ppl"
+    lines = [head]
+    for r in results:
+        if not sparse:
+            lines.append(f"{r.corpus:<22}{r.ppl:10.3f}")
+            continue
+        ach = r.sparsity["overall"]
+        miss = f"{ach - target:+8.3f}" if target is not None else "     n/a"
+        lines.append(f"{r.corpus:<22}{r.dense_ppl:10.2f}{r.ppl:9.2f}{r.ppl / r.dense_ppl - 1:+10.1%}{r.kl:8.3f}"
+                     f"{r.top1_agree:8.3f}{ach:10.3f}{miss}")
+    return "\n".join(lines)
+
+
 def cmd_eval(args) -> None:
     import sparsen
     from sparsen.io import check_writable, write_json
 
     check_writable(args.out)
+    corpora = _eval_texts(args)
     plan = sparsen.Plan.load(args.plan) if args.plan else None  # a missing or corrupt plan fails before the model loads
     lm = sparsen.load_model(args.model)
     if plan is not None:
         sparsen.sparsify_(lm, plan)
-    res = sparsen.evaluate(lm, corpus=args.text, ctx=args.ctx, windows=args.windows, protocol=args.protocol,
-                           progress=not args.quiet)
-    res.plan = args.plan
-    write_json(args.out, res.to_dict())
-    print(format_eval(res))
+    results = []
+    for corpus in corpora:
+        res = sparsen.evaluate(lm, corpus=corpus, ctx=args.ctx, windows=args.windows, protocol=args.protocol,
+                               progress=not args.quiet)
+        res.plan = args.plan
+        results.append(res)
+        print(format_eval(res))
+    if len(results) == 1:
+        write_json(args.out, results[0].to_dict())
+    else:
+        target = plan.target_sparsity if plan is not None else None
+        write_json(args.out, {"corpora": corpora, "plan": args.plan, "target_sparsity": target,
+                              "results": {r.corpus: r.to_dict() for r in results}})
+        print(format_eval_corpora(results, target))
     print(f"wrote {args.out}")
 
 
 def cmd_frontier(args) -> None:
     from sparsen import load_model
     from sparsen.core.rules import check_sparsity
-    from sparsen.evaluation.frontier import format_markdown, parse_method, plot_frontier, run_frontier
+    from sparsen.evaluation.frontier import format_corpora_summary, format_markdown, parse_method, plot_frontier, run_frontier
     from sparsen.io import check_writable, write_json, write_text
+    from sparsen.methods import config_for
 
     out = check_writable(args.out, directory=True)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -294,20 +340,41 @@ def cmd_frontier(args) -> None:
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     if not protocols or any(p not in ("full", "decode") for p in protocols):
         raise SparsenError(f"--protocols '{args.protocols}': use full, decode or full,decode")
-    lm = load_model(args.model)
+    corpora = _eval_texts(args)
     calib = {"corpus": args.calib_text, "tokens": args.tokens, "ctx": min(args.ctx, args.tokens)}
+    config_for("teal", sparsity=0.5, **calib)  # an evaluation corpus as --calib-text fails here, before any work
+    lm = load_model(args.model)
     fr = run_frontier(lm, methods, sparsities, protocols, windows=args.windows, ctx=args.ctx, calib=calib,
-                      corpus=args.text, progress=not args.quiet, model_loader=lambda: load_model(args.model))
-    table = format_markdown(fr)
+                      corpus=corpora if len(corpora) > 1 else corpora[0], progress=not args.quiet,
+                      model_loader=lambda: load_model(args.model))
+    records = fr["by_corpus"] if len(corpora) > 1 else {corpora[0]: fr}
     write_json(out / "frontier.json", fr)
-    write_text(out / "frontier.md", table + "\n")
-    plot_frontier(fr, out / "frontier.png")
-    print(f"{lm.spec}: {fr['windows']} windows of {fr['ctx']} of {fr['corpus']}; calibration {fr['calibration']['tokens']} "
+    parts, pngs = [], []
+    for c, rec in records.items():
+        png = out / ("frontier.png" if len(corpora) == 1 else f"frontier_{_slug(c)}.png")
+        plot_frontier(rec, png)
+        pngs.append(png)
+        parts.append((c, format_markdown(rec)))
+    print(f"{lm.spec}: {fr['windows']} windows of {fr['ctx']} per corpus; calibration {fr['calibration']['tokens']} "
           f"tokens of {fr['calibration']['corpus']}; 'increase / teal's' = perplexity increase over dense divided by "
-          "uniform teal's at the same achieved sparsity; 'KL / teal's' likewise for the KL")
-    print(table)
-    print(f"wrote {out / 'frontier.json'}, {out / 'frontier.md'}, {out / 'frontier.png'} "
+          "uniform teal's at the same achieved sparsity on that corpus; 'KL / teal's' likewise for the KL")
+    if len(corpora) == 1:
+        md = parts[0][1] + "\n"
+        print(parts[0][1])
+    else:
+        summaries = [f"## All corpora, protocol {p}\n\n{format_corpora_summary(fr, p)}\n" for p in fr["protocols"]]
+        md = "\n".join(summaries + [f"## {c}\n\n{t}\n" for c, t in parts])
+        print(md)
+    write_text(out / "frontier.md", md)
+    print(f"wrote {out / 'frontier.json'}, {out / 'frontier.md'}, {', '.join(str(p) for p in pngs)} "
           f"({fr['seconds']['total']:.0f} s)")
+
+
+def _slug(corpus: str) -> str:
+    """A file-name part for a corpus name or path."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", Path(corpus).stem if "/" in corpus or "." in corpus else corpus)
 
 
 def cmd_demo(args) -> None:

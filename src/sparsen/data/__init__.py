@@ -1,7 +1,9 @@
 """Corpora and token windows.
 
-WikiText-2 (Merity et al., 2016; CC BY-SA 3.0) ships inside the package, see ATTRIBUTION.md:
-the raw *test* split is for evaluation only, the *validation* split for calibration.
+Bundled (sources and licences in ATTRIBUTION.md): WikiText-2 (Merity et al., 2016; CC BY-SA 3.0), whose raw *test*
+split is for evaluation and *validation* split for calibration; and three held-out evaluation domains of other
+kinds that no calibration reads: technical prose (the Python 3.11 tutorial), source code (CPython 3.11 stdlib
+modules) and legal text (free-software licences). ``domains`` names all four evaluation corpora.
 """
 
 from __future__ import annotations
@@ -16,9 +18,26 @@ from sparsen.errors import SparsenError
 CORPORA = {
     "wikitext2-test": "wikitext-2-raw-test.txt",
     "wikitext2-valid": "wikitext-2-valid-tokenized.txt",
+    "python-docs": "python-docs-tutorial.txt",
+    "python-code": "cpython-stdlib-code.txt",
+    "licences": "free-software-licences.txt",
 }
 EVAL_CORPUS = "wikitext2-test"
 CALIB_CORPUS = "wikitext2-valid"
+EVAL_ONLY = ("wikitext2-test", "python-docs", "python-code", "licences")  # never read by a calibration
+CORPUS_SETS = {"domains": EVAL_ONLY}
+
+
+def eval_corpora(names) -> list[str]:
+    """Evaluation corpora from names, paths and set names (``domains``), in order, without repeats."""
+    out: list[str] = []
+    for n in ([names] if isinstance(names, str) else list(names)):
+        for c in CORPUS_SETS.get(n, (n,)):
+            if c not in out:
+                out.append(c)
+    if not out:
+        raise SparsenError("no evaluation corpus given: pass --text NAME_OR_FILE (repeatable) or --text domains")
+    return out
 
 
 def read_corpus(name_or_path: str) -> str:
@@ -39,14 +58,18 @@ def read_corpus(name_or_path: str) -> str:
 
 
 _TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
+_CACHED_CORPORA = 6  # a cross-domain run reads five corpora in turn, again and again
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """Tokenize a whole corpus once, with no special tokens added; returns a 1-D int64 tensor."""
     key = (id(tokenizer), len(text), hash(text))
-    if key not in _TOKEN_CACHE:
+    if key in _TOKEN_CACHE:
+        _TOKEN_CACHE[key] = _TOKEN_CACHE.pop(key)  # most recently used last
+    else:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        _TOKEN_CACHE.clear()  # keep one corpus: they are large
+        while len(_TOKEN_CACHE) >= _CACHED_CORPORA:
+            _TOKEN_CACHE.pop(next(iter(_TOKEN_CACHE)))
         _TOKEN_CACHE[key] = torch.tensor(ids, dtype=torch.long)
     return _TOKEN_CACHE[key]
 

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sparsen.core.rules import check_sparsity
-from sparsen.data import CALIB_CORPUS
+from sparsen.data import CALIB_CORPUS, read_corpus
 from sparsen.errors import SparsenError, UnreachableSparsity
 from sparsen.evaluation import evaluate_many
 from sparsen.methods import calibrate, config_for, get_method
@@ -48,19 +48,47 @@ def parse_method(spec: str) -> tuple[str, str, int | None]:
 
 def run_frontier(lm, methods: list[str], sparsities=DEFAULT_SPARSITIES, protocols=("full", "decode"),
                  windows: int = 8, ctx: int = 1024, calib: dict | None = None,
-                 corpus: str = "wikitext2-test", progress: bool = True, model_loader=None) -> dict:
+                 corpus: str | list[str] = "wikitext2-test", progress: bool = True, model_loader=None) -> dict:
     """Calibrate every (method, sparsity) and evaluate them all; returns the frontier record.
 
     ``methods`` are names, optionally with an allocation (``rotate:sensitivity``); ``calib`` holds the config
     fields every plan shares (corpus, tokens, ctx; default: the configs' defaults). ``model_loader()``
     returns a fresh copy of the model, for methods that transform the weights (a folded rotation);
-    copies are shared between plans with the same transform tensors.
+    copies are shared between plans with the same transform tensors. ``corpus``: one evaluation corpus (the
+    record as below) or a list of them: the plans are calibrated once and evaluated on each, and the record holds
+    one single-corpus record per corpus under ``by_corpus``.
     """
-    parsed = {spec: parse_method(spec) for spec in methods}
+    corpora = [corpus] if isinstance(corpus, str) else list(corpus)
+    if not corpora:
+        raise SparsenError("no evaluation corpus given")
+    for c in corpora:
+        read_corpus(c)  # a missing file fails before any calibration
     calib = {"corpus": CALIB_CORPUS, "tokens": 16384, "ctx": 1024, **(calib or {})}
+    t0 = time.perf_counter()
+    configs, rows = calibrate_grid(lm, methods, sparsities, calib, progress, model_loader)
+    calib_seconds = time.perf_counter() - t0
+    by_corpus = {}
+    for c in corpora:
+        t1 = time.perf_counter()
+        fr = evaluate_grid(lm, configs, rows, c, protocols, windows, ctx, progress)
+        fr.update({"methods": list(methods), "sparsities": list(sparsities),
+                   "calibration": {"corpus": calib["corpus"], "tokens": calib["tokens"], "ctx": calib["ctx"]},
+                   "seconds": {"calibration": calib_seconds, "evaluation": time.perf_counter() - t1,
+                               "total": time.perf_counter() - t0}})
+        by_corpus[c] = fr
+    if isinstance(corpus, str):
+        return by_corpus[corpus]
+    return {"model": lm.spec, "fingerprint": lm.fingerprint, "corpora": corpora, "ctx": ctx, "windows": windows,
+            "protocols": list(protocols), "sparsities": list(sparsities), "methods": list(methods),
+            "calibration": by_corpus[corpora[0]]["calibration"], "by_corpus": by_corpus,
+            "seconds": {"calibration": calib_seconds, "total": time.perf_counter() - t0}}
+
+
+def calibrate_grid(lm, methods, sparsities, calib: dict, progress: bool = True, model_loader=None):
+    """Every (method, sparsity) plan, ready to evaluate: ({name: (model, sparsifier)}, rows)."""
+    parsed = {spec: parse_method(spec) for spec in methods}
     for s in sparsities:
         check_sparsity(s)
-    t0 = time.perf_counter()
     configs, rows, copies = {}, [], {}
     jobs = [(m, s) for m in methods for s in sparsities]
     if REFERENCE in methods:
@@ -85,7 +113,13 @@ def run_frontier(lm, methods: list[str], sparsities=DEFAULT_SPARSITIES, protocol
         rows.append({"method": method, "target": s, "name": name, "calibrated": plan.calibrated_sparsity,
                      "params": {k: v for k, v in plan.params.items() if k != "kl_table"},
                      **({"reference_range": True} if s not in sparsities else {})})
-    calib_seconds = time.perf_counter() - t0
+    return configs, rows
+
+
+def evaluate_grid(lm, configs: dict, rows: list[dict], corpus: str, protocols, windows: int, ctx: int,
+                  progress: bool = True) -> dict:
+    """One corpus's frontier record: every configuration under every protocol (rows are copied, not changed)."""
+    rows = [dict(r) for r in rows]
     dense = {}
     for protocol in protocols:
         d, results = evaluate_many(lm, configs, corpus=corpus, ctx=ctx, n_windows=windows, protocol=protocol,
@@ -97,10 +131,45 @@ def run_frontier(lm, methods: list[str], sparsities=DEFAULT_SPARSITIES, protocol
                 row[protocol] = {"ppl": r.ppl, "nll": r.nll, "kl": r.kl, "top1_agree": r.top1_agree,
                                  "achieved": r.sparsity["overall"], "per_linear": r.sparsity["per_linear"]}
     return {"model": lm.spec, "fingerprint": lm.fingerprint, "corpus": corpus, "ctx": ctx, "windows": windows,
-            "protocols": list(protocols), "sparsities": list(sparsities), "methods": list(methods),
-            "calibration": {"corpus": calib["corpus"], "tokens": calib["tokens"], "ctx": calib["ctx"]},
-            "dense": dense, "rows": rows, "seconds": {"calibration": calib_seconds,
-                                                      "total": time.perf_counter() - t0}}
+            "protocols": list(protocols), "dense": dense, "rows": rows}
+
+
+def relative_to_reference(frontier: dict, row: dict, protocol: str) -> tuple[float | None, float | None]:
+    """(perplexity increase / the reference's, KL / the reference's) at the row's achieved sparsity, on one
+    corpus's record; None where the reference's measured range does not reach it."""
+    q = row[protocol]
+    inc = math.exp(q["nll"] - frontier["dense"][protocol]["nll"]) - 1
+    ref = reference_increase(frontier, protocol, q["achieved"])
+    ref_kl = reference_kl(frontier, protocol, q["achieved"])
+    return (inc / ref if ref and ref > 0 else None), (q["kl"] / ref_kl if ref_kl and ref_kl > 0 else None)
+
+
+def format_corpora_summary(multi: dict, protocol: str) -> str:
+    """One line per (method, target), one column group per corpus: achieved sparsity, perplexity increase and KL
+    as shares of uniform TEAL's at that achieved sparsity."""
+    corpora = multi["corpora"]
+    head = ["method", "target"]
+    for c in corpora:
+        head += [f"{c}: achieved", f"{c}: increase / teal's", f"{c}: KL / teal's"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+             "| dense | 0 | " + " | ".join(f"ppl {multi['by_corpus'][c]['dense'][protocol]['ppl']:.2f} | |"
+                                            for c in corpora) + " |"]
+    first = multi["by_corpus"][corpora[0]]["rows"]
+    for i, r0 in enumerate(first):
+        if r0.get("reference_range"):
+            continue
+        cells = [r0["method"], f"{r0['target']:g}"]
+        for c in corpora:
+            fr = multi["by_corpus"][c]
+            r = fr["rows"][i]
+            if "skipped" in r:
+                cells += ["unreachable", "", ""]
+                continue
+            rel, rel_kl = relative_to_reference(fr, r, protocol)
+            cells += [f"{r[protocol]['achieved']:.3f}", "n/a" if rel is None else f"{rel:.2f}",
+                      "n/a" if rel_kl is None else f"{rel_kl:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _curve(frontier: dict, method: str, protocol: str, key: str = "nll"):
@@ -156,13 +225,9 @@ def format_markdown(frontier: dict) -> str:
         else:
             for p in protocols:
                 q = r[p]
-                inc = math.exp(q["nll"] - frontier["dense"][p]["nll"]) - 1
-                ref = reference_increase(frontier, p, q["achieved"])
-                ref_kl = reference_kl(frontier, p, q["achieved"])
-                rel = f"{inc / ref:.2f}" if ref and ref > 0 else "n/a"
-                rel_kl = f"{q['kl'] / ref_kl:.2f}" if ref_kl and ref_kl > 0 else "n/a"
-                cells += [f"{q['achieved']:.3f}", f"{q['ppl']:.2f}", f"{q['kl']:.3f}", f"{q['top1_agree']:.3f}", rel,
-                          rel_kl]
+                rel, rel_kl = relative_to_reference(frontier, r, p)
+                cells += [f"{q['achieved']:.3f}", f"{q['ppl']:.2f}", f"{q['kl']:.3f}", f"{q['top1_agree']:.3f}",
+                          "n/a" if rel is None else f"{rel:.2f}", "n/a" if rel_kl is None else f"{rel_kl:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

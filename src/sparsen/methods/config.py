@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from sparsen.core.rules import check_sparsity
-from sparsen.data import CALIB_CORPUS
+from sparsen.data import CALIB_CORPUS, CORPUS_SETS, EVAL_ONLY
 from sparsen.errors import SparsenError
 
 
@@ -78,6 +78,9 @@ class MethodConfig:
         _check(isinstance(self.tokens, int) and self.tokens >= 2, f"tokens {self.tokens!r}: give at least 2")
         _check(isinstance(self.ctx, int) and self.ctx >= 2, f"ctx {self.ctx!r}: give a window of at least 2 tokens")
         _check(isinstance(self.corpus, str) and bool(self.corpus), "corpus: name a bundled corpus or a UTF-8 text file")
+        _check(self.corpus not in EVAL_ONLY and self.corpus not in CORPUS_SETS,
+               f"corpus '{self.corpus}' is an evaluation corpus, never calibration text: calibrate on {CALIB_CORPUS} "
+               "or your own UTF-8 file")
         _check(self.allocation in self.allocations,
                f"method '{self.method}' supports allocation {', '.join(self.allocations)}, not '{self.allocation}'")
 
