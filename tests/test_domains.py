@@ -77,3 +77,18 @@ def test_a_frontier_over_several_corpora_equals_one_frontier_per_corpus():
             assert a["decode"]["achieved"] == pytest.approx(b["decode"]["achieved"], abs=1e-9)
     wiki, code = (multi["by_corpus"][c]["rows"][0]["decode"]["ppl"] for c in multi["corpora"])
     assert wiki != code
+
+
+def test_a_frontier_method_can_set_config_fields(tmp_path):
+    from sparsen.evaluation.frontier import parse_method
+
+    assert parse_method("rotate-wina:global:2+basis=pca+rotate_values=false") == (
+        "rotate-wina", "global", 2, {"basis": "pca", "rotate_values": False})
+    with pytest.raises(SparsenError, match="has no field 'foo'"):
+        parse_method("teal+foo=1")
+    with pytest.raises(SparsenError, match="NAME:ALLOCATION:SEGMENTS"):
+        parse_method("teal+allocation=greedy")
+    lm = sparsen.load_model("tiny-llama")
+    fr = run_frontier(lm, ["wina+greedy_step=0.1"], sparsities=[0.5], protocols=("decode",), windows=1, ctx=128,
+                      calib={"tokens": 1024, "ctx": 256}, progress=False)
+    assert [r["method"] for r in fr["rows"]] == ["wina+greedy_step=0.1"] and "decode" in fr["rows"][0]

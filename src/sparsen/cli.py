@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--methods", default=",".join(FRONTIER_METHODS), metavar="LIST",
                    help="comma-separated methods, each optionally with an allocation and, for rotation methods, a "
-                        "number of residual bases: NAME[:ALLOCATION[:SEGMENTS]], e.g. rotate:uniform:6 "
+                        "number of residual bases, and other config fields: NAME[:ALLOCATION[:SEGMENTS]][+FIELD=VALUE...], e.g. "
+                        "rotate:uniform:6 or rotate-wina:global+basis=pca "
                         f"(default {','.join(FRONTIER_METHODS)})")
     p.add_argument("--sparsities", default="0.25,0.4,0.5,0.6,0.7", metavar="LIST",
                    help="comma-separated target model-wide sparsities in [0, 1) (default 0.25,0.4,0.5,0.6,0.7)")
@@ -226,29 +227,14 @@ def cmd_profile(args) -> None:
     print(f"wrote {out / 'profile.json'} and {', '.join(str(p) for p in pngs)}")
 
 
-def _parse_sets(items: list[str]) -> dict:
-    """--set FIELD=VALUE pairs; VALUE as JSON where it parses (0.5, 3, true, null), else the string."""
-    import json
-
-    fields = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise SparsenError(f"--set '{item}': write FIELD=VALUE, e.g. --set rank_share=0.03")
-        try:
-            fields[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            fields[key.strip()] = value
-    return fields
-
-
 def config_from_args(args):
     """The method config `sparsen calibrate` builds from its flags: the same object Python code would pass."""
     from sparsen.methods import config_for
+    from sparsen.methods.config import parse_fields
 
     fields = {"corpus": args.text, "tokens": args.tokens, "ctx": args.ctx, "allocation": args.allocation,
               "segments": args.segments, "basis": args.basis}
-    extra = _parse_sets(args.set)
+    extra = parse_fields(args.set)
     if "sparsity" in extra or "method" in extra:
         raise SparsenError("--set takes the method's other fields: pass --method and --sparsity as flags")
     return config_for(args.method, sparsity=args.sparsity, **{**fields, **extra})

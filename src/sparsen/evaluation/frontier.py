@@ -20,6 +20,7 @@ from sparsen.data import CALIB_CORPUS, read_corpus
 from sparsen.errors import SparsenError, UnreachableSparsity
 from sparsen.evaluation import evaluate_many
 from sparsen.methods import calibrate, config_for, get_method
+from sparsen.methods.config import parse_fields
 
 DEFAULT_SPARSITIES = (0.25, 0.4, 0.5, 0.6, 0.7)
 REFERENCE = "teal"  # the uniform TEAL baseline every other method is compared with
@@ -34,16 +35,23 @@ def reference_targets(sparsities) -> list[float]:
     return [s for s in (lo, hi) if 0 < s < 0.95 and s not in sparsities]
 
 
-def parse_method(spec: str) -> tuple[str, str, int | None]:
-    """'NAME[:ALLOCATION[:SEGMENTS]]' -> (method, allocation, segments); checked against the registry."""
-    name, allocation, segments = (spec.split(":") + ["", ""])[:3]
+def parse_method(spec: str) -> tuple[str, str, int | None, dict]:
+    """'NAME[:ALLOCATION[:SEGMENTS]][+FIELD=VALUE...]' -> (method, allocation, segments, other config fields);
+    checked against the registry and the method's config (e.g. ``rotate-wina:global+basis=pca``)."""
+    head, *sets = spec.split("+")
+    name, allocation, segments = (head.split(":") + ["", ""])[:3]
     m = get_method(name)
     allocation = allocation or "uniform"
     if allocation not in m.config.allocations:
         raise SparsenError(f"method '{name}' supports allocation {', '.join(m.config.allocations)}, not '{allocation}'")
     if segments and (not segments.isdigit() or int(segments) < 1 or (int(segments) > 1 and not m.rotation)):
         raise SparsenError(f"'{spec}': segments must be a whole number >= 1, and above 1 only for rotation methods")
-    return name, allocation, int(segments) if segments and m.rotation else None
+    fields = parse_fields(sets, what=f"'{spec}'")
+    if {"sparsity", "allocation", "segments"} & set(fields):
+        raise SparsenError(f"'{spec}': give the allocation and segments as NAME:ALLOCATION:SEGMENTS, not as fields")
+    segments = int(segments) if segments and m.rotation else None
+    config_for(name, sparsity=0.5, allocation=allocation, segments=segments, **fields)  # unknown fields fail now
+    return name, allocation, segments, fields
 
 
 def run_frontier(lm, methods: list[str], sparsities=DEFAULT_SPARSITIES, protocols=("full", "decode"),
@@ -94,10 +102,10 @@ def calibrate_grid(lm, methods, sparsities, calib: dict, progress: bool = True, 
     if REFERENCE in methods:
         jobs += [(REFERENCE, s) for s in reference_targets(sparsities)]
     for method, s in tqdm(jobs, desc="calibrate grid", disable=not progress):
-        name, allocation, segments = parsed[method]
+        name, allocation, segments, fields = parsed[method]
         try:
-            plan = calibrate(lm, config_for(name, sparsity=s, allocation=allocation, segments=segments, **calib),
-                             progress=False)
+            plan = calibrate(lm, config_for(name, sparsity=s, allocation=allocation, segments=segments, **fields,
+                                            **calib), progress=False)
         except UnreachableSparsity as e:
             rows.append({"method": method, "target": s, "skipped": str(e)})
             continue

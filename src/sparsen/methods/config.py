@@ -166,3 +166,19 @@ class RotationConfig(AllocatedConfig):
         _check(isinstance(self.sparse_basis_rows, int) and self.sparse_basis_rows >= 1, "sparse_basis_rows: give >= 1")
         _check(isinstance(self.sparse_basis_iters, int) and self.sparse_basis_iters >= 1, "sparse_basis_iters: give >= 1")
         _check(isinstance(self.rotate_values, bool), "rotate_values: give True or False")
+
+
+def parse_fields(items, what: str = "--set") -> dict:
+    """FIELD=VALUE strings as config fields; VALUE as JSON where it parses (0.5, 3, true, null), else the string."""
+    import json
+
+    fields = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigFieldError(f"{what}: write FIELD=VALUE, e.g. rank_share=0.03, not '{item}'")
+        try:
+            fields[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key.strip()] = value
+    return fields
