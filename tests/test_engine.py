@@ -474,3 +474,18 @@ def test_prompt_ids_keep_the_bos_a_tokenizer_adds():
     with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
     assert with_bos("Hi")["input_ids"] == [bos, *text]
     assert prompt_ids(SimpleNamespace(tokenizer=with_bos, spec="t"), "Hi", chat=False) == [bos, *text]
+
+
+@pytest.mark.parametrize("method", ["teal", "rotate-wina"])
+def test_sparse_engine_holds_a_prompt_hold_plan_as_the_torch_hooks_do(method):
+    # hold='prompt': the thresholds are rescaled on the prompt's dense inputs before the continuation runs
+    plan = plan_for(load_model("tiny-llama"), method, 0.5, hold="prompt")
+    ids = [int(t) for t in torch.randint(0, 256, (48,), generator=torch.Generator().manual_seed(3))]
+    prompt = 24
+    ref, ref_sparsity = reference_logits(load_model("tiny-llama"), plan, ids, prompt)
+    engine = Engine(load_model("tiny-llama"), plan, threads=2, max_seq=64)
+    got = engine_logits(engine, ids, prompt)
+    np.testing.assert_allclose(got, ref[prompt - 1: len(ids) - 1], rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+    assert engine.achieved()["overall"] == pytest.approx(ref_sparsity["overall"], abs=0.03)
+    calibrated = Engine(load_model("tiny-llama"), plan_for(load_model("tiny-llama"), method, 0.5), threads=2, max_seq=64)
+    assert not np.allclose(engine_logits(calibrated, ids, prompt), got)  # the rescaling changed something

@@ -11,13 +11,14 @@ methods do not change.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Callable
 
 import torch
 
 from sparsen.core.accounting import Tally, achieved
-from sparsen.core.rules import GateActRule, LowRankCompensated
+from sparsen.core.rules import GateActRule, LowRankCompensated, ThresholdRule
 from sparsen.core.sites import SiteKind, model_sites
 
 INSTALLERS: dict[SiteKind, Callable] = {}
@@ -38,10 +39,18 @@ class Sparsifier:
     ``rules`` maps site names (``layers.3.q``) to rules (``core/rules.py``). ``added_params``: weights read per
     token beyond the sites' own (a change of basis, low-rank terms), charged against the sparsity."""
 
-    def __init__(self, adapter, rules: dict[str, Callable], dense_prefix: int = 0, added_params: int = 0):
+    def __init__(self, adapter, rules: dict[str, Callable], dense_prefix: int = 0, added_params: int = 0,
+                 holds: dict[str, tuple[float, float]] | None = None):
         self.adapter = adapter
         self.rules = dict(rules)
         self.dense_prefix = dense_prefix
+        # Holding sparsity on the prompt (``holds``: site -> (calibrated level, the calibration text's prompt scale)):
+        # a threshold rule is multiplied by the scale at which the dense prompt's own inputs reach the level, over
+        # the calibration text's. With dense_prefix > 0 the prompt is the prefix of the same pass; otherwise a pass
+        # under observing() measures it and the scales serve the passes that follow.
+        self.holds = dict(holds or {})
+        self.scales: dict[str, float] = {}
+        self.observing_prompt = False
         self.enabled = True
         self._handles: list = []
         self._outer: list[bool] = []
@@ -105,6 +114,16 @@ class Sparsifier:
             self.detach()
 
     @contextmanager
+    def observing(self):
+        """A dense pass over a prompt that only measures it: every held site's scale is set from its inputs."""
+        prev, self.observing_prompt = self.observing_prompt, True
+        try:
+            with self:
+                yield
+        finally:
+            self.observing_prompt = prev
+
+    @contextmanager
     def disabled(self):
         """Temporarily run the dense model (for the KL reference) without removing the hooks."""
         prev = self.enabled
@@ -128,19 +147,51 @@ def install_linear_input(sp: Sparsifier, site, rule) -> list:
     return handles
 
 
+def prompt_scale(rule: ThresholdRule, prompt: torch.Tensor, level: float) -> float:
+    """c such that a share ``level`` of the prompt's entries have |x_i| <= c * t_i (the rule's thresholds t)."""
+    t = torch.as_tensor(rule.threshold, dtype=torch.float32)
+    a = prompt.detach().abs().float().reshape(-1, prompt.shape[-1])
+    ratio = torch.where(t > 0, a / t.clamp_min(1e-30), torch.where(a > 0, torch.inf, 0.0)).reshape(-1)
+    k = int(round(level * ratio.numel()))
+    if k < 1 or not torch.isfinite(ratio).any():
+        return 1.0
+    c = float(torch.kthvalue(ratio, min(k, ratio.numel())).values)
+    return c if math.isfinite(c) and c > 0 else 1.0
+
+
+def _held(sp: Sparsifier, name: str, rule) -> bool:
+    return name in sp.holds and type(rule) is ThresholdRule
+
+
+def _hold_scale(sp: Sparsifier, name: str, rule, prompt: torch.Tensor) -> float:
+    level, reference = sp.holds[name]
+    return prompt_scale(rule, prompt, level) / reference
+
+
 def _input_hook(sp: Sparsifier, name: str, rule):
     def pre_hook(module, args):
         if not sp.enabled:
             return None
         x = args[0]
         p = sp.dense_prefix
+        held = _held(sp, name, rule)
+        if sp.observing_prompt:
+            if held:
+                sp.scales[name] = _hold_scale(sp, name, rule, x)
+            return None
         if p <= 0:
-            xs = rule(x)
+            r = ThresholdRule(rule.threshold * sp.scales[name]) if held and name in sp.scales else rule
+            xs = r(x)
             sp.tally.add(name, int((xs == 0).sum()), xs.numel())
         else:
             if x.shape[-2] <= p:
                 return None
-            tail = rule(x[..., p:, :])
+            if held:
+                sp.scales[name] = _hold_scale(sp, name, rule, x[..., :p, :])
+                rule_now = ThresholdRule(rule.threshold * sp.scales[name])
+            else:
+                rule_now = rule
+            tail = rule_now(x[..., p:, :])
             sp.tally.add(name, int((tail == 0).sum()), tail.numel())
             xs = torch.cat([x[..., :p, :], tail], dim=-2)
         if isinstance(rule, LowRankCompensated):

@@ -124,8 +124,9 @@ class Plan:
         t.apply_(lm, self.tensors)
         lm.transform_key = applied_key(self.transform_tensors())
 
-    def build_sparsifier(self, lm, dense_prefix: int = 0) -> Sparsifier:
-        """The hooks that apply this plan's rules to ``lm`` (not attached; the model is not changed)."""
+    def build_sparsifier(self, lm, dense_prefix: int = 0, hold_reference: bool = True) -> Sparsifier:
+        """The hooks that apply this plan's rules to ``lm`` (not attached; the model is not changed).
+        ``hold_reference=False`` (for calibration only): a 'prompt'-hold plan's sites measured against scale 1."""
         self.check_model(lm)
         if not self.carried_by(lm):
             raise SparsenError(f"this {self.method} plan transforms the model's weights: apply it with "
@@ -136,12 +137,21 @@ class Plan:
             if rule is not None:
                 rules[site] = rule
         added = get_transform(self.transform).added_params(lm, self.tensors) if self.transform else 0
+        holds = None
+        if self.hold == "prompt":
+            holds = {site: (float(e["target"]), float(e.get("prompt_scale", 1.0)) if hold_reference else 1.0)
+                     for site, e in self.sites.items() if site in rules and "target" in e}
         try:
-            return Sparsifier(lm.adapter, rules, dense_prefix=dense_prefix, added_params=added)
+            return Sparsifier(lm.adapter, rules, dense_prefix=dense_prefix, added_params=added, holds=holds)
         except KeyError as e:
             raise SparsenError(f"plan names sites this model does not have ({e}): calibrate a plan for it") from None
         except ValueError as e:
             raise SparsenError(f"the plan's {e}: recalibrate") from None
+
+    @property
+    def hold(self) -> str:
+        """How the thresholds meet new text at run time (the config's ``hold``; plans before it: 'calibrated')."""
+        return (self.config or {}).get("hold", "calibrated")
 
     def residual_changes(self) -> dict:
         """layer -> R: the changes of basis of the residual stream the plan's transform needs (for the engine)."""

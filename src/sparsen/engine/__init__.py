@@ -272,6 +272,7 @@ class Engine:
     def _build(self, src, plan) -> None:
         """Fill the C structs from ``src`` (lm or its transformed copy), reading it through its adapter only."""
         ad, dtype, keep = src.adapter, self.dtype, self._keep_ptr
+        self._src, self._held = src, {}
         self.d, self.inter, self.n_layers = ad.hidden_size, ad.intermediate_size, ad.n_layers
         self.n_heads, self.n_kv, self.head_dim = ad.n_heads, ad.n_kv_heads, ad.head_dim
         self.vocab = ad.vocab_size
@@ -320,6 +321,8 @@ class Engine:
                 if kind == RuleKind.GATE_ACT and n != "down":
                     raise SparsenError(f"the plan puts a gate_act rule on {site}: it belongs on a down site; recalibrate")
                 L.rule[j].kind, L.rule[j].param, L.rule[j].thr = int(kind), param, keep(thr)
+                if plan is not None and plan.hold == "prompt" and type(rules[n]) is ThresholdRule:
+                    self._held[site] = (thr, thr.copy())  # the array C reads, and the calibrated thresholds
                 if isinstance(rules[n], LowRankCompensated):  # R-Sparse (rule_from_entry checked the factors)
                     A, B = rules[n].A, rules[n].B
                     L.lr_a[j], L.lr_b[j] = keep(weight_array(A.T, dtype)), keep(weight_array(B.T, dtype))
@@ -383,9 +386,20 @@ class Engine:
         self.reset()
         if len(ids) == 0:
             raise SparsenError("the prompt is empty: give at least one token")
+        if self._held:
+            self._hold_on(ids)
         for t in ids:
             logits = self.step(int(t), dense=True)
         return logits
+
+    def _hold_on(self, ids) -> None:
+        """A 'prompt'-hold plan: rescale each held site's thresholds so the prompt's dense inputs reach its level
+        (the scales measured by the torch sparsifier on a dense pass over the prompt, as ``eval`` measures them)."""
+        sp = self.plan.build_sparsifier(self._src)
+        with torch.no_grad(), sp.observing():
+            self._src.model(torch.tensor([list(ids)], dtype=torch.long))
+        for site, (thr, calibrated) in self._held.items():
+            thr[:] = calibrated * np.float32(sp.scales.get(site, 1.0))
 
     def generate(self, ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  eos_token_id=None, on_token=None) -> list[int]:

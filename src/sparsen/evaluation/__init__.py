@@ -85,6 +85,7 @@ def evaluate(lm, corpus: str = EVAL_CORPUS, ctx: int = 1024, n_windows: int | No
         prev_prefix = sparsifier.dense_prefix
         sparsifier.dense_prefix = start
         sparsifier.reset_stats()
+        sparsifier.scales.clear()  # a held plan measures each window's own prompt (none under 'full')
     try:
         with sparsifier if sparsifier is not None else contextlib.nullcontext():  # restores its attached state
             for w in tqdm(wins, desc=f"eval {protocol}", unit="win", disable=not progress, leave=False):
@@ -148,8 +149,16 @@ def evaluate_many(lm, configs: dict, corpus: str = EVAL_CORPUS, ctx: int = 1024,
         targets = w[start + 1: stop + 1]
         if protocol == "full":
             prefix_cache = {}
-        else:  # the dense prompt's KV, once per distinct (possibly rotated) model
-            prefix_cache = {key: m(w[None, :start], use_cache=True).past_key_values for key, m in models.items()}
+            for _, sp in configs.values():
+                sp.scales.clear()
+        else:  # the dense prompt's KV, once per distinct (possibly rotated) model; held plans measure it meanwhile
+            prefix_cache = {}
+            for key, m in models.items():
+                with contextlib.ExitStack() as stack:
+                    for model, sp in configs.values():
+                        if id(model) == key and sp.holds:
+                            stack.enter_context(sp.observing())
+                    prefix_cache[key] = m(w[None, :start], use_cache=True).past_key_values
 
         def logprobs(model):
             if protocol == "full":

@@ -53,6 +53,9 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
 
 
+HOLDS = ("calibrated", "prompt")  # MethodConfig.hold
+
+
 @method_config
 class MethodConfig:
     """The fields every method takes. Subclasses name their method in ``method``."""
@@ -72,6 +75,10 @@ class MethodConfig:
     """window length of the calibration forward passes"""
     allocation: str = "uniform"
     """how sparsity is spread over the linears (the methods that allow others list them in ``allocations``)"""
+    hold: str = "calibrated"
+    """how thresholds meet new text at run time: 'calibrated' uses them as calibrated; 'prompt' rescales each site's
+    thresholds, per prompt, so that the prompt's own (dense) activations reach the site's calibrated sparsity,
+    and the continuation runs with them: the sparsity then holds on text unlike the calibration text"""
 
     def __post_init__(self):
         check_sparsity(self.sparsity)
@@ -81,6 +88,7 @@ class MethodConfig:
         _check(self.corpus not in EVAL_ONLY and self.corpus not in CORPUS_SETS,
                f"corpus '{self.corpus}' is an evaluation corpus, never calibration text: calibrate on {CALIB_CORPUS} "
                "or your own UTF-8 file")
+        _check(self.hold in HOLDS, f"hold '{self.hold}': use one of {', '.join(HOLDS)}")
         _check(self.allocation in self.allocations,
                f"method '{self.method}' supports allocation {', '.join(self.allocations)}, not '{self.allocation}'")
 

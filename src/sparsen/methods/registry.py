@@ -10,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
 from sparsen.core.plan import Plan
 from sparsen.data import corpus_windows
 from sparsen.errors import SparsenError, UnreachableSparsity
@@ -66,7 +70,7 @@ def calibrate(lm, config: MethodConfig, progress: bool = True) -> Plan:
         wins = corpus_windows(lm.tokenizer, config.corpus, min(config.ctx, config.tokens), n, bos=lm.window_bos)
     sites, calibrated, *extras = m.calibrate(lm, config.sparsity, wins, config, progress)
     extras = extras[0] if extras else {}
-    return Plan(
+    plan = Plan(
         transform=extras.get("transform"),
         tensors=extras.get("tensors", {}),
         method=m.name,
@@ -82,6 +86,35 @@ def calibrate(lm, config: MethodConfig, progress: bool = True) -> Plan:
         calibrated_sparsity=calibrated,
         config=config.fields(),
     )
+    if config.hold == "prompt" and wins is not None:
+        measure_prompt_scales(lm, plan, wins, progress)
+    return plan
+
+
+@torch.no_grad()
+def measure_prompt_scales(lm, plan: Plan, wins, progress: bool = True) -> None:
+    """For a 'prompt'-hold plan: each held site's prompt scale on the calibration text (the median over windows of
+    the scale the first half of a window asks for), stored in its entry as ``prompt_scale``. At run time a prompt's
+    scale divided by this one rescales the thresholds, so that text like the calibration text keeps them as
+    calibrated and other text moves them by how much its inputs differ (prompt positions differ from later ones)."""
+    import copy
+
+    target = lm
+    if plan.transform is not None:
+        target = copy.deepcopy(lm)
+        plan.transform_(target)
+    for entry in plan.sites.values():
+        entry.pop("prompt_scale", None)
+    sp = plan.build_sparsifier(target, hold_reference=False)
+    per_site: dict[str, list[float]] = {s: [] for s in sp.holds}
+    for w in tqdm(wins, desc="prompt scales", unit="win", disable=not progress, leave=False):
+        with sp.observing():
+            target.model(w[None, : max(1, w.numel() // 2)])
+        for site, c in sp.scales.items():
+            per_site[site].append(c)
+    for site, cs in per_site.items():
+        if cs:
+            plan.sites[site]["prompt_scale"] = float(np.median(cs))
 
 
 MAX_LEVEL = 0.95  # no linear is asked to skip more than this share of its inputs
