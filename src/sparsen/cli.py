@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--basis", choices=("pca", "sparse"), default=None,
                    help="rotation methods: pca (eigenbasis of the second moment) or sparse (refined so per-token "
                         "thresholding drops the least energy); default: rotate pca, rotate-wina sparse")
+    p.add_argument("--hold", choices=("calibrated", "prompt"), default=None,
+                   help="run-time thresholds: calibrated (as calibrated; the default) or prompt (rescaled per prompt so "
+                        "the sparsity holds on text unlike the calibration text)")
     p.add_argument("--tokens", type=_positive_int, default=16384, help="calibration tokens (default 16384)")
     p.add_argument("--ctx", type=_positive_int, default=1024, help="calibration window length (default 1024)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -233,7 +236,7 @@ def config_from_args(args):
     from sparsen.methods.config import parse_fields
 
     fields = {"corpus": args.text, "tokens": args.tokens, "ctx": args.ctx, "allocation": args.allocation,
-              "segments": args.segments, "basis": args.basis}
+              "segments": args.segments, "basis": args.basis, "hold": args.hold}
     extra = parse_fields(args.set)
     if "sparsity" in extra or "method" in extra:
         raise SparsenError("--set takes the method's other fields: pass --method and --sparsity as flags")
