@@ -22,8 +22,8 @@ def test_too_short_corpus_is_an_error_not_a_shorter_run():
 
 
 def test_bundled_corpora_ship_with_the_package():
-    for name in CORPORA:
-        assert len(read_corpus(name)) > 1_000_000
+    for name in CORPORA:  # WikiText's two splits are over 1 MB; the held-out domains hold 150-300 kB each
+        assert len(read_corpus(name)) > (1_000_000 if name.startswith("wikitext") else 150_000), name
 
 
 def test_tokenize_adds_no_special_tokens(tiny_llama):

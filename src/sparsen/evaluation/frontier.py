@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sparsen.core.rules import check_sparsity
+from sparsen.core.transforms import applied_key
 from sparsen.data import CALIB_CORPUS, read_corpus
 from sparsen.errors import SparsenError, UnreachableSparsity
 from sparsen.evaluation import evaluate_many
@@ -111,7 +112,7 @@ def calibrate_grid(lm, methods, sparsities, calib: dict, progress: bool = True, 
             continue
         owner = lm
         if plan.transform is not None:  # a transformed copy per distinct transform (plans may share one)
-            key = (plan.transform, hash(plan.tensors["Q"].numpy().tobytes()))
+            key = (plan.transform, applied_key(plan.transform_tensors()))
             if key not in copies:
                 copies[key] = model_loader()
                 plan.transform_(copies[key])
