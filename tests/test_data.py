@@ -1,8 +1,10 @@
+import re
+
 import pytest
 import torch
 
 from sparsen import SparsenError
-from sparsen.data import CORPORA, corpus_windows, read_corpus, tokenize, windows
+from sparsen.data import CORPORA, EVAL_ONLY, corpus_windows, read_corpus, tokenize, windows
 
 
 def test_windows_are_contiguous_slices():
@@ -22,8 +24,25 @@ def test_too_short_corpus_is_an_error_not_a_shorter_run():
 
 
 def test_bundled_corpora_ship_with_the_package():
-    for name in CORPORA:  # WikiText's two splits are over 1 MB; the held-out domains hold 150-300 kB each
-        assert len(read_corpus(name)) > (1_000_000 if name.startswith("wikitext") else 150_000), name
+    for name in CORPORA:  # WikiText's two splits and the mixed calibration text are over 1 MB; the held-out
+        big = name.startswith("wikitext") or name == "mixed-calib"  # domains hold 150-300 kB each
+        assert len(read_corpus(name)) > (1_000_000 if big else 150_000), name
+
+
+BOILERPLATE = re.compile(r'^\s*(Traceback \(most recent call last\):|File "<stdin>", line \d+, in .*|(\S)\2{2,}( +\2+)*)\s*$')
+
+
+def test_mixed_calibration_text_repeats_no_evaluation_passage():
+    def passages(text, k=64):  # every k-character run, whitespace collapsed, boilerplate lines left out
+        lines = [ln for ln in text.split("\n") if not BOILERPLATE.match(ln)]
+        flat = " ".join(" ".join(lines).split())
+        return {flat[i:i + k] for i in range(len(flat) - k + 1)}
+
+    mixed = read_corpus("mixed-calib")
+    calib = passages(mixed)
+    for name in EVAL_ONLY:
+        assert not calib & passages(read_corpus(name)), name
+    assert mixed.count("# ---- Lib/") == 10 and "Homarus gammarus" in mixed[:2000]  # code and WikiText both in it
 
 
 def test_tokenize_adds_no_special_tokens(tiny_llama):

@@ -3,7 +3,9 @@
 Bundled (sources and licences in ATTRIBUTION.md): WikiText-2 (Merity et al., 2016; CC BY-SA 3.0), whose raw *test*
 split is for evaluation and *validation* split for calibration; and three held-out evaluation domains of other
 kinds that no calibration reads: technical prose (the Python 3.11 tutorial), source code (CPython 3.11 stdlib
-modules) and legal text (free-software licences). ``domains`` names all four evaluation corpora.
+modules) and legal text (free-software licences). ``domains`` names all four evaluation corpora. ``mixed-calib``
+is calibration text of three kinds (WikiText-2 validation, other Python docs pages, other stdlib modules) that
+shares no passage with any evaluation corpus; it has no legal text, so the licences stay a kind it never saw.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ CORPORA = {
     "python-docs": "python-docs-tutorial.txt",
     "python-code": "cpython-stdlib-code.txt",
     "licences": "free-software-licences.txt",
+    "mixed-calib": "mixed-calibration.txt",
 }
 EVAL_CORPUS = "wikitext2-test"
 CALIB_CORPUS = "wikitext2-valid"
