@@ -80,18 +80,22 @@ def runs(text: str, k: int = SHARED_RUN) -> set[int]:
     return {hash(flat[i:i + k]) for i in range(0, max(1, len(flat) - k + 1))}
 
 
+def docs_text(folder: Path, pages: list[str]) -> str:
+    return "\n\n".join(plain_rst((folder / f"{n}.rst.txt").read_text(encoding="utf-8")) for n in pages)
+
+
+def stdlib_text(modules: list[str]) -> str:
+    return "\n\n".join(f"# ---- Lib/{n}.py (CPython 3.11)\n" + (STDLIB / f"{n}.py").read_text(encoding="utf-8")
+                       for n in modules)
+
+
 def main(out: Path) -> None:
-    docs = "\n\n".join(plain_rst((DOCS / f"{n}.rst.txt").read_text(encoding="utf-8")) for n in TUTORIAL)
-    code = "\n\n".join(f"# ---- Lib/{n}.py (CPython 3.11)\n" + (STDLIB / f"{n}.py").read_text(encoding="utf-8")
-                       for n in MODULES)
+    docs, code = docs_text(DOCS, TUTORIAL), stdlib_text(MODULES)
     legal = "\n\n".join((LICENSES / n).read_text(encoding="utf-8") for n in LICENCE_TEXTS)
-    calib_docs = "\n\n".join(plain_rst((LIBRARY_DOCS / f"{n}.rst.txt").read_text(encoding="utf-8"))
-                               for n in CALIB_LIBRARY)
-    calib_code = "\n\n".join(f"# ---- Lib/{n}.py (CPython 3.11)\n" + (STDLIB / f"{n}.py").read_text(encoding="utf-8")
-                               for n in CALIB_MODULES)
-    calib_wiki = CALIB_WIKITEXT.read_text(encoding="utf-8")
-    mixed = interleave([calib_wiki, calib_docs, calib_code])
-    held_out = set().union(*(runs(t) for t in (docs, code, legal, (out / "wikitext-2-raw-test.txt").read_text())))
+    mixed = interleave([CALIB_WIKITEXT.read_text(encoding="utf-8"), docs_text(LIBRARY_DOCS, CALIB_LIBRARY),
+                        stdlib_text(CALIB_MODULES)])
+    wikitext_test = (out / "wikitext-2-raw-test.txt").read_text(encoding="utf-8")
+    held_out = set().union(*(runs(t) for t in (docs, code, legal, wikitext_test)))
     if runs(mixed) & held_out:
         sys.exit("the mixed calibration text repeats evaluation text: change CALIB_LIBRARY / CALIB_MODULES")
     for name, text in (("python-docs-tutorial.txt", docs), ("cpython-stdlib-code.txt", code),

@@ -1,10 +1,13 @@
-import re
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
 from sparsen import SparsenError
 from sparsen.data import CORPORA, EVAL_ONLY, corpus_windows, read_corpus, tokenize, windows
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_windows_are_contiguous_slices():
@@ -27,21 +30,19 @@ def test_bundled_corpora_ship_with_the_package():
     for name in CORPORA:  # WikiText's two splits and the mixed calibration text are over 1 MB; the held-out
         big = name.startswith("wikitext") or name == "mixed-calib"  # domains hold 150-300 kB each
         assert len(read_corpus(name)) > (1_000_000 if big else 150_000), name
-
-
-BOILERPLATE = re.compile(r'^\s*(Traceback \(most recent call last\):|File "<stdin>", line \d+, in .*|(\S)\2{2,}( +\2+)*)\s*$')
+    from sparsen.cli import CALIB_CORPUS_NAMES  # the CLI's help names every bundled calibration text
+    assert CALIB_CORPUS_NAMES.split(", ") == [n for n in CORPORA if n not in EVAL_ONLY]
 
 
 def test_mixed_calibration_text_repeats_no_evaluation_passage():
-    def passages(text, k=64):  # every k-character run, whitespace collapsed, boilerplate lines left out
-        lines = [ln for ln in text.split("\n") if not BOILERPLATE.match(ln)]
-        flat = " ".join(" ".join(lines).split())
-        return {flat[i:i + k] for i in range(len(flat) - k + 1)}
-
+    # the check scripts/make_corpora.py makes when it writes the file, made on the file the package ships
+    spec = importlib.util.spec_from_file_location("make_corpora", ROOT / "scripts" / "make_corpora.py")
+    make_corpora = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_corpora)
     mixed = read_corpus("mixed-calib")
-    calib = passages(mixed)
+    calib = make_corpora.runs(mixed)
     for name in EVAL_ONLY:
-        assert not calib & passages(read_corpus(name)), name
+        assert not calib & make_corpora.runs(read_corpus(name)), name
     assert mixed.count("# ---- Lib/") == 10 and "Homarus gammarus" in mixed[:2000]  # code and WikiText both in it
 
 

@@ -31,12 +31,14 @@ def _add_model(p):
     p.add_argument("--model", default="smollm2", metavar="SPEC", help=MODEL_HELP)
 
 
+CALIB_CORPUS_NAMES = "wikitext2-valid, mixed-calib"  # sparsen.data's bundled calibration texts (not imported: torch)
+
+
 def _add_common(p, corpus_default: str, corpus_role: str):
     _add_model(p)
     p.add_argument("--text", default=corpus_default, metavar="FILE",
                    help=f"{corpus_role} corpus: a UTF-8 text file, or a bundled name "
-                        f"({'wikitext2-valid, mixed-calib' if corpus_role == 'calibration' else 'wikitext2-test'}; "
-                        f"default {corpus_default})")
+                        f"({CALIB_CORPUS_NAMES}; default {corpus_default})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -162,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=_positive_int, default=1024, help="window length (default 1024)")
     _add_eval_texts(p)
     p.add_argument("--calib-text", default="wikitext2-valid", metavar="FILE",
-                   help="calibration corpus: a UTF-8 text file or a bundled name (wikitext2-valid, default; "
-                        "mixed-calib: WikiText, Python docs and code)")
+                   help=f"calibration corpus: a UTF-8 text file or a bundled name ({CALIB_CORPUS_NAMES}; "
+                        "default wikitext2-valid; mixed-calib is WikiText, Python docs and code)")
     p.add_argument("--tokens", type=_positive_int, default=16384,
                    help="calibration tokens per plan (default 16384, as `sparsen calibrate`)")
     p.add_argument("--out", default="frontier", metavar="DIR", help="output directory (default ./frontier)")
