@@ -171,6 +171,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="frontier", metavar="DIR", help="output directory (default ./frontier)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    p = sub.add_parser("attn-eval", help="sparse attention on the long-context task suite, dense beside it",
+                       description="Answer every sample of the long-context task suite (generated locally, seeded: "
+                                   "passkey, niah, vt, cwe, story) or of your own JSONL file, dense and with each "
+                                   "attention method; the context is prefilled dense once per sample, then the trailing "
+                                   "question and the answer are decoded through the sparse path. Writes attn_eval.json "
+                                   "and attn_eval.md (accuracy with 95%% intervals, density achieved).")
+    _add_model(p)
+    p.add_argument("--methods", default="oracle-topk@1/8,quest@1/8", metavar="LIST",
+                   help="comma-separated attention methods NAME[@BUDGET][+FIELD=VALUE...]: BUDGET a density (1/8, "
+                        "0.125), a key count (256t) or a mass (p0.9, oracle-topp); e.g. quest@1/16+dense_layers=2 "
+                        "(methods: oracle-topk, oracle-topp, sink-window, h2o, quest, double-sparsity)")
+    p.add_argument("--tasks", default=None, metavar="FILE",
+                   help="a JSONL task file (one object per line: id, task, prompt, answers, metric; optional "
+                        "answer_prefix, max_new_tokens, query_start, meta) instead of the generated suite")
+    p.add_argument("--task-names", default="passkey,niah,vt,cwe,story", metavar="LIST",
+                   help="generated tasks (default all five)")
+    p.add_argument("--lengths", default="1024", metavar="LIST", help="generated prompt lengths in tokens (default 1024)")
+    p.add_argument("--samples", type=_positive_int, default=50, help="generated samples per task and length (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated suite (default 0)")
+    p.add_argument("--sparse-from", choices=("question", "answer"), default="question",
+                   help="what is decoded sparse: the trailing question and the answer (default), or the answer only")
+    p.add_argument("--out", default="attn-eval", metavar="DIR", help="output directory (default ./attn-eval)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     p = sub.add_parser("generate", help="stream text from the CPU decode engine (dense, or sparse with --plan)",
                        description="Generate text with sparsen's batch-1 CPU engine: the prompt is prefilled dense, every "
                                    "new token runs the plan's sparse kernels. Text streams to stdout; speed to stderr.")
@@ -363,6 +387,35 @@ def cmd_frontier(args) -> None:
           f"({fr['seconds']['total']:.0f} s)")
 
 
+def cmd_attn_eval(args) -> None:
+    from sparsen import load_model
+    from sparsen.evaluation.attention import markdown_table, run_tasks
+    from sparsen.evaluation.tasks import generate_suite, load_tasks
+    from sparsen.io import check_writable, write_json, write_text
+    from sparsen.methods.attention import attention_plan, parse_attention_spec
+
+    out = check_writable(args.out, directory=True)
+    configs = [parse_attention_spec(m) for m in args.methods.split(",") if m.strip()]
+    labels = [c.label() for c in configs]
+    if len(set(labels)) != len(labels):
+        raise SparsenError(f"--methods names one configuration twice ({', '.join(labels)}): give each once")
+    samples = load_tasks(args.tasks) if args.tasks else None  # a bad task file fails before the model loads
+    lengths = [int(x) for x in _float_list(args.lengths, "lengths")]
+    lm = load_model(args.model)
+    if samples is None:
+        names = [t.strip() for t in args.task_names.split(",") if t.strip()]
+        samples = generate_suite(lm.tokenizer, lengths=lengths, n=args.samples, seed=args.seed, tasks=names)
+    plans = {c.label(): attention_plan(lm, c, progress=not args.quiet) for c in configs}
+    res = run_tasks(lm, samples, plans, sparse_from=args.sparse_from, progress=not args.quiet)
+    res["argv"] = sys.argv[1:]
+    md = markdown_table(res)
+    print(f"{lm.spec}: {len(samples)} samples, sparse from the {args.sparse_from}; accuracy % [95% interval]")
+    print(md)
+    write_json(out / "attn_eval.json", res)
+    write_text(out / "attn_eval.md", md)
+    print(f"wrote {out / 'attn_eval.json'}, {out / 'attn_eval.md'} ({res['seconds']:.0f} s)")
+
+
 def _slug(corpus: str) -> str:
     """A file-name part for a corpus name or path."""
     import re
@@ -506,7 +559,7 @@ def cmd_bench(args) -> None:
 
 
 COMMANDS = {"profile": cmd_profile, "eval": cmd_eval, "calibrate": cmd_calibrate, "frontier": cmd_frontier,
-            "generate": cmd_generate, "bench": cmd_bench, "demo": cmd_demo}
+            "attn-eval": cmd_attn_eval, "generate": cmd_generate, "bench": cmd_bench, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

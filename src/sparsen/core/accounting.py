@@ -29,7 +29,9 @@ class Tally:
 def achieved(sites: dict, tally: Tally, added_params: int) -> dict:
     """Achieved sparsity: overall (effective, after the charge), skipped (before it), per site, per layer, per
     part (linear name), and per site kind {params, skipped, added}. Sites without a rule count as dense (0).
-    ``sites``: name -> ``Site``; the share of every kind is relative to all sites' weights."""
+    ``sites``: name -> ``Site``; the share of every kind is relative to all sites' weights. Sites that govern no
+    weights (attention) are accounted by ``core/attention.AttnTally`` instead."""
+    sites = {s: site for s, site in sites.items() if site.params > 0}
     per_site = {s: tally.share(s) for s in sites}
     total = sum(site.params for site in sites.values())
     skipped = sum(per_site[s] * site.params for s, site in sites.items()) / total

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from sparsen.core.accounting import Tally, achieved
+from sparsen.core.attention import AttnTally, KVSelector, install
 from sparsen.core.rules import GateActRule, LowRankCompensated, ThresholdRule
 from sparsen.core.sites import SiteKind, model_sites
 
@@ -40,8 +41,9 @@ class Sparsifier:
     token beyond the sites' own (a change of basis, low-rank terms), charged against the sparsity."""
 
     def __init__(self, adapter, rules: dict[str, Callable], dense_prefix: int = 0, added_params: int = 0,
-                 holds: dict[str, tuple[float, float]] | None = None):
+                 holds: dict[str, tuple[float, float]] | None = None, attention_config: dict | None = None):
         self.adapter = adapter
+        self._attention_config = dict(attention_config or {})
         self.rules = dict(rules)
         self.dense_prefix = dense_prefix
         # Holding sparsity on the prompt (``holds``: site -> (calibrated level, the calibration text's prompt scale)):
@@ -59,6 +61,9 @@ class Sparsifier:
         if unknown:
             raise KeyError(f"unknown sites: {sorted(unknown)[:3]}")
         for name, rule in self.rules.items():
+            attn_site = self.sites[name].kind is SiteKind.ATTENTION
+            if attn_site != isinstance(rule, KVSelector):
+                raise KeyError(f"{name} takes {'a key selector' if attn_site else 'a linear rule'}")
             if isinstance(rule, GateActRule) and not name.endswith(".down"):
                 raise KeyError(f"a gate-activation rule belongs on a 'down' site, not {name}")
             mod = self.sites[name].module
@@ -74,6 +79,7 @@ class Sparsifier:
     # --- stats -------------------------------------------------------------------------------
     def reset_stats(self) -> None:
         self.tally = Tally({s: 0 for s in self.sites}, {s: 0 for s in self.sites})
+        self.attn_tally = AttnTally()
 
     @property
     def zeros(self) -> dict[str, int]:
@@ -84,8 +90,22 @@ class Sparsifier:
         return self.tally.entries
 
     def achieved(self) -> dict:
-        """Achieved sparsity on the tokens seen since reset (``core/accounting.achieved``)."""
-        return achieved(self.sites, self.tally, self.added_params)
+        """Achieved sparsity on the tokens seen since reset (``core/accounting.achieved``); with key selectors also
+        ``attention``: the density of the keys read (``core/attention.AttnTally.summary``)."""
+        out = achieved(self.sites, self.tally, self.added_params)
+        if self.attention_rules:
+            n_attn = sum(s.kind is SiteKind.ATTENTION for s in self.sites.values())
+            out["attention"] = self.attn_tally.summary(n_attn)
+        return out
+
+    @property
+    def attention_config(self) -> dict:
+        """The attention method's config fields as the plan records them ({} without one)."""
+        return self._attention_config
+
+    @property
+    def attention_rules(self) -> dict[str, KVSelector]:
+        return {n: r for n, r in self.rules.items() if isinstance(r, KVSelector)}
 
     # --- hooks -------------------------------------------------------------------------------
     @property
@@ -145,6 +165,12 @@ def install_linear_input(sp: Sparsifier, site, rule) -> list:
     if isinstance(rule, LowRankCompensated):
         handles.append(site.module.register_forward_hook(_lowrank_hook(sp, site.name, rule)))
     return handles
+
+
+@register_installer(SiteKind.ATTENTION)
+def install_attention(sp: Sparsifier, site, rule: KVSelector) -> list:
+    """The layer's attention runs through ``core/attention.attention_forward`` with this selector."""
+    return [install(sp, sp.adapter, site.module, site.layer, selector=rule)]
 
 
 def prompt_scale(rule: ThresholdRule, prompt: torch.Tensor, level: float) -> float:

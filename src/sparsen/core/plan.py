@@ -17,6 +17,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sparsen.core.attention import attention_rules
 from sparsen.core.hooks import Sparsifier
 from sparsen.core.rules import GateActRule, check_sparsity, rule_from_entry
 from sparsen.core.transforms import applied_key, get_transform
@@ -42,6 +43,9 @@ class Plan:
     format: str = PLAN_FORMAT
     config: dict | None = None
     """the method's config fields as calibrated (``sparsen.config_for(method, **config)`` rebuilds it)"""
+    attention: dict | None = None
+    """a key-selection method on the full-attention layers: {"method": name, "config": {...}} (its tensors, e.g.
+    Double Sparsity's channel scores, are ``attn.*`` keys of the plan's tensors); composes with the linear rules"""
     tensors: dict = field(default_factory=dict, repr=False)
     """in memory only: the plan's tensors (saved as safetensors next to the JSON)"""
 
@@ -49,8 +53,9 @@ class Plan:
         path = Path(path)
         d = asdict(self)
         d.pop("tensors")
-        if d["config"] is None:
-            d.pop("config")
+        for key in ("config", "attention"):
+            if d[key] is None:
+                d.pop(key)
         if self.tensors:
             from sparsen.io import save_safetensors
 
@@ -69,8 +74,10 @@ class Plan:
             if d.get("format") != PLAN_FORMAT:
                 raise ValueError(f"format {d.get('format')!r}")
             plan = cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "tensors"})
-            if not isinstance(plan.sites, dict) or not plan.sites:
+            if not isinstance(plan.sites, dict) or not (plan.sites or plan.attention):
                 raise ValueError("no sites")
+            if plan.attention is not None and not (isinstance(plan.attention, dict) and "method" in plan.attention):
+                raise ValueError("attention entry without a method")
             check_sparsity(plan.target_sparsity)
             if plan.tensors_file:
                 tensor_path = path.with_name(plan.tensors_file)
@@ -136,13 +143,16 @@ class Plan:
             rule = rule_from_entry(entry, self.tensors)
             if rule is not None:
                 rules[site] = rule
+        if self.attention is not None:
+            rules.update(attention_rules(self.attention, lm.adapter, self.tensors))
         added = get_transform(self.transform).added_params(lm, self.tensors) if self.transform else 0
         holds = None
         if self.hold == "prompt":
             holds = {site: (float(e["target"]), float(e.get("prompt_scale", 1.0)) if hold_reference else 1.0)
                      for site, e in self.sites.items() if site in rules and "target" in e}
         try:
-            return Sparsifier(lm.adapter, rules, dense_prefix=dense_prefix, added_params=added, holds=holds)
+            return Sparsifier(lm.adapter, rules, dense_prefix=dense_prefix, added_params=added, holds=holds,
+                              attention_config=(self.attention or {}).get("config"))
         except KeyError as e:
             raise SparsenError(f"plan names sites this model does not have ({e}): calibrate a plan for it") from None
         except ValueError as e:

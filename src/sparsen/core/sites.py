@@ -1,8 +1,8 @@
 """Sites: the places sparsity applies, and how each kind is installed on a torch model and accounted.
 
-A site has a name (``layers.3.q``), a kind and the module it hooks. Today's kind is the input of a block
-linear; the attention issue adds a head's key selection and the MoE issue an MLP's experts, each as a new
-``SiteKind`` with its own installer (``core/hooks.py``), leaving the linear-input methods untouched.
+A site has a name (``layers.3.q``), a kind and the module it hooks. The kinds: the input of a block linear, and
+a full-attention layer's key selection (``layers.3.attn``, ``core/attention.py``); each kind has its own
+installer (``core/hooks.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import torch.nn as nn
 class SiteKind(str, Enum):
     LINEAR_INPUT = "linear_input"
     """the input channels of a block linear: a skipped channel skips a row of W^T"""
+    ATTENTION = "attention"
+    """a full-attention layer's key selection: a skipped cached position skips its K and V rows"""
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,13 @@ def linear_input_sites(adapter) -> dict[str, Site]:
     """Every block linear's input, in model order."""
     return {name: Site(name, SiteKind.LINEAR_INPUT, layer, lin, mod, mod.weight.numel())
             for name, layer, lin, mod in adapter.linear_sites()}
+
+
+@register_site_kind(SiteKind.ATTENTION)
+def attention_sites(adapter) -> dict[str, Site]:
+    """Every full-attention layer (``layers.3.attn``); sliding-window layers are local already. No weights."""
+    return {f"layers.{b.index}.attn": Site(f"layers.{b.index}.attn", SiteKind.ATTENTION, b.index, "attn", b.attn, 0)
+            for b in adapter.blocks if b.sliding_window is None}
 
 
 def model_sites(adapter) -> dict[str, Site]:

@@ -245,6 +245,9 @@ class Engine:
             raise SparsenError(f"this model carries another plan's weight transform, which this {plan.method} plan "
                                "does not have: load the model again")
         src, added = lm, 0
+        if plan is not None and plan.attention is not None:
+            raise SparsenError(f"the engine does not run attention methods yet ('{plan.attention['method']}'): score them "
+                               "with `sparsen attn-eval`")
         if plan is not None:
             plan.check_model(lm)
             if not plan.carried_by(lm):

@@ -182,6 +182,15 @@ class Adapter:
         cos, sin = self._decoder().rotary_emb(torch.zeros(1, 1, self.hidden_size), pos)
         return {"global": (cos[0].float(), sin[0].float())}
 
+    @property
+    def attention_implementation(self) -> str:
+        """The attention function the model calls (a name in transformers' AttentionInterface)."""
+        return self.config._attn_implementation
+
+    @attention_implementation.setter
+    def attention_implementation(self, name: str) -> None:
+        self.model.set_attn_implementation(name)
+
     def fingerprint_tensors(self) -> list[torch.Tensor]:
         """Sampled weights that identify the model (with its config): first and last block, embedding rows."""
         first, last = self.blocks[0], self.blocks[-1]

@@ -1,0 +1,271 @@
+"""Attention sites: which cached positions each new query reads (decode-time KV selection).
+
+A site ``layers.3.attn`` is one full-attention layer (sliding-window layers are local already and have none). Its
+rule is a ``KVSelector`` (the methods live in ``methods/attention/``). In the Hugging Face forward the rules run as
+a registered attention function (transformers' ``AttentionInterface``, name ``sparsen``): a query at or after the
+sparsifier's ``dense_prefix`` reads only the keys its selector keeps, an earlier query (the prompt) reads every
+causal key. That is decoding with selection, teacher-forced: the query at position t chooses among keys 0..t,
+which is what the cache holds when t is decoded. One sequence per forward (batch 1); a forward whose first query
+is position 0 starts a new sequence (a stateful selector such as H2O forgets the last one).
+
+Accounting per layer, on the sparse queries: keys read (the union over a KV head's query heads: what a kernel
+reads from the cache), causal keys, and the head_dim vectors the importance estimate reads (Quest's page bounds,
+Double Sparsity's label cache; the oracle reads every key), each per KV head.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+
+ATTN_IMPL = "sparsen"
+QUERY_CHUNK = 256  # sparse queries scored together (bounds the [heads, chunk, keys] score tensor)
+
+
+class KVSelector:
+    """One layer's decode-time key selection. Subclasses set the class flags and implement ``keep``."""
+
+    shared: bool = True
+    """select per KV head from scores summed over its group's query heads (what saves KV reads); False: per query head"""
+    needs_prefix_mass: bool = False
+    """the selector wants the dense prompt's attention mass per key (``observe_prefix``), e.g. H2O"""
+
+    def reset(self) -> None:
+        """Forget the previous sequence (called when a forward starts at position 0)."""
+
+    def observe_prefix(self, mass: torch.Tensor) -> None:
+        """mass [n_kv (shared) or n_heads, n_keys]: attention probabilities of dense queries summed per key."""
+
+    def keep(self, q: torch.Tensor, k: torch.Tensor, qpos: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """The keys each query reads: bool [n_kv, 1 (shared) or group, n, n_keys], inside the causal range.
+        q [n_kv, group, n, d] (query head kv * group + j), k [n_kv, n_keys, d], qpos [n] absolute positions,
+        scores [n_kv, group, n, n_keys]: the exact scaled logits, -inf outside the causal range."""
+        raise NotImplementedError
+
+    def estimate_reads(self, n_keys: torch.Tensor) -> torch.Tensor:
+        """head_dim vectors read per KV head to choose, for queries with ``n_keys`` causal keys."""
+        return torch.zeros_like(n_keys, dtype=torch.float64)
+
+
+def group_sum(x: torch.Tensor, shared: bool) -> torch.Tensor:
+    """[n_kv, group, ...] -> [n_kv, 1, ...] summed over the group when selection is shared."""
+    return x.sum(1, keepdim=True) if shared else x
+
+
+def budget_tokens(n_keys: torch.Tensor, density: float | None, tokens: int | None) -> torch.Tensor:
+    """Keys a query may read: ``tokens`` (absolute) or ceil(density * n_keys), within [1, n_keys]."""
+    n = n_keys.to(torch.long)
+    b = torch.full_like(n, int(tokens)) if tokens is not None else torch.ceil(n.double() * float(density) - 1e-9).long()
+    return torch.minimum(b.clamp_min(1), n)
+
+
+def top_budget(values: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """values [..., n, m] (-inf where not allowed), budget [n]: keep each row's ``budget`` largest (ties included)."""
+    s = values.sort(dim=-1, descending=True).values
+    idx = (budget - 1).clamp(0, values.shape[-1] - 1).view(*([1] * (values.dim() - 2)), -1, 1)
+    thr = s.gather(-1, idx.expand(*s.shape[:-1], 1))
+    return (values >= thr) & torch.isfinite(values)
+
+
+# --- the registered attention function -----------------------------------------------------------------------------
+class _LayerControl:
+    def __init__(self, sp, layer: int, selector: KVSelector | None, observer: Callable | None = None):
+        self.sp, self.layer, self.selector, self.observer = sp, layer, selector, observer
+
+
+_ACTIVE: dict[int, _LayerControl] = {}  # id(attention module) -> its control while installed
+_MODELS: dict[int, list] = {}  # id(model) -> [installed count, the attention implementation to restore]
+
+
+def _dense(module, query, key, value, attention_mask, scaling, dropout, kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention interface: dense (SDPA) unless a selector is installed on this module and enabled."""
+    ctl = _ACTIVE.get(id(module))
+    if ctl is None:
+        return _dense(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+    if ctl.observer is not None:
+        ctl.observer(ctl.layer, query, key)
+        return _dense(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+    sp, sel = ctl.sp, ctl.selector
+    if not sp.enabled or sp.observing_prompt:
+        return _dense(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+    if query.shape[0] != 1:
+        raise ValueError("sparse attention runs one sequence at a time (batch 1)")
+    n, nk = query.shape[2], key.shape[2]
+    q0 = nk - n  # absolute position of the first query (the cache holds every earlier position)
+    if q0 == 0:
+        sel.reset()
+    first_sparse = min(max(sp.dense_prefix - q0, 0), n)
+    if first_sparse == n and not sel.needs_prefix_mass:
+        return _dense(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    return _sparse_attention(sp, ctl.layer, sel, query, key, value, attention_mask, scale, q0, first_sparse), None
+
+
+def _sparse_attention(sp, layer, sel, query, key, value, attention_mask, scale, q0, first_sparse):
+    _, n_heads, n, d = query.shape
+    n_kv, nk = key.shape[1], key.shape[2]
+    g = n_heads // n_kv
+    q = query[0].float().reshape(n_kv, g, n, d)
+    k, v = key[0].float(), value[0].float()
+    out = torch.empty(n_kv, g, n, d)
+    key_pos = torch.arange(nk)
+    bounds = list(range(0, first_sparse, QUERY_CHUNK)) + [first_sparse] + list(
+        range(first_sparse + QUERY_CHUNK, n, QUERY_CHUNK)) + [n]
+    bounds = sorted(set(bounds))
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qc = q[:, :, a:b]
+        qpos = q0 + torch.arange(a, b)
+        allowed = key_pos[None, :] <= qpos[:, None]  # [m, nk]
+        if attention_mask is not None:
+            m = attention_mask[0, 0, a:b]
+            allowed = allowed & (m if m.dtype == torch.bool else m == 0)
+        scores = torch.einsum("hgmd,hkd->hgmk", qc, k) * scale
+        scores = scores.masked_fill(~allowed, -math.inf)
+        if a >= first_sparse:
+            keep = sel.keep(qc, k, qpos, scores) & allowed
+            causal = allowed.sum(-1)
+            sp.attn_tally.add(layer, kept=int(keep.any(1).sum()), causal=int(causal.sum()) * n_kv,
+                              estimate=float(sel.estimate_reads(causal).sum()) * n_kv, queries=b - a)
+            scores = scores.masked_fill(~keep, -math.inf)
+        probs = torch.softmax(scores, dim=-1)
+        if a < first_sparse and sel.needs_prefix_mass:
+            sel.observe_prefix(group_sum(probs, sel.shared).sum(2).flatten(0, 1))
+        out[:, :, a:b] = torch.einsum("hgmk,hkd->hgmd", probs, v)
+    return out.reshape(n_heads, n, d).transpose(0, 1)[None].to(query.dtype)
+
+
+class AttnTally:
+    """Per layer: keys read, causal keys and estimate vectors (per KV head, summed), and sparse queries seen."""
+
+    def __init__(self):
+        self.layers: dict[int, list[float]] = {}
+
+    def add(self, layer: int, kept: int, causal: int, estimate: float, queries: int) -> None:
+        acc = self.layers.setdefault(layer, [0, 0, 0.0, 0])
+        acc[0] += kept
+        acc[1] += causal
+        acc[2] += estimate
+        acc[3] += queries
+
+    def summary(self, n_attn_layers: int) -> dict:
+        """Density over the causal keys of the sparse queries: in the sparse layers, and over every attention layer
+        (the dense ones read all their keys); ``read_density`` adds the estimate's vectors (K and V rows: 2 per key)."""
+        kept = sum(v[0] for v in self.layers.values())
+        causal = sum(v[1] for v in self.layers.values())
+        est = sum(v[2] for v in self.layers.values())
+        if not causal:
+            return {"density": None, "read_density": None, "sparse_layers": sorted(self.layers), "per_layer": {}}
+        per_layer_causal = causal / len(self.layers)
+        dense = (n_attn_layers - len(self.layers)) * per_layer_causal
+        return {"density": kept / causal, "density_all_layers": (kept + dense) / (causal + dense),
+                "read_density": (2 * kept + est) / (2 * causal),
+                "read_density_all_layers": (2 * kept + est + 2 * dense) / (2 * (causal + dense)),
+                "estimate_share": est / (2 * causal), "sparse_layers": sorted(self.layers),
+                "per_layer": {str(i): v[0] / v[1] for i, v in sorted(self.layers.items())},
+                "queries": max(v[3] for v in self.layers.values())}
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPL, attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPL, sdpa_mask)  # masks as SDPA gets them (sliding windows included)
+
+
+def install(sp, adapter, module, layer: int, selector: KVSelector | None = None, observer: Callable | None = None):
+    """Route ``module``'s attention through ``attention_forward`` with ``selector`` (or ``observer(layer, q, k)``);
+    returns a handle whose ``remove()`` undoes it (the model's attention implementation is restored with the last)."""
+    _register()
+    key = id(adapter.model)
+    if key not in _MODELS:
+        _MODELS[key] = [0, adapter.attention_implementation]
+        adapter.attention_implementation = ATTN_IMPL
+    _MODELS[key][0] += 1
+    _ACTIVE[id(module)] = _LayerControl(sp, layer, selector, observer)
+    return _Handle(adapter, module)
+
+
+class _Handle:
+    def __init__(self, adapter, module):
+        self.adapter, self.module = adapter, module
+
+    def remove(self) -> None:
+        if _ACTIVE.pop(id(self.module), None) is None:
+            return
+        key = id(self.adapter.model)
+        _MODELS[key][0] -= 1
+        if _MODELS[key][0] == 0:
+            self.adapter.attention_implementation = _MODELS.pop(key)[1]
+
+
+@contextmanager
+def capturing_qk(adapter, fn: Callable):
+    """Call ``fn(layer, query, key)`` (after RoPE, [1, heads, n, d]) in every full-attention layer while inside."""
+    handles = [install(None, adapter, b.attn, b.index, observer=fn) for b in adapter.blocks if b.sliding_window is None]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def capturing_prefix_mass(adapter, out: dict):
+    """While inside, every forward fills ``out[layer]`` with the dense attention probabilities summed per key,
+    [n_heads, n_keys] (what H2O accumulates over a prompt), computed in chunks of queries beside SDPA's output."""
+    scale = adapter.attn_scale
+
+    def observe(layer, query, key):
+        q, k = query[0].float(), key[0].float()
+        n_heads, n, _ = q.shape
+        g = n_heads // k.shape[0]
+        q0 = k.shape[1] - n
+        mass = torch.zeros(n_heads, k.shape[1], dtype=torch.float64)
+        kk = k.repeat_interleave(g, 0)
+        for a in range(0, n, QUERY_CHUNK):
+            qpos = q0 + torch.arange(a, min(a + QUERY_CHUNK, n))
+            s = torch.einsum("hmd,hkd->hmk", q[:, a:a + QUERY_CHUNK], kk) * scale
+            s = s.masked_fill(torch.arange(k.shape[1])[None, None, :] > qpos[None, :, None], -math.inf)
+            mass += torch.softmax(s, -1).sum(1).double()
+        out[layer] = out[layer] + mass if layer in out else mass
+
+    with capturing_qk(adapter, observe):
+        yield out
+
+
+def prime(sp, mass: dict) -> None:
+    """Start a new sequence whose prompt was computed elsewhere (a shared dense prefix): every selector forgets
+    the last one, and those that want it get the prompt's attention mass (``capturing_prefix_mass``)."""
+    for name, sel in sp.attention_rules.items():
+        sel.reset()
+        if sel.needs_prefix_mass:
+            m = mass[sp.sites[name].layer]  # [n_heads, n_keys]
+            n_kv = sp.adapter.n_kv_heads
+            sel.observe_prefix(m.reshape(n_kv, -1, m.shape[-1]).sum(1) if sel.shared else m)
+
+
+# --- plans --------------------------------------------------------------------------------------------------------
+ATTENTION_METHODS: dict[str, Callable] = {}
+"""name -> build(spec, adapter, tensors) -> {site: KVSelector}: filled by ``methods/attention``, which ``import
+sparsen`` imports (core imports nothing from methods)"""
+
+
+def attention_rules(spec: dict, adapter, tensors: dict) -> dict[str, KVSelector]:
+    """The selectors of a plan's ``attention`` entry ({"method": name, "config": {...}}), by site."""
+    from sparsen.errors import SparsenError
+
+    name = spec.get("method")
+    if name not in ATTENTION_METHODS:
+        raise SparsenError(f"plan attention method '{name}' is unknown: choose one of {', '.join(ATTENTION_METHODS)}")
+    return ATTENTION_METHODS[name](spec, adapter, tensors)

@@ -1,0 +1,166 @@
+"""Sparse attention on the long-context task suite: every configuration answers every sample, dense beside it.
+
+Decode methods run as a user meets them (``sparse_from='question'``, the default): the context up to the
+sample's trailing question is prefilled dense (once per sample, shared by every configuration), then the question
+and the answer are decoded through the sparse path, greedy, up to the sample's ``max_new_tokens`` or an EOS. With
+``sparse_from='answer'`` the whole prompt is prefilled dense and only the answer is sparse (a short answer alone
+tests little). Accuracy per (configuration, task, length) with a 95% Wilson interval, and the attention density
+the sparse tokens achieved.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from sparsen.core.attention import capturing_prefix_mass, prime
+from sparsen.errors import SparsenError
+from sparsen.evaluation.tasks import TaskSample, prompt_tokens, score
+
+SPARSE_FROM = ("question", "answer")
+
+
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k / n."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+@dataclass
+class _Run:
+    label: str
+    sparsifier: object | None  # None: dense
+
+
+def _greedy(lm, tail: list[int], cache, first_logits, max_new: int, stop: set[int]) -> list[int]:
+    """Decode greedily after feeding ``tail`` (the question, sparse) on top of ``cache``."""
+    model = lm.model
+    logits = (model(torch.tensor([tail]), past_key_values=cache, logits_to_keep=1).logits[0, -1] if tail
+              else first_logits)
+    out: list[int] = []
+    for i in range(max_new):
+        tok = int(logits.argmax())
+        out.append(tok)
+        if tok in stop or i + 1 == max_new:
+            break
+        logits = model(torch.tensor([[tok]]), past_key_values=cache).logits[0, -1]
+    return out
+
+
+@torch.no_grad()
+def run_tasks(lm, samples: list[TaskSample], plans: dict, sparse_from: str = "question",
+              progress: bool = True) -> dict:
+    """Score ``plans`` ({label: attention Plan}) and dense on ``samples``; returns per-sample and grouped results."""
+    from sparsen.engine import stop_ids
+
+    if sparse_from not in SPARSE_FROM:
+        raise SparsenError(f"sparse_from '{sparse_from}': use one of {', '.join(SPARSE_FROM)}")
+    runs = [_Run("dense", None)]
+    for label, plan in plans.items():
+        runs.append(_Run(label, plan.build_sparsifier(lm)))
+    for r in runs[1:]:
+        if r.sparsifier is not None and not r.sparsifier.attention_rules:
+            raise SparsenError(f"configuration '{r.label}' has no attention method")
+    budgets = {r.label: r.sparsifier for r in runs[1:]}
+    wants_mass = any(sel.needs_prefix_mass for r in runs[1:] for sel in r.sparsifier.attention_rules.values())
+    stop = stop_ids(lm)
+    tok = lm.tokenizer
+    rows = []
+    t0 = time.perf_counter()
+    for s in tqdm(samples, desc="attn-eval", unit="sample", disable=not progress):
+        ids, split = prompt_tokens(tok, s)
+        if sparse_from == "answer" or split >= len(ids):
+            split = len(ids)
+        _check_budgets(budgets, len(ids) + s.max_new_tokens, s.id)
+        mass: dict = {}
+        prefix = torch.tensor([ids[:split]])
+        if wants_mass:
+            with capturing_prefix_mass(lm.adapter, mass):
+                out = lm.model(prefix, use_cache=True, logits_to_keep=1)
+        else:
+            out = lm.model(prefix, use_cache=True, logits_to_keep=1)
+        row = {"id": s.id, "task": s.task, "length": s.meta.get("length", len(ids)), "tokens": len(ids),
+               "sparse_tokens": len(ids) - split, "answers": s.answers, "results": {}}
+        for r in runs:
+            cache = copy.deepcopy(out.past_key_values)
+            sp = r.sparsifier
+            if sp is None:
+                gen = _greedy(lm, ids[split:], cache, out.logits[0, -1], s.max_new_tokens, stop)
+                density = None
+            else:
+                sp.reset_stats()
+                sp.dense_prefix = 0  # every query of this pass and the next is sparse
+                prime(sp, mass)
+                with sp:
+                    gen = _greedy(lm, ids[split:], cache, out.logits[0, -1], s.max_new_tokens, stop)
+                density = sp.achieved()["attention"]
+            text = tok.decode(gen, skip_special_tokens=True)
+            row["results"][r.label] = {"text": text, "score": score(s, text),
+                                       **({"density": density["density"], "read_density": density["read_density"]}
+                                          if density and density["density"] is not None else {})}
+        rows.append(row)
+    return {"model": lm.spec, "sparse_from": sparse_from, "labels": [r.label for r in runs],
+            "configs": {label: plan.attention for label, plan in plans.items()},
+            "groups": group_results(rows, [r.label for r in runs]), "samples": rows,
+            "seconds": time.perf_counter() - t0}
+
+
+def _check_budgets(sparsifiers: dict, context: int, sample_id: str) -> None:
+    for label, sp in sparsifiers.items():
+        tokens = sp.attention_config.get("tokens")
+        if tokens is not None and tokens > context:
+            raise SparsenError(f"'{label}' asks for {tokens} keys but sample {sample_id} has {context} tokens: give a "
+                               "budget no larger than the context, or a density")
+
+
+def group_results(rows: list[dict], labels: list[str]) -> list[dict]:
+    """Accuracy per (label, task, length) with a 95% Wilson interval, and the mean density of the sparse tokens."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["task"], row["length"]), []).append(row)
+    out = []
+    for (task, length), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        for label in labels:
+            scores = [r["results"][label]["score"] for r in rs]
+            dens = [r["results"][label]["density"] for r in rs if "density" in r["results"][label]]
+            lo, hi = wilson(sum(scores), len(scores))
+            out.append({"label": label, "task": task, "length": length, "n": len(scores),
+                        "accuracy": sum(scores) / len(scores), "ci95": [lo, hi],
+                        "density": sum(dens) / len(dens) if dens else None})
+    return out
+
+
+def markdown_table(result: dict) -> str:
+    """Rows (length, task) and a mean-over-tasks row per length; a column per configuration: accuracy % [CI]."""
+    labels = result["labels"]
+    lines = ["| length | task | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    by = {(g["length"], g["task"], g["label"]): g for g in result["groups"]}
+    lengths = sorted({g["length"] for g in result["groups"]})
+    tasks = sorted({g["task"] for g in result["groups"]})
+    for length in lengths:
+        for task in tasks:
+            cells = []
+            for label in labels:
+                g = by.get((length, task, label))
+                cells.append("" if g is None else f"{100 * g['accuracy']:.0f} [{100 * g['ci95'][0]:.0f}, "
+                                                  f"{100 * g['ci95'][1]:.0f}]")
+            lines.append(f"| {length} | {task} | " + " | ".join(cells) + " |")
+        means = []
+        for label in labels:
+            accs = [by[(length, t, label)]["accuracy"] for t in tasks if (length, t, label) in by]
+            dens = [by[(length, t, label)]["density"] for t in tasks
+                    if (length, t, label) in by and by[(length, t, label)]["density"] is not None]
+            d = f" (density {sum(dens) / len(dens):.3f})" if dens else ""
+            means.append(f"**{100 * sum(accs) / len(accs):.1f}**{d}")
+        lines.append(f"| {length} | mean | " + " | ".join(means) + " |")
+    return "\n".join(lines) + "\n"

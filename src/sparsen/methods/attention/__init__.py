@@ -1,0 +1,107 @@
+"""Training-free sparse attention: decode-time key selection, one file per method, registered here.
+
+``attention_plan(lm, config)`` turns a method's config into a ``core.Plan`` whose ``attention`` entry the core
+layer installs on every full-attention layer past ``dense_layers`` (``core/attention.py``). It composes with an
+activation-sparsity plan: ``attention_plan(lm, config, base=plan)`` carries both.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from sparsen.core.attention import ATTENTION_METHODS
+from sparsen.core.plan import Plan
+from sparsen.errors import SparsenError
+from sparsen.methods.attention import double_sparsity, h2o, oracle, quest, sink_window
+from sparsen.methods.attention.base import AttentionConfig, AttentionMethod
+from sparsen.methods.attention.double_sparsity import DoubleSparsityConfig
+from sparsen.methods.attention.h2o import H2OConfig
+from sparsen.methods.attention.oracle import OracleTopKConfig, OracleTopPConfig
+from sparsen.methods.attention.quest import QuestConfig
+from sparsen.methods.attention.sink_window import SinkWindowConfig
+
+METHODS: dict[str, AttentionMethod] = {m.name: m for m in (
+    oracle.METHOD_TOPK, oracle.METHOD_TOPP, sink_window.METHOD, h2o.METHOD, quest.METHOD, double_sparsity.METHOD)}
+
+
+def attention_method_names() -> list[str]:
+    return list(METHODS)
+
+
+def get_attention_method(name: str) -> AttentionMethod:
+    if name not in METHODS:
+        raise SparsenError(f"unknown attention method '{name}': choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def attention_config_for(method: str, **fields) -> AttentionConfig:
+    """The config of ``method`` with ``fields`` (None values take the default): a budget of ``tokens`` replaces the
+    default density."""
+    cls = get_attention_method(method).config
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if "tokens" in fields and "density" not in fields:
+        fields["density"] = None
+    return cls(**fields)
+
+
+def parse_attention_spec(spec: str) -> AttentionConfig:
+    """'NAME[@BUDGET][+FIELD=VALUE...]' -> config. BUDGET: a density '1/8' or '0.125', a key count '256t', or a
+    mass 'p0.9' (oracle-topp), e.g. 'quest@1/16+dense_layers=2', 'h2o@512t', 'oracle-topp@p0.95'."""
+    from sparsen.methods.config import parse_fields
+
+    head, *opts = spec.strip().split("+")
+    name, at, budget = head.partition("@")
+    fields = parse_fields(opts, what=f"attention method '{spec}'")
+    if at:
+        try:
+            if budget.startswith("p"):
+                fields["p"] = float(budget[1:])
+            elif budget.endswith("t"):
+                fields["tokens"] = int(budget[:-1])
+            elif "/" in budget:
+                num, den = budget.split("/")
+                fields["density"] = float(num) / float(den)
+            else:
+                fields["density"] = float(budget)
+        except (ValueError, ZeroDivisionError):
+            raise SparsenError(f"attention budget '{budget}' in '{spec}': write a density (1/8 or 0.125), a key count "
+                               "(256t) or a mass (p0.9)") from None
+    return attention_config_for(name.strip(), **fields)
+
+
+def build_selectors(spec: dict, adapter, tensors: dict) -> dict:
+    """A plan's attention entry -> {site: selector} on the full-attention layers past ``dense_layers``."""
+    m = get_attention_method(spec["method"])
+    try:
+        config = m.config(**spec.get("config", {}))
+    except SparsenError as e:
+        raise SparsenError(f"the plan's attention config is invalid ({e}): make the plan again") from None
+    return {f"layers.{b.index}.attn": m.selector(config, b.index, adapter, tensors)
+            for b in adapter.blocks if b.sliding_window is None and b.index >= config.dense_layers}
+
+
+for _name in METHODS:
+    ATTENTION_METHODS[_name] = build_selectors
+
+
+def attention_plan(lm, config: AttentionConfig, base: Plan | None = None, progress: bool = True) -> Plan:
+    """A plan carrying ``config``'s key selection (calibrated if the method needs it), on top of ``base``'s rules."""
+    if not isinstance(config, AttentionConfig):
+        raise SparsenError(f"attention_plan takes an attention config such as QuestConfig(density=0.125), not "
+                           f"{type(config).__name__}")
+    m = get_attention_method(config.method)
+    tensors = m.calibrate(lm, config, progress) if m.calibrate is not None else {}
+    spec = {"method": m.name, "config": config.fields()}
+    if base is not None:
+        base.check_model(lm)
+        plan = copy.copy(base)
+        plan.tensors = {**{k: v for k, v in base.tensors.items() if not k.startswith("attn.")}, **tensors}
+        plan.attention = spec
+        return plan
+    return Plan(method=m.name, target_sparsity=0.0, model=lm.spec, fingerprint=lm.fingerprint, sites={},
+                attention=spec, tensors=tensors)
+
+
+__all__ = ["AttentionConfig", "DoubleSparsityConfig", "H2OConfig", "OracleTopKConfig", "OracleTopPConfig",
+           "QuestConfig", "SinkWindowConfig", "attention_config_for", "attention_method_names", "attention_plan",
+           "build_selectors", "get_attention_method", "parse_attention_spec"]

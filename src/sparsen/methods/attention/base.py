@@ -1,0 +1,100 @@
+"""What every key-selection method shares: its config's common fields and how a config becomes a plan entry.
+
+A method is one file with a config dataclass (``@attention_config``), a ``KVSelector`` subclass and a ``METHOD``
+line that ``__init__.py`` registers. Budgets are a fraction of the causal keys (``density``) or an absolute
+number of keys (``tokens``); ``dense_layers`` leaves the first layers dense (reported beside every result).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+from sparsen.methods.config import ConfigFieldError, ConfigValueError
+
+
+def attention_config(cls):
+    """Class decorator: a frozen dataclass whose constructor refuses unknown fields with a one-line error."""
+    cls = dataclass(frozen=True)(cls)
+    init = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in kwargs if k not in names]
+        if unknown:
+            raise ConfigFieldError(f"{cls.__name__} has no field '{unknown[0]}': its fields are {', '.join(names)}")
+        init(self, *args, **kwargs)
+
+    __init__.__doc__ = init.__doc__
+    cls.__init__ = __init__
+    return cls
+
+
+def check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigValueError(message)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def _whole(v, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+@attention_config
+class AttentionConfig:
+    """The fields every key-selection method takes."""
+
+    method: ClassVar[str] = ""
+    budgeted: ClassVar[bool] = True  # the method keeps a budget of keys (oracle-topp keeps a mass instead)
+
+    density: float | None = 0.125
+    """share of its causal keys each sparse query reads, in (0, 1] (ceil; at least one key)"""
+    tokens: int | None = None
+    """an absolute budget of keys instead of ``density`` (at most the query's causal keys)"""
+    shared: bool = True
+    """select per KV head, from scores summed over its group's query heads (one selection saves the KV reads of the
+    whole group); False selects per query head (the faithful form of the per-head papers)"""
+    dense_layers: int = 0
+    """the first layers stay dense (Quest and Double Sparsity use 2; Sparse Frontier 0)"""
+
+    def __post_init__(self):
+        if self.budgeted:
+            check(self.density is not None or self.tokens is not None, "give a budget: density or tokens")
+            if self.tokens is not None:
+                check(_whole(self.tokens, 1), f"tokens {self.tokens!r}: give a whole number of keys, 1 or more")
+            else:
+                check(_number(self.density) and 0 < self.density <= 1,
+                      f"density {self.density!r} is outside (0, 1]: give the share of the context each query reads")
+        check(isinstance(self.shared, bool), "shared: give True or False")
+        check(_whole(self.dense_layers, 0), f"dense_layers {self.dense_layers!r}: give a whole number, 0 or more")
+
+    def fields(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def budget(self) -> dict:
+        """density and tokens as ``core.attention.budget_tokens`` takes them (tokens wins)"""
+        return {"density": None if self.tokens is not None else self.density, "tokens": self.tokens}
+
+    def label(self) -> str:
+        """How results name this configuration, e.g. 'quest@1/8' or 'h2o@256t'."""
+        if not self.budgeted:
+            return self.method
+        if self.tokens is not None:
+            return f"{self.method}@{self.tokens}t"
+        inv = 1 / self.density
+        return f"{self.method}@1/{round(inv)}" if abs(inv - round(inv)) < 1e-6 else f"{self.method}@{self.density:g}"
+
+
+@dataclass(frozen=True)
+class AttentionMethod:
+    name: str
+    summary: str
+    config: type[AttentionConfig]
+    selector: Callable  # (config, layer, adapter, tensors) -> KVSelector
+    calibrate: Callable | None = None  # (lm, config, progress) -> tensors for the plan (Double Sparsity)
