@@ -25,14 +25,15 @@ def assert_real_plot(path, min_width=400, min_height=300, panels_colours=3):
     assert len(colours) >= panels_colours, colours
 
 
-@pytest.mark.parametrize("cmd", [[], ["profile"], ["eval"], ["calibrate"], ["frontier"], ["demo"]])
+@pytest.mark.parametrize("cmd", [[], ["profile"], ["eval"], ["calibrate"], ["frontier"], ["demo"], ["attn-eval"]])
 def test_help_explains_flags(cmd):
     p = run(*cmd, "--help")
     assert p.returncode == 0
     for flag in {"profile": ["--model", "--tokens", "--out"], "eval": ["--ctx", "--windows", "--protocol", "--plan"],
                  "calibrate": ["--method", "--sparsity", "--allocation", "--out"],
                  "frontier": ["--methods", "--sparsities", "--protocols", "--windows", "--out"],
-                 "demo": ["--out", "--sparsity"]}.get(cmd[0] if cmd else "", ["profile", "eval", "calibrate", "frontier"]):
+                 "demo": ["--out", "--sparsity"],
+                 "attn-eval": ["--methods", "--tasks", "--lengths", "--samples"]}.get(cmd[0] if cmd else "", ["profile", "eval", "calibrate", "frontier"]):
         assert flag in p.stdout
 
 
@@ -146,3 +147,52 @@ def test_calibrate_offers_every_allocation():
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["calibrate"]
     assert tuple(next(a for a in sub._actions if a.dest == "allocation").choices) == ALLOCATIONS
+
+
+def _task_file(path, lines):
+    path.write_text("\n".join(json.dumps(x) if isinstance(x, dict) else x for x in lines) + "\n")
+    return path
+
+
+def test_attn_eval_runs_a_user_task_file(tmp_path):
+    prompt = "Some text here.\n\nWhat is the colour?"
+    tasks = _task_file(tmp_path / "t.jsonl", [
+        {"id": "a", "task": "mine", "prompt": prompt, "answers": ["blue"], "metric": "exact", "max_new_tokens": 3,
+         "query_start": prompt.index("What"), "extra": 1},
+        {"id": "b", "task": "mine", "prompt": "x y z", "answers": ["q", "r"], "metric": "contains_all",
+         "answer_prefix": "Answer:", "max_new_tokens": 2}])
+    out = tmp_path / "ae"
+    assert main(["attn-eval", "--model", "tiny-llama", "--tasks", str(tasks), "--methods", "quest@1/2,h2o@4t",
+                 "--out", str(out), "--quiet"]) == 0
+    d = json.loads((out / "attn_eval.json").read_text())
+    assert d["labels"] == ["dense", "quest@1/2", "h2o@4t"]
+    a = d["samples"][0]
+    assert a["sparse_tokens"] > 0 and 0 < a["results"]["quest@1/2"]["density"] <= 1
+    assert all(g["n"] == 2 and 0 <= g["ci95"][0] <= g["accuracy"] <= g["ci95"][1] for g in d["groups"])
+    assert "| mean |" in (out / "attn_eval.md").read_text()
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "line 2"), ({"id": "z", "task": "t", "prompt": "p", "metric": "exact"}, "missing field 'answers'"),
+])
+def test_attn_eval_bad_task_file(tmp_path, capsys, line, message):
+    tasks = _task_file(tmp_path / "t.jsonl", [{"id": "a", "task": "t", "prompt": "p", "answers": ["x"],
+                                              "metric": "exact"}, line])
+    out = tmp_path / "ae"
+    assert main(["attn-eval", "--model", "tiny-llama", "--tasks", str(tasks), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists()
+
+
+def test_attn_eval_bad_methods_and_budgets(tmp_path, capsys):
+    tasks = _task_file(tmp_path / "t.jsonl", [{"id": "a", "task": "t", "prompt": "p q", "answers": ["x"],
+                                              "metric": "exact", "max_new_tokens": 2}])
+    out = tmp_path / "ae"
+    for methods, message in (("quest@2", "outside (0, 1]"), ("nosuch", "unknown attention method"),
+                             ("h2o@100000t", "no larger than the context")):
+        assert main(["attn-eval", "--model", "tiny-llama", "--tasks", str(tasks), "--methods", methods,
+                     "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not out.exists() or not any(out.iterdir())

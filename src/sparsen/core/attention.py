@@ -64,6 +64,8 @@ def budget_tokens(n_keys: torch.Tensor, density: float | None, tokens: int | Non
 
 def top_budget(values: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     """values [..., n, m] (-inf where not allowed), budget [n]: keep each row's ``budget`` largest (ties included)."""
+    if values.shape[-1] == 0:
+        return torch.zeros_like(values, dtype=torch.bool)
     s = values.sort(dim=-1, descending=True).values
     idx = (budget - 1).clamp(0, values.shape[-1] - 1).view(*([1] * (values.dim() - 2)), -1, 1)
     thr = s.gather(-1, idx.expand(*s.shape[:-1], 1))

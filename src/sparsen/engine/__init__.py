@@ -26,9 +26,10 @@ from sparsen.core.rules import (
     TopKRule,
     rule_from_entry,
 )
-from sparsen.core.sites import Site, model_sites
+from sparsen.core.sites import Site, SiteKind, model_sites
 from sparsen.errors import SparsenError
 from sparsen.models.adapters import LINEAR_NAMES
+from sparsen.models.loading import stop_ids  # noqa: F401  (engine.stop_ids, as before)
 
 ABI_VERSION = 2
 """must equal SP_ABI_VERSION in kernels/sparsen.h (bumped with any change to the structs below)"""
@@ -205,17 +206,6 @@ def prompt_ids(lm, text: str, chat: bool) -> list[int]:
     return ids
 
 
-def stop_ids(lm) -> set[int]:
-    """The ids that end a generation: the tokenizer's EOS and the model's generation config's (Gemma's
-    <end_of_turn> is only there)."""
-    ids = set()
-    gen = getattr(lm.model, "generation_config", None)
-    for e in (lm.tokenizer.eos_token_id, getattr(gen, "eos_token_id", None)):
-        if e is not None:
-            ids |= {int(e)} if np.isscalar(e) else {int(t) for t in e}
-    return ids
-
-
 class Engine:
     """Batch-1 decoding of a ``LoadedModel`` (Llama family or Gemma 3), optionally under a sparsity ``Plan``.
 
@@ -293,7 +283,8 @@ class Engine:
             raise SparsenError(f"the embedding has {ad.embed.weight.shape[0]} rows and the lm_head {self.vocab}: the "
                                "engine needs one vocabulary for both")
         # accounting: the sites and their weights (modules dropped, so a transformed copy is not kept alive)
-        self.sites = {name: Site(name, s.kind, s.layer, s.part, None, s.params) for name, s in model_sites(ad).items()}
+        self.sites = {name: Site(name, s.kind, s.layer, s.part, None, s.params) for name, s in model_sites(ad).items()
+                      if s.kind is SiteKind.LINEAR_INPUT}  # the engine runs no attention sites yet
         self.params = {name: s.params for name, s in self.sites.items()}
 
         sites = plan.sites if plan is not None else {}

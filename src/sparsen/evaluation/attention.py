@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from sparsen.core.attention import capturing_prefix_mass, prime
 from sparsen.errors import SparsenError
 from sparsen.evaluation.tasks import TaskSample, prompt_tokens, score
+from sparsen.models.loading import stop_ids
 
 SPARSE_FROM = ("question", "answer")
 
@@ -61,8 +62,6 @@ def _greedy(lm, tail: list[int], cache, first_logits, max_new: int, stop: set[in
 def run_tasks(lm, samples: list[TaskSample], plans: dict, sparse_from: str = "question",
               progress: bool = True) -> dict:
     """Score ``plans`` ({label: attention Plan}) and dense on ``samples``; returns per-sample and grouped results."""
-    from sparsen.engine import stop_ids
-
     if sparse_from not in SPARSE_FROM:
         raise SparsenError(f"sparse_from '{sparse_from}': use one of {', '.join(SPARSE_FROM)}")
     runs = [_Run("dense", None)]
@@ -89,7 +88,7 @@ def run_tasks(lm, samples: list[TaskSample], plans: dict, sparse_from: str = "qu
                 out = lm.model(prefix, use_cache=True, logits_to_keep=1)
         else:
             out = lm.model(prefix, use_cache=True, logits_to_keep=1)
-        row = {"id": s.id, "task": s.task, "length": s.meta.get("length", len(ids)), "tokens": len(ids),
+        row = {"id": s.id, "task": s.task, "length": s.meta.get("length"), "tokens": len(ids),
                "sparse_tokens": len(ids) - split, "answers": s.answers, "results": {}}
         for r in runs:
             cache = copy.deepcopy(out.past_key_values)
@@ -124,12 +123,13 @@ def _check_budgets(sparsifiers: dict, context: int, sample_id: str) -> None:
 
 
 def group_results(rows: list[dict], labels: list[str]) -> list[dict]:
-    """Accuracy per (label, task, length) with a 95% Wilson interval, and the mean density of the sparse tokens."""
+    """Accuracy per (label, task, length) with a 95% Wilson interval, and the mean density of the sparse tokens.
+    The length is the generated suite's (a user's samples without ``meta.length`` group as one, length None)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["task"], row["length"]), []).append(row)
     out = []
-    for (task, length), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (task, length), rs in sorted(groups.items(), key=lambda kv: (kv[0][1] or 0, kv[0][0])):
         for label in labels:
             scores = [r["results"][label]["score"] for r in rs]
             dens = [r["results"][label]["density"] for r in rs if "density" in r["results"][label]]
@@ -145,7 +145,7 @@ def markdown_table(result: dict) -> str:
     labels = result["labels"]
     lines = ["| length | task | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
     by = {(g["length"], g["task"], g["label"]): g for g in result["groups"]}
-    lengths = sorted({g["length"] for g in result["groups"]})
+    lengths = sorted({g["length"] for g in result["groups"]}, key=lambda x: x or 0)
     tasks = sorted({g["task"] for g in result["groups"]})
     for length in lengths:
         for task in tasks:
@@ -154,7 +154,8 @@ def markdown_table(result: dict) -> str:
                 g = by.get((length, task, label))
                 cells.append("" if g is None else f"{100 * g['accuracy']:.0f} [{100 * g['ci95'][0]:.0f}, "
                                                   f"{100 * g['ci95'][1]:.0f}]")
-            lines.append(f"| {length} | {task} | " + " | ".join(cells) + " |")
+            if any(cells):
+                lines.append(f"| {length or 'any'} | {task} | " + " | ".join(cells) + " |")
         means = []
         for label in labels:
             accs = [by[(length, t, label)]["accuracy"] for t in tasks if (length, t, label) in by]
@@ -162,5 +163,5 @@ def markdown_table(result: dict) -> str:
                     if (length, t, label) in by and by[(length, t, label)]["density"] is not None]
             d = f" (density {sum(dens) / len(dens):.3f})" if dens else ""
             means.append(f"**{100 * sum(accs) / len(accs):.1f}**{d}")
-        lines.append(f"| {length} | mean | " + " | ".join(means) + " |")
+        lines.append(f"| {length or 'any'} | mean | " + " | ".join(means) + " |")
     return "\n".join(lines) + "\n"

@@ -215,9 +215,13 @@ def save_tasks(samples, path) -> Path:
 
 def prompt_tokens(tokenizer, sample: TaskSample) -> tuple[list[int], int]:
     """Ids of the model input (user turn, generation prompt, answer prefix) and the index of the first token of
-    the trailing question (len(ids) when the sample has none)."""
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+    the trailing question (len(ids) when the sample has none). A tokenizer without a chat template (the tiny test
+    models) gets the prompt, a blank line and the answer prefix."""
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+    else:
+        rendered = sample.prompt + "\n\n"
     at = rendered.find(sample.prompt)
     if at < 0:
         raise SparsenError(f"the chat template changed the text of sample '{sample.id}': use a tokenizer whose "

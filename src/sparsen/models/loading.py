@@ -234,3 +234,16 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32) ->
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(spec=spec, model=model, tokenizer=tok, adapter=adapter_for(model), source=source)
+
+
+def stop_ids(lm) -> set[int]:
+    """The ids that end a generation: the tokenizer's EOS and the model's generation config's (Gemma's
+    <end_of_turn> is only there)."""
+    import numpy as np
+
+    ids = set()
+    gen = getattr(lm.model, "generation_config", None)
+    for e in (lm.tokenizer.eos_token_id, getattr(gen, "eos_token_id", None)):
+        if e is not None:
+            ids |= {int(e)} if np.isscalar(e) else {int(t) for t in e}
+    return ids
