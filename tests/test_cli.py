@@ -33,7 +33,8 @@ def test_help_explains_flags(cmd):
                  "calibrate": ["--method", "--sparsity", "--allocation", "--out"],
                  "frontier": ["--methods", "--sparsities", "--protocols", "--windows", "--out"],
                  "demo": ["--out", "--sparsity"],
-                 "attn-eval": ["--methods", "--tasks", "--lengths", "--samples"]}.get(cmd[0] if cmd else "", ["profile", "eval", "calibrate", "frontier"]):
+                 "attn-eval": ["--methods", "--tasks", "--lengths", "--samples"]}.get(
+                     cmd[0] if cmd else "", ["profile", "eval", "calibrate", "frontier"]):
         assert flag in p.stdout
 
 
