@@ -62,6 +62,12 @@ def budget_tokens(n_keys: torch.Tensor, density: float | None, tokens: int | Non
     return torch.minimum(b.clamp_min(1), n)
 
 
+def outside_to_ninf(values: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """values [n_kv, 1 or group, n, n_keys] set to -inf where ``scores`` (exact logits) are outside the causal range
+    (the same for every query head of a group)."""
+    return values.masked_fill(~torch.isfinite(scores[:, : values.shape[1]]), -torch.inf)
+
+
 def top_budget(values: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
     """values [..., n, m] (-inf where not allowed), budget [n]: keep each row's ``budget`` largest (ties included)."""
     if values.shape[-1] == 0:
@@ -121,10 +127,9 @@ def _sparse_attention(sp, layer, sel, query, key, value, attention_mask, scale, 
     k, v = key[0].float(), value[0].float()
     out = torch.empty(n_kv, g, n, d)
     key_pos = torch.arange(nk)
-    bounds = list(range(0, first_sparse, QUERY_CHUNK)) + [first_sparse] + list(
-        range(first_sparse + QUERY_CHUNK, n, QUERY_CHUNK)) + [n]
-    bounds = sorted(set(bounds))
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    chunks = [(a, min(a + QUERY_CHUNK, end)) for start, end in ((0, first_sparse), (first_sparse, n))
+              for a in range(start, end, QUERY_CHUNK)]  # dense and sparse queries never share a chunk
+    for a, b in chunks:
         qc = q[:, :, a:b]
         qpos = q0 + torch.arange(a, b)
         allowed = key_pos[None, :] <= qpos[:, None]  # [m, nk]

@@ -25,8 +25,9 @@ class ConfigValueError(SparsenError, ValueError):
     """A config field has a value outside its range."""
 
 
-def method_config(cls):
-    """Class decorator: a frozen dataclass whose constructor refuses unknown fields with a one-line SparsenError."""
+def strict_config(cls, needs_sparsity: bool = False):
+    """Class decorator: a frozen dataclass whose constructor refuses unknown fields (and, with ``needs_sparsity``,
+    a missing target sparsity) with a one-line SparsenError."""
     cls = dataclass(frozen=True)(cls)
     init = cls.__init__
 
@@ -35,13 +36,18 @@ def method_config(cls):
         unknown = [k for k in kwargs if k not in names]
         if unknown:
             raise ConfigFieldError(f"{cls.__name__} has no field '{unknown[0]}': its fields are {', '.join(names)}")
-        if "sparsity" not in kwargs and not args:
+        if needs_sparsity and "sparsity" not in kwargs and not args:
             raise ConfigFieldError(f"{cls.__name__} needs a target sparsity, e.g. {cls.__name__}(sparsity=0.5)")
         init(self, *args, **kwargs)
 
     __init__.__doc__ = init.__doc__
     cls.__init__ = __init__
     return cls
+
+
+def method_config(cls):
+    """Class decorator of a sparsity method's config: ``strict_config`` that also needs a target sparsity."""
+    return strict_config(cls, needs_sparsity=True)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -8,37 +8,12 @@ number of keys (``tokens``); ``dense_layers`` leaves the first layers dense (rep
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
-from sparsen.methods.config import ConfigFieldError, ConfigValueError
-
-
-def attention_config(cls):
-    """Class decorator: a frozen dataclass whose constructor refuses unknown fields with a one-line error."""
-    cls = dataclass(frozen=True)(cls)
-    init = cls.__init__
-
-    def __init__(self, *args, **kwargs):
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in kwargs if k not in names]
-        if unknown:
-            raise ConfigFieldError(f"{cls.__name__} has no field '{unknown[0]}': its fields are {', '.join(names)}")
-        init(self, *args, **kwargs)
-
-    __init__.__doc__ = init.__doc__
-    cls.__init__ = __init__
-    return cls
-
-
-def check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigValueError(message)
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+from sparsen.methods.config import _check as check
+from sparsen.methods.config import _number
+from sparsen.methods.config import strict_config as attention_config
 
 
 def _whole(v, low: int) -> bool:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from sparsen.core.attention import KVSelector, budget_tokens, capturing_qk, group_sum, top_budget
-from sparsen.data import CALIB_CORPUS, corpus_windows
+from sparsen.core.attention import KVSelector, budget_tokens, capturing_qk, group_sum, outside_to_ninf, top_budget
+from sparsen.data import CALIB_CORPUS, EVAL_ONLY, corpus_windows
 from sparsen.errors import SparsenError
 from sparsen.methods.attention.base import AttentionConfig, AttentionMethod, _whole, attention_config, check
 
@@ -37,6 +37,8 @@ class DoubleSparsityConfig(AttentionConfig):
         super().__post_init__()
         check(_whole(self.channels, 1), f"channels {self.channels!r}: give a whole number, 1 or more")
         check(_whole(self.calib_tokens, 2) and _whole(self.calib_ctx, 2), "calib_tokens and calib_ctx: give 2 or more")
+        check(self.corpus not in EVAL_ONLY,
+              f"corpus '{self.corpus}' is an evaluation corpus: rank the channels on {CALIB_CORPUS}")
 
 
 def tensor_key(layer: int) -> str:
@@ -46,10 +48,6 @@ def tensor_key(layer: int) -> str:
 @torch.no_grad()
 def calibrate(lm, config: DoubleSparsityConfig, progress: bool = True) -> dict:
     """Per full-attention layer, the channel scores [n_heads, head_dim] (plan tensors ``attn.L.channel_score``)."""
-    from sparsen.data import EVAL_ONLY
-
-    if config.corpus in EVAL_ONLY:
-        raise SparsenError(f"corpus '{config.corpus}' is an evaluation corpus: rank the channels on {CALIB_CORPUS}")
     ad = lm.adapter
     n = max(1, config.calib_tokens // config.calib_ctx)
     wins = corpus_windows(lm.tokenizer, config.corpus, min(config.calib_ctx, config.calib_tokens), n, bos=lm.window_bos)
@@ -87,7 +85,7 @@ class DoubleSparsity(KVSelector):
         qc = q.gather(-1, idx[:, :, None, :].expand(n_kv, g, n, self.r))  # [n_kv, g, n, r]
         kc = k[:, None].expand(n_kv, g, k.shape[1], d).gather(-1, idx[:, :, None, :].expand(n_kv, g, k.shape[1], self.r))
         approx = group_sum(torch.einsum("hgnr,hgkr->hgnk", qc, kc), self.shared)
-        approx = approx.masked_fill(~torch.isfinite(scores[:, :1] if self.shared else scores), -torch.inf)
+        approx = outside_to_ninf(approx, scores)
         return top_budget(approx, budget_tokens(qpos + 1, **self.budget))
 
     def estimate_reads(self, n_keys):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from sparsen.core.attention import KVSelector, budget_tokens, top_budget
-from sparsen.methods.attention.base import AttentionConfig, AttentionMethod, attention_config, check
+from sparsen.core.attention import KVSelector, budget_tokens, outside_to_ninf, top_budget
+from sparsen.methods.attention.base import AttentionConfig, AttentionMethod, _number, attention_config, check
 
 
 @attention_config
@@ -33,7 +33,7 @@ class OracleTopPConfig(AttentionConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        check(isinstance(self.p, (int, float)) and not isinstance(self.p, bool) and 0 < self.p <= 1,
+        check(_number(self.p) and 0 < self.p <= 1,
               f"p {self.p!r} is outside (0, 1]: give the share of the attention mass to keep")
 
     def label(self) -> str:
@@ -47,7 +47,7 @@ class OracleTopK(KVSelector):
     def keep(self, q, k, qpos, scores):
         probs = torch.softmax(scores, dim=-1)
         mass = probs.sum(1, keepdim=True) if self.shared else probs
-        mass = mass.masked_fill(~torch.isfinite(scores[:, :1] if self.shared else scores), -torch.inf)
+        mass = outside_to_ninf(mass, scores)
         return top_budget(mass, budget_tokens(qpos + 1, **self.budget))
 
     def estimate_reads(self, n_keys):
