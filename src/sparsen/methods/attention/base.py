@@ -57,13 +57,22 @@ class AttentionConfig:
         return {"density": None if self.tokens is not None else self.density, "tokens": self.tokens}
 
     def label(self) -> str:
-        """How results name this configuration, e.g. 'quest@1/8' or 'h2o@256t'."""
+        """How results name this configuration, as ``parse_attention_spec`` reads it: the budget, then every field
+        that differs from its default, e.g. 'quest@1/8', 'h2o@256t' or 'quest@1/16+dense_layers=2'."""
+        return self._budget_label() + "".join(f"+{k}={v}" for k, v in self._changed().items())
+
+    def _budget_label(self) -> str:
         if not self.budgeted:
             return self.method
         if self.tokens is not None:
             return f"{self.method}@{self.tokens}t"
         inv = 1 / self.density
         return f"{self.method}@1/{round(inv)}" if abs(inv - round(inv)) < 1e-6 else f"{self.method}@{self.density:g}"
+
+    def _changed(self, budget=("density", "tokens")) -> dict:
+        """Fields (other than the budget's) whose value differs from the default."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in budget and getattr(self, f.name) != f.default}
 
 
 @dataclass(frozen=True)

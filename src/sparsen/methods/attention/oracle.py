@@ -36,8 +36,11 @@ class OracleTopPConfig(AttentionConfig):
         check(_number(self.p) and 0 < self.p <= 1,
               f"p {self.p!r} is outside (0, 1]: give the share of the attention mass to keep")
 
-    def label(self) -> str:
+    def _budget_label(self) -> str:
         return f"{self.method}@p{self.p:g}"
+
+    def _changed(self, budget=("density", "tokens", "p")) -> dict:
+        return super()._changed(budget)
 
 
 class OracleTopK(KVSelector):
