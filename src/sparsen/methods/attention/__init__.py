@@ -12,7 +12,7 @@ import copy
 from sparsen.core.attention import ATTENTION_METHODS
 from sparsen.core.plan import Plan
 from sparsen.errors import SparsenError
-from sparsen.methods.attention import double_sparsity, h2o, oracle, quest, sink_window
+from sparsen.methods.attention import double_sparsity, h2o, lowrank, oracle, quest, sink_window
 from sparsen.methods.attention.base import AttentionConfig, AttentionMethod
 from sparsen.methods.attention.double_sparsity import DoubleSparsityConfig
 from sparsen.methods.attention.h2o import H2OConfig
@@ -21,7 +21,7 @@ from sparsen.methods.attention.quest import QuestConfig
 from sparsen.methods.attention.sink_window import SinkWindowConfig
 
 METHODS: dict[str, AttentionMethod] = {m.name: m for m in (
-    oracle.METHOD_TOPK, oracle.METHOD_TOPP, sink_window.METHOD, h2o.METHOD, quest.METHOD, double_sparsity.METHOD)}
+    oracle.METHOD_TOPK, oracle.METHOD_TOPP, sink_window.METHOD, h2o.METHOD, quest.METHOD, double_sparsity.METHOD, lowrank.METHOD)}
 
 
 def attention_method_names() -> list[str]:
