@@ -31,14 +31,18 @@ from sparsen.errors import SparsenError
 from sparsen.models.adapters import LINEAR_NAMES
 from sparsen.models.loading import stop_ids  # noqa: F401  (engine.stop_ids, as before)
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 """must equal SP_ABI_VERSION in kernels/sparsen.h (bumped with any change to the structs below)"""
 DTYPES = ("fp32", "bf16")
+KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}  # the KV cache's storage (fp16: IEEE half)
+ATTN_METHODS = {"oracle-topk": 1, "oracle-topp": 2, "sink-window": 3, "h2o": 4, "quest": 5, "double-sparsity": 6,
+                "lowrank": 7}
+"""the attention methods the kernels run (enum sp_attn_method), by their name in sparsen.methods.attention"""
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # enum sp_activation
 N_LIN = len(LINEAR_NAMES)
 REBUILD = "rebuild them with `pip install -e .` in the sparsen checkout"
 
-_p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+_p, _i, _f, _d = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_double
 
 
 class Rule(ctypes.Structure):  # sp_rule
@@ -48,7 +52,7 @@ class Rule(ctypes.Structure):  # sp_rule
 class Layer(ctypes.Structure):  # sp_layer
     _fields_ = [("w", _p * N_LIN), ("bias", _p * N_LIN), ("attn_norm", _p), ("mlp_norm", _p), ("attn_out_norm", _p),
                 ("mlp_out_norm", _p), ("q_norm", _p), ("k_norm", _p), ("basis", _p), ("rope_cos", _p),
-                ("rope_sin", _p), ("window", _i), ("rule", Rule * N_LIN), ("lr_a", _p * N_LIN),
+                ("rope_sin", _p), ("window", _i), ("attn_select", _i), ("rule", Rule * N_LIN), ("lr_a", _p * N_LIN),
                 ("lr_b", _p * N_LIN), ("lr_rank", _i * N_LIN)]
 
 
@@ -56,10 +60,20 @@ class Model(ctypes.Structure):  # sp_model
     _fields_ = [("n_layers", _i), ("d", _i), ("n_heads", _i), ("n_kv", _i), ("head_dim", _i), ("inter", _i),
                 ("vocab", _i), ("max_seq", _i), ("wbf16", _i), ("activation", _i), ("eps", _f), ("attn_scale", _f),
                 ("embed_scale", _f), ("logit_softcap", _f), ("layers", _p), ("embed", _p), ("final_norm", _p),
-                ("lm_head", _p), ("k_cache", _p), ("v_cache", _p), ("active", _p), ("seen", _p)]
+                ("lm_head", _p), ("kv_f16", _i), ("k_cache", _p), ("v_cache", _p), ("active", _p), ("seen", _p),
+                ("attn", _p)]
 
 
-STRUCTS = {"sp_rule": (0, Rule), "sp_layer": (1, Layer), "sp_model": (2, Model)}  # name: (SP_STRUCT_*, ctypes)
+class Attn(ctypes.Structure):  # sp_attn
+    _fields_ = [("method", _i), ("sel_heads", _i), ("tokens", _i), ("density", _d), ("p", _d), ("recent_share", _d),
+                ("sinks", _i), ("local", _i), ("page", _i), ("min_pages", _i), ("max_pages", _i), ("rank", _i),
+                ("lab_heads", _i), ("combine_prob", _i), ("label_scale", _f), ("proj", _p), ("qproj", _p),
+                ("label_bits", _i), ("labels", _p),
+                ("kmin", _p), ("kmax", _p), ("mass", _p), ("held", _p), ("tally", _p)]
+
+
+STRUCTS = {"sp_rule": (0, Rule), "sp_layer": (1, Layer), "sp_model": (2, Model), "sp_attn": (3, Attn)}
+"""name: (SP_STRUCT_*, ctypes)"""
 
 STATUS = {  # enum sp_status
     -1: "the position is outside the context (max_seq)",
@@ -69,6 +83,7 @@ STATUS = {  # enum sp_status
     -5: "out of memory for the engine's workspace",
     -6: "the workspace does not fit this model or thread count",
     -7: "a plan rule the kernels cannot run",
+    -8: "an attention selection the kernels cannot run (method, sizes or state buffers)",
 }
 
 
@@ -102,6 +117,11 @@ def open_kernels(path: str | Path, abi_version: int = ABI_VERSION) -> ctypes.CDL
     if lib.sp_rule_kinds().decode() != kinds:
         raise SparsenError(f"the engine's C kernels number the rule kinds differently ({lib.sp_rule_kinds().decode()} "
                            f"vs {kinds}): {REBUILD}")
+    lib.sp_attn_methods.restype = ctypes.c_char_p
+    methods = "".join(f"{k.upper().replace('-', '_')}={v}," for k, v in ATTN_METHODS.items())
+    if lib.sp_attn_methods().decode() != methods:
+        raise SparsenError(f"the engine's C kernels number the attention methods differently "
+                           f"({lib.sp_attn_methods().decode()} vs {methods}): {REBUILD}")
     lib.sp_workspace_create.argtypes, lib.sp_workspace_create.restype = [_p, _i, ctypes.POINTER(_i)], _p
     lib.sp_workspace_free.argtypes, lib.sp_workspace_free.restype = [_p], None
     lib.sp_decode_step.argtypes, lib.sp_decode_step.restype = [_p, _p, _i, _i, _p, _i], _i
@@ -214,12 +234,20 @@ class Engine:
     transformed deep copy (memory for a second model while the engine is built). The weights are copied: W^T
     [in, out] for every block linear (up as [out, in] rows under a gate-activation rule), lm_head as [vocab, d]
     rows, in fp32 or bf16 (``dtype``); norms, biases and the embedding stay fp32. ``max_seq``: the context, prompt
-    and generated tokens together.
+    and generated tokens together. ``kv_dtype``: the KV cache's storage, fp32 or fp16 (IEEE half).
+
+    A plan with an ``attention`` entry (``sparsen.methods.attention``) selects keys on every generated token in
+    its full-attention layers past ``dense_layers``: the kernels estimate, choose the positions and read only those
+    K and V rows (``kernels/select.c``); the method's state (Quest's page summaries, the label cache of projected
+    keys, H2O's mass) lives in numpy arrays here, updated by the kernels on every token, the prompt's included.
     """
 
-    def __init__(self, lm, plan=None, dtype: str = "fp32", threads: int = 2, max_seq: int = 2048):
+    def __init__(self, lm, plan=None, dtype: str = "fp32", threads: int = 2, max_seq: int = 2048,
+                 kv_dtype: str = "fp32"):
         if dtype not in DTYPES:
             raise SparsenError(f"weights dtype '{dtype}' is not supported: use one of {', '.join(DTYPES)}")
+        if kv_dtype not in KV_DTYPES:
+            raise SparsenError(f"KV cache dtype '{kv_dtype}' is not supported: use one of {', '.join(KV_DTYPES)}")
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise SparsenError(f"threads {threads!r}: give a whole number of 1 or more")
         if isinstance(max_seq, bool) or not isinstance(max_seq, int) or max_seq < 1:
@@ -234,19 +262,21 @@ class Engine:
         if plan is not None and plan.transform is None and carries:  # its changes of basis would be missing
             raise SparsenError(f"this model carries another plan's weight transform, which this {plan.method} plan "
                                "does not have: load the model again")
-        src, added = lm, 0
-        if plan is not None and plan.attention is not None:
-            raise SparsenError(f"the engine does not run attention methods yet ('{plan.attention['method']}'): score them "
-                               "with `sparsen attn-eval`")
+        src, added, selectors = lm, 0, {}
+        if plan is not None and plan.attention is not None and plan.attention.get("method") not in ATTN_METHODS:
+            raise SparsenError(f"the engine cannot run the attention method '{plan.attention.get('method')}' (it runs "
+                               f"{', '.join(ATTN_METHODS)}): score it with `sparsen attn-eval`")
         if plan is not None:
             plan.check_model(lm)
             if not plan.carried_by(lm):
                 src = _transformed_copy(lm, plan)
-            added = plan.build_sparsifier(src).added_params  # also checks the plan's sites and factors
+            sp = plan.build_sparsifier(src)  # also checks the plan's sites, factors and attention config
+            added, selectors = sp.added_params, sp.attention_rules
         self.lm, self.plan, self.dtype, self.threads, self.max_seq = lm, plan, dtype, threads, max_seq
-        self.added_params = added
+        self.kv_dtype, self.added_params = kv_dtype, added
         self._keep: list[np.ndarray] = []  # every array the C side points to stays alive here
         self._build(src, plan)
+        self._build_attention(src.adapter, plan, selectors)
         status = _i(0)
         ws = self.lib.sp_workspace_create(ctypes.byref(self._model), threads, ctypes.byref(status))
         if not ws:
@@ -283,9 +313,12 @@ class Engine:
             raise SparsenError(f"the embedding has {ad.embed.weight.shape[0]} rows and the lm_head {self.vocab}: the "
                                "engine needs one vocabulary for both")
         # accounting: the sites and their weights (modules dropped, so a transformed copy is not kept alive)
-        self.sites = {name: Site(name, s.kind, s.layer, s.part, None, s.params) for name, s in model_sites(ad).items()
-                      if s.kind is SiteKind.LINEAR_INPUT}  # the engine runs no attention sites yet
+        all_sites = model_sites(ad)
+        self.sites = {name: Site(name, s.kind, s.layer, s.part, None, s.params) for name, s in all_sites.items()
+                      if s.kind is SiteKind.LINEAR_INPUT}
         self.params = {name: s.params for name, s in self.sites.items()}
+        self.n_attn_layers = sum(s.kind is SiteKind.ATTENTION for s in all_sites.values())
+        self.windows = [int(b.sliding_window or 0) for b in ad.blocks]
 
         sites = plan.sites if plan is not None else {}
         tensors = plan.tensors if plan is not None else {}
@@ -347,19 +380,83 @@ class Engine:
         tied = ad.lm_head.weight.data_ptr() == ad.embed.weight.data_ptr()
         m.lm_head = _ptr(embed) if tied and dtype == "fp32" else keep(weight_array(ad.lm_head.weight, dtype))
         kv = (self.n_layers, self.n_kv, self.max_seq, self.head_dim)
-        self.k_cache, self.v_cache = np.zeros(kv, np.float32), np.zeros(kv, np.float32)
+        self.k_cache, self.v_cache = np.zeros(kv, KV_DTYPES[self.kv_dtype]), np.zeros(kv, KV_DTYPES[self.kv_dtype])
+        m.kv_f16 = int(self.kv_dtype == "fp16")
         m.k_cache, m.v_cache = keep(self.k_cache), keep(self.v_cache)
         self.active = np.zeros((self.n_layers, N_LIN), np.int64)
         self.seen = np.zeros((self.n_layers, N_LIN), np.int64)
         m.active, m.seen = keep(self.active), keep(self.seen)
         self._model = m
 
+    def _build_attention(self, ad, plan, selectors: dict) -> None:
+        """The plan's KV selection as the kernels run it (sp_attn) with its state arrays, or none."""
+        self._attn = self.attn_state = None
+        self.attn_layers: list[int] = []
+        if plan is None or plan.attention is None:
+            return
+        from sparsen.methods.attention import get_attention_method
+
+        name = plan.attention["method"]
+        cfg = get_attention_method(name).config(**plan.attention.get("config", {}))
+        self.attn_layers = sorted(int(site.split(".")[1]) for site in selectors)
+        if not self.attn_layers:  # dense_layers covers every full-attention layer
+            return
+        n_layers, n_kv, nh, hd, S = self.n_layers, self.n_kv, self.n_heads, self.head_dim, self.max_seq
+        A = Attn()
+        A.method = ATTN_METHODS[name]
+        # sink-window chooses the same keys for every head: one list per KV head, as its selector returns
+        A.sel_heads = G = n_kv if cfg.shared or name == "sink-window" else nh
+        budget = cfg.budget if cfg.budgeted else {"density": 1.0, "tokens": None}
+        A.tokens, A.density = int(budget["tokens"] or 0), float(budget["density"] or 1.0)
+        A.p = float(getattr(cfg, "p", 1.0))
+        state = {"tally": np.zeros((n_layers, 4), np.float64)}
+        if name == "sink-window":
+            A.sinks = cfg.sinks
+        elif name == "h2o":
+            A.recent_share = float(cfg.recent_share)
+            state["mass"] = np.zeros((n_layers, G, S), np.float64)
+            state["held"] = np.ones((n_layers, G, S), np.uint8)
+        elif name == "quest":
+            A.page, A.min_pages = cfg.page_size, cfg.min_pages
+            A.max_pages = -(-S // cfg.page_size)
+            pages = (n_layers, n_kv, A.max_pages, hd)
+            state["kmin"] = np.zeros(pages, KV_DTYPES[self.kv_dtype])
+            state["kmax"] = np.zeros(pages, KV_DTYPES[self.kv_dtype])
+        elif name in ("double-sparsity", "lowrank"):
+            bases = {layer: _label_basis(name, selectors[f"layers.{layer}.attn"], n_kv, hd) for layer in self.attn_layers}
+            first = next(iter(bases.values()))[0]
+            A.lab_heads, A.rank = first.shape[0], first.shape[2]
+            state["proj"] = np.zeros((n_layers, A.lab_heads, hd, A.rank), np.float32)
+            state["qproj"] = np.zeros_like(state["proj"])
+            for layer, (Pq, Pk) in bases.items():
+                state["qproj"][layer], state["proj"][layer] = Pq, Pk
+            state["labels"] = np.zeros((n_layers, A.lab_heads, S, A.rank), np.float32)
+            if name == "lowrank":  # lowrank.py: sinks and a local window forced, scaled scores, softmax or sum
+                sel = selectors[f"layers.{self.attn_layers[0]}.attn"]
+                A.sinks, A.local, A.combine_prob = int(sel.sinks), int(sel.local), int(sel.combine == "prob")
+                A.label_scale, A.label_bits = float(sel.scale), int(getattr(sel, "bits", 0) or 0)
+            else:
+                A.label_scale = 1.0
+        for field, arr in state.items():
+            setattr(A, field, self._keep_ptr(arr))
+        for layer in self.attn_layers:
+            if self.windows[layer]:
+                raise SparsenError(f"the plan selects keys in layer {layer}, a sliding-window layer: make the plan again")
+            self._layers[layer].attn_select = 1
+        self._attn, self.attn_state, self.attn_method = A, state, name
+        self._model.attn = ctypes.addressof(A)
+
     # --- decoding -----------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget the context and the sparsity counts."""
+        """Forget the context, the sparsity counts and the KV selection's sequence state."""
         self.pos = 0
         self.active[:] = 0
         self.seen[:] = 0
+        if self.attn_state is not None:
+            self.attn_state["tally"][:] = 0
+            if "mass" in self.attn_state:
+                self.attn_state["mass"][:] = 0
+                self.attn_state["held"][:] = 1
 
     def step(self, token: int, dense: bool = False) -> np.ndarray:
         """Run one token at the next position; returns its logits (a buffer reused by the next call)."""
@@ -375,16 +472,83 @@ class Engine:
         self.pos += 1
         return self.logits
 
-    def prefill(self, ids) -> np.ndarray:
-        """The prompt, dense (as a dense prefill would compute it); returns the last position's logits."""
+    def prefill(self, ids, via: str = "engine") -> np.ndarray:
+        """The prompt, dense (as a dense prefill would compute it); returns the last position's logits.
+        ``via="engine"`` steps the kernels token by token; ``via="torch"`` runs the prompt through the torch model in
+        one forward and copies its KV cache in (minutes faster at thousands of tokens; ``_prefill_torch``)."""
+        if via not in ("engine", "torch"):
+            raise SparsenError(f"prefill via '{via}' is unknown: use 'engine' or 'torch'")
         self.reset()
         if len(ids) == 0:
             raise SparsenError("the prompt is empty: give at least one token")
+        if len(ids) > self.max_seq:
+            raise SparsenError(f"the prompt's {len(ids)} tokens do not fit the engine's context of {self.max_seq}: "
+                               "build it with a larger max_seq")
         if self._held:
             self._hold_on(ids)
+        if via == "torch":
+            return self._prefill_torch([int(t) for t in ids])
         for t in ids:
             logits = self.step(int(t), dense=True)
         return logits
+
+    @torch.no_grad()
+    def _prefill_torch(self, ids: list[int]) -> np.ndarray:
+        """One dense forward of the torch model (the plan's transform applied, as the engine's weights): every
+        layer's cached K (after RoPE) and V copied in, in the cache's dtype; then the selection state rebuilt from
+        them as the kernels would have built it (Quest's page summaries, the label cache), H2O's mass from the
+        forward's attention probabilities (``core.attention.capturing_prefix_mass``)."""
+        from contextlib import nullcontext
+
+        from sparsen.core.attention import capturing_prefix_mass
+
+        n, src = len(ids), self._src
+        for t in ids:
+            if not 0 <= t < self.vocab:
+                raise SparsenError(f"token id {t} is outside the vocabulary [0, {self.vocab}): check the tokenizer")
+        mass: dict = {}
+        h2o = self.attn_state is not None and "mass" in self.attn_state
+        with capturing_prefix_mass(src.adapter, mass) if h2o else nullcontext():
+            out = src.model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        for layer in range(self.n_layers):
+            k, v = cache.layers[layer].keys[0], cache.layers[layer].values[0]  # [n_kv, n or a window, head_dim]
+            held = k.shape[1]  # a sliding-window layer's cache may hold only its last positions
+            if tuple(k.shape) != (self.n_kv, held, self.head_dim) or held > n or (held < n and not self.windows[layer]):
+                raise SparsenError(f"the torch cache of layer {layer} is {tuple(k.shape)}, not ({self.n_kv}, {n}, "
+                                   f"{self.head_dim}): prefill via='engine'")
+            self.k_cache[layer, :, n - held:n] = k.float().numpy()
+            self.v_cache[layer, :, n - held:n] = v.float().numpy()
+        if self.attn_state is not None:
+            self._rebuild_selection(n, mass)
+        self.pos = n
+        self.logits[:] = out.logits[0, -1].float().numpy()
+        return self.logits
+
+    def _rebuild_selection(self, n: int, mass: dict) -> None:
+        """The selection state of positions [0, n) from the cache, as the kernels update it key by key."""
+        st, A = self.attn_state, self._attn
+        for layer in self.attn_layers:
+            k = self.k_cache[layer, :, :n].astype(np.float32)  # as stored (rounded to half with an fp16 cache)
+            if "kmin" in st:
+                page = A.page
+                for p in range(-(-n // page)):
+                    rows = self.k_cache[layer, :, p * page:min((p + 1) * page, n)]
+                    st["kmin"][layer, :, p] = rows.min(1)
+                    st["kmax"][layer, :, p] = rows.max(1)
+            if "labels" in st:
+                per = A.lab_heads // self.n_kv
+                kk = np.repeat(k, per, axis=0)  # label head lh reads KV head lh // per
+                lab = np.einsum("hnd,hdr->hnr", kk, st["proj"][layer]).astype(np.float32)
+                if A.label_bits:  # as select.c rounds them, in fp32
+                    lim = np.float32(2 ** (A.label_bits - 1) - 1)
+                    sc = np.maximum(np.abs(lab).max(-1, keepdims=True), np.float32(1e-30)) / lim
+                    lab = np.rint(lab / sc) * sc
+                st["labels"][layer, :, :n] = lab
+            if "mass" in st:
+                m = mass[layer].numpy()  # [n_heads, n]
+                G = A.sel_heads
+                st["mass"][layer, :, :n] = m.reshape(G, -1, n).sum(1) if G != self.n_heads else m
 
     def _hold_on(self, ids) -> None:
         """A 'prompt'-hold plan: rescale each held site's thresholds so the prompt's dense inputs reach its level
@@ -436,7 +600,40 @@ class Engine:
             for j, n in enumerate(LINEAR_NAMES):
                 seen = int(self.seen[b, j])
                 tally.add(f"layers.{b}.{n}", seen - int(self.active[b, j]), seen)
-        return achieved(self.sites, tally, self.added_params)
+        out = achieved(self.sites, tally, self.added_params)
+        if self.plan is not None and self.plan.attention is not None:
+            out["attention"] = self.attention_tally().summary(self.n_attn_layers)
+        return out
+
+    def attention_bytes(self, context: float) -> dict:
+        """Bytes the attention reads per token with ``context`` cached positions: ``kv`` (K and V rows) and
+        ``estimate`` (Quest's page summaries, the label cache, the oracle's K rows). A selecting layer counts what its
+        tally says it read per sparse token so far (dense if it has none); the others read min(context, window)."""
+        kvb = np.dtype(KV_DTYPES[self.kv_dtype]).itemsize
+        row = self.n_kv * self.head_dim * kvb  # one position's K (or V), all KV heads
+        tally = self.attn_state["tally"] if self.attn_state is not None else None
+        est_bytes = {"quest": kvb, "oracle-topk": kvb, "oracle-topp": kvb}.get(getattr(self, "attn_method", None), 4)
+        kv = est = 0.0
+        for layer, w in enumerate(self.windows):
+            if tally is not None and tally[layer, 3] > 0:
+                q = tally[layer, 3]
+                kv += 2 * tally[layer, 0] / q * self.head_dim * kvb
+                est += tally[layer, 2] / q * self.head_dim * est_bytes
+            else:
+                kv += 2 * min(context, w or context) * row
+        return {"kv": kv, "estimate": est}
+
+    def attention_tally(self):
+        """The KV selection's counts as ``core.attention.AttnTally`` (per sparse layer: keys read, causal keys,
+        estimate vectors, sparse tokens), so its ``summary`` is ``Sparsifier.achieved()["attention"]``."""
+        from sparsen.core.attention import AttnTally
+
+        t = AttnTally()
+        if self.attn_state is not None:
+            for layer, (kept, causal, est, queries) in enumerate(self.attn_state["tally"]):
+                if queries:
+                    t.add(layer, int(kept), int(causal), float(est), int(queries))
+        return t
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
@@ -456,9 +653,26 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
 
 
 def bytes_per_token(engine: Engine, sparsity: float, context: float) -> float:
-    """Bytes read per token: block linears at ``sparsity``, lm_head and the KV cache (fp32) dense."""
+    """Bytes read per token: block linears at ``sparsity``, lm_head, and the attention's reads at ``context`` cached
+    positions (``Engine.attention_bytes``: every position, a sliding layer its window, a selecting layer what it
+    read)."""
     wbytes = 2 if engine.dtype == "bf16" else 4
     block = sum(engine.params.values()) * wbytes
     head = engine.vocab * engine.d * wbytes
-    kv = engine.n_layers * 2 * engine.n_kv * engine.head_dim * context * 4
-    return block * (1 - sparsity) + head + kv
+    return block * (1 - sparsity) + head + sum(engine.attention_bytes(context).values())
+
+
+def _label_basis(name: str, sel, n_kv: int, hd: int) -> tuple[np.ndarray, np.ndarray]:
+    """(Pq, Pk), each [label heads, head_dim, r], of a layer's selector, its approximate score being (q Pq).(k Pk):
+    Double Sparsity's channels as a 0/1 matrix for both (per KV head when shared, else per query head), lowrank's
+    first ``rank`` basis columns (per KV head; its bilinear form has one for queries and one for keys)."""
+    if name == "double-sparsity":
+        idx = sel.idx.reshape(-1, sel.idx.shape[-1]).numpy()  # [label heads, r], query head kv * group + j
+        P = np.zeros((idx.shape[0], hd, idx.shape[1]), np.float32)
+        for h, channels in enumerate(idx):
+            P[h, channels, np.arange(len(channels))] = 1.0
+        return P, P
+    Pq, Pk = (t.detach().float().contiguous().numpy().copy() for t in (sel.P, getattr(sel, "Pk", sel.P)))
+    if Pq.shape[:2] != (n_kv, hd) or Pk.shape != Pq.shape:
+        raise SparsenError(f"the plan's lowrank basis is {tuple(Pq.shape)}, not ({n_kv}, {hd}, rank): make the plan again")
+    return Pq, Pk

@@ -1,4 +1,7 @@
-/* Attention: q, k, v with their input masks, QK-norm and RoPE, the KV cache, softmax over a range of positions. */
+/* Attention: q, k, v with their input masks, QK-norm and RoPE, the KV cache (fp32 or half), then softmax(q.K) V
+ * over a range of cached positions (dense) or over the positions a KV selection chose (select.c). Flash-decoding
+ * style: the threads split each group's positions, each keeps per query head a partial (max, sum of exp,
+ * exp-weighted V), and the partials are merged; a K or V row is read once for all the query heads of its group. */
 #include <string.h>
 
 #include "ops.h"
@@ -10,6 +13,16 @@ static void rope(float *v, const float *c, const float *s, int hd) {
         v[i] = a * c[i] - b * s[i];
         v[i + half] = b * c[i + half] + a * s[i + half];
     }
+}
+
+static void store_row(void *cache, int f16, size_t row, const float *x, int hd) {
+    if (!f16) {
+        memcpy((float *)cache + row * hd, x, sizeof(float) * hd);
+        return;
+    }
+    _Float16 *h = (_Float16 *)cache + row * hd;
+#pragma omp simd
+    for (int i = 0; i < hd; i++) h[i] = (_Float16)x[i];
 }
 
 /* Heads [0, n_heads) of q and [0, n_kv) of k (one list, split over the threads): the per-head norm if the layer
@@ -30,45 +43,84 @@ void sp_qk_prepare(int ith, int nth, const sp_model *M, const sp_layer *L, int l
             float *kh = k + (size_t)kv * hd;
             if (L->k_norm) sp_rmsnorm(kh, L->k_norm, hd, M->eps, kh);
             rope(kh, c, s, hd);
-            const size_t row = (((size_t)l * nkv + kv) * S + pos) * hd;
-            memcpy(M->k_cache + row, kh, sizeof(float) * hd);
-            memcpy(M->v_cache + row, v + (size_t)kv * hd, sizeof(float) * hd);
+            const size_t row = ((size_t)l * nkv + kv) * S + pos;
+            store_row(M->k_cache, M->kv_f16, row, kh, hd);
+            store_row(M->v_cache, M->kv_f16, row, v + (size_t)kv * hd, hd);
         }
     }
 }
 
-/* One token's attention in one layer: for this thread's share of the query heads, softmax(scale q.K[p]) over the
- * cached positions p in [start, pos], then the weighted sum of V[p]. K, V: the layer's cache [n_kv, max_seq,
- * head_dim]; query head h reads kv head h / (n_heads / n_kv). scores: [n_heads, max_seq] scratch. */
-void sp_attention(int ith, int nth, const float *q, const float *K, const float *V, int n_heads, int n_kv,
-                  int head_dim, int max_seq, int start, int pos, float scale, float *scores, float *out) {
-    SP_ASSERT(n_kv > 0 && n_heads % n_kv == 0 && 0 <= start && start <= pos && pos < max_seq);
-    const int hd = head_dim, group = n_heads / n_kv;
-    const int h0 = (int)((long)n_heads * ith / nth), h1 = (int)((long)n_heads * (ith + 1) / nth);
-    for (int hh = h0; hh < h1; hh++) {
-        const float *qh = q + (size_t)hh * hd;
-        const float *Kh = K + (size_t)(hh / group) * max_seq * hd, *Vh = V + (size_t)(hh / group) * max_seq * hd;
-        float *sc = scores + (size_t)hh * max_seq, mx = -INFINITY;
-        for (int p = start; p <= pos; p++) {
-            const float *kp = Kh + (size_t)p * hd;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int i = 0; i < hd; i++) dot += qh[i] * kp[i];
-            sc[p] = dot * scale;
-            if (sc[p] > mx) mx = sc[p];
+/* This thread's pass over its share of every group's positions in layer l. Group s holds the query heads
+ * [s gs, (s+1) gs), gs = n_heads / n_groups, of KV head s gs / (n_heads / n_kv), and reads the positions
+ * idx[s max_seq + i] for i < cnt[s] (a selection), or base + i for i < n (idx NULL: a range). Writes each logit
+ * read at scores[h, position] and this thread's partials (pm, pl, po at slot ith); tmp: [head_dim]. */
+void sp_attn_rows(int ith, int nth, const sp_model *M, int l, const float *q, int n_groups, const int *idx,
+                  const int *cnt, int base, int n, float *scores, float *pm, float *pl, float *po, float *tmp) {
+    const int hd = M->head_dim, nh = M->n_heads, S = M->max_seq, group = nh / M->n_kv, f16 = M->kv_f16;
+    SP_ASSERT(n_groups > 0 && nh % n_groups == 0 && group % (nh / n_groups) == 0 && 0 <= l && l < M->n_layers);
+    SP_ASSERT(idx || (0 <= base && base + n <= S));
+    const int gs = nh / n_groups;
+    const float scale = M->attn_scale;
+    float *tm = pm + (size_t)ith * nh, *tl = pl + (size_t)ith * nh, *to = po + (size_t)ith * nh * hd;
+    for (int s = 0; s < n_groups; s++) {
+        const int m = idx ? cnt[s] : n, lo = (int)((long)m * ith / nth), hi = (int)((long)m * (ith + 1) / nth);
+        const int *ix = idx ? idx + (size_t)s * S : NULL, h0 = s * gs;
+        const size_t head = ((size_t)l * M->n_kv + h0 / group) * S;
+        for (int j = 0; j < gs; j++) {
+            tm[h0 + j] = -INFINITY, tl[h0 + j] = 0.f;
+            memset(to + (size_t)(h0 + j) * hd, 0, sizeof(float) * hd);
         }
-        float sum = 0.f;
-        for (int p = start; p <= pos; p++) {
-            sc[p] = expf(sc[p] - mx);
-            sum += sc[p];
+        for (int i = lo; i < hi; i++) {
+            const int p = ix ? ix[i] : base + i;
+            if (i + 2 < hi) __builtin_prefetch((const char *)M->k_cache + (head + (ix ? ix[i + 2] : p + 2)) * hd *
+                                               (f16 ? 2 : 4));
+            const float *k = sp_kv_row(M->k_cache, f16, head + p, hd, tmp);
+            for (int j = 0; j < gs; j++) {
+                const float sc = sp_dot(q + (size_t)(h0 + j) * hd, k, hd) * scale;
+                scores[(size_t)(h0 + j) * S + p] = sc;
+                if (sc > tm[h0 + j]) tm[h0 + j] = sc;
+            }
         }
-        float *o = out + (size_t)hh * hd;
-        for (int i = 0; i < hd; i++) o[i] = 0.f;
-        for (int p = start; p <= pos; p++) {
-            const float w = sc[p] / sum, *vp = Vh + (size_t)p * hd;
+        for (int i = lo; i < hi; i++) {
+            const int p = ix ? ix[i] : base + i;
+            if (i + 2 < hi) __builtin_prefetch((const char *)M->v_cache + (head + (ix ? ix[i + 2] : p + 2)) * hd *
+                                               (f16 ? 2 : 4));
+            const float *v = sp_kv_row(M->v_cache, f16, head + p, hd, tmp);
+            for (int j = 0; j < gs; j++) {
+                const float e = expf(scores[(size_t)(h0 + j) * S + p] - tm[h0 + j]);
+                float *restrict o = to + (size_t)(h0 + j) * hd;
+                tl[h0 + j] += e;
 #pragma omp simd
-            for (int i = 0; i < hd; i++) o[i] += w * vp[i];
+                for (int d = 0; d < hd; d++) o[d] += e * v[d];
+            }
         }
+    }
+}
+
+/* This thread's share of the query heads: the partials of every thread merged into out [n_heads, head_dim], and
+ * the overall max and sum of exp per head (gm, gl: the probability of a logit x is exp(x - gm) / gl). */
+void sp_attn_merge(int ith, int nth, int n_heads, int hd, const float *pm, const float *pl, const float *po,
+                   float *gm, float *gl, float *out) {
+    int h0, h1;
+    sp_range(n_heads, ith, nth, &h0, &h1);
+    for (int h = h0; h < h1; h++) {
+        float mx = -INFINITY, sum = 0.f;
+        for (int t = 0; t < nth; t++)
+            if (pm[(size_t)t * n_heads + h] > mx) mx = pm[(size_t)t * n_heads + h];
+        float *restrict o = out + (size_t)h * hd;
+        memset(o, 0, sizeof(float) * hd);
+        for (int t = 0; t < nth; t++) {
+            const float m = pm[(size_t)t * n_heads + h];
+            if (m == -INFINITY) continue; /* this thread read none of the head's positions */
+            const float w = expf(m - mx);
+            const float *restrict p = po + ((size_t)t * n_heads + h) * hd;
+            sum += w * pl[(size_t)t * n_heads + h];
+#pragma omp simd
+            for (int d = 0; d < hd; d++) o[d] += w * p[d];
+        }
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        for (int d = 0; d < hd; d++) o[d] *= inv;
+        gm[h] = mx, gl[h] = sum;
     }
 }
 
@@ -90,11 +142,29 @@ void sp_attn_stage(sp_ctx *c, const sp_model *M, int l, int pos, int dense) {
     SP_BARRIER(); /* q, k, v complete */
     sp_qk_prepare(c->ith, c->nth, M, L, l, pos, ws->q, ws->k, ws->v);
     SP_BARRIER(); /* q roped, this position's k and v in the cache */
+    const sp_attn *A = L->attn_select ? M->attn : NULL;
     const int start = L->window > 0 && pos - L->window + 1 > 0 ? pos - L->window + 1 : 0;
-    const size_t layer = (size_t)l * M->n_kv * M->max_seq * hd;
-    sp_attention(c->ith, c->nth, ws->q, M->k_cache + layer, M->v_cache + layer, M->n_heads, M->n_kv, hd,
-                 M->max_seq, start, pos, M->attn_scale, ws->scores, ws->att);
+    if (A) { /* the new key enters the selection state (on dense steps too: the prompt's keys) */
+        sp_select_append(c->ith, c->nth, M, l, pos, t->row);
+        if (!dense && A->labels) {
+            SP_BARRIER(); /* the estimate reads this key's label */
+        }
+    }
+    if (A && !dense) {
+        sp_select_stage(c, M, l, pos); /* ends at a barrier: every selection head's positions listed */
+        sp_attn_rows(c->ith, c->nth, M, l, ws->q, ws->sel_heads, ws->sel_idx, ws->sel_cnt, 0, 0, ws->scores, ws->pm,
+                     ws->pl, ws->po, t->row);
+    } else {
+        sp_attn_rows(c->ith, c->nth, M, l, ws->q, M->n_kv, NULL, NULL, start, pos - start + 1, ws->scores, ws->pm,
+                     ws->pl, ws->po, t->row);
+    }
+    SP_BARRIER(); /* every thread's partials written */
+    sp_attn_merge(c->ith, c->nth, M->n_heads, hd, ws->pm, ws->pl, ws->po, ws->gm, ws->gl, ws->att);
+    if (A && !dense && c->ith == 0) sp_select_tally(M, ws, l, pos);
     SP_BARRIER(); /* every head's output complete */
+    if (A && A->method == SP_ATTN_H2O) /* the probabilities read accumulate (the dense prompt's included) */
+        sp_h2o_observe(c->ith, c->nth, M, l, dense ? NULL : ws->sel_idx, ws->sel_cnt, start, pos - start + 1,
+                       ws->scores, ws->gm, ws->gl);
     n_act = sp_layer_mask(L, SP_O, dense, ws->att, dq, t->act, t->scratch);
     sp_linear(c, M, l, SP_O, ws->att, dq, t->act, n_act, d, ws->proj, dense);
     if (L->attn_out_norm) {

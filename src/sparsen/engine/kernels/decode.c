@@ -11,13 +11,45 @@ long sp_struct_size(int which) {
     case SP_STRUCT_RULE: return (long)sizeof(sp_rule);
     case SP_STRUCT_LAYER: return (long)sizeof(sp_layer);
     case SP_STRUCT_MODEL: return (long)sizeof(sp_model);
+    case SP_STRUCT_ATTN: return (long)sizeof(sp_attn);
     default: return -1;
     }
 }
 
-#define SP_RULE_STR(name, value) #name "=" #value ","
-const char *sp_rule_kinds(void) { return SP_RULE_KINDS(SP_RULE_STR); }
-#undef SP_RULE_STR
+#define SP_ENUM_STR(name, value) #name "=" #value ","
+const char *sp_rule_kinds(void) { return SP_RULE_KINDS(SP_ENUM_STR); }
+const char *sp_attn_methods(void) { return SP_ATTN_METHODS(SP_ENUM_STR); }
+#undef SP_ENUM_STR
+
+/* Everything the selection ops assume about sp_model.attn. */
+static int check_attn(const sp_model *M) {
+    const sp_attn *A = M->attn;
+    int any = 0;
+    for (int l = 0; l < M->n_layers; l++) {
+        if (M->layers[l].attn_select && (!A || M->layers[l].window)) return SP_ERR_ATTN;
+        any |= M->layers[l].attn_select;
+    }
+    if (!A) return SP_OK;
+    const int m = A->method, G = A->sel_heads;
+    if (m < SP_ATTN_ORACLE_TOPK || m > SP_ATTN_LOWRANK || (G != M->n_kv && G != M->n_heads) || !A->tally || !any)
+        return SP_ERR_ATTN;
+    if (A->tokens < 0 || (A->tokens == 0 && !(A->density > 0 && A->density <= 1)) || !(A->p > 0 && A->p <= 1))
+        return SP_ERR_ATTN;
+    if (m == SP_ATTN_QUEST && (A->page < 1 || A->min_pages < 1 || !A->kmin || !A->kmax ||
+                               A->max_pages < (M->max_seq + A->page - 1) / A->page))
+        return SP_ERR_ATTN;
+    if (m == SP_ATTN_H2O && (!A->mass || !A->held || !(A->recent_share >= 0 && A->recent_share <= 1)))
+        return SP_ERR_ATTN;
+    if (m == SP_ATTN_DOUBLE_SPARSITY || m == SP_ATTN_LOWRANK) {
+        if (A->rank < 1 || !A->proj || !A->qproj || !A->labels || A->label_bits < 0 || A->label_bits > 24 ||
+            (A->lab_heads != M->n_kv && A->lab_heads != M->n_heads))
+            return SP_ERR_ATTN;
+    } else if (A->labels) {
+        return SP_ERR_ATTN;
+    }
+    if (A->sinks < 0 || A->local < 0) return SP_ERR_ATTN;
+    return SP_OK;
+}
 
 static int max_rank(const sp_model *M) {
     int r = 0;
@@ -51,7 +83,7 @@ int sp_check_model(const sp_model *M) {
             if (L->lr_a[j] && r->kind != SP_RULE_THRESHOLD) return SP_ERR_RULE;
         }
     }
-    return SP_OK;
+    return check_attn(M);
 }
 
 /* Carves n_bytes, 64-byte aligned, off the arena (size pass when base is NULL). */
@@ -77,6 +109,18 @@ static size_t layout(sp_workspace *ws, char *base) {
     ws->mid = carve(base, &off, F * I);
     ws->proj = carve(base, &off, F * wide);
     ws->scores = carve(base, &off, F * (size_t)ws->n_heads * ws->max_seq);
+    ws->pm = carve(base, &off, F * (size_t)nt * ws->n_heads);
+    ws->pl = carve(base, &off, F * (size_t)nt * ws->n_heads);
+    ws->po = carve(base, &off, F * (size_t)nt * dq);
+    ws->gm = carve(base, &off, F * ws->n_heads);
+    ws->gl = carve(base, &off, F * ws->n_heads);
+    ws->tmax = carve(base, &off, F * (size_t)nt * ws->n_heads);
+    ws->tsum = carve(base, &off, F * (size_t)nt * ws->n_heads);
+    const size_t sel = ws->sel_heads ? (size_t)ws->max_seq : 0; /* selection buffers only with sp_model.attn */
+    ws->vals = carve(base, &off, F * ws->sel_heads * sel);
+    ws->sel_idx = carve(base, &off, N * ws->sel_heads * sel);
+    ws->sel_cnt = carve(base, &off, N * ws->sel_heads);
+    ws->kept = carve(base, &off, N * ws->n_kv);
     ws->part = carve(base, &off, F * 2 * (size_t)nt * ws->stride);
     ws->lr_t = carve(base, &off, F * (ws->max_rank + 1));
     ws->lr_y = carve(base, &off, F * wide);
@@ -90,6 +134,10 @@ static size_t layout(sp_workspace *ws, char *base) {
         th.act = carve(base, &off, N * wide);
         th.act2 = carve(base, &off, N * wide);
         th.drop = carve(base, &off, N * wide);
+        th.row = carve(base, &off, F * ws->head_dim);
+        th.qp = carve(base, &off, F * (size_t)ws->n_heads * ws->rank);
+        th.sel = carve(base, &off, sizeof(double) * sel);
+        th.mark = carve(base, &off, sel);
         if (base) ws->thr[t] = th;
     }
     return off;
@@ -114,6 +162,7 @@ sp_workspace *sp_workspace_create(const sp_model *M, int n_threads, int *status)
     if (dq > ws->wide) ws->wide = dq;
     ws->stride = (ws->wide + 15) / 16 * 16;
     ws->max_rank = max_rank(M);
+    if (M->attn) ws->sel_heads = M->attn->sel_heads, ws->rank = M->attn->rank, ws->max_pages = M->attn->max_pages;
     const size_t bytes = layout(ws, NULL);
     ws->arena = aligned_alloc(64, bytes);
     if (!ws->arena) {
@@ -141,7 +190,7 @@ int sp_decode_step(const sp_model *M, sp_workspace *ws, int pos, int token, floa
     if (token < 0 || token >= M->vocab) return SP_ERR_TOKEN;
     if (ws->d != M->d || ws->inter != M->inter || ws->n_heads != M->n_heads || ws->n_kv != M->n_kv ||
         ws->head_dim != M->head_dim || ws->max_seq != M->max_seq || ws->n_layers != M->n_layers ||
-        ws->max_rank < max_rank(M))
+        ws->max_rank < max_rank(M) || (M->attn && (ws->sel_heads != M->attn->sel_heads || ws->rank < M->attn->rank)))
         return SP_ERR_THREADS;
     const int d = M->d;
     const float *e = M->embed + (size_t)token * d;

@@ -31,6 +31,11 @@ typedef struct {
     int *act;       /* [wide] active input channels of the current linear, ascending */
     int *act2;      /* [wide] up's own mask when it differs from gate's */
     int *drop;      /* [wide] dropped channels (R-Sparse) */
+    float *row;     /* [head_dim] a half-precision K or V row widened to fp32 */
+    /* KV selection only (NULL without sp_model.attn): */
+    float *qp;      /* [n_heads, rank] the query projected on the label basis */
+    double *sel;    /* [max_seq] a copy of one head's values for the k-th-largest search */
+    uint8_t *mark;  /* [max_seq] zero between uses: the union of a KV head's lists */
 } sp_thread;
 
 struct sp_workspace {
@@ -42,7 +47,17 @@ struct sp_workspace {
     float *att;        /* [n_heads * head_dim] attention output (o's input) */
     float *g, *u, *mid;/* [inter] gate, up, down's input */
     float *proj;       /* [wide] a branch's output before the residual add */
-    float *scores;     /* [n_heads, max_seq] */
+    float *scores;     /* [n_heads, max_seq] logits (or an estimate's per-head scores, then their exp) */
+    float *pm, *pl, *po;/* [n_threads, n_heads] (x head_dim for po): each thread's partial attention: max, sum of
+                         * exp, exp-weighted V sum over its share of the positions */
+    float *gm, *gl;    /* [n_heads] the merged max and sum of exp (the probabilities H2O accumulates) */
+    float *tmax, *tsum;/* [n_threads, n_heads] an estimate's per-thread maxima and sums of exp */
+    /* KV selection (sized 0 without sp_model.attn) */
+    int sel_heads, rank, max_pages;
+    float *vals;       /* [sel_heads, max_seq] what a selection head ranks (keys, or pages for Quest) */
+    int *sel_idx;      /* [sel_heads, max_seq] the positions each selection head reads, ascending */
+    int *sel_cnt;      /* [sel_heads] */
+    int *kept;         /* [n_kv] keys read per KV head (union over its selection heads) */
     float *part;       /* [2, n_threads, stride] GEMV partial sums, two alternating sets */
     float *lr_t, *lr_y;/* [max_rank], [wide] R-Sparse: A x_dropped, then B of it */
     int *gate_act;     /* [inter] active MLP channels under a gate-activation rule */
@@ -59,6 +74,28 @@ typedef struct {
     sp_workspace *ws;
     sp_thread *t;      /* this thread's buffers */
 } sp_ctx;
+
+/* This thread's share [lo, hi) of n items (heads, keys). */
+static inline void sp_range(int n, int ith, int nth, int *lo, int *hi) {
+    *lo = (int)((long)n * ith / nth);
+    *hi = (int)((long)n * (ith + 1) / nth);
+}
+
+/* Row r of a KV-dtype array ([..., head_dim] rows) as fp32: a pointer into it (fp32), or into tmp (half, widened). */
+static inline const float *sp_kv_row(const void *a, int f16, size_t r, int hd, float *restrict tmp) {
+    if (!f16) return (const float *)a + r * hd;
+    const _Float16 *restrict h = (const _Float16 *)a + r * hd;
+#pragma omp simd
+    for (int i = 0; i < hd; i++) tmp[i] = (float)h[i];
+    return tmp;
+}
+
+static inline float sp_dot(const float *restrict a, const float *restrict b, int n) {
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
 
 static inline float sp_bf16(uint16_t b) {
     union { uint32_t u; float f; } v;
@@ -95,9 +132,18 @@ void sp_add_branch(int ith, int nth, int d, float eps, const float *gain, const 
 /* attention.c */
 void sp_qk_prepare(int ith, int nth, const sp_model *M, const sp_layer *L, int l, int pos, float *q, float *k,
                    const float *v);
-void sp_attention(int ith, int nth, const float *q, const float *K, const float *V, int n_heads, int n_kv,
-                  int head_dim, int max_seq, int start, int pos, float scale, float *scores, float *out);
+void sp_attn_rows(int ith, int nth, const sp_model *M, int l, const float *q, int n_groups, const int *idx,
+                  const int *cnt, int base, int n, float *scores, float *pm, float *pl, float *po, float *tmp);
+void sp_attn_merge(int ith, int nth, int n_heads, int hd, const float *pm, const float *pl, const float *po,
+                   float *gm, float *gl, float *out);
 void sp_attn_stage(sp_ctx *c, const sp_model *M, int l, int pos, int dense);
+
+/* select.c */
+void sp_select_append(int ith, int nth, const sp_model *M, int l, int pos, float *tmp);
+void sp_select_stage(sp_ctx *c, const sp_model *M, int l, int pos);
+void sp_h2o_observe(int ith, int nth, const sp_model *M, int l, const int *idx, const int *cnt, int base, int n,
+                    const float *scores, const float *gm, const float *gl);
+void sp_select_tally(const sp_model *M, const sp_workspace *ws, int l, int pos);
 
 /* mlp.c */
 void sp_mlp_stage(sp_ctx *c, const sp_model *M, int l, int dense);

@@ -7,7 +7,8 @@
  * Layouts: every block linear is stored transposed, W^T [in, out], so input channel i is one contiguous row and
  * skipping it skips its bytes (never a gather + matmul). Under a gate-activation rule up is kept as [out, in]
  * rows and only the active rows are dotted. lm_head is [vocab, d] rows, dotted, split over the vocabulary.
- * Weights are fp32 or bf16 (uint16, widened in the kernel). Norm gains, biases, embeddings: fp32.
+ * Weights are fp32 or bf16 (uint16, widened in the kernel). Norm gains, biases, embeddings: fp32. The KV cache is
+ * fp32 or IEEE half (converted in the kernels).
  *
  * Any change to a struct below or to the meaning of a field bumps SP_ABI_VERSION; Python refuses a library
  * whose version or struct sizes differ from its own (a stale build: `pip install -e .` rebuilds it).
@@ -18,7 +19,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define SP_ABI_VERSION 2
+#define SP_ABI_VERSION 3
 
 /* Rule kinds, numbered as sparsen.core.rules.RuleKind (checked at load time through sp_rule_kinds()). */
 #define SP_RULE_KINDS(X) X(DENSE, 0) X(THRESHOLD, 1) X(TOPK, 2) X(GAUSSIAN_TOPK, 3) X(GATE_ACT, 4)
@@ -31,6 +32,14 @@ enum { SP_Q, SP_K, SP_V, SP_O, SP_GATE, SP_UP, SP_DOWN, SP_N_LIN };
 
 enum sp_activation { SP_ACT_SILU = 0, SP_ACT_GELU_TANH = 1 };
 
+/* Decode-time KV selection methods, numbered as sparsen.engine.ATTN_METHODS (checked at load time through
+ * sp_attn_methods()); the rules are restated from src/sparsen/methods/attention/ (one file each). */
+#define SP_ATTN_METHODS(X)                                                                                       \
+    X(ORACLE_TOPK, 1) X(ORACLE_TOPP, 2) X(SINK_WINDOW, 3) X(H2O, 4) X(QUEST, 5) X(DOUBLE_SPARSITY, 6) X(LOWRANK, 7)
+#define SP_ATTN_ENUM(name, value) SP_ATTN_##name = value,
+enum sp_attn_method { SP_ATTN_METHODS(SP_ATTN_ENUM) };
+#undef SP_ATTN_ENUM
+
 /* Return codes of the exported functions (Python turns each into a SparsenError). */
 enum sp_status {
     SP_OK = 0,
@@ -41,6 +50,7 @@ enum sp_status {
     SP_ERR_NOMEM = -5,     /* a workspace allocation failed */
     SP_ERR_THREADS = -6,   /* the workspace was made for fewer threads than the team, or for another model */
     SP_ERR_RULE = -7,      /* an unknown rule kind, a gate_act rule off down, a rule without its thresholds */
+    SP_ERR_ATTN = -8,      /* an attention selection with an unknown method, bad sizes or a missing state buffer */
 };
 
 typedef struct {
@@ -62,12 +72,44 @@ typedef struct {
     const float *rope_cos;        /* [max_seq, head_dim] (HF rotate-half convention) */
     const float *rope_sin;
     int window;                   /* 0: attend to every position; W: to the last W positions only */
+    int attn_select;              /* 1: the model's KV selection (sp_model.attn) runs here (window 0 only) */
     sp_rule rule[SP_N_LIN];
     /* R-Sparse: NULL, or the low-rank term of the dropped inputs, y += B A x_dropped, stored as A^T [in, rank]
      * (rows of dropped channels are read) and B^T [rank, out], in the weights' dtype */
     const void *lr_a[SP_N_LIN], *lr_b[SP_N_LIN];
     int lr_rank[SP_N_LIN];
 } sp_layer;
+
+/* Decode-time KV selection on the layers with attn_select (sparsen/core/attention.py states the protocol): on a
+ * non-dense step each selection head picks the cached positions its query heads read, and attention reads only
+ * those K and V rows. Selection heads: the KV heads when shared (values summed over the group's query heads), else
+ * the query heads. The state buffers are Python's (numpy), [n_layers, ...] even for the layers that do not select;
+ * the kernels update them on every step, dense ones included (the prompt's keys and H2O's prompt mass). */
+typedef struct {
+    int method;           /* enum sp_attn_method */
+    int sel_heads;        /* n_kv or n_heads */
+    int tokens;           /* > 0: a budget of this many keys; 0: ceil(density * keys) */
+    double density;
+    double p;             /* oracle-topp: the share of the probability mass kept */
+    double recent_share;  /* h2o: the share of the budget given to the most recent keys */
+    int sinks;            /* sink-window, lowrank: first positions always kept */
+    int local;            /* lowrank: the last `local` positions always kept */
+    int page, min_pages;  /* quest: keys per page, pages read at least (the current one included) */
+    int max_pages;        /* quest: ceil(max_seq / page) */
+    int rank;             /* double-sparsity, lowrank: width r of a projected key (its label) */
+    int lab_heads;        /* heads of the label cache: n_kv, or n_heads (double-sparsity per query head) */
+    int combine_prob;     /* lowrank: 1 ranks by the group-summed softmax of the approximate scores, 0 by their sum */
+    float label_scale;    /* factor on an approximate score (lowrank: attn_scale; double-sparsity: 1) */
+    const float *proj;    /* [n_layers, lab_heads, head_dim, rank] P: a key's label is k P */
+    const float *qproj;   /* the same for the query (P again, or lowrank's bilinear pair): score (q Pq).(k P) */
+    int label_bits;       /* > 0: each label rounded to this many signed bits on its max-abs scale (lowrank) */
+    float *labels;        /* [n_layers, lab_heads, max_seq, rank] */
+    void *kmin, *kmax;    /* quest: [n_layers, n_kv, max_pages, head_dim] per-page channel min / max, KV dtype */
+    double *mass;         /* h2o: [n_layers, sel_heads, max_seq] attention probability accumulated per key */
+    uint8_t *held;        /* h2o: [n_layers, sel_heads, max_seq] 1 while held (all 1 at a sequence's start) */
+    double *tally;        /* [n_layers, 4] summed over the non-dense steps: keys read (union over a KV head's query
+                           * heads, summed over KV heads), causal keys (x n_kv), estimate vectors (x n_kv), steps */
+} sp_attn;
 
 typedef struct {
     int n_layers, d, n_heads, n_kv, head_dim, inter, vocab, max_seq;
@@ -81,19 +123,22 @@ typedef struct {
     const float *embed;       /* [vocab, d] fp32 */
     const float *final_norm;  /* gain [d] */
     const void *lm_head;      /* [vocab, d] */
-    float *k_cache, *v_cache; /* [n_layers, n_kv, max_seq, head_dim] */
+    int kv_f16;               /* the KV cache (and Quest's page summaries) hold IEEE half, else fp32 */
+    void *k_cache, *v_cache;  /* [n_layers, n_kv, max_seq, head_dim] */
     int64_t *active;          /* [n_layers, SP_N_LIN] active input channels (rows for gate_act up), summed */
     int64_t *seen;            /* [n_layers, SP_N_LIN] input channels offered, summed */
+    const sp_attn *attn;      /* NULL: every layer attends densely */
 } sp_model;
 
 /* Buffers of one engine, allocated once (sp_workspace_create) for a model and a thread count. Opaque to Python. */
 typedef struct sp_workspace sp_workspace;
 
-enum { SP_STRUCT_RULE = 0, SP_STRUCT_LAYER = 1, SP_STRUCT_MODEL = 2 };
+enum { SP_STRUCT_RULE = 0, SP_STRUCT_LAYER = 1, SP_STRUCT_MODEL = 2, SP_STRUCT_ATTN = 3 };
 
 int sp_abi_version(void);
 long sp_struct_size(int which);   /* sizeof a shared struct (SP_STRUCT_*), -1 for an unknown one */
 const char *sp_rule_kinds(void);  /* "DENSE=0,THRESHOLD=1,..." */
+const char *sp_attn_methods(void);  /* "ORACLE_TOPK=1,ORACLE_TOPP=2,..." */
 int sp_check_model(const sp_model *M);
 sp_workspace *sp_workspace_create(const sp_model *M, int n_threads, int *status);
 void sp_workspace_free(sp_workspace *ws);

@@ -1,0 +1,419 @@
+/* Decode-time KV selection (sp_attn): the state a new key updates, each method's estimate and choice of positions,
+ * restated from src/sparsen/methods/attention/ (one file per method there; tests check the two agree). One op per
+ * step, the threads splitting keys (estimates) or selection heads (choices), barriers between them. */
+#include <string.h>
+
+#include "ops.h"
+
+/* core.attention.budget_tokens: `tokens`, or ceil(density n), within [1, n]. */
+static int budget(const sp_attn *A, int n) {
+    long b = A->tokens > 0 ? A->tokens : (long)ceil((double)n * A->density - 1e-9);
+    return (int)(b < 1 ? 1 : b > n ? n : b);
+}
+
+/* head_dim vectors the estimate reads per KV head for a query with n causal keys (the selectors' estimate_reads) */
+static double estimate_reads(const sp_attn *A, int n, int hd) {
+    switch (A->method) {
+    case SP_ATTN_ORACLE_TOPK:
+    case SP_ATTN_ORACLE_TOPP: return n;
+    case SP_ATTN_QUEST: return 2.0 * ((n - 1) / A->page);
+    case SP_ATTN_DOUBLE_SPARSITY:
+    case SP_ATTN_LOWRANK: return (double)n * A->rank / hd;
+    default: return 0.0;
+    }
+}
+
+/* The k-th largest (1 <= k <= n) of a[0:n), which is reordered (quickselect, descending). */
+#define KTH_LARGEST(name, T)                                                                                    \
+    static T name(T *a, int n, int k) {                                                                         \
+        int lo = 0, hi = n - 1;                                                                                 \
+        const int t = k - 1;                                                                                    \
+        while (lo < hi) {                                                                                       \
+            T x = a[lo], y = a[(lo + hi) / 2], z = a[hi], pv;                                                   \
+            pv = x > y ? (y > z ? y : (x > z ? z : x)) : (x > z ? x : (y > z ? z : y)); /* median of three */  \
+            int i = lo, j = hi;                                                                                 \
+            while (i <= j) {                                                                                    \
+                while (a[i] > pv) i++;                                                                          \
+                while (a[j] < pv) j--;                                                                          \
+                if (i <= j) {                                                                                   \
+                    const T tmp = a[i];                                                                         \
+                    a[i++] = a[j], a[j--] = tmp;                                                                \
+                }                                                                                               \
+            }                                                                                                   \
+            if (t <= j) hi = j;                                                                                 \
+            else if (t >= i) lo = i;                                                                            \
+            else return a[t]; /* between the two halves: equal to the pivot */                                 \
+        }                                                                                                       \
+        return a[t];                                                                                            \
+    }
+KTH_LARGEST(kth_largest_f, float)
+KTH_LARGEST(kth_largest_d, double)
+
+/* core.attention.top_budget on one row: the positions of v[0:m) at or above its k-th largest (ties included). */
+static int top_budget(const float *v, int m, int k, float *tmp, int *out) {
+    float thr = -INFINITY;
+    if (k < m) {
+        memcpy(tmp, v, sizeof(float) * m);
+        thr = kth_largest_f(tmp, m, k);
+    }
+    int c = 0;
+    for (int j = 0; j < m; j++)
+        if (v[j] >= thr) out[c++] = j;
+    return c;
+}
+
+static int cmp_desc(const void *a, const void *b) {
+    const float x = *(const float *)a, y = *(const float *)b;
+    return (x < y) - (x > y);
+}
+
+/* oracle.py OracleTopP on one row of probabilities: the largest first until their sum (accumulated in double, as
+ * torch's cumsum, compared in fp32) reaches p, every value equal to the last one taken included, zeros never. */
+static int top_p(const float *v, int m, double p, float *tmp, int *out) {
+    memcpy(tmp, v, sizeof(float) * m);
+    qsort(tmp, m, sizeof(float), cmp_desc);
+    const float target = (float)(p - 1e-6);
+    double cum = 0.0;
+    int count = 1;
+    for (int j = 0; j < m; j++) {
+        cum += tmp[j];
+        if (!((float)cum < target)) break;
+        count++;
+    }
+    const float thr = tmp[count - 1 < m - 1 ? count - 1 : m - 1];
+    int c = 0;
+    for (int j = 0; j < m; j++)
+        if (v[j] >= thr && v[j] > 0.f) out[c++] = j;
+    return c;
+}
+
+/* h2o.py H2O.keep for one selection head and one query: the new key is held; over budget, the held keys outside
+ * the recent window keep the `heavy` largest masses (ties: the earlier position) and the recent window is held;
+ * an evicted key never returns. Lists the held positions. */
+static int h2o_hold(const sp_attn *A, double *mass, uint8_t *held, int n, int b, double *tmp, int *out) {
+    held[n - 1] = 1;
+    int count = 0;
+    for (int j = 0; j < n; j++) count += held[j];
+    if (count > b) {
+        const int recent = (int)fmin(b, ceil(A->recent_share * b)), heavy = b - recent, old_end = n - recent;
+        int m = 0;
+        for (int j = 0; j < old_end; j++)
+            if (held[j]) tmp[m++] = mass[j];
+        const double thr = heavy > 0 ? kth_largest_d(tmp, m, heavy) : INFINITY;
+        int above = 0;
+        for (int j = 0; j < old_end; j++) above += held[j] && mass[j] > thr;
+        int ties = heavy - above;
+        for (int j = 0; j < old_end; j++) {
+            if (!held[j]) continue;
+            held[j] = mass[j] > thr || (mass[j] == thr && ties-- > 0);
+        }
+        for (int j = old_end; j < n; j++) held[j] = 1;
+    }
+    int c = 0;
+    for (int j = 0; j < n; j++)
+        if (held[j]) out[c++] = j;
+    return c;
+}
+
+/* The new key at pos of layer l enters the state, as stored in the cache (rounded to half with an fp16 cache):
+ * Quest's page summaries (its page's channel min and max; the page's first key starts them) and the label cache
+ * (k P per label head). Threads split the KV heads, then the label heads. tmp: [head_dim]. */
+void sp_select_append(int ith, int nth, const sp_model *M, int l, int pos, float *tmp) {
+    const sp_attn *A = M->attn;
+    const int hd = M->head_dim, nkv = M->n_kv, S = M->max_seq, f16 = M->kv_f16;
+    SP_ASSERT(A && 0 <= pos && pos < S);
+    int lo, hi;
+    if (A->method == SP_ATTN_QUEST) {
+        const int page = pos / A->page, first = pos % A->page == 0;
+        SP_ASSERT(page < A->max_pages);
+        sp_range(nkv, ith, nth, &lo, &hi);
+        for (int kv = lo; kv < hi; kv++) {
+            const size_t row = ((size_t)l * nkv + kv) * S + pos, sum = ((size_t)l * nkv + kv) * A->max_pages + page;
+            if (f16) {
+                const _Float16 *k = (const _Float16 *)M->k_cache + row * hd;
+                _Float16 *mn = (_Float16 *)A->kmin + sum * hd, *mx = (_Float16 *)A->kmax + sum * hd;
+                for (int i = 0; i < hd; i++) {
+                    mn[i] = first || k[i] < mn[i] ? k[i] : mn[i];
+                    mx[i] = first || k[i] > mx[i] ? k[i] : mx[i];
+                }
+            } else {
+                const float *k = (const float *)M->k_cache + row * hd;
+                float *mn = (float *)A->kmin + sum * hd, *mx = (float *)A->kmax + sum * hd;
+                for (int i = 0; i < hd; i++) {
+                    mn[i] = first || k[i] < mn[i] ? k[i] : mn[i];
+                    mx[i] = first || k[i] > mx[i] ? k[i] : mx[i];
+                }
+            }
+        }
+    }
+    if (A->labels) {
+        const int r = A->rank, per = A->lab_heads / nkv;
+        sp_range(A->lab_heads, ith, nth, &lo, &hi);
+        for (int lh = lo; lh < hi; lh++) {
+            const float *k = sp_kv_row(M->k_cache, f16, ((size_t)l * nkv + lh / per) * S + pos, hd, tmp);
+            const float *P = A->proj + ((size_t)l * A->lab_heads + lh) * hd * r;
+            float *lab = A->labels + (((size_t)l * A->lab_heads + lh) * S + pos) * r;
+            for (int c = 0; c < r; c++) lab[c] = 0.f;
+            for (int d = 0; d < hd; d++)
+                for (int c = 0; c < r; c++) lab[c] += k[d] * P[(size_t)d * r + c];
+            if (A->label_bits > 0) { /* lowrank.py bits: round(label / scale) scale, scale = max|label| / lim */
+                const float lim = (float)((1 << (A->label_bits - 1)) - 1);
+                float amax = 0.f;
+                for (int c = 0; c < r; c++) amax = fmaxf(amax, fabsf(lab[c]));
+                const float sc = fmaxf(amax, 1e-30f) / lim;
+                for (int c = 0; c < r; c++) lab[c] = rintf(lab[c] / sc) * sc;
+            }
+        }
+    }
+}
+
+/* oracle: the exact logits of every causal key [0, n) for every query head (this thread's share of the keys),
+ * into scores[h, j], and this thread's maximum per head into tmax. */
+static void est_exact(int ith, int nth, const sp_model *M, int l, const float *q, int n, float *scores, float *tmax,
+                      float *tmp) {
+    const int hd = M->head_dim, nh = M->n_heads, S = M->max_seq, group = nh / M->n_kv;
+    int lo, hi;
+    sp_range(n, ith, nth, &lo, &hi);
+    float *tm = tmax + (size_t)ith * nh;
+    for (int h = 0; h < nh; h++) tm[h] = -INFINITY;
+    for (int kv = 0; kv < M->n_kv; kv++) {
+        const size_t head = ((size_t)l * M->n_kv + kv) * S;
+        for (int j = lo; j < hi; j++) {
+            const float *k = sp_kv_row(M->k_cache, M->kv_f16, head + j, hd, tmp);
+            for (int h = kv * group; h < (kv + 1) * group; h++) {
+                const float s = sp_dot(q + (size_t)h * hd, k, hd) * M->attn_scale;
+                scores[(size_t)h * S + j] = s;
+                if (s > tm[h]) tm[h] = s;
+            }
+        }
+    }
+}
+
+/* double-sparsity, lowrank: approximate scores (q Pq).(k P) label_scale from the label cache, this thread's share
+ * of the keys [0, n). per_head: into scores[h, j] with this thread's maxima (a softmax follows); else summed over
+ * each selection head's query heads into vals[s, j]. qp: [n_heads, rank] scratch. */
+static void est_labels(int ith, int nth, const sp_model *M, int l, const float *q, int n, int per_head, float *qp,
+                       float *scores, float *tmax, float *vals, int sel_heads) {
+    const sp_attn *A = M->attn;
+    const int hd = M->head_dim, nh = M->n_heads, S = M->max_seq, r = A->rank, lab_of = nh / A->lab_heads;
+    const int gs = nh / sel_heads;
+    for (int h = 0; h < nh; h++) { /* q P, each thread for itself (n_heads head_dim rank products: no barrier) */
+        const float *P = A->qproj + ((size_t)l * A->lab_heads + h / lab_of) * hd * r, *qh = q + (size_t)h * hd;
+        float *o = qp + (size_t)h * r;
+        for (int c = 0; c < r; c++) o[c] = 0.f;
+        for (int d = 0; d < hd; d++)
+            for (int c = 0; c < r; c++) o[c] += qh[d] * P[(size_t)d * r + c];
+    }
+    int lo, hi;
+    sp_range(n, ith, nth, &lo, &hi);
+    float *tm = tmax + (size_t)ith * nh;
+    for (int h = 0; h < nh; h++) tm[h] = -INFINITY;
+    for (int h = 0; h < nh; h++) {
+        const float *lab = A->labels + ((size_t)l * A->lab_heads + h / lab_of) * S * r, *qh = qp + (size_t)h * r;
+        float *out = per_head ? scores + (size_t)h * S : vals + (size_t)(h / gs) * S;
+        const int first = h % gs == 0;
+        for (int j = lo; j < hi; j++) {
+            const float s = sp_dot(qh, lab + (size_t)j * r, r) * A->label_scale;
+            if (per_head) {
+                out[j] = s;
+                if (s > tm[h]) tm[h] = s;
+            } else {
+                out[j] = first ? s : out[j] + s;
+            }
+        }
+    }
+}
+
+/* The softmax of scores[h, 0:n) per head, in two ops around a barrier: probs_exp turns this thread's keys into
+ * exp(x - max) (max: over the threads' maxima) and sums them per head into tsum; probs_values then writes, per
+ * selection head, the probabilities summed over its query heads (mean: divided by their number) into vals. */
+static void probs_exp(int ith, int nth, int nh, int S, int n, float *scores, const float *tmax, float *tsum) {
+    int lo, hi;
+    sp_range(n, ith, nth, &lo, &hi);
+    for (int h = 0; h < nh; h++) {
+        float mx = -INFINITY, sum = 0.f;
+        for (int t = 0; t < nth; t++) mx = fmaxf(mx, tmax[(size_t)t * nh + h]);
+        float *s = scores + (size_t)h * S;
+        for (int j = lo; j < hi; j++) {
+            s[j] = expf(s[j] - mx);
+            sum += s[j];
+        }
+        tsum[(size_t)ith * nh + h] = sum;
+    }
+}
+
+static void probs_values(int ith, int nth, int nh, int S, int n, const float *scores, const float *tsum,
+                         int sel_heads, int mean, float *vals) {
+    const int gs = nh / sel_heads;
+    int lo, hi;
+    sp_range(n, ith, nth, &lo, &hi);
+    for (int h = 0; h < nh; h++) {
+        float z = 0.f;
+        for (int t = 0; t < nth; t++) z += tsum[(size_t)t * nh + h];
+        const float *s = scores + (size_t)h * S;
+        float *v = vals + (size_t)(h / gs) * S;
+        if (h % gs == 0)
+            for (int j = lo; j < hi; j++) v[j] = s[j] / z;
+        else
+            for (int j = lo; j < hi; j++) v[j] += s[j] / z;
+    }
+    if (mean && gs > 1)
+        for (int s = 0; s < sel_heads; s++)
+            for (int j = lo; j < hi; j++) vals[(size_t)s * S + j] /= (float)gs;
+}
+
+/* quest: the upper bound sum_d max(q_d min_d, q_d max_d) of each complete page [0, n_pages) (this thread's share),
+ * summed over each selection head's query heads, into vals[s, page]. */
+static void est_pages(int ith, int nth, const sp_model *M, int l, const float *q, int n_pages, float *vals,
+                      int sel_heads, float *tmin, float *tmax) {
+    const sp_attn *A = M->attn;
+    const int hd = M->head_dim, nh = M->n_heads, S = M->max_seq, group = nh / M->n_kv, gs = nh / sel_heads;
+    int lo, hi;
+    sp_range(n_pages, ith, nth, &lo, &hi);
+    for (int kv = 0; kv < M->n_kv; kv++) {
+        const size_t head = ((size_t)l * M->n_kv + kv) * A->max_pages;
+        for (int p = lo; p < hi; p++) {
+            const float *mn = sp_kv_row(A->kmin, M->kv_f16, head + p, hd, tmin);
+            const float *mx = sp_kv_row(A->kmax, M->kv_f16, head + p, hd, tmax);
+            for (int h = kv * group; h < (kv + 1) * group; h++) {
+                const float *qh = q + (size_t)h * hd;
+                float ub = 0.f;
+#pragma omp simd reduction(+ : ub)
+                for (int d = 0; d < hd; d++) ub += fmaxf(qh[d] * mn[d], qh[d] * mx[d]);
+                float *v = vals + (size_t)(h / gs) * S + p;
+                *v = h % gs == 0 ? ub : *v + ub;
+            }
+        }
+    }
+}
+
+/* The positions each selection head reads at the step of pos in layer l (ws->sel_idx, ws->sel_cnt), then the keys
+ * read per KV head (ws->kept). Called by every thread; ends after a barrier (the lists are complete). */
+void sp_select_stage(sp_ctx *c, const sp_model *M, int l, int pos) {
+    const sp_attn *A = M->attn;
+    sp_workspace *ws = c->ws;
+    const int ith = c->ith, nth = c->nth, n = pos + 1, b = budget(A, n), S = M->max_seq, nh = M->n_heads;
+    const int G = A->sel_heads;
+    SP_ASSERT(G == ws->sel_heads && (G == M->n_kv || G == nh) && 0 <= pos && pos < S);
+    float *tmp = (float *)c->t->sel; /* [max_seq] doubles: room for max_seq floats */
+    int g0, g1;
+    sp_range(G, ith, nth, &g0, &g1);
+    switch (A->method) {
+    case SP_ATTN_SINK_WINDOW: { /* sink_window.py: min(budget - 1, sinks) first positions and the last ones */
+        const int sinks = b - 1 < A->sinks ? b - 1 : A->sinks, from = pos - (b - sinks) + 1;
+        for (int s = g0; s < g1; s++) {
+            int *out = ws->sel_idx + (size_t)s * S, m = 0;
+            for (int j = 0; j < n; j++)
+                if (j < sinks || j >= from) out[m++] = j;
+            ws->sel_cnt[s] = m;
+        }
+        break;
+    }
+    case SP_ATTN_H2O: {
+        for (int s = g0; s < g1; s++) {
+            const size_t at = ((size_t)l * G + s) * S;
+            ws->sel_cnt[s] = h2o_hold(A, A->mass + at, A->held + at, n, b, c->t->sel, ws->sel_idx + (size_t)s * S);
+        }
+        break;
+    }
+    case SP_ATTN_QUEST: { /* quest.py: top (pages - 1) complete pages by bound, and the current page */
+        const int cur = pos / A->page, pages = (b + A->page - 1) / A->page > A->min_pages
+                                                   ? (b + A->page - 1) / A->page : A->min_pages;
+        const int take = pages > 1 && cur > 0 ? (pages - 1 < cur ? pages - 1 : cur) : 0;
+        if (take > 0) {
+            est_pages(ith, nth, M, l, c->ws->q, cur, ws->vals, G, c->t->row, c->t->scratch);
+            SP_BARRIER(); /* every page's bound */
+        }
+        for (int s = g0; s < g1; s++) {
+            int *out = ws->sel_idx + (size_t)s * S, m = 0;
+            if (take > 0) {
+                int *chosen = (int *)(tmp + A->max_pages); /* sel holds 2 max_seq floats: room for both */
+                const int k = top_budget(ws->vals + (size_t)s * S, cur, take, tmp, chosen);
+                for (int i = 0; i < k; i++)
+                    for (int j = chosen[i] * A->page; j < (chosen[i] + 1) * A->page; j++) out[m++] = j;
+            }
+            for (int j = cur * A->page; j <= pos; j++) out[m++] = j;
+            ws->sel_cnt[s] = m;
+        }
+        break;
+    }
+    case SP_ATTN_ORACLE_TOPK:
+    case SP_ATTN_ORACLE_TOPP:
+    case SP_ATTN_LOWRANK:
+    case SP_ATTN_DOUBLE_SPARSITY: {
+        const int oracle = A->method == SP_ATTN_ORACLE_TOPK || A->method == SP_ATTN_ORACLE_TOPP;
+        const int probs = oracle || (A->method == SP_ATTN_LOWRANK && A->combine_prob);
+        if (oracle) est_exact(ith, nth, M, l, ws->q, n, ws->scores, ws->tmax, c->t->row);
+        else est_labels(ith, nth, M, l, ws->q, n, probs, c->t->qp, ws->scores, ws->tmax, ws->vals, G);
+        if (probs) {
+            SP_BARRIER(); /* every thread's maxima */
+            probs_exp(ith, nth, nh, S, n, ws->scores, ws->tmax, ws->tsum);
+            SP_BARRIER(); /* every thread's sums */
+            probs_values(ith, nth, nh, S, n, ws->scores, ws->tsum, G, A->method == SP_ATTN_ORACLE_TOPP, ws->vals);
+        }
+        SP_BARRIER(); /* every key's value */
+        for (int s = g0; s < g1; s++) {
+            float *v = ws->vals + (size_t)s * S;
+            int *out = ws->sel_idx + (size_t)s * S;
+            if (A->method == SP_ATTN_LOWRANK) /* lowrank.py: sinks and the local window forced (1e30, as there) */
+                for (int j = 0; j < n; j++)
+                    if (j < A->sinks || j > pos - A->local) v[j] = 1e30f;
+            ws->sel_cnt[s] = A->method == SP_ATTN_ORACLE_TOPP ? top_p(v, n, A->p, tmp, out)
+                                                              : top_budget(v, n, b, tmp, out);
+        }
+        break;
+    }
+    default: SP_ASSERT(0 && "unknown KV selection method");
+    }
+    SP_BARRIER(); /* every selection head's list */
+    int lo, hi; /* keys read per KV head: the union of its selection heads' lists */
+    sp_range(M->n_kv, ith, nth, &lo, &hi);
+    const int per = G / M->n_kv;
+    for (int kv = lo; kv < hi; kv++) {
+        if (per == 1) {
+            ws->kept[kv] = ws->sel_cnt[kv];
+            continue;
+        }
+        uint8_t *mark = c->t->mark;
+        int u = 0;
+        for (int s = kv * per; s < (kv + 1) * per; s++)
+            for (int i = 0; i < ws->sel_cnt[s]; i++) {
+                const int j = ws->sel_idx[(size_t)s * S + i];
+                u += !mark[j];
+                mark[j] = 1;
+            }
+        for (int s = kv * per; s < (kv + 1) * per; s++)
+            for (int i = 0; i < ws->sel_cnt[s]; i++) mark[ws->sel_idx[(size_t)s * S + i]] = 0;
+        ws->kept[kv] = u;
+    }
+}
+
+/* One thread, after the step's lists: the layer's accounting (core.attention.AttnTally.add, per query). */
+void sp_select_tally(const sp_model *M, const sp_workspace *ws, int l, int pos) {
+    const sp_attn *A = M->attn;
+    double kept = 0;
+    for (int kv = 0; kv < M->n_kv; kv++) kept += ws->kept[kv];
+    double *t = A->tally + (size_t)l * 4;
+    t[0] += kept;
+    t[1] += (double)(pos + 1) * M->n_kv;
+    t[2] += estimate_reads(A, pos + 1, M->head_dim) * M->n_kv;
+    t[3] += 1;
+}
+
+/* h2o: the probabilities this step read (idx / cnt per selection head, or the range base + [0, n) for every head),
+ * summed over each selection head's query heads, added to its keys' mass; this thread's share of the positions. */
+void sp_h2o_observe(int ith, int nth, const sp_model *M, int l, const int *idx, const int *cnt, int base, int n,
+                    const float *scores, const float *gm, const float *gl) {
+    const sp_attn *A = M->attn;
+    const int S = M->max_seq, G = A->sel_heads, gs = M->n_heads / G;
+    for (int s = 0; s < G; s++) {
+        const int m = idx ? cnt[s] : n, lo = (int)((long)m * ith / nth), hi = (int)((long)m * (ith + 1) / nth);
+        double *mass = A->mass + ((size_t)l * G + s) * S;
+        for (int i = lo; i < hi; i++) {
+            const int j = idx ? idx[(size_t)s * S + i] : base + i;
+            float p = 0.f;
+            for (int h = s * gs; h < (s + 1) * gs; h++) p += expf(scores[(size_t)h * S + j] - gm[h]) / gl[h];
+            mass[j] += p;
+        }
+    }
+}
