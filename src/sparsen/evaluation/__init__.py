@@ -125,7 +125,8 @@ class _Tally:
 
 @torch.no_grad()
 def evaluate_many(lm, configs: dict, corpus: str = EVAL_CORPUS, ctx: int = 1024, n_windows: int | None = None,
-                  protocol: str = "full", progress: bool = True) -> tuple[EvalResult, dict[str, EvalResult]]:
+                  protocol: str = "full", progress: bool = True, prefix_observer=None,
+                  before_config=None) -> tuple[EvalResult, dict[str, EvalResult]]:
     """Evaluate many sparse configurations in one sweep over the windows; same numbers as ``evaluate``.
 
     ``configs[name] = (model, sparsifier)``: ``model`` is ``lm.model`` or a transformed copy of it
@@ -133,6 +134,9 @@ def evaluate_many(lm, configs: dict, corpus: str = EVAL_CORPUS, ctx: int = 1024,
     window is computed once for all configurations; under ``decode`` the dense prompt's KV cache is
     computed once per distinct model and every configuration runs only the scored half on a copy of it
     (exactly what the position-dependent masks of ``evaluate`` compute). Returns (dense, {name: result}).
+    ``prefix_observer()``: None or a context manager entered around the dense prompt's pass of ``lm.model`` (under
+    decode); ``before_config(sparsifier, observed)`` runs before each configuration's pass with what it yielded
+    (attention selectors start a new sequence there and take the prompt's attention mass).
     """
     import copy
 
@@ -147,6 +151,7 @@ def evaluate_many(lm, configs: dict, corpus: str = EVAL_CORPUS, ctx: int = 1024,
     models = {id(m): m for m, _ in configs.values()} | {id(lm.model): lm.model}
     for w in tqdm(wins, desc=f"frontier {protocol}", unit="win", disable=not progress, leave=False):
         targets = w[start + 1: stop + 1]
+        observed = None
         if protocol == "full":
             prefix_cache = {}
             for _, sp in configs.values():
@@ -158,6 +163,9 @@ def evaluate_many(lm, configs: dict, corpus: str = EVAL_CORPUS, ctx: int = 1024,
                     for model, sp in configs.values():
                         if id(model) == key and sp.holds:
                             stack.enter_context(sp.observing())
+                    if prefix_observer is not None and key == id(lm.model):
+                        cm = prefix_observer()
+                        observed = stack.enter_context(cm) if cm is not None else None
                     prefix_cache[key] = m(w[None, :start], use_cache=True).past_key_values
 
         def logprobs(model):
@@ -172,6 +180,8 @@ def evaluate_many(lm, configs: dict, corpus: str = EVAL_CORPUS, ctx: int = 1024,
         dense_tally.nll += -dense.gather(1, targets[:, None]).double().sum().item()
         dense_tally.scored += targets.numel()
         for name, (model, sp) in configs.items():
+            if before_config is not None:
+                before_config(sp, observed)
             with sp:
                 logp = logprobs(model)
             t = tallies[name]

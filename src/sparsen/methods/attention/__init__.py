@@ -84,13 +84,16 @@ for _name in METHODS:
     ATTENTION_METHODS[_name] = build_selectors
 
 
-def attention_plan(lm, config: AttentionConfig, base: Plan | None = None, progress: bool = True) -> Plan:
-    """A plan carrying ``config``'s key selection (calibrated if the method needs it), on top of ``base``'s rules."""
+def attention_plan(lm, config: AttentionConfig, base: Plan | None = None, progress: bool = True,
+                   tensors: dict | None = None) -> Plan:
+    """A plan carrying ``config``'s key selection (calibrated if the method needs it, unless ``tensors`` holds a
+    calibration of the same method and fields), on top of ``base``'s rules."""
     if not isinstance(config, AttentionConfig):
         raise SparsenError(f"attention_plan takes an attention config such as QuestConfig(density=0.125), not "
                            f"{type(config).__name__}")
     m = get_attention_method(config.method)
-    tensors = m.calibrate(lm, config, progress) if m.calibrate is not None else {}
+    if tensors is None:
+        tensors = m.calibrate(lm, config, progress) if m.calibrate is not None else {}
     spec = {"method": m.name, "config": config.fields()}
     if base is not None:
         base.check_model(lm)
