@@ -208,11 +208,3 @@ def test_bad_specs_are_one_line_errors(spec, message):
 
 def test_every_method_is_registered():
     assert attention_method_names() == ["oracle-topk", "oracle-topp", "sink-window", "h2o", "quest", "double-sparsity"]
-
-
-def test_engine_refuses_an_attention_plan(tiny_llama):
-    from sparsen.engine import Engine
-
-    plan = attention_plan(tiny_llama, _config("quest", density=0.25), progress=False)
-    with pytest.raises(SparsenError, match="attn-eval"):
-        Engine(tiny_llama, plan)

@@ -219,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="other systems to time: comma-separated subset of hf,llamacpp (default both; '' for none)")
     p.add_argument("--prompt-tokens", type=_positive_int, default=64,
                    help="prompt length, the first tokens of WikiText-2 test (default 64)")
+    p.add_argument("--context", type=_positive_int, default=None, metavar="N",
+                   help="long-context bench: the prompt is the first N tokens of WikiText-2 test, prefilled through the "
+                        "torch model into each engine (not timed), then --new-tokens decoded; with --attn, one engine "
+                        "per attention method beside the dense one, and the bytes each reads per token")
+    p.add_argument("--attn", default=None, metavar="LIST",
+                   help="comma-separated attention methods for --context, e.g. 'quest@1/8,lowrank@1/8' (on top of "
+                        "--plan if given)")
+    p.add_argument("--kv-dtype", choices=("fp32", "fp16"), default="fp32", help="engine KV cache dtype (default fp32)")
     p.add_argument("--new-tokens", type=_positive_int, default=128, help="tokens decoded per run (default 128)")
     p.add_argument("--rounds", type=_positive_int, default=3, help="interleaved rounds; medians reported (default 3)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="engine weights dtype (default fp32)")

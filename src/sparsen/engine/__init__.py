@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +225,18 @@ def prompt_ids(lm, text: str, chat: bool) -> list[int]:
     if bos is not None and ids[0] != bos and tok(text, add_special_tokens=True)["input_ids"][:1] == [bos]:
         ids.insert(0, bos)
     return ids
+
+
+@dataclass
+class TorchPrefix:
+    """A prompt's dense torch forward (``Engine.torch_prefix``): what ``Engine.prefill(ids, via="torch")`` copies in."""
+
+    ids: list[int]
+    model: object  # the torch model it ran on (engines on other weights refuse it)
+    keys: list  # per layer [n_kv, positions, head_dim] after RoPE (a sliding layer may hold only its window)
+    values: list
+    mass: dict | None  # layer -> [n_heads, n] attention probability summed per key, or None
+    logits: np.ndarray  # the last position's
 
 
 class Engine:
@@ -472,10 +485,11 @@ class Engine:
         self.pos += 1
         return self.logits
 
-    def prefill(self, ids, via: str = "engine") -> np.ndarray:
+    def prefill(self, ids, via: str = "engine", prefix: TorchPrefix | None = None) -> np.ndarray:
         """The prompt, dense (as a dense prefill would compute it); returns the last position's logits.
         ``via="engine"`` steps the kernels token by token; ``via="torch"`` runs the prompt through the torch model in
-        one forward and copies its KV cache in (minutes faster at thousands of tokens; ``_prefill_torch``)."""
+        one forward and copies its KV cache in (minutes faster at thousands of tokens), or takes ``prefix``
+        (``torch_prefix``: one forward shared by engines on the same weights)."""
         if via not in ("engine", "torch"):
             raise SparsenError(f"prefill via '{via}' is unknown: use 'engine' or 'torch'")
         self.reset()
@@ -487,32 +501,48 @@ class Engine:
         if self._held:
             self._hold_on(ids)
         if via == "torch":
-            return self._prefill_torch([int(t) for t in ids])
+            return self._load_prefix(prefix if prefix is not None else self.torch_prefix(ids), [int(t) for t in ids])
         for t in ids:
             logits = self.step(int(t), dense=True)
         return logits
 
-    @torch.no_grad()
-    def _prefill_torch(self, ids: list[int]) -> np.ndarray:
-        """One dense forward of the torch model (the plan's transform applied, as the engine's weights): every
-        layer's cached K (after RoPE) and V copied in, in the cache's dtype; then the selection state rebuilt from
-        them as the kernels would have built it (Quest's page summaries, the label cache), H2O's mass from the
-        forward's attention probabilities (``core.attention.capturing_prefix_mass``)."""
+    @property
+    def needs_prefix_mass(self) -> bool:
+        """H2O: a torch prefill must capture the prompt's attention mass."""
+        return self.attn_state is not None and "mass" in self.attn_state
+
+    def torch_prefix(self, ids, mass: bool | None = None) -> TorchPrefix:
+        """One dense forward of the torch model this engine's weights come from (the plan's transform applied):
+        every layer's cached K (after RoPE) and V, the last logits, and with ``mass`` (default: if this engine
+        needs it) the prompt's attention mass per key (``core.attention.capturing_prefix_mass``)."""
         from contextlib import nullcontext
 
         from sparsen.core.attention import capturing_prefix_mass
 
-        n, src = len(ids), self._src
+        ids = [int(t) for t in ids]
         for t in ids:
             if not 0 <= t < self.vocab:
                 raise SparsenError(f"token id {t} is outside the vocabulary [0, {self.vocab}): check the tokenizer")
-        mass: dict = {}
-        h2o = self.attn_state is not None and "mass" in self.attn_state
-        with capturing_prefix_mass(src.adapter, mass) if h2o else nullcontext():
+        src = self._src
+        captured: dict | None = {} if (self.needs_prefix_mass if mass is None else mass) else None
+        with torch.no_grad(), capturing_prefix_mass(src.adapter, captured) if captured is not None else nullcontext():
             out = src.model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
+        return TorchPrefix(ids, src.model, [c.keys[0] for c in cache.layers], [c.values[0] for c in cache.layers],
+                           captured, out.logits[0, -1].float().numpy())
+
+    def _load_prefix(self, prefix: TorchPrefix, ids: list[int]) -> np.ndarray:
+        """Copy a torch forward's KV cache in, in the cache's dtype, and rebuild the selection state from it as the
+        kernels would have built it key by key (Quest's page summaries, the label cache, H2O's mass)."""
+        if prefix.model is not self._src.model or prefix.ids != ids:
+            raise SparsenError("this torch prefix is of another prompt or other weights: make it with this engine's "
+                               "torch_prefix(ids)")
+        if self.needs_prefix_mass and prefix.mass is None:
+            raise SparsenError("this torch prefix has no attention mass, which H2O needs: make it with "
+                               "torch_prefix(ids, mass=True)")
+        n = len(ids)
         for layer in range(self.n_layers):
-            k, v = cache.layers[layer].keys[0], cache.layers[layer].values[0]  # [n_kv, n or a window, head_dim]
+            k, v = prefix.keys[layer], prefix.values[layer]  # [n_kv, n or a window, head_dim]
             held = k.shape[1]  # a sliding-window layer's cache may hold only its last positions
             if tuple(k.shape) != (self.n_kv, held, self.head_dim) or held > n or (held < n and not self.windows[layer]):
                 raise SparsenError(f"the torch cache of layer {layer} is {tuple(k.shape)}, not ({self.n_kv}, {n}, "
@@ -520,9 +550,9 @@ class Engine:
             self.k_cache[layer, :, n - held:n] = k.float().numpy()
             self.v_cache[layer, :, n - held:n] = v.float().numpy()
         if self.attn_state is not None:
-            self._rebuild_selection(n, mass)
+            self._rebuild_selection(n, prefix.mass)
         self.pos = n
-        self.logits[:] = out.logits[0, -1].float().numpy()
+        self.logits[:] = prefix.logits
         return self.logits
 
     def _rebuild_selection(self, n: int, mass: dict) -> None:

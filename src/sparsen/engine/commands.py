@@ -63,9 +63,10 @@ def cmd_generate(args) -> None:
 
 
 # --- bench -------------------------------------------------------------------------------------
-def _engine_run(engine, ids, n_new) -> float:
-    """Decode tokens/s of the engine: prefill dense (not timed), then n_new tokens (greedy)."""
-    logits = engine.prefill(ids)
+def _engine_run(engine, ids, n_new, prefix=None) -> float:
+    """Decode tokens/s of the engine: prefill dense (not timed; through torch when given its ``prefix``), then n_new
+    tokens (greedy)."""
+    logits = engine.prefill(ids, via="torch", prefix=prefix) if prefix is not None else engine.prefill(ids)
     t0 = time.perf_counter()
     tok = int(np.argmax(logits))
     for _ in range(n_new):
@@ -152,11 +153,16 @@ def cmd_bench(args) -> None:
             raise SparsenError(f"--vs '{s}' is unknown: use a comma-separated subset of {', '.join(SYSTEMS)}")
     if args.new_tokens < 2:
         raise SparsenError("--new-tokens must be at least 2")
+    if args.attn and args.context is None:
+        raise SparsenError("--attn times attention methods at a long context: give --context N too")
     lm, plan = _load(args)
+    if args.context is not None:
+        return _bench_context(args, lm, plan, systems)
     ids = corpus_windows(lm.tokenizer, "wikitext2-test", args.prompt_tokens, 1, bos=lm.window_bos)[0].tolist()
     max_seq = len(ids) + args.new_tokens + 2
-    dense = Engine(lm, None, dtype=args.dtype, threads=args.threads, max_seq=max_seq)
-    sparse = Engine(lm, plan, dtype=args.dtype, threads=args.threads, max_seq=max_seq) if plan is not None else None
+    kv = args.kv_dtype
+    dense = Engine(lm, None, dtype=args.dtype, threads=args.threads, max_seq=max_seq, kv_dtype=kv)
+    sparse = Engine(lm, plan, dtype=args.dtype, threads=args.threads, max_seq=max_seq, kv_dtype=kv) if plan else None
     llamacpp, llamacpp_note = None, None
     if "llamacpp" in systems:
         try:
@@ -226,4 +232,96 @@ def cmd_bench(args) -> None:
         print(f"  engine dense / HF generate {res['engine_dense_vs_hf']:.2f}x")
     if res["profile"]:
         print(profile_line(res["profile"], context))
+    print(f"wrote {args.out}")
+
+
+def _bench_context(args, lm, plan, systems) -> None:
+    """`bench --context N [--attn LIST]`: decode speed after an N-token WikiText-2 prompt, the engine dense and one
+    engine per attention method (on --plan's rules if given), each with its bytes read per token: the bound."""
+    from sparsen.data import corpus_windows
+    from sparsen.engine import Engine, bytes_per_token
+    from sparsen.io import write_json
+    from sparsen.methods.attention import attention_plan, parse_attention_spec
+
+    specs = [s.strip() for s in (args.attn or "").split(",") if s.strip()]
+    configs = [parse_attention_spec(s) for s in specs]  # a bad spec fails before any model work
+    ids = corpus_windows(lm.tokenizer, "wikitext2-test", args.context, 1, bos=lm.window_bos)[0].tolist()
+    max_seq = len(ids) + args.new_tokens + 2
+    opts = {"dtype": args.dtype, "threads": args.threads, "max_seq": max_seq, "kv_dtype": args.kv_dtype}
+    engines = {"engine dense": Engine(lm, None, **opts)}
+    for spec, cfg in zip(specs, configs):  # calibrated once per spec
+        engines[spec] = Engine(lm, attention_plan(lm, cfg, base=plan, progress=not args.quiet), **opts)
+    prefixes: dict = {}  # one torch forward per set of weights (a rotation plan's engine has its own)
+    for e in engines.values():
+        key = id(e._src.model)
+        if key not in prefixes:
+            mass = any(x.needs_prefix_mass for x in engines.values() if x._src.model is e._src.model)
+            prefixes[key] = e.torch_prefix(ids, mass=mass)
+    llamacpp, llamacpp_note = None, None
+    if "llamacpp" in systems:
+        try:
+            llamacpp = LlamaCpp(lm, args.threads, max_seq + 8)
+        except ImportError:
+            llamacpp_note = "llama-cpp-python is not installed"
+        except SparsenError as e:
+            llamacpp_note = str(e)
+    runs: dict[str, list] = {name: [] for name in [*engines, "hf", "llamacpp"]}
+    for r in range(args.rounds):  # interleaved: every system once per round
+        for name, e in engines.items():
+            runs[name].append(_engine_run(e, ids, args.new_tokens, prefix=prefixes[id(e._src.model)]))
+        if "hf" in systems:
+            runs["hf"].append(_hf_run(lm, ids, args.new_tokens, args.threads))
+        if llamacpp is not None:
+            runs["llamacpp"].append(llamacpp.run(ids, args.new_tokens))
+        if not args.quiet:
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items() if v)
+                  + " tok/s", file=sys.stderr)
+
+    def med(k):
+        return statistics.median(runs[k]) if runs[k] else None
+
+    context = len(ids) + args.new_tokens / 2  # the mean cached positions of a timed step (dense layers' reads)
+    dense = engines["engine dense"]
+    dense_bytes = bytes_per_token(dense, 0.0, context)
+    methods = []
+    for spec in specs:
+        e = engines[spec]
+        a = e.achieved()  # the last round's sparse steps
+        linear = a["overall"] if e.plan.sites else 0.0
+        nbytes = bytes_per_token(e, linear, context)
+        speedup, bound = med(spec) / med("engine dense"), dense_bytes / nbytes
+        methods.append({"spec": spec, "tok_s": med(spec), "speedup_vs_dense": speedup, "bytes_per_token": nbytes,
+                        "attention_bytes": e.attention_bytes(context), "bound_speedup": bound,
+                        "share_of_bound": speedup / bound, "linear_sparsity": linear,
+                        "density": a["attention"]["density"], "read_density": a["attention"]["read_density"],
+                        "attention": a["attention"]})
+    res = {
+        "model": lm.spec, "plan": args.plan, "weights_dtype": args.dtype, "kv_dtype": args.kv_dtype,
+        "threads": args.threads, "context": len(ids), "new_tokens": args.new_tokens, "rounds": args.rounds,
+        "engine_dense_tok_s": med("engine dense"), "dense_bytes_per_token": dense_bytes,
+        "dense_attention_bytes": dense.attention_bytes(context), "attention": methods,
+        "hf_tok_s": med("hf"), "llamacpp_tok_s": med("llamacpp"), "raw_tok_s": runs,
+        "notes": {"engine": "prompt prefilled through the torch model (one forward, its KV cache copied in; not "
+                            "timed), then new_tokens greedy steps timed",
+                  "bytes": "per token: block linears and lm_head, K and V rows read, and the estimate's reads "
+                           "(Quest's page summaries, the fp32 label cache, the oracle's K rows) from the engine's "
+                           "own tally; H2O's per-key bookkeeping (held flags, masses) is not counted",
+                  "llamacpp": llamacpp_note or (f"llama-cpp-python {llamacpp.version}, the same GGUF file (its own "
+                                                "quantized weights and KV cache), greedy; its prefill not timed"
+                                                if llamacpp else "not requested"),
+                  "hf": "HF generate on the same fp32 weights, dense ((N-1) / (t_N - t_1))"},
+    }
+    write_json(args.out, res)
+    print(f"{lm.spec}, {args.dtype} weights, {args.kv_dtype} KV cache, {args.threads} threads, context {len(ids)} + "
+          f"{args.new_tokens} new tokens, median of {args.rounds} interleaved rounds")
+    print(f"  {'system':<32}{'tok/s':>8}{'speedup':>9}{'MB/token':>10}{'bytes bound':>13}{'share':>7}")
+    print(f"  {'engine dense':<32}{med('engine dense'):8.1f}{1.0:8.2f}x{dense_bytes / 1e6:10.1f}{1.0:12.2f}x")
+    for m in methods:
+        print(f"  {m['spec']:<32}{m['tok_s']:8.1f}{m['speedup_vs_dense']:8.2f}x{m['bytes_per_token'] / 1e6:10.1f}"
+              f"{m['bound_speedup']:12.2f}x{m['share_of_bound']:7.0%}  (keys read {m['density']:.3f}, with the "
+              f"estimate {m['read_density']:.3f})")
+    for name, key in (("HF generate (fp32)", "hf"), ("llama.cpp (GGUF)", "llamacpp")):
+        if key in systems:
+            v = med(key)
+            print(f"  {name:<32}{'n/a' if v is None else f'{v:8.1f}'}")
     print(f"wrote {args.out}")
