@@ -1,4 +1,5 @@
-"""Attention sites: which cached positions each new query reads (decode-time KV selection).
+"""Attention sites: which cached positions each new query reads (decode-time KV selection), or which blocks of the
+prompt's own attention a prefill computes (block-sparse prefill).
 
 A site ``layers.3.attn`` is one full-attention layer (sliding-window layers are local already and have none). Its
 rule is a ``KVSelector`` (the methods live in ``methods/attention/``). In the Hugging Face forward the rules run as
@@ -11,6 +12,12 @@ is position 0 starts a new sequence (a stateful selector such as H2O forgets the
 Accounting per layer, on the sparse queries: keys read (the union over a KV head's query heads: what a kernel
 reads from the cache), causal keys, and the head_dim vectors the importance estimate reads (Quest's page bounds,
 Double Sparsity's label cache; the oracle reads every key), each per KV head.
+
+The other rule kind is a ``BlockSelector`` (block-sparse prefill): a forward whose first query is position 0 and
+that has more than one query (a prompt prefill) computes, for every query, exact causal softmax over the blocks its
+selector keeps (``core/prefill.py``; sink block and diagonal always); any later forward (a decode step, a cached
+continuation) is dense, and ``dense_prefix`` does not apply to it. Accounting per layer: the (query, key) entries
+computed over the causal ones, and the estimate's FLOPs over the dense QK^T's.
 """
 
 from __future__ import annotations
@@ -48,6 +55,30 @@ class KVSelector:
     def estimate_reads(self, n_keys: torch.Tensor) -> torch.Tensor:
         """head_dim vectors read per KV head to choose, for queries with ``n_keys`` causal keys."""
         return torch.zeros_like(n_keys, dtype=torch.float64)
+
+
+class BlockSelector:
+    """One layer's block-sparse prefill rule. Subclasses set ``shared`` and ``block`` and implement ``blocks``."""
+
+    shared: bool = True
+    """one mask per KV head, from scores summed over its group's query heads; False: one per query head"""
+    block: int = 64
+    """positions per block, on both axes"""
+    needs_prefix_mass: bool = False  # (a decode selector's flag; prefill rules never want it)
+
+    def reset(self) -> None:
+        """Nothing carries over between sequences."""
+
+    def blocks(self, q: torch.Tensor, k: torch.Tensor, scale: float):
+        """The key blocks each query block computes: bool [n_kv (shared) or n_heads, n_qblocks, n_kblocks], or a
+        ``core.prefill.PrefillPattern`` that adds token-level columns. q [n_kv, group, n, d] (query head kv * group +
+        j, after RoPE), k [n_kv, n, d], scale the softmax scale. The sink block and the diagonal are added and
+        non-causal blocks dropped by the caller."""
+        raise NotImplementedError
+
+    def estimate_flops(self, n: int, d: int, n_heads: int, n_kv: int) -> float:
+        """FLOPs (multiply and add: 2 each) the choice costs for a prefill of n positions, all heads of the layer."""
+        return 0.0
 
 
 def group_sum(x: torch.Tensor, shared: bool) -> torch.Tensor:
@@ -110,6 +141,11 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         raise ValueError("sparse attention runs one sequence at a time (batch 1)")
     n, nk = query.shape[2], key.shape[2]
     q0 = nk - n  # absolute position of the first query (the cache holds every earlier position)
+    if isinstance(sel, BlockSelector):
+        if q0 != 0 or n < 2:  # a decode step or a continuation on a cache: dense
+            return _dense(module, query, key, value, attention_mask, scaling, dropout, kwargs)
+        scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+        return _prefill_attention(sp, ctl.layer, sel, query, key, value, attention_mask, scale), None
     if q0 == 0:
         sel.reset()
     first_sparse = min(max(sp.dense_prefix - q0, 0), n)
@@ -151,11 +187,45 @@ def _sparse_attention(sp, layer, sel, query, key, value, attention_mask, scale, 
     return out.reshape(n_heads, n, d).transpose(0, 1)[None].to(query.dtype)
 
 
+def _prefill_attention(sp, layer, sel, query, key, value, attention_mask, scale):
+    from sparsen.core.prefill import finish_pattern, pattern_entries, run_prefill
+
+    _, n_heads, n, d = query.shape
+    n_kv = key.shape[1]
+    if attention_mask is not None:  # batch 1 without padding: the mask, if given, is the causal one
+        m = attention_mask[0, 0]
+        allowed = m if m.dtype == torch.bool else m == 0
+        if not torch.equal(allowed, torch.ones(n, n, dtype=torch.bool).tril()):
+            raise ValueError("block-sparse prefill takes a causal mask only (no padding, no sliding window)")
+    q, k, v = query[0].float(), key[0].float(), value[0].float()
+    with torch.no_grad():
+        pattern = finish_pattern(sel.blocks(q.reshape(n_kv, n_heads // n_kv, n, d), k, scale), n, sel.block,
+                                 (n_kv, n_heads))
+        out, backend = run_prefill(q.contiguous(), k.contiguous(), v.contiguous(), pattern, scale)
+    kept, causal = pattern_entries(pattern, n)
+    per_head = n_heads // pattern.heads
+    sp.attn_tally.add_prefill(layer, kept=kept * per_head, causal=causal * per_head,
+                              estimate=sel.estimate_flops(n, d, n_heads, n_kv),
+                              dense_qk=2.0 * d * n_heads * n * (n + 1) / 2, tokens=n, backend=backend)
+    return out.transpose(0, 1)[None].to(query.dtype)
+
+
 class AttnTally:
-    """Per layer: keys read, causal keys and estimate vectors (per KV head, summed), and sparse queries seen."""
+    """Per layer: keys read, causal keys and estimate vectors (per KV head, summed), and sparse queries seen; for
+    prefill rules, (query, key) entries computed and causal (per query head, summed), estimate and dense QK^T FLOPs,
+    prompt positions."""
 
     def __init__(self):
         self.layers: dict[int, list[float]] = {}
+        self.prefill: dict[int, list[float]] = {}
+        self.backends: set[str] = set()
+
+    def add_prefill(self, layer: int, kept: int, causal: int, estimate: float, dense_qk: float, tokens: int,
+                    backend: str) -> None:
+        acc = self.prefill.setdefault(layer, [0, 0, 0.0, 0.0, 0])
+        for i, x in enumerate((kept, causal, estimate, dense_qk, tokens)):
+            acc[i] += x
+        self.backends.add(backend)
 
     def add(self, layer: int, kept: int, causal: int, estimate: float, queries: int) -> None:
         acc = self.layers.setdefault(layer, [0, 0, 0.0, 0])
@@ -167,6 +237,25 @@ class AttnTally:
     def summary(self, n_attn_layers: int) -> dict:
         """Density over the causal keys of the sparse queries: in the sparse layers, and over every attention layer
         (the dense ones read all their keys); ``read_density`` adds the estimate's vectors (K and V rows: 2 per key)."""
+        out = self._decode_summary(n_attn_layers)
+        if self.prefill:
+            out.update(self._prefill_summary(n_attn_layers))
+        return out
+
+    def _prefill_summary(self, n_attn_layers: int) -> dict:
+        """Density of the prefill: (query, key) entries computed over the causal ones, in the sparse layers and over
+        every attention layer (the dense ones compute all theirs); the estimate's FLOPs as a share of the dense QK^T
+        FLOPs of the same layers (the QK^T alone: the dense attention's total is twice it, with PV)."""
+        acc = [sum(v[i] for v in self.prefill.values()) for i in range(5)]
+        kept, causal, est, dense_qk, tokens = acc
+        dense = (n_attn_layers - len(self.prefill)) * causal / len(self.prefill)
+        return {"prefill_density": kept / causal, "prefill_density_all_layers": (kept + dense) / (causal + dense),
+                "prefill_estimate_share": est / dense_qk, "prefill_layers": sorted(self.prefill),
+                "prefill_per_layer": {str(i): v[0] / v[1] for i, v in sorted(self.prefill.items())},
+                "prefill_tokens": max(v[4] for v in self.prefill.values()),
+                "prefill_backend": "+".join(sorted(self.backends))}
+
+    def _decode_summary(self, n_attn_layers: int) -> dict:
         kept = sum(v[0] for v in self.layers.values())
         causal = sum(v[1] for v in self.layers.values())
         est = sum(v[2] for v in self.layers.values())
@@ -256,7 +345,7 @@ def prime(sp, mass: dict) -> None:
     the last one, and those that want it get the prompt's attention mass (``capturing_prefix_mass``)."""
     for name, sel in sp.attention_rules.items():
         sel.reset()
-        if sel.needs_prefix_mass:
+        if isinstance(sel, KVSelector) and sel.needs_prefix_mass:
             m = mass[sp.sites[name].layer]  # [n_heads, n_keys]
             n_kv = sp.adapter.n_kv_heads
             sel.observe_prefix(m.reshape(n_kv, -1, m.shape[-1]).sum(1) if sel.shared else m)
@@ -264,12 +353,12 @@ def prime(sp, mass: dict) -> None:
 
 # --- plans --------------------------------------------------------------------------------------------------------
 ATTENTION_METHODS: dict[str, Callable] = {}
-"""name -> build(spec, adapter, tensors) -> {site: KVSelector}: filled by ``methods/attention``, which ``import
-sparsen`` imports (core imports nothing from methods)"""
+"""name -> build(spec, adapter, tensors) -> {site: KVSelector or BlockSelector}: filled by ``methods/attention``,
+which ``import sparsen`` imports (core imports nothing from methods)"""
 
 
-def attention_rules(spec: dict, adapter, tensors: dict) -> dict[str, KVSelector]:
-    """The selectors of a plan's ``attention`` entry ({"method": name, "config": {...}}), by site."""
+def attention_rules(spec: dict, adapter, tensors: dict) -> dict[str, KVSelector | BlockSelector]:
+    """The selectors (decode or prefill) of a plan's ``attention`` entry ({"method": name, "config": {...}}), by site."""
     from sparsen.errors import SparsenError
 
     name = spec.get("method")

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from sparsen.core.accounting import Tally, achieved
-from sparsen.core.attention import AttnTally, KVSelector, install
+from sparsen.core.attention import AttnTally, BlockSelector, KVSelector, install
 from sparsen.core.rules import GateActRule, LowRankCompensated, ThresholdRule
 from sparsen.core.sites import SiteKind, model_sites
 
@@ -62,7 +62,7 @@ class Sparsifier:
             raise KeyError(f"unknown sites: {sorted(unknown)[:3]}")
         for name, rule in self.rules.items():
             attn_site = self.sites[name].kind is SiteKind.ATTENTION
-            if attn_site != isinstance(rule, KVSelector):
+            if attn_site != isinstance(rule, (KVSelector, BlockSelector)):
                 raise KeyError(f"{name} takes {'a key selector' if attn_site else 'a linear rule'}")
             if isinstance(rule, GateActRule) and not name.endswith(".down"):
                 raise KeyError(f"a gate-activation rule belongs on a 'down' site, not {name}")
@@ -90,8 +90,9 @@ class Sparsifier:
         return self.tally.entries
 
     def achieved(self) -> dict:
-        """Achieved sparsity on the tokens seen since reset (``core/accounting.achieved``); with key selectors also
-        ``attention``: the density of the keys read (``core/attention.AttnTally.summary``)."""
+        """Achieved sparsity on the tokens seen since reset (``core/accounting.achieved``); with attention rules also
+        ``attention``: the density of the keys read by decode selectors and, for prefill rules, ``prefill_density``
+        and ``prefill_estimate_share`` (``core/attention.AttnTally.summary``)."""
         out = achieved(self.sites, self.tally, self.added_params)
         if self.attention_rules:
             n_attn = sum(s.kind is SiteKind.ATTENTION for s in self.sites.values())
@@ -104,8 +105,13 @@ class Sparsifier:
         return self._attention_config
 
     @property
-    def attention_rules(self) -> dict[str, KVSelector]:
-        return {n: r for n, r in self.rules.items() if isinstance(r, KVSelector)}
+    def attention_rules(self) -> dict[str, KVSelector | BlockSelector]:
+        return {n: r for n, r in self.rules.items() if isinstance(r, (KVSelector, BlockSelector))}
+
+    @property
+    def prefill_rules(self) -> dict[str, BlockSelector]:
+        """The block-sparse prefill rules (they act on a prompt's prefill only; later forwards are dense)."""
+        return {n: r for n, r in self.rules.items() if isinstance(r, BlockSelector)}
 
     # --- hooks -------------------------------------------------------------------------------
     @property
@@ -168,7 +174,7 @@ def install_linear_input(sp: Sparsifier, site, rule) -> list:
 
 
 @register_installer(SiteKind.ATTENTION)
-def install_attention(sp: Sparsifier, site, rule: KVSelector) -> list:
+def install_attention(sp: Sparsifier, site, rule: KVSelector | BlockSelector) -> list:
     """The layer's attention runs through ``core/attention.attention_forward`` with this selector."""
     return [install(sp, sp.adapter, site.module, site.layer, selector=rule)]
 
