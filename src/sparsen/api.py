@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sparsen.engine.prefill  # noqa: F401  (registers the C block-sparse prefill kernel with the HF forward)
 from sparsen.core.hooks import Sparsifier
 from sparsen.core.plan import Plan
 from sparsen.data import CALIB_CORPUS, EVAL_CORPUS
