@@ -1,8 +1,10 @@
-"""Training-free sparse attention: decode-time key selection, one file per method, registered here.
+"""Training-free sparse attention: decode-time key selection and block-sparse prefill, one file per method,
+registered here.
 
 ``attention_plan(lm, config)`` turns a method's config into a ``core.Plan`` whose ``attention`` entry the core
 layer installs on every full-attention layer past ``dense_layers`` (``core/attention.py``). It composes with an
-activation-sparsity plan: ``attention_plan(lm, config, base=plan)`` carries both.
+activation-sparsity plan: ``attention_plan(lm, config, base=plan)`` carries both. The prefill methods
+(block-topk, xattention, vertical-slash, flexprefill; ``config.kind == 'prefill'``) act on a prompt's prefill only.
 """
 
 from __future__ import annotations
@@ -12,16 +14,33 @@ import copy
 from sparsen.core.attention import ATTENTION_METHODS
 from sparsen.core.plan import Plan
 from sparsen.errors import SparsenError
-from sparsen.methods.attention import double_sparsity, h2o, lowrank, oracle, quest, sink_window
-from sparsen.methods.attention.base import AttentionConfig, AttentionMethod
+from sparsen.methods.attention import (
+    block_topk,
+    double_sparsity,
+    flexprefill,
+    h2o,
+    lowrank,
+    oracle,
+    quest,
+    sink_window,
+    vertical_slash,
+    xattention,
+)
+from sparsen.methods.attention.base import AttentionConfig, AttentionMethod, PrefillConfig
+from sparsen.methods.attention.block_topk import BlockTopKConfig
 from sparsen.methods.attention.double_sparsity import DoubleSparsityConfig
+from sparsen.methods.attention.flexprefill import FlexPrefillConfig
 from sparsen.methods.attention.h2o import H2OConfig
 from sparsen.methods.attention.oracle import OracleTopKConfig, OracleTopPConfig
 from sparsen.methods.attention.quest import QuestConfig
 from sparsen.methods.attention.sink_window import SinkWindowConfig
+from sparsen.methods.attention.vertical_slash import VerticalSlashConfig
+from sparsen.methods.attention.xattention import XAttentionConfig
 
 METHODS: dict[str, AttentionMethod] = {m.name: m for m in (
-    oracle.METHOD_TOPK, oracle.METHOD_TOPP, sink_window.METHOD, h2o.METHOD, quest.METHOD, double_sparsity.METHOD, lowrank.METHOD)}
+    oracle.METHOD_TOPK, oracle.METHOD_TOPP, sink_window.METHOD, h2o.METHOD, quest.METHOD, double_sparsity.METHOD, lowrank.METHOD,
+    block_topk.METHOD, xattention.METHOD, vertical_slash.METHOD, flexprefill.METHOD)}
+PREFILL_MASS_BUDGETS = ("tau", "gamma")  # '@tau0.9', '@gamma0.9': a prefill method's mass threshold as its budget
 
 
 def attention_method_names() -> list[str]:
@@ -45,8 +64,10 @@ def attention_config_for(method: str, **fields) -> AttentionConfig:
 
 
 def parse_attention_spec(spec: str) -> AttentionConfig:
-    """'NAME[@BUDGET][+FIELD=VALUE...]' -> config. BUDGET: a density '1/8' or '0.125', a key count '256t', or a
-    mass 'p0.9' (oracle-topp), e.g. 'quest@1/16+dense_layers=2', 'h2o@512t', 'oracle-topp@p0.95'."""
+    """'NAME[@BUDGET][+FIELD=VALUE...]' -> config. BUDGET: a density '1/8' or '0.125' (decode: of the causal keys;
+    prefill: of the causal blocks), a key count '256t', a mass 'p0.9' (oracle-topp), or a prefill method's mass
+    threshold 'tau0.9' (xattention) or 'gamma0.9' (flexprefill), e.g. 'quest@1/16+dense_layers=2', 'h2o@512t',
+    'oracle-topp@p0.95', 'block-topk@1/8', 'xattention@tau0.9' (= 'xattention+tau=0.9')."""
     from sparsen.methods.config import parse_fields
 
     head, *opts = spec.strip().split("+")
@@ -54,7 +75,10 @@ def parse_attention_spec(spec: str) -> AttentionConfig:
     fields = parse_fields(opts, what=f"attention method '{spec}'")
     if at:
         try:
-            if budget.startswith("p"):
+            mass = next((m for m in PREFILL_MASS_BUDGETS if budget.startswith(m)), None)
+            if mass is not None:
+                fields[mass] = float(budget[len(mass):])
+            elif budget.startswith("p"):
                 fields["p"] = float(budget[1:])
             elif budget.endswith("t"):
                 fields["tokens"] = int(budget[:-1])
@@ -65,7 +89,7 @@ def parse_attention_spec(spec: str) -> AttentionConfig:
                 fields["density"] = float(budget)
         except (ValueError, ZeroDivisionError):
             raise SparsenError(f"attention budget '{budget}' in '{spec}': write a density (1/8 or 0.125), a key count "
-                               "(256t) or a mass (p0.9)") from None
+                               "(256t), a mass (p0.9) or a prefill threshold (tau0.9, gamma0.9)") from None
     return attention_config_for(name.strip(), **fields)
 
 
@@ -105,6 +129,7 @@ def attention_plan(lm, config: AttentionConfig, base: Plan | None = None, progre
                 attention=spec, tensors=tensors)
 
 
-__all__ = ["AttentionConfig", "DoubleSparsityConfig", "H2OConfig", "OracleTopKConfig", "OracleTopPConfig",
-           "QuestConfig", "SinkWindowConfig", "attention_config_for", "attention_method_names", "attention_plan",
+__all__ = ["AttentionConfig", "BlockTopKConfig", "DoubleSparsityConfig", "FlexPrefillConfig", "H2OConfig",
+           "OracleTopKConfig", "OracleTopPConfig", "PrefillConfig", "QuestConfig", "SinkWindowConfig",
+           "VerticalSlashConfig", "XAttentionConfig", "attention_config_for", "attention_method_names", "attention_plan",
            "build_selectors", "get_attention_method", "parse_attention_spec"]

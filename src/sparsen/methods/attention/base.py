@@ -1,8 +1,10 @@
-"""What every key-selection method shares: its config's common fields and how a config becomes a plan entry.
+"""What every attention method shares: its config's common fields and how a config becomes a plan entry.
 
-A method is one file with a config dataclass (``@attention_config``), a ``KVSelector`` subclass and a ``METHOD``
-line that ``__init__.py`` registers. Budgets are a fraction of the causal keys (``density``) or an absolute
-number of keys (``tokens``); ``dense_layers`` leaves the first layers dense (reported beside every result).
+A method is one file with a config dataclass (``@attention_config``), a ``KVSelector`` subclass (decode-time key
+selection) or a ``BlockSelector`` subclass (block-sparse prefill, config ``PrefillConfig``) and a ``METHOD`` line
+that ``__init__.py`` registers. Decode budgets are a fraction of the causal keys (``density``) or an absolute
+number of keys (``tokens``); prefill budgets are a fraction of the causal blocks, or a mass threshold;
+``dense_layers`` leaves the first layers dense (reported beside every result).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class AttentionConfig:
 
     method: ClassVar[str] = ""
     budgeted: ClassVar[bool] = True  # the method keeps a budget of keys (oracle-topp keeps a mass instead)
+    kind: ClassVar[str] = "decode"  # 'decode': key selection per new query; 'prefill': block-sparse prompt attention
 
     density: float | None = 0.125
     """share of its causal keys each sparse query reads, in (0, 1] (ceil; at least one key)"""
@@ -75,10 +78,43 @@ class AttentionConfig:
                 if f.name not in budget and getattr(self, f.name) != f.default}
 
 
+@attention_config
+class PrefillConfig(AttentionConfig):
+    """The fields every block-sparse prefill method takes: a prompt's prefill computes, per query block, the key
+    blocks the method keeps (the sink block and the diagonal always); decode steps after it are dense."""
+
+    kind: ClassVar[str] = "prefill"
+    mass_field: ClassVar[str] = ""  # methods that keep a mass instead of a budget: the threshold's field (tau, gamma)
+
+    density: float | None = 0.125
+    """budgeted methods: share of each query block's causal key blocks it computes, in (0, 1] (ceil; the forced
+    blocks count in it, and are kept when they alone exceed it)"""
+    block: int = 64
+    """positions per block on both axes: the kernel's tile and the unit of selection (MInference 64, Sparse
+    Frontier 16, XAttention and FlexPrefill 128: 64 keeps enough blocks per row at our lengths, 128 at 4K in 32)"""
+
+    def __post_init__(self):
+        check(self.tokens is None, f"tokens {self.tokens!r}: a prefill budget is a share of the causal blocks, e.g. "
+                                   f"{self.method}@1/8, not a key count")
+        if not self.budgeted:
+            check(self.density is None, f"{self.method} keeps a share of the attention mass, not a density: give "
+                                        f"{self.mass_field} instead, e.g. {self.method}@{self.mass_field}0.9")
+        super().__post_init__()
+        check(_whole(self.block, 1), f"block {self.block!r}: give a whole number of positions, 1 or more")
+
+    def _budget_label(self) -> str:
+        if self.budgeted:
+            return super()._budget_label()
+        return f"{self.method}@{self.mass_field}{getattr(self, self.mass_field):g}"
+
+    def _changed(self, budget=("density", "tokens")) -> dict:
+        return super()._changed(budget + ((self.mass_field,) if self.mass_field else ()))
+
+
 @dataclass(frozen=True)
 class AttentionMethod:
     name: str
     summary: str
     config: type[AttentionConfig]
-    selector: Callable  # (config, layer, adapter, tensors) -> KVSelector
+    selector: Callable  # (config, layer, adapter, tensors) -> KVSelector or BlockSelector
     calibrate: Callable | None = None  # (lm, config, progress) -> tensors for the plan (Double Sparsity)
