@@ -175,13 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Answer every sample of the long-context task suite (generated locally, seeded: "
                                    "passkey, niah, vt, cwe, story) or of your own JSONL file, dense and with each "
                                    "attention method; the context is prefilled dense once per sample, then the trailing "
-                                   "question and the answer are decoded through the sparse path. Writes attn_eval.json "
-                                   "and attn_eval.md (accuracy with 95%% intervals, density achieved).")
+                                   "question and the answer are decoded through the sparse path; a block-sparse prefill "
+                                   "method (block-topk, xattention, vertical-slash, flexprefill) prefills the whole prompt "
+                                   "with its pattern and the answer is decoded dense. Writes attn_eval.json and "
+                                   "attn_eval.md (accuracy with 95%% intervals, density achieved).")
     _add_model(p)
     p.add_argument("--methods", default="oracle-topk@1/8,quest@1/8", metavar="LIST",
                    help="comma-separated attention methods NAME[@BUDGET][+FIELD=VALUE...]: BUDGET a density (1/8, "
-                        "0.125), a key count (256t) or a mass (p0.9, oracle-topp); e.g. quest@1/16+dense_layers=2 "
-                        "(methods: oracle-topk, oracle-topp, sink-window, h2o, quest, double-sparsity)")
+                        "0.125), a key count (256t), a mass (p0.9, oracle-topp) or a prefill threshold (tau0.9, "
+                        "xattention; gamma0.9, flexprefill); e.g. quest@1/16+dense_layers=2, block-topk@1/8, "
+                        "xattention+tau=0.9 (decode methods: oracle-topk, oracle-topp, sink-window, h2o, quest, "
+                        "double-sparsity; prefill methods: block-topk, xattention, vertical-slash, flexprefill)")
     p.add_argument("--tasks", default=None, metavar="FILE",
                    help="a JSONL task file (one object per line: id, task, prompt, answers, metric; optional "
                         "answer_prefix, max_new_tokens, query_start, meta) instead of the generated suite")
@@ -396,6 +400,7 @@ def cmd_frontier(args) -> None:
 
 
 def cmd_attn_eval(args) -> None:
+    import sparsen.engine.prefill  # noqa: F401  (block-sparse prefill on the C kernel when it is built)
     from sparsen import load_model
     from sparsen.evaluation.attention import markdown_table, run_tasks
     from sparsen.evaluation.tasks import generate_suite, load_tasks
@@ -417,7 +422,10 @@ def cmd_attn_eval(args) -> None:
     res = run_tasks(lm, samples, plans, sparse_from=args.sparse_from, progress=not args.quiet)
     res["argv"] = sys.argv[1:]
     md = markdown_table(res)
-    print(f"{lm.spec}: {len(samples)} samples, sparse from the {args.sparse_from}; accuracy % [95% interval]")
+    prefill = [label for label, kind in res["kinds"].items() if kind == "prefill"]
+    print(f"{lm.spec}: {len(samples)} samples, sparse from the {args.sparse_from}"
+          + (f" (prefill methods {', '.join(prefill)}: the whole prompt sparse, the answer dense)" if prefill else "")
+          + "; accuracy % [95% interval]")
     print(md)
     write_json(out / "attn_eval.json", res)
     write_text(out / "attn_eval.md", md)

@@ -4,8 +4,12 @@ Decode methods run as a user meets them (``sparse_from='question'``, the default
 sample's trailing question is prefilled dense (once per sample, shared by every configuration), then the question
 and the answer are decoded through the sparse path, greedy, up to the sample's ``max_new_tokens`` or an EOS. With
 ``sparse_from='answer'`` the whole prompt is prefilled dense and only the answer is sparse (a short answer alone
-tests little). Accuracy per (configuration, task, length) with a 95% Wilson interval, and the attention density
-the sparse tokens achieved.
+tests little). Prefill methods (block-sparse prefill, ``config.kind == 'prefill'``) prefill the whole prompt
+(context, question, answer prefix) with their pattern, once per sample and configuration, and the answer is
+decoded dense after it; ``sparse_from`` does not apply to them. Accuracy per (configuration, task, length) with a
+95% Wilson interval, and the attention density achieved: of the keys the sparse tokens read (decode methods), or
+of the prompt's causal (query, key) entries computed (prefill methods, with the estimate's share of the dense
+QK^T FLOPs).
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
 class _Run:
     label: str
     sparsifier: object | None  # None: dense
+
+    @property
+    def prefill(self) -> bool:
+        """A block-sparse prefill method: its own sparse prefill of the whole prompt, then dense decoding."""
+        return self.sparsifier is not None and bool(self.sparsifier.prefill_rules)
 
 
 def _greedy(lm, tail: list[int], cache, first_logits, max_new: int, stop: set[int]) -> list[int]:
@@ -91,8 +100,18 @@ def run_tasks(lm, samples: list[TaskSample], plans: dict, sparse_from: str = "qu
         row = {"id": s.id, "task": s.task, "length": s.meta.get("length"), "tokens": len(ids),
                "sparse_tokens": len(ids) - split, "answers": s.answers, "results": {}}
         for r in runs:
-            cache = copy.deepcopy(out.past_key_values)
             sp = r.sparsifier
+            if r.prefill:
+                sp.reset_stats()
+                with sp:  # a forward from position 0: the whole prompt through the method's pattern; then dense
+                    pre = lm.model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+                    gen = _greedy(lm, [], pre.past_key_values, pre.logits[0, -1], s.max_new_tokens, stop)
+                att = sp.achieved()["attention"]
+                text = tok.decode(gen, skip_special_tokens=True)
+                row["results"][r.label] = {"text": text, "score": score(s, text), "density": att["prefill_density"],
+                                           "estimate_share": att["prefill_estimate_share"]}
+                continue
+            cache = copy.deepcopy(out.past_key_values)
             if sp is None:
                 gen = _greedy(lm, ids[split:], cache, out.logits[0, -1], s.max_new_tokens, stop)
                 density = None
@@ -110,6 +129,7 @@ def run_tasks(lm, samples: list[TaskSample], plans: dict, sparse_from: str = "qu
         rows.append(row)
     return {"model": lm.spec, "sparse_from": sparse_from, "labels": [r.label for r in runs],
             "configs": {label: plan.attention for label, plan in plans.items()},
+            "kinds": {r.label: "prefill" if r.prefill else "decode" for r in runs[1:]},
             "groups": group_results(rows, [r.label for r in runs]), "samples": rows,
             "seconds": time.perf_counter() - t0}
 
