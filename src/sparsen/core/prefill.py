@@ -13,7 +13,6 @@ registers the C one on import) computes the same thing faster.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -104,9 +103,9 @@ def key_lists(p: PrefillPattern, qb: int, n: int) -> tuple[torch.Tensor, torch.T
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PrefillPattern,
                            scale: float) -> torch.Tensor:
-    """Exact causal softmax over the pattern's entries only, one query block at a time (torch): q [n_heads, n, d],
-    k, v [n_kv, n, d] -> [n_heads, n, d]. Query head h reads KV head h // group and mask head h // group (shared)
-    or h."""
+    """Exact causal softmax over the pattern's entries only, one query block at a time (torch: SDPA on the gathered
+    keys, the diagonal's causal part and the padding between heads masked): q [n_heads, n, d], k, v [n_kv, n, d]
+    -> [n_heads, n, d]. Query head h reads KV head h // group and mask head h // group (shared) or h."""
     H, n, d = q.shape
     n_kv = k.shape[0]
     g = H // n_kv
@@ -119,12 +118,12 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p:
     for qb in range(n_blocks(n, B)):
         a, b = qb * B, min((qb + 1) * B, n)
         index, valid = key_lists(p, qb, n)
-        kk = k[kv_of_mask[:, None], index]  # [mh, L, d]
-        vv = v[kv_of_mask[:, None], index]
-        s = torch.einsum("hgmd,hld->hgml", qh[:, :, a:b], kk) * scale
+        L = index.shape[1]
+        kk = k[kv_of_mask[:, None], index][:, None].expand(mh, gm, L, d)  # [mh, gm, L, d]: the gathered keys only
+        vv = v[kv_of_mask[:, None], index][:, None].expand(mh, gm, L, d)
         allowed = valid[:, None, :] & (index[:, None, :] <= torch.arange(a, b)[None, :, None])  # [mh, m, L]
-        s = s.masked_fill(~allowed[:, None], -math.inf)
-        out[:, :, a:b] = torch.einsum("hgml,hld->hgmd", torch.softmax(s, dim=-1), vv)
+        out[:, :, a:b] = torch.nn.functional.scaled_dot_product_attention(qh[:, :, a:b], kk, vv,
+                                                                          attn_mask=allowed[:, None], scale=scale)
     return out.reshape(H, n, d)
 
 
@@ -183,12 +182,11 @@ def diagonal_sums(p: torch.Tensor, q0: int) -> torch.Tensor:
     """Sum of p [..., m, n] (queries at positions q0..q0+m-1, keys 0..n-1) along each causal diagonal: out[..., o]
     sums the entries with query - key = o, o in [0, n)."""
     m, n = p.shape[-2:]
-    qpos = torch.arange(q0, q0 + m)
-    off = qpos[:, None] - torch.arange(n)[None, :]  # [m, n]
-    ok = off >= 0
     out = p.new_zeros(*p.shape[:-2], n)
-    flat = p[..., ok]  # [..., entries]
-    return out.index_add_(-1, off[ok], flat)
+    for i in range(m):  # query q0 + i: key j lies on diagonal q0 + i - j, so its causal keys reversed are o = 0, 1, ...
+        t = q0 + i
+        out[..., : t + 1] += p[..., i, : t + 1].flip(-1)
+    return out
 
 
 def cover_count(dist: torch.Tensor, mass: torch.Tensor | float) -> torch.Tensor:
