@@ -236,7 +236,8 @@ class AttnTally:
 
     def summary(self, n_attn_layers: int) -> dict:
         """Density over the causal keys of the sparse queries: in the sparse layers, and over every attention layer
-        (the dense ones read all their keys); ``read_density`` adds the estimate's vectors (K and V rows: 2 per key)."""
+        (the dense ones read all their keys); ``read_density`` adds the estimate's vectors (K and V rows: 2 per key).
+        With prefill rules, the ``prefill_*`` fields beside them (``_prefill_summary``)."""
         out = self._decode_summary(n_attn_layers)
         if self.prefill:
             out.update(self._prefill_summary(n_attn_layers))
@@ -246,8 +247,7 @@ class AttnTally:
         """Density of the prefill: (query, key) entries computed over the causal ones, in the sparse layers and over
         every attention layer (the dense ones compute all theirs); the estimate's FLOPs as a share of the dense QK^T
         FLOPs of the same layers (the QK^T alone: the dense attention's total is twice it, with PV)."""
-        acc = [sum(v[i] for v in self.prefill.values()) for i in range(5)]
-        kept, causal, est, dense_qk, tokens = acc
+        kept, causal, est, dense_qk = (sum(v[i] for v in self.prefill.values()) for i in range(4))
         dense = (n_attn_layers - len(self.prefill)) * causal / len(self.prefill)
         return {"prefill_density": kept / causal, "prefill_density_all_layers": (kept + dense) / (causal + dense),
                 "prefill_estimate_share": est / dense_qk, "prefill_layers": sorted(self.prefill),
