@@ -358,7 +358,8 @@ def test_specs_labels_and_plans(tiny_llama, tmp_path):
                         ("xattention@tau0.95+stride=16", "xattention@tau0.95+stride=16"),
                         ("vertical-slash@1/16+last_q=32", "vertical-slash@1/16+last_q=32"),
                         ("flexprefill", "flexprefill@gamma0.9"),
-                        ("flexprefill+gamma=0.95+tau=0.2", "flexprefill@gamma0.95+tau=0.2")):
+                        ("flexprefill+gamma=0.95+tau=0.2", "flexprefill@gamma0.95+tau=0.2"),
+                        ("block-topk@1/8+shared=false", "block-topk@1/8+shared=false")):
         c = parse_attention_spec(spec)
         assert c.kind == "prefill" and c.label() == label and parse_attention_spec(label) == c
     plan = attention_plan(tiny_llama, parse_attention_spec("xattention@tau0.8+dense_layers=1"), progress=False)

@@ -62,7 +62,9 @@ class AttentionConfig:
     def label(self) -> str:
         """How results name this configuration, as ``parse_attention_spec`` reads it: the budget, then every field
         that differs from its default, e.g. 'quest@1/8', 'h2o@256t' or 'quest@1/16+dense_layers=2'."""
-        return self._budget_label() + "".join(f"+{k}={v}" for k, v in self._changed().items())
+        # booleans as JSON (true/false), which is how parse_attention_spec reads a field back
+        return self._budget_label() + "".join(f"+{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                              for k, v in self._changed().items())
 
     def _budget_label(self) -> str:
         if not self.budgeted:
