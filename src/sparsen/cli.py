@@ -199,6 +199,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="attn-eval", metavar="DIR", help="output directory (default ./attn-eval)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    p = sub.add_parser("attn-frontier", help="sparse attention: methods x densities x lengths, tasks and perplexity",
+                       description="Every attention method at every density of the grid: accuracy on the task suite "
+                                   "per task and length (dense prefix shared per sample, question and answer sparse) "
+                                   "and decode-protocol perplexity / KL to dense on WikiText-2 test windows of each "
+                                   "--ppl-lengths. Writes attn_frontier.json, attn_frontier.md and PNG plots.")
+    _add_model(p)
+    p.add_argument("--methods", default="oracle-topk,sink-window,h2o,quest,double-sparsity", metavar="LIST",
+                   help="comma-separated methods NAME[+FIELD=VALUE...], each run at every density; one given with "
+                        "its own budget (oracle-topp@p0.9, quest@256t) runs once as given")
+    p.add_argument("--densities", default="1/32,1/16,1/8,1/4,1/2", metavar="LIST",
+                   help="densities of the grid: fractions (1/8) or shares (0.125) of the causal keys")
+    p.add_argument("--lengths", default="4096,8192", metavar="LIST",
+                   help="task-suite prompt lengths in tokens ('' for none)")
+    p.add_argument("--samples", type=int, default=50, help="samples per task and length (0: no tasks; default 50)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated suite (default 0)")
+    p.add_argument("--task-names", default="passkey,niah,vt,cwe,story", metavar="LIST", help="generated tasks")
+    p.add_argument("--tasks", default=None, metavar="FILE", help="a JSONL task file instead of the generated suite")
+    p.add_argument("--ppl-lengths", default="4096,8192", metavar="LIST",
+                   help="window lengths of the perplexity runs ('' for none; default 4096,8192)")
+    p.add_argument("--ppl-windows", type=_positive_int, default=4, help="WikiText-2 test windows per length (default 4)")
+    p.add_argument("--out", default="attn-frontier", metavar="DIR", help="output directory (default ./attn-frontier)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     p = sub.add_parser("generate", help="stream text from the CPU decode engine (dense, or sparse with --plan)",
                        description="Generate text with sparsen's batch-1 CPU engine: the prompt is prefilled dense, every "
                                    "new token runs the plan's sparse kernels. Text streams to stdout; speed to stderr.")
@@ -432,6 +455,61 @@ def cmd_attn_eval(args) -> None:
     print(f"wrote {out / 'attn_eval.json'}, {out / 'attn_eval.md'} ({res['seconds']:.0f} s)")
 
 
+def _int_list(text: str, what: str) -> list[int]:
+    values = _float_list(text, what)
+    if any(v != int(v) or v < 1 for v in values):
+        raise SparsenError(f"--{what} '{text}': give whole numbers of tokens, e.g. 4096,8192")
+    return [int(v) for v in values]
+
+
+def _density_list(text: str) -> list[float]:
+    out = []
+    for part in (x.strip() for x in text.split(",") if x.strip()):
+        try:
+            num, _, den = part.partition("/")
+            v = float(num) / float(den) if den else float(num)
+        except (ValueError, ZeroDivisionError):
+            raise SparsenError(f"--densities '{part}': write fractions (1/8) or shares (0.125)") from None
+        if not 0 < v <= 1:
+            raise SparsenError(f"--densities '{part}' is outside (0, 1]: give the share of the context read")
+        out.append(v)
+    if not out:
+        raise SparsenError("--densities is empty: give at least one density, e.g. 1/8")
+    return out
+
+
+def cmd_attn_frontier(args) -> None:
+    from sparsen import load_model
+    from sparsen.evaluation import attn_frontier as af
+    from sparsen.evaluation.tasks import load_tasks
+    from sparsen.io import check_writable, write_json, write_text
+    from sparsen.methods.attention import parse_attention_spec
+
+    out = check_writable(args.out, directory=True)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    specs = af.grid_specs(methods, _density_list(args.densities))
+    labels = [parse_attention_spec(s).label() for s in specs]  # every spec is checked before the model loads
+    if len(set(labels)) != len(labels):
+        raise SparsenError(f"the grid names one configuration twice ({', '.join(labels)}): give each method once")
+    lengths = _int_list(args.lengths, "lengths")
+    ppl_lengths = _int_list(args.ppl_lengths, "ppl-lengths")
+    if args.samples < 0:
+        raise SparsenError("--samples must be 0 (no task suite) or more")
+    samples = load_tasks(args.tasks) if args.tasks else None
+    lm = load_model(args.model)
+    names = [t.strip() for t in args.task_names.split(",") if t.strip()]
+    rec = af.run_attention_frontier(lm, methods, _density_list(args.densities), lengths, args.samples, args.seed, names,
+                                 ppl_lengths, args.ppl_windows, progress=not args.quiet, task_samples=samples)
+    rec["argv"] = sys.argv[1:]
+    md = af.format_markdown(rec)
+    print(md)
+    write_json(out / "attn_frontier.json", rec)
+    write_text(out / "attn_frontier.md", md)
+    pngs = af.plot_attention_frontier(rec, out)
+    print(f"wrote {out / 'attn_frontier.json'}, {out / 'attn_frontier.md'}, {', '.join(str(p) for p in pngs)} "
+          f"({rec['seconds']['total']:.0f} s)")
+
+
 def _slug(corpus: str) -> str:
     """A file-name part for a corpus name or path."""
     import re
@@ -575,7 +653,8 @@ def cmd_bench(args) -> None:
 
 
 COMMANDS = {"profile": cmd_profile, "eval": cmd_eval, "calibrate": cmd_calibrate, "frontier": cmd_frontier,
-            "attn-eval": cmd_attn_eval, "generate": cmd_generate, "bench": cmd_bench, "demo": cmd_demo}
+            "attn-eval": cmd_attn_eval, "attn-frontier": cmd_attn_frontier, "generate": cmd_generate, "bench": cmd_bench,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,77 @@
+"""sparsen attn-frontier: the grid, one calibration per method, the shared-prefix perplexity sweep equals a single
+pass per plan, the record's tables and plots, bad grids refused before any model work."""
+
+import math
+
+import pytest
+import torch
+
+from sparsen.errors import SparsenError
+from sparsen.evaluation import evaluate
+from sparsen.evaluation.attn_frontier import build_plans, format_markdown, grid_specs, perplexity
+
+
+def test_grid_specs_cross_methods_and_densities():
+    assert grid_specs(["quest+dense_layers=2", "oracle-topp@p0.9"], [1 / 8, 0.3]) == [
+        "quest@1/8+dense_layers=2", "quest@0.3+dense_layers=2", "oracle-topp@p0.9"]
+
+
+def test_one_calibration_per_method_and_field_set(tiny_llama, monkeypatch):
+    import dataclasses
+
+    from sparsen.methods.attention import METHODS
+
+    calls = []
+    real = METHODS["double-sparsity"]
+
+    def counting(lm, config, progress=True):
+        calls.append(config.channels)
+        return real.calibrate(lm, config, progress)
+
+    monkeypatch.setitem(METHODS, "double-sparsity", dataclasses.replace(real, calibrate=counting))
+    specs = grid_specs(["double-sparsity+calib_tokens=256+calib_ctx=128",
+                        "double-sparsity+calib_tokens=256+calib_ctx=128+channels=4"], [1 / 4, 1 / 2])
+    plans = build_plans(tiny_llama, specs, progress=False)
+    assert len(plans) == 4 and calls == [8, 4]
+
+
+@pytest.mark.parametrize("spec", ["quest@1/4", "h2o@1/4", "oracle-topk@1/8+dense_layers=1"])
+def test_shared_prefix_sweep_equals_a_single_pass(tiny_llama, spec):
+    lm = tiny_llama
+    plans = build_plans(lm, [spec], progress=False)
+    (label, plan), = plans.items()
+    swept = perplexity(lm, plans, ctx=128, windows=2, progress=False)[label]
+    single = evaluate(lm, ctx=128, n_windows=2, protocol="decode", sparsifier=plan.build_sparsifier(lm), progress=False)
+    assert swept["ppl"] == pytest.approx(single.ppl, rel=1e-4)
+    assert swept["kl"] == pytest.approx(single.kl, rel=1e-3, abs=1e-6)
+    assert swept["density"] == pytest.approx(single.sparsity["attention"]["density"], rel=1e-6)
+    assert swept["kl"] > 0 and 0 < swept["density"] < 1
+
+
+def test_record_tables(tiny_llama, tmp_path):
+    from sparsen.evaluation.attn_frontier import plot_attention_frontier, run_attention_frontier
+
+    rec = run_attention_frontier(tiny_llama, ["sink-window", "quest"], [1 / 4, 1 / 2], lengths=[1024], samples=1,
+                                 tasks=["passkey"], ppl_lengths=[128], ppl_windows=1, progress=False)
+    md = format_markdown(rec)
+    assert "| quest@1/4 |" in md and "| sink-window@1/2 |" in md and "windows of 128" in md
+    assert all(not math.isnan(r["ppl"]) for r in rec["perplexity"]["128"].values())
+    paths = plot_attention_frontier(rec, tmp_path)
+    assert [p.name for p in paths] == ["attn_frontier_tasks.png", "attn_frontier_ppl.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--densities", "1/0"], "write fractions"),
+    (["--densities", "2"], "outside (0, 1]"),
+    (["--methods", "nope"], "unknown attention method"),
+    (["--lengths", "100.5"], "whole numbers"),
+    (["--methods", "quest,quest"], "twice"),
+])
+def test_bad_grids_are_one_line_errors_before_the_model_loads(tmp_path, capsys, argv, message):
+    from sparsen.cli import main
+
+    rc = main(["attn-frontier", "--model", "no-such-model", "--out", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err
+    assert rc != 0 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "attn_frontier.json").exists()
