@@ -443,7 +443,7 @@ class Engine:
             state["qproj"] = np.zeros_like(state["proj"])
             for layer, (Pq, Pk) in bases.items():
                 state["qproj"][layer], state["proj"][layer] = Pq, Pk
-            state["labels"] = np.zeros((n_layers, A.lab_heads, S, A.rank), np.float32)
+            state["labels"] = np.zeros((n_layers, A.lab_heads, A.rank, S), np.float32)  # channel-major
             if name == "lowrank":  # lowrank.py: sinks and a local window forced, scaled scores, softmax or sum
                 sel = selectors[f"layers.{self.attn_layers[0]}.attn"]
                 A.sinks, A.local, A.combine_prob = int(sel.sinks), int(sel.local), int(sel.combine == "prob")
@@ -574,7 +574,7 @@ class Engine:
                     lim = np.float32(2 ** (A.label_bits - 1) - 1)
                     sc = np.maximum(np.abs(lab).max(-1, keepdims=True), np.float32(1e-30)) / lim
                     lab = np.rint(lab / sc) * sc
-                st["labels"][layer, :, :n] = lab
+                st["labels"][layer, :, :, :n] = lab.transpose(0, 2, 1)
             if "mass" in st:
                 m = mass[layer].numpy()  # [n_heads, n]
                 G = A.sel_heads

@@ -52,44 +52,52 @@ void sp_qk_prepare(int ith, int nth, const sp_model *M, const sp_layer *L, int l
 
 /* This thread's pass over its share of every group's positions in layer l. Group s holds the query heads
  * [s gs, (s+1) gs), gs = n_heads / n_groups, of KV head s gs / (n_heads / n_kv), and reads the positions
- * idx[s max_seq + i] for i < cnt[s] (a selection), or base + i for i < n (idx NULL: a range). Writes each logit
- * read at scores[h, position] and this thread's partials (pm, pl, po at slot ith); tmp: [head_dim]. */
+ * idx[s max_seq + i] for i < cnt[s] (a selection), or base + i for i < n (idx NULL: a range). Leaves this thread's
+ * partials (pm, pl, po at slot ith) and, at scores[h, i] for each slot i it read, exp(logit - its pm). Each K row,
+ * then each V row, is read once for the group's heads; tmp: [head_dim]. */
 void sp_attn_rows(int ith, int nth, const sp_model *M, int l, const float *q, int n_groups, const int *idx,
                   const int *cnt, int base, int n, float *scores, float *pm, float *pl, float *po, float *tmp) {
     const int hd = M->head_dim, nh = M->n_heads, S = M->max_seq, group = nh / M->n_kv, f16 = M->kv_f16;
     SP_ASSERT(n_groups > 0 && nh % n_groups == 0 && group % (nh / n_groups) == 0 && 0 <= l && l < M->n_layers);
     SP_ASSERT(idx || (0 <= base && base + n <= S));
     const int gs = nh / n_groups;
+    const size_t rb = (size_t)hd * (f16 ? 2 : 4); /* bytes per row */
     const float scale = M->attn_scale;
     float *tm = pm + (size_t)ith * nh, *tl = pl + (size_t)ith * nh, *to = po + (size_t)ith * nh * hd;
     for (int s = 0; s < n_groups; s++) {
         const int m = idx ? cnt[s] : n, lo = (int)((long)m * ith / nth), hi = (int)((long)m * (ith + 1) / nth);
         const int *ix = idx ? idx + (size_t)s * S : NULL, h0 = s * gs;
         const size_t head = ((size_t)l * M->n_kv + h0 / group) * S;
-        for (int j = 0; j < gs; j++) {
-            tm[h0 + j] = -INFINITY, tl[h0 + j] = 0.f;
-            memset(to + (size_t)(h0 + j) * hd, 0, sizeof(float) * hd);
-        }
-        for (int i = lo; i < hi; i++) {
+        const char *K = (const char *)M->k_cache + head * rb, *V = (const char *)M->v_cache + head * rb;
+        for (int j = 0; j < gs; j++) tm[h0 + j] = -INFINITY;
+        for (int i = lo; i < hi; i++) { /* logits */
             const int p = ix ? ix[i] : base + i;
-            if (i + 2 < hi) __builtin_prefetch((const char *)M->k_cache + (head + (ix ? ix[i + 2] : p + 2)) * hd *
-                                               (f16 ? 2 : 4));
-            const float *k = sp_kv_row(M->k_cache, f16, head + p, hd, tmp);
+            if (ix && i + 4 < hi) __builtin_prefetch(K + (size_t)ix[i + 4] * rb);  /* a selection's next rows */
+            const float *k = sp_kv_row(K, f16, p, hd, tmp);
             for (int j = 0; j < gs; j++) {
                 const float sc = sp_dot(q + (size_t)(h0 + j) * hd, k, hd) * scale;
-                scores[(size_t)(h0 + j) * S + p] = sc;
-                if (sc > tm[h0 + j]) tm[h0 + j] = sc;
+                scores[(size_t)(h0 + j) * S + i] = sc;
+                tm[h0 + j] = sc > tm[h0 + j] ? sc : tm[h0 + j];
             }
         }
-        for (int i = lo; i < hi; i++) {
+        for (int j = 0; j < gs; j++) { /* their exp, vectorized over the slots */
+            float *restrict sc = scores + (size_t)(h0 + j) * S, sum = 0.f;
+            const float mx = tm[h0 + j];
+#pragma omp simd reduction(+ : sum)
+            for (int i = lo; i < hi; i++) {
+                sc[i] = sp_exp(sc[i] - mx);
+                sum += sc[i];
+            }
+            tl[h0 + j] = sum;
+            memset(to + (size_t)(h0 + j) * hd, 0, sizeof(float) * hd);
+        }
+        for (int i = lo; i < hi; i++) { /* the exp-weighted V rows */
             const int p = ix ? ix[i] : base + i;
-            if (i + 2 < hi) __builtin_prefetch((const char *)M->v_cache + (head + (ix ? ix[i + 2] : p + 2)) * hd *
-                                               (f16 ? 2 : 4));
-            const float *v = sp_kv_row(M->v_cache, f16, head + p, hd, tmp);
+            if (ix && i + 4 < hi) __builtin_prefetch(V + (size_t)ix[i + 4] * rb);
+            const float *v = sp_kv_row(V, f16, p, hd, tmp);
             for (int j = 0; j < gs; j++) {
-                const float e = expf(scores[(size_t)(h0 + j) * S + p] - tm[h0 + j]);
+                const float e = scores[(size_t)(h0 + j) * S + i];
                 float *restrict o = to + (size_t)(h0 + j) * hd;
-                tl[h0 + j] += e;
 #pragma omp simd
                 for (int d = 0; d < hd; d++) o[d] += e * v[d];
             }
@@ -112,7 +120,7 @@ void sp_attn_merge(int ith, int nth, int n_heads, int hd, const float *pm, const
         for (int t = 0; t < nth; t++) {
             const float m = pm[(size_t)t * n_heads + h];
             if (m == -INFINITY) continue; /* this thread read none of the head's positions */
-            const float w = expf(m - mx);
+            const float w = sp_exp(m - mx);
             const float *restrict p = po + ((size_t)t * n_heads + h) * hd;
             sum += w * pl[(size_t)t * n_heads + h];
 #pragma omp simd
@@ -164,7 +172,7 @@ void sp_attn_stage(sp_ctx *c, const sp_model *M, int l, int pos, int dense) {
     SP_BARRIER(); /* every head's output complete */
     if (A && A->method == SP_ATTN_H2O) /* the probabilities read accumulate (the dense prompt's included) */
         sp_h2o_observe(c->ith, c->nth, M, l, dense ? NULL : ws->sel_idx, ws->sel_cnt, start, pos - start + 1,
-                       ws->scores, ws->gm, ws->gl);
+                       ws->scores, ws->pm, ws->gm, ws->gl);
     n_act = sp_layer_mask(L, SP_O, dense, ws->att, dq, t->act, t->scratch);
     sp_linear(c, M, l, SP_O, ws->att, dq, t->act, n_act, d, ws->proj, dense);
     if (L->attn_out_norm) {

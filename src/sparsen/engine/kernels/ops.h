@@ -47,7 +47,8 @@ struct sp_workspace {
     float *att;        /* [n_heads * head_dim] attention output (o's input) */
     float *g, *u, *mid;/* [inter] gate, up, down's input */
     float *proj;       /* [wide] a branch's output before the residual add */
-    float *scores;     /* [n_heads, max_seq] logits (or an estimate's per-head scores, then their exp) */
+    float *scores;     /* [n_heads, max_seq] per slot of the positions read: exp(logit - the thread's max); an
+                        * estimate's per-head scores by key before that */
     float *pm, *pl, *po;/* [n_threads, n_heads] (x head_dim for po): each thread's partial attention: max, sum of
                          * exp, exp-weighted V sum over its share of the positions */
     float *gm, *gl;    /* [n_heads] the merged max and sum of exp (the probabilities H2O accumulates) */
@@ -88,6 +89,24 @@ static inline const float *sp_kv_row(const void *a, int f16, size_t r, int hd, f
 #pragma omp simd
     for (int i = 0; i < hd; i++) tmp[i] = (float)h[i];
     return tmp;
+}
+
+/* exp(x) for x <= 0 (a logit minus its maximum), within 2 ulp of expf, written so `omp simd` loops vectorize it
+ * (libm's expf does not without -ffast-math): x = n ln2 + r, exp(r) by Cephes' polynomial, 2^n from the exponent
+ * bits; 0 below -87.3 (and for -inf). */
+static inline float sp_exp(float x) {
+    const float xc = x < -87.3f ? -87.3f : x;
+    const float n = __builtin_rintf(xc * 1.44269504088896341f);
+    const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    union { int32_t i; float f; } e = {((int32_t)n + 127) << 23};
+    return x < -87.3f ? 0.f : p * e.f;
 }
 
 static inline float sp_dot(const float *restrict a, const float *restrict b, int n) {
@@ -142,7 +161,7 @@ void sp_attn_stage(sp_ctx *c, const sp_model *M, int l, int pos, int dense);
 void sp_select_append(int ith, int nth, const sp_model *M, int l, int pos, float *tmp);
 void sp_select_stage(sp_ctx *c, const sp_model *M, int l, int pos);
 void sp_h2o_observe(int ith, int nth, const sp_model *M, int l, const int *idx, const int *cnt, int base, int n,
-                    const float *scores, const float *gm, const float *gl);
+                    const float *scores, const float *pm, const float *gm, const float *gl);
 void sp_select_tally(const sp_model *M, const sp_workspace *ws, int l, int pos);
 
 /* mlp.c */

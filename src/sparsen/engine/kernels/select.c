@@ -152,7 +152,7 @@ void sp_select_append(int ith, int nth, const sp_model *M, int l, int pos, float
         for (int lh = lo; lh < hi; lh++) {
             const float *k = sp_kv_row(M->k_cache, f16, ((size_t)l * nkv + lh / per) * S + pos, hd, tmp);
             const float *P = A->proj + ((size_t)l * A->lab_heads + lh) * hd * r;
-            float *lab = A->labels + (((size_t)l * A->lab_heads + lh) * S + pos) * r;
+            float lab[r];
             for (int c = 0; c < r; c++) lab[c] = 0.f;
             for (int d = 0; d < hd; d++)
                 for (int c = 0; c < r; c++) lab[c] += k[d] * P[(size_t)d * r + c];
@@ -163,6 +163,8 @@ void sp_select_append(int ith, int nth, const sp_model *M, int l, int pos, float
                 const float sc = fmaxf(amax, 1e-30f) / lim;
                 for (int c = 0; c < r; c++) lab[c] = rintf(lab[c] / sc) * sc;
             }
+            float *col = A->labels + ((size_t)l * A->lab_heads + lh) * r * S + pos; /* [rank, max_seq]: see below */
+            for (int c = 0; c < r; c++) col[(size_t)c * S] = lab[c];
         }
     }
 }
@@ -191,13 +193,16 @@ static void est_exact(int ith, int nth, const sp_model *M, int l, const float *q
 
 /* double-sparsity, lowrank: approximate scores (q Pq).(k P) label_scale from the label cache, this thread's share
  * of the keys [0, n). per_head: into scores[h, j] with this thread's maxima (a softmax follows); else summed over
- * each selection head's query heads into vals[s, j]. qp: [n_heads, rank] scratch. */
+ * each selection head's query heads into vals[s, j], as one product with their summed projected queries (the
+ * group's heads share a label head). The labels are stored channel-major, [rank, max_seq] per label head, so each
+ * channel is one contiguous run of keys and the products vectorize over keys. qp: [n_heads, rank] scratch. */
 static void est_labels(int ith, int nth, const sp_model *M, int l, const float *q, int n, int per_head, float *qp,
                        float *scores, float *tmax, float *vals, int sel_heads) {
     const sp_attn *A = M->attn;
     const int hd = M->head_dim, nh = M->n_heads, S = M->max_seq, r = A->rank, lab_of = nh / A->lab_heads;
     const int gs = nh / sel_heads;
-    for (int h = 0; h < nh; h++) { /* q P, each thread for itself (n_heads head_dim rank products: no barrier) */
+    SP_ASSERT(per_head || lab_of % gs == 0); /* a selection head's query heads share a label head */
+    for (int h = 0; h < nh; h++) { /* q Pq, each thread for itself (n_heads head_dim rank products: no barrier) */
         const float *P = A->qproj + ((size_t)l * A->lab_heads + h / lab_of) * hd * r, *qh = q + (size_t)h * hd;
         float *o = qp + (size_t)h * r;
         for (int c = 0; c < r; c++) o[c] = 0.f;
@@ -206,20 +211,27 @@ static void est_labels(int ith, int nth, const sp_model *M, int l, const float *
     }
     int lo, hi;
     sp_range(n, ith, nth, &lo, &hi);
-    float *tm = tmax + (size_t)ith * nh;
-    for (int h = 0; h < nh; h++) tm[h] = -INFINITY;
-    for (int h = 0; h < nh; h++) {
-        const float *lab = A->labels + ((size_t)l * A->lab_heads + h / lab_of) * S * r, *qh = qp + (size_t)h * r;
-        float *out = per_head ? scores + (size_t)h * S : vals + (size_t)(h / gs) * S;
-        const int first = h % gs == 0;
-        for (int j = lo; j < hi; j++) {
-            const float s = sp_dot(qh, lab + (size_t)j * r, r) * A->label_scale;
-            if (per_head) {
-                out[j] = s;
-                if (s > tm[h]) tm[h] = s;
-            } else {
-                out[j] = first ? s : out[j] + s;
-            }
+    const int rows = per_head ? nh : sel_heads, per = per_head ? 1 : gs;
+    for (int x = 0; x < rows; x++) { /* a query head, or a selection head's summed query */
+        const int h0 = x * per;
+        float w[r];
+        for (int c = 0; c < r; c++) {
+            w[c] = 0.f;
+            for (int h = h0; h < h0 + per; h++) w[c] += qp[(size_t)h * r + c];
+            w[c] *= A->label_scale;
+        }
+        const float *lab = A->labels + ((size_t)l * A->lab_heads + h0 / lab_of) * r * S;
+        float *restrict out = (per_head ? scores : vals) + (size_t)x * S;
+        for (int j = lo; j < hi; j++) out[j] = 0.f;
+        for (int c = 0; c < r; c++) {
+            const float *restrict lc = lab + (size_t)c * S, wc = w[c];
+#pragma omp simd
+            for (int j = lo; j < hi; j++) out[j] += wc * lc[j];
+        }
+        if (per_head) {
+            float mx = -INFINITY;
+            for (int j = lo; j < hi; j++) mx = out[j] > mx ? out[j] : mx;
+            tmax[(size_t)ith * nh + x] = mx;
         }
     }
 }
@@ -233,9 +245,10 @@ static void probs_exp(int ith, int nth, int nh, int S, int n, float *scores, con
     for (int h = 0; h < nh; h++) {
         float mx = -INFINITY, sum = 0.f;
         for (int t = 0; t < nth; t++) mx = fmaxf(mx, tmax[(size_t)t * nh + h]);
-        float *s = scores + (size_t)h * S;
+        float *restrict s = scores + (size_t)h * S;
+#pragma omp simd reduction(+ : sum)
         for (int j = lo; j < hi; j++) {
-            s[j] = expf(s[j] - mx);
+            s[j] = sp_exp(s[j] - mx);
             sum += s[j];
         }
         tsum[(size_t)ith * nh + h] = sum;
@@ -401,19 +414,23 @@ void sp_select_tally(const sp_model *M, const sp_workspace *ws, int l, int pos) 
 }
 
 /* h2o: the probabilities this step read (idx / cnt per selection head, or the range base + [0, n) for every head),
- * summed over each selection head's query heads, added to its keys' mass; this thread's share of the positions. */
+ * summed over each selection head's query heads, added to its keys' mass. This thread's share of the slots, as
+ * sp_attn_rows split them, so scores[h, i] holds exp(logit - pm[ith, h]) and the probability is that
+ * exp(pm - gm) / gl. */
 void sp_h2o_observe(int ith, int nth, const sp_model *M, int l, const int *idx, const int *cnt, int base, int n,
-                    const float *scores, const float *gm, const float *gl) {
+                    const float *scores, const float *pm, const float *gm, const float *gl) {
     const sp_attn *A = M->attn;
-    const int S = M->max_seq, G = A->sel_heads, gs = M->n_heads / G;
+    const int S = M->max_seq, G = A->sel_heads, nh = M->n_heads, gs = nh / G;
     for (int s = 0; s < G; s++) {
         const int m = idx ? cnt[s] : n, lo = (int)((long)m * ith / nth), hi = (int)((long)m * (ith + 1) / nth);
         double *mass = A->mass + ((size_t)l * G + s) * S;
+        float w[gs];
+        for (int h = s * gs; h < (s + 1) * gs; h++)
+            w[h - s * gs] = gl[h] > 0.f ? sp_exp(pm[(size_t)ith * nh + h] - gm[h]) / gl[h] : 0.f;
         for (int i = lo; i < hi; i++) {
-            const int j = idx ? idx[(size_t)s * S + i] : base + i;
             float p = 0.f;
-            for (int h = s * gs; h < (s + 1) * gs; h++) p += expf(scores[(size_t)h * S + j] - gm[h]) / gl[h];
-            mass[j] += p;
+            for (int j = 0; j < gs; j++) p += scores[(size_t)(s * gs + j) * S + i] * w[j];
+            mass[idx ? idx[(size_t)s * S + i] : base + i] += p;
         }
     }
 }

@@ -103,7 +103,7 @@ typedef struct {
     const float *proj;    /* [n_layers, lab_heads, head_dim, rank] P: a key's label is k P */
     const float *qproj;   /* the same for the query (P again, or lowrank's bilinear pair): score (q Pq).(k P) */
     int label_bits;       /* > 0: each label rounded to this many signed bits on its max-abs scale (lowrank) */
-    float *labels;        /* [n_layers, lab_heads, max_seq, rank] */
+    float *labels;        /* [n_layers, lab_heads, rank, max_seq]: channel-major, the estimate streams each channel */
     void *kmin, *kmax;    /* quest: [n_layers, n_kv, max_pages, head_dim] per-page channel min / max, KV dtype */
     double *mass;         /* h2o: [n_layers, sel_heads, max_seq] attention probability accumulated per key */
     uint8_t *held;        /* h2o: [n_layers, sel_heads, max_seq] 1 while held (all 1 at a sequence's start) */
