@@ -123,6 +123,45 @@ def test_tiny_gemma3_selects_in_its_global_layer_only(method):
     assert engine.achieved()["attention"]["sparse_layers"] == [2]
 
 
+def wide_llama(head_dim, n_heads, n_kv):
+    """A random 2-layer Llama with the head shapes of real models (the kernels' vectorized row loops: head_dim 64 or
+    128, up to 4 query heads per KV head); the tiny models' head_dim 16 takes the generic loop."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparsen.models import LoadedModel, adapter_for
+    from sparsen.models.tiny import byte_tokenizer
+
+    cfg = LlamaConfig(vocab_size=258, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=head_dim,
+                      max_position_embeddings=512, bos_token_id=256, eos_token_id=257, tie_word_embeddings=True)
+    torch.manual_seed(head_dim * 100 + n_heads * 10 + n_kv)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.1)
+    model.requires_grad_(False)
+    return LoadedModel(spec=f"wide-llama-{head_dim}-{n_heads}-{n_kv}", model=model, tokenizer=byte_tokenizer(),
+                       adapter=adapter_for(model), source="random init, seed fixed")
+
+
+@pytest.mark.parametrize("shape", [(64, 6, 2), (64, 4, 1), (64, 2, 2), (128, 4, 2)], ids=str)
+def test_vectorized_rows_of_real_head_shapes(ids, shape):
+    lm = wide_llama(*shape)
+    with torch.no_grad():
+        hf = lm.model(torch.tensor([ids])).logits[0].numpy()[PROMPT - 1:]
+    dense = engine_path(Engine(lm, threads=2, max_seq=128), ids, PROMPT)
+    assert_close(dense, hf)
+    half = engine_path(Engine(lm, threads=2, max_seq=128, kv_dtype="fp16"), ids, PROMPT)
+    assert 0 < np.abs(half - dense).max() < 1e-2 * np.abs(dense).max()
+    for spec in ("quest@0.25+page_size=4", "h2o@0.25+shared=false"):
+        plan = attention_plan(lm, parse_attention_spec(spec), progress=False)
+        want, achieved = torch_path(lm, plan, ids, PROMPT)
+        engine = Engine(lm, plan, threads=2, max_seq=128)
+        assert_close(engine_path(engine, ids, PROMPT), want)
+        assert_same_accounting(engine.achieved()["attention"], achieved["attention"])
+
+
 @pytest.mark.parametrize("method", [None, "h2o", "quest", "double-sparsity", "lowrank"])
 def test_torch_prefill_equals_stepping_the_prompt(tiny_llama, ids, method):
     plan = _plan(tiny_llama, SPECS[method] + "+dense_layers=1") if method else None

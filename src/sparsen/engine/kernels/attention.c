@@ -5,6 +5,9 @@
 #include <string.h>
 
 #include "ops.h"
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 static void rope(float *v, const float *c, const float *s, int hd) {
     const int half = hd / 2;
@@ -21,8 +24,12 @@ static void store_row(void *cache, int f16, size_t row, const float *x, int hd) 
         return;
     }
     _Float16 *h = (_Float16 *)cache + row * hd;
-#pragma omp simd
-    for (int i = 0; i < hd; i++) h[i] = (_Float16)x[i];
+    int i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+    for (; i + 8 <= hd; i += 8) /* round to nearest even, as the scalar conversion */
+        _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < hd; i++) h[i] = (_Float16)x[i];
 }
 
 /* Heads [0, n_heads) of q and [0, n_kv) of k (one list, split over the threads): the per-head norm if the layer
@@ -50,6 +57,113 @@ void sp_qk_prepare(int ith, int nth, const sp_model *M, const sp_layer *L, int l
     }
 }
 
+/* sc[j S + i] <- exp(sc[j S + i] - tm[j]) over the slots [lo, hi) of gs heads; their sums into tl (if not NULL). */
+static void exp_slots(float *sc, int S, int gs, int lo, int hi, const float *tm, float *tl) {
+    for (int j = 0; j < gs; j++) {
+        float *restrict x = sc + (size_t)j * S, sum = 0.f;
+        const float mx = tm[j];
+#pragma omp simd reduction(+ : sum)
+        for (int i = lo; i < hi; i++) {
+            x[i] = sp_exp(x[i] - mx);
+            sum += x[i];
+        }
+        if (tl) tl[j] = sum;
+    }
+}
+
+/* One group's slice [lo, hi) of its positions (ix[i], or base + i): logits into sc[j S + i] for its gs heads with
+ * their maxima tm, then exp(logit - max) there with their sums tl, and the exp-weighted V rows summed into to
+ * [gs, hd]. The generic form; rows_avx512 below is the same with q and the sums held in registers. */
+static void rows_generic(const float *q, const char *K, const char *V, int f16, const int *ix, int base, int lo, int hi,
+                         int hd, int gs, int S, float scale, float *sc, float *tm, float *tl, float *to, float *tmp) {
+    const size_t rb = (size_t)hd * (f16 ? 2 : 4); /* bytes per row */
+    for (int j = 0; j < gs; j++) tm[j] = -INFINITY;
+    for (int i = lo; i < hi; i++) {
+        const int p = ix ? ix[i] : base + i;
+        if (ix && i + 4 < hi) __builtin_prefetch(K + (size_t)ix[i + 4] * rb); /* a selection's next rows */
+        const float *k = sp_kv_row(K, f16, p, hd, tmp);
+        for (int j = 0; j < gs; j++) {
+            const float x = sp_dot(q + (size_t)j * hd, k, hd) * scale;
+            sc[(size_t)j * S + i] = x;
+            tm[j] = x > tm[j] ? x : tm[j];
+        }
+    }
+    exp_slots(sc, S, gs, lo, hi, tm, tl);
+    for (int j = 0; j < gs; j++) memset(to + (size_t)j * hd, 0, sizeof(float) * hd);
+    for (int i = lo; i < hi; i++) {
+        const int p = ix ? ix[i] : base + i;
+        if (ix && i + 4 < hi) __builtin_prefetch(V + (size_t)ix[i + 4] * rb);
+        const float *v = sp_kv_row(V, f16, p, hd, tmp);
+        for (int j = 0; j < gs; j++) {
+            const float e = sc[(size_t)j * S + i];
+            float *restrict o = to + (size_t)j * hd;
+#pragma omp simd
+            for (int d = 0; d < hd; d++) o[d] += e * v[d];
+        }
+    }
+}
+
+#ifdef __AVX512F__
+/* rows_generic for head_dim 16 NV and GS heads, fp32 or half rows: the group's queries and output sums stay in
+ * zmm registers across the rows (GS NV of each), and a half row is widened in registers, so a row costs its
+ * loads, GS NV FMAs twice and GS reductions. The exps in between are the shared vectorized loop. */
+#define ROWS_AVX512(NV, GS, F16)                                                                                    \
+    static void rows_##NV##_##GS##_##F16(const float *q, const char *K, const char *V, const int *ix, int base,      \
+                                         int lo, int hi, int S, float scale, float *sc, float *tm, float *tl,       \
+                                         float *to) {                                                               \
+        const size_t rb = (size_t)16 * NV * (F16 ? 2 : 4);                                                         \
+        __m512 qv[GS][NV], r[NV];                                                                                  \
+        for (int j = 0; j < GS; j++)                                                                               \
+            for (int v = 0; v < NV; v++) qv[j][v] = _mm512_loadu_ps(q + (j * NV + v) * 16);                       \
+        float mx[GS];                                                                                              \
+        for (int j = 0; j < GS; j++) mx[j] = -INFINITY;                                                            \
+        for (int i = lo; i < hi; i++) {                                                                            \
+            const int p = ix ? ix[i] : base + i;                                                                   \
+            if (ix && i + 4 < hi) __builtin_prefetch(K + (size_t)ix[i + 4] * rb);                                  \
+            LOAD_ROW(K + (size_t)p * rb, NV, F16, r);                                                              \
+            for (int j = 0; j < GS; j++) {                                                                         \
+                __m512 acc = _mm512_mul_ps(qv[j][0], r[0]);                                                        \
+                for (int v = 1; v < NV; v++) acc = _mm512_fmadd_ps(qv[j][v], r[v], acc);                           \
+                const float x = _mm512_reduce_add_ps(acc) * scale;                                                 \
+                sc[(size_t)j * S + i] = x;                                                                         \
+                mx[j] = x > mx[j] ? x : mx[j];                                                                     \
+            }                                                                                                      \
+        }                                                                                                          \
+        for (int j = 0; j < GS; j++) tm[j] = mx[j];                                                                \
+        exp_slots(sc, S, GS, lo, hi, tm, tl);                                                                      \
+        __m512 o[GS][NV];                                                                                          \
+        for (int j = 0; j < GS; j++)                                                                               \
+            for (int v = 0; v < NV; v++) o[j][v] = _mm512_setzero_ps();                                            \
+        for (int i = lo; i < hi; i++) {                                                                            \
+            const int p = ix ? ix[i] : base + i;                                                                   \
+            if (ix && i + 4 < hi) __builtin_prefetch(V + (size_t)ix[i + 4] * rb);                                  \
+            LOAD_ROW(V + (size_t)p * rb, NV, F16, r);                                                              \
+            for (int j = 0; j < GS; j++) {                                                                         \
+                const __m512 e = _mm512_set1_ps(sc[(size_t)j * S + i]);                                            \
+                for (int v = 0; v < NV; v++) o[j][v] = _mm512_fmadd_ps(e, r[v], o[j][v]);                          \
+            }                                                                                                      \
+        }                                                                                                          \
+        for (int j = 0; j < GS; j++)                                                                               \
+            for (int v = 0; v < NV; v++) _mm512_storeu_ps(to + (j * NV + v) * 16, o[j][v]);                        \
+    }
+#define LOAD_ROW(ptr, NV, F16, r)                                                                                  \
+    for (int v = 0; v < NV; v++)                                                                                   \
+        r[v] = F16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(ptr) + 16 * v)))      \
+                   : _mm512_loadu_ps((const float *)(ptr) + 16 * v)
+#endif
+
+typedef void (*rows_fn)(const float *, const char *, const char *, const int *, int, int, int, int, float, float *,
+                        float *, float *, float *);
+#ifdef __AVX512F__
+ROWS_AVX512(4, 1, 0) ROWS_AVX512(4, 2, 0) ROWS_AVX512(4, 3, 0) ROWS_AVX512(4, 4, 0)
+ROWS_AVX512(4, 1, 1) ROWS_AVX512(4, 2, 1) ROWS_AVX512(4, 3, 1) ROWS_AVX512(4, 4, 1)
+ROWS_AVX512(8, 1, 0) ROWS_AVX512(8, 2, 0) ROWS_AVX512(8, 1, 1) ROWS_AVX512(8, 2, 1)
+/* [f16][head_dim / 16 == 8][gs - 1] */
+static const rows_fn ROWS_FAST[2][2][4] = {
+    {{rows_4_1_0, rows_4_2_0, rows_4_3_0, rows_4_4_0}, {rows_8_1_0, rows_8_2_0, NULL, NULL}},
+    {{rows_4_1_1, rows_4_2_1, rows_4_3_1, rows_4_4_1}, {rows_8_1_1, rows_8_2_1, NULL, NULL}}};
+#endif
+
 /* This thread's pass over its share of every group's positions in layer l. Group s holds the query heads
  * [s gs, (s+1) gs), gs = n_heads / n_groups, of KV head s gs / (n_heads / n_kv), and reads the positions
  * idx[s max_seq + i] for i < cnt[s] (a selection), or base + i for i < n (idx NULL: a range). Leaves this thread's
@@ -61,46 +175,24 @@ void sp_attn_rows(int ith, int nth, const sp_model *M, int l, const float *q, in
     SP_ASSERT(n_groups > 0 && nh % n_groups == 0 && group % (nh / n_groups) == 0 && 0 <= l && l < M->n_layers);
     SP_ASSERT(idx || (0 <= base && base + n <= S));
     const int gs = nh / n_groups;
-    const size_t rb = (size_t)hd * (f16 ? 2 : 4); /* bytes per row */
-    const float scale = M->attn_scale;
+    const size_t rb = (size_t)hd * (f16 ? 2 : 4);
     float *tm = pm + (size_t)ith * nh, *tl = pl + (size_t)ith * nh, *to = po + (size_t)ith * nh * hd;
     for (int s = 0; s < n_groups; s++) {
         const int m = idx ? cnt[s] : n, lo = (int)((long)m * ith / nth), hi = (int)((long)m * (ith + 1) / nth);
         const int *ix = idx ? idx + (size_t)s * S : NULL, h0 = s * gs;
         const size_t head = ((size_t)l * M->n_kv + h0 / group) * S;
         const char *K = (const char *)M->k_cache + head * rb, *V = (const char *)M->v_cache + head * rb;
-        for (int j = 0; j < gs; j++) tm[h0 + j] = -INFINITY;
-        for (int i = lo; i < hi; i++) { /* logits */
-            const int p = ix ? ix[i] : base + i;
-            if (ix && i + 4 < hi) __builtin_prefetch(K + (size_t)ix[i + 4] * rb);  /* a selection's next rows */
-            const float *k = sp_kv_row(K, f16, p, hd, tmp);
-            for (int j = 0; j < gs; j++) {
-                const float sc = sp_dot(q + (size_t)(h0 + j) * hd, k, hd) * scale;
-                scores[(size_t)(h0 + j) * S + i] = sc;
-                tm[h0 + j] = sc > tm[h0 + j] ? sc : tm[h0 + j];
-            }
-        }
-        for (int j = 0; j < gs; j++) { /* their exp, vectorized over the slots */
-            float *restrict sc = scores + (size_t)(h0 + j) * S, sum = 0.f;
-            const float mx = tm[h0 + j];
-#pragma omp simd reduction(+ : sum)
-            for (int i = lo; i < hi; i++) {
-                sc[i] = sp_exp(sc[i] - mx);
-                sum += sc[i];
-            }
-            tl[h0 + j] = sum;
-            memset(to + (size_t)(h0 + j) * hd, 0, sizeof(float) * hd);
-        }
-        for (int i = lo; i < hi; i++) { /* the exp-weighted V rows */
-            const int p = ix ? ix[i] : base + i;
-            if (ix && i + 4 < hi) __builtin_prefetch(V + (size_t)ix[i + 4] * rb);
-            const float *v = sp_kv_row(V, f16, p, hd, tmp);
-            for (int j = 0; j < gs; j++) {
-                const float e = scores[(size_t)(h0 + j) * S + i];
-                float *restrict o = to + (size_t)(h0 + j) * hd;
-#pragma omp simd
-                for (int d = 0; d < hd; d++) o[d] += e * v[d];
-            }
+        float *sc = scores + (size_t)h0 * S;
+        const float *qh = q + (size_t)h0 * hd;
+        rows_fn fast = NULL;
+#ifdef __AVX512F__
+        if ((hd == 64 || hd == 128) && gs <= 4) fast = ROWS_FAST[f16][hd == 128][gs - 1];
+#endif
+        if (fast) {
+            fast(qh, K, V, ix, base, lo, hi, S, M->attn_scale, sc, tm + h0, tl + h0, to + (size_t)h0 * hd);
+        } else {
+            rows_generic(qh, K, V, f16, ix, base, lo, hi, hd, gs, S, M->attn_scale, sc, tm + h0, tl + h0,
+                         to + (size_t)h0 * hd, tmp);
         }
     }
 }
