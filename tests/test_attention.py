@@ -16,7 +16,7 @@ CALIB = {"calib_tokens": 256, "calib_ctx": 128}
 
 
 def _config(name, **kw):
-    extra = "".join(f"+{k}={v}" for k, v in {**(CALIB if name == "double-sparsity" else {}), **kw}.items())
+    extra = "".join(f"+{k}={v}" for k, v in {**(CALIB if name in ("double-sparsity", "sketch") else {}), **kw}.items())
     return parse_attention_spec(name + extra)
 
 
@@ -26,7 +26,8 @@ def ids(tiny_llama):
     return torch.randint(0, tiny_llama.adapter.vocab_size, (1, 160))
 
 
-@pytest.mark.parametrize("name", ["oracle-topk", "oracle-topp", "sink-window", "h2o", "quest", "double-sparsity"])
+@pytest.mark.parametrize("name", ["oracle-topk", "oracle-topp", "sink-window", "h2o", "quest", "double-sparsity",
+                                  "sketch"])
 def test_full_budget_reproduces_dense(tiny_llama, ids, name):
     lm = tiny_llama
     full = {"p": 1.0} if name == "oracle-topp" else {"density": 1.0}
@@ -42,7 +43,7 @@ def test_full_budget_reproduces_dense(tiny_llama, ids, name):
     assert lm.config._attn_implementation == "sdpa"  # restored on detach
 
 
-@pytest.mark.parametrize("name", ["oracle-topk", "sink-window", "h2o", "quest", "double-sparsity"])
+@pytest.mark.parametrize("name", ["oracle-topk", "sink-window", "h2o", "quest", "double-sparsity", "sketch"])
 def test_sparse_path_runs_at_its_budget(tiny_llama, ids, name):
     lm = tiny_llama
     plan = attention_plan(lm, _config(name, density=0.25, dense_layers=1), progress=False)
@@ -131,6 +132,52 @@ def test_sink_window_and_oracle_sets():
         assert set(keep[h].nonzero().flatten().tolist()) == set(probs[h].topk(14).indices.tolist())
 
 
+def test_sketch_basis_is_the_best_rank_r_bilinear_form():
+    """Eckart-Young: the bilinear basis's expected squared logit error at rank r is the sum of the discarded squared
+    singular values, no larger than a PCA basis of the queries or the keys; at full rank q^T A B^T k = q^T k."""
+    from sparsen.methods.attention.sketch import bilinear_basis
+
+    g = torch.Generator().manual_seed(0)
+    d, r = 12, 4
+    Mq, Mk = torch.randn(2, d, d, generator=g, dtype=torch.float64), torch.randn(2, d, d, generator=g, dtype=torch.float64)
+    cq = Mq @ Mq.transpose(1, 2)
+    ck = Mk @ torch.diag(torch.linspace(0.1, 3, d, dtype=torch.float64)) @ Mk.transpose(1, 2)
+    A, B = bilinear_basis(cq, ck)
+    assert torch.allclose(A @ B.transpose(1, 2), torch.eye(d, dtype=torch.float64).expand(2, d, d), atol=1e-6)
+
+    def error(P, Q):  # E[(q^T (I - P Q^T) k)^2] for independent q, k of second moments cq, ck
+        E = torch.eye(d, dtype=torch.float64) - P @ Q.transpose(1, 2)
+        return torch.einsum("nij,njk,nkl,nil->n", cq, E, ck, E)
+
+    lq, lk = torch.linalg.cholesky(cq), torch.linalg.cholesky(ck)
+    sv = torch.linalg.svdvals(lq.transpose(1, 2) @ lk)
+    best = error(A[:, :, :r], B[:, :, :r])
+    assert torch.allclose(best, (sv[:, r:] ** 2).sum(1), rtol=1e-4)
+    for c in (cq, ck):
+        V = torch.linalg.eigh(c).eigenvectors.flip(-1)[:, :, :r]
+        assert (best <= error(V, V) + 1e-9).all()
+
+
+def test_sketch_keeps_the_top_estimated_keys_with_sinks_and_window():
+    from sparsen.methods.attention.sketch import Sketch
+
+    q, k, qpos, scores = _qk()
+    g = torch.Generator().manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(2, 2, 8, 8, generator=g)).Q  # any [2, n_kv, d, d]
+    cfg = _config("sketch", density=0.3, rank=3, sinks=2, local=4)
+    keep = Sketch(cfg, basis, 0.5).keep(q, k, qpos, scores)[:, 0, 0]
+    budget = math.ceil(0.3 * 70)
+    for h in range(2):
+        A, B = basis[0, h, :, :3], basis[1, h, :, :3]
+        lab = k[h] @ B
+        step = lab.abs().max(1).values / 127
+        lab = torch.round(lab / step[:, None]) * step[:, None]  # int8 with a scale per key
+        est = sum(torch.softmax((q[h, j, 0] @ A) @ lab.T * 0.5, -1) for j in range(2))
+        forced = [0, 1, 66, 67, 68, 69]
+        rest = sorted((i for i in range(70) if i not in forced), key=lambda i: -float(est[i]))[: budget - len(forced)]
+        assert set(keep[h].nonzero().flatten().tolist()) == set(forced + rest)
+
+
 def test_h2o_equals_a_restated_rule():
     """H2O: the new key enters; over budget, the held key outside the recent window with least accumulated mass
     leaves for good; the mass of what each query reads accumulates. Re-stated here one query at a time."""
@@ -208,4 +255,4 @@ def test_bad_specs_are_one_line_errors(spec, message):
 
 def test_every_method_is_registered():
     assert attention_method_names() == ["oracle-topk", "oracle-topp", "sink-window", "h2o", "quest", "double-sparsity",
-                                        "lowrank", "block-topk", "xattention", "vertical-slash", "flexprefill"]
+                                        "lowrank", "sketch", "block-topk", "xattention", "vertical-slash", "flexprefill"]

@@ -23,6 +23,7 @@ from sparsen.methods.attention import (
     oracle,
     quest,
     sink_window,
+    sketch,
     vertical_slash,
     xattention,
 )
@@ -34,12 +35,13 @@ from sparsen.methods.attention.h2o import H2OConfig
 from sparsen.methods.attention.oracle import OracleTopKConfig, OracleTopPConfig
 from sparsen.methods.attention.quest import QuestConfig
 from sparsen.methods.attention.sink_window import SinkWindowConfig
+from sparsen.methods.attention.sketch import SketchConfig
 from sparsen.methods.attention.vertical_slash import VerticalSlashConfig
 from sparsen.methods.attention.xattention import XAttentionConfig
 
 METHODS: dict[str, AttentionMethod] = {m.name: m for m in (
     oracle.METHOD_TOPK, oracle.METHOD_TOPP, sink_window.METHOD, h2o.METHOD, quest.METHOD, double_sparsity.METHOD, lowrank.METHOD,
-    block_topk.METHOD, xattention.METHOD, vertical_slash.METHOD, flexprefill.METHOD)}
+    sketch.METHOD, block_topk.METHOD, xattention.METHOD, vertical_slash.METHOD, flexprefill.METHOD)}
 PREFILL_MASS_BUDGETS = ("tau", "gamma")  # '@tau0.9', '@gamma0.9': a prefill method's mass threshold as its budget
 
 
@@ -130,6 +132,6 @@ def attention_plan(lm, config: AttentionConfig, base: Plan | None = None, progre
 
 
 __all__ = ["AttentionConfig", "BlockTopKConfig", "DoubleSparsityConfig", "FlexPrefillConfig", "H2OConfig",
-           "OracleTopKConfig", "OracleTopPConfig", "PrefillConfig", "QuestConfig", "SinkWindowConfig",
+           "OracleTopKConfig", "OracleTopPConfig", "PrefillConfig", "QuestConfig", "SinkWindowConfig", "SketchConfig",
            "VerticalSlashConfig", "XAttentionConfig", "attention_config_for", "attention_method_names", "attention_plan",
            "build_selectors", "get_attention_method", "parse_attention_spec"]
