@@ -4,9 +4,7 @@ pass per plan, the record's tables and plots, bad grids refused before any model
 import math
 
 import pytest
-import torch
 
-from sparsen.errors import SparsenError
 from sparsen.evaluation import evaluate
 from sparsen.evaluation.attn_frontier import build_plans, format_markdown, grid_specs, perplexity
 
@@ -35,27 +33,34 @@ def test_one_calibration_per_method_and_field_set(tiny_llama, monkeypatch):
     assert len(plans) == 4 and calls == [8, 4]
 
 
-@pytest.mark.parametrize("spec", ["quest@1/4", "h2o@1/4", "oracle-topk@1/8+dense_layers=1"])
+@pytest.mark.parametrize("spec", ["quest@1/4", "h2o@1/4", "oracle-topk@1/8+dense_layers=1",
+                                  "sketch@1/8+rank=8+calib_tokens=256+calib_ctx=128", "block-topk@1/4+block=16"])
 def test_shared_prefix_sweep_equals_a_single_pass(tiny_llama, spec):
     lm = tiny_llama
     plans = build_plans(lm, [spec], progress=False)
     (label, plan), = plans.items()
-    swept = perplexity(lm, plans, ctx=128, windows=2, progress=False)[label]
-    single = evaluate(lm, ctx=128, n_windows=2, protocol="decode", sparsifier=plan.build_sparsifier(lm), progress=False)
+    protocol = "full" if spec.startswith("block") else "decode"
+    swept = perplexity(lm, plans, ctx=128, windows=2, progress=False)[protocol][label]
+    single = evaluate(lm, ctx=128, n_windows=2, protocol=protocol, sparsifier=plan.build_sparsifier(lm), progress=False)
     assert swept["ppl"] == pytest.approx(single.ppl, rel=1e-4)
     assert swept["kl"] == pytest.approx(single.kl, rel=1e-3, abs=1e-6)
-    assert swept["density"] == pytest.approx(single.sparsity["attention"]["density"], rel=1e-6)
+    att = single.sparsity["attention"]
+    assert swept["density"] == pytest.approx(att["prefill_density" if protocol == "full" else "density"], rel=1e-6)
     assert swept["kl"] > 0 and 0 < swept["density"] < 1
 
 
 def test_record_tables(tiny_llama, tmp_path):
     from sparsen.evaluation.attn_frontier import plot_attention_frontier, run_attention_frontier
 
-    rec = run_attention_frontier(tiny_llama, ["sink-window", "quest"], [1 / 4, 1 / 2], lengths=[1024], samples=1,
-                                 tasks=["passkey"], ppl_lengths=[128], ppl_windows=1, progress=False)
+    rec = run_attention_frontier(tiny_llama, ["sink-window", "quest", "block-topk+block=16"], [1 / 4, 1 / 2],
+                                 lengths=[1024], samples=1, tasks=["passkey"], ppl_lengths=[128], ppl_windows=1,
+                                 progress=False)
     md = format_markdown(rec)
-    assert "| quest@1/4 |" in md and "| sink-window@1/2 |" in md and "windows of 128" in md
-    assert all(not math.isnan(r["ppl"]) for r in rec["perplexity"]["128"].values())
+    assert "| quest@1/4 |" in md and "| sink-window@1/2 |" in md and "windows of 128 (decode" in md
+    assert "| block-topk@1/2+block=16 |" in md and "windows of 128 (full" in md
+    ppl = rec["perplexity"]["128"]
+    assert set(ppl) == {"decode", "full"} and "block-topk@1/4+block=16" in ppl["full"]
+    assert all(not math.isnan(r["ppl"]) for by in ppl.values() for r in by.values())
     paths = plot_attention_frontier(rec, tmp_path)
     assert [p.name for p in paths] == ["attn_frontier_tasks.png", "attn_frontier_ppl.png"]
     assert all(p.stat().st_size > 10_000 for p in paths)

@@ -57,9 +57,25 @@ def build_plans(lm, specs: list[str], progress: bool = True) -> dict:
 
 
 def perplexity(lm, plans: dict, ctx: int, windows: int, corpus: str = EVAL_CORPUS, progress: bool = True) -> dict:
-    """Decode-protocol perplexity and KL to dense of every plan on ``windows`` windows of ``ctx`` tokens."""
+    """Perplexity and KL to dense of every plan on ``windows`` windows of ``ctx`` tokens: decode methods under the
+    decode protocol (second half sparse), prefill methods under ``full`` (each window one sparse prefill, every
+    position scored). {protocol: {"dense": ..., label: ...}}."""
+    out = {}
+    for protocol, kind in (("decode", "decode"), ("full", "prefill")):
+        chosen = {label: p for label, p in plans.items() if _kind(p) == kind}
+        if chosen:
+            out[protocol] = _perplexity(lm, chosen, ctx, windows, corpus, protocol, progress)
+    return out
+
+
+def _kind(plan) -> str:
+    return get_attention_method(plan.attention["method"]).config.kind
+
+
+def _perplexity(lm, plans, ctx, windows, corpus, protocol, progress) -> dict:
     configs = {label: (lm.model, plan.build_sparsifier(lm)) for label, plan in plans.items()}
-    wants_mass = any(sel.needs_prefix_mass for _, sp in configs.values() for sel in sp.attention_rules.values())
+    wants_mass = any(getattr(sel, "needs_prefix_mass", False) for _, sp in configs.values()
+                     for sel in sp.attention_rules.values())
 
     def before_prefix():
         return capturing_prefix_mass(lm.adapter, {}) if wants_mass else None
@@ -67,14 +83,18 @@ def perplexity(lm, plans: dict, ctx: int, windows: int, corpus: str = EVAL_CORPU
     def before_config(sp, mass):
         prime(sp, mass or {})  # a new sequence: stateful selectors forget the last window
 
-    dense, results = evaluate_many(lm, configs, corpus=corpus, ctx=ctx, n_windows=windows, protocol="decode",
+    dense, results = evaluate_many(lm, configs, corpus=corpus, ctx=ctx, n_windows=windows, protocol=protocol,
                                    progress=progress, prefix_observer=before_prefix, before_config=before_config)
     out = {"dense": {"ppl": dense.ppl, "nll": dense.nll, "tokens_scored": dense.tokens_scored}}
     for label, r in results.items():
         att = r.sparsity.get("attention") or {}
+        pre = protocol == "full"
         out[label] = {"ppl": r.ppl, "nll": r.nll, "kl": r.kl, "top1_agree": r.top1_agree,
-                      "ppl_increase": r.ppl / dense.ppl - 1, "density": att.get("density"),
-                      "density_all_layers": att.get("density_all_layers"), "read_density": att.get("read_density")}
+                      "ppl_increase": r.ppl / dense.ppl - 1,
+                      "density": att.get("prefill_density" if pre else "density"),
+                      "density_all_layers": att.get("prefill_density_all_layers" if pre else "density_all_layers"),
+                      "read_density": None if pre else att.get("read_density"),
+                      "estimate_share": att.get("prefill_estimate_share") if pre else None}
     return out
 
 
@@ -140,20 +160,26 @@ def format_markdown(record: dict) -> str:
             for length in lengths:
                 a, (lo, hi), d, r = acc[(label, length)]
                 cells += [f"{100 * a:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]",
-                          "dense" if d is None else f"{d:.3f} / {r:.3f}"]
+                          "dense" if d is None else f"{d:.3f}" + ("" if r is None else f" / {r:.3f}")]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
-    for ctx, res in record.get("perplexity", {}).items():
-        dense = res["dense"]
-        lines += [f"Perplexity on {record['ppl_windows']} WikiText-2 test windows of {ctx} (decode protocol: second "
-                  f"half sparse, {dense['tokens_scored']} tokens scored); dense {dense['ppl']:.3f}.", "",
-                  "| configuration | ppl | increase | KL | top-1 agree | density | reads |", "|---|---|---|---|---|---|---|"]
-        for label, r in res.items():
-            if label == "dense":
-                continue
-            lines.append(f"| {label} | {r['ppl']:.3f} | {100 * r['ppl_increase']:+.2f}% | {r['kl']:.4f} | "
-                         f"{r['top1_agree']:.3f} | {r['density']:.3f} | {r['read_density']:.3f} |")
-        lines.append("")
+    for ctx, by_protocol in record.get("perplexity", {}).items():
+        for protocol, res in by_protocol.items():
+            dense = res["dense"]
+            what = ("decode protocol: second half sparse" if protocol == "decode"
+                    else "full protocol: each window one sparse prefill")
+            lines += [f"Perplexity on {record['ppl_windows']} WikiText-2 test windows of {ctx} ({what}, "
+                      f"{dense['tokens_scored']} tokens scored); dense {dense['ppl']:.3f}.", "",
+                      "| configuration | ppl | increase | KL | top-1 agree | density | reads or estimate |",
+                      "|---|---|---|---|---|---|---|"]
+            for label, r in res.items():
+                if label == "dense":
+                    continue
+                extra = (f"{r['read_density']:.3f}" if r["read_density"] is not None
+                         else f"est. {r['estimate_share']:.3f}" if r["estimate_share"] is not None else "")
+                lines.append(f"| {label} | {r['ppl']:.3f} | {100 * r['ppl_increase']:+.2f}% | {r['kl']:.4f} | "
+                             f"{r['top1_agree']:.3f} | {r['density']:.3f} | {extra} |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -212,13 +238,14 @@ def plot_attention_frontier(record: dict, out_dir) -> list:
                 if j == 0:
                     ax.set_ylabel("accuracy %")
         axes[0, -1].legend(fontsize=7)
-        fig.suptitle(f"{record['model']}: decode-time sparse attention on the task suite")
+        fig.suptitle(f"{record['model']}: sparse attention on the task suite (decode methods: keys read; prefill "
+                     "methods: the prefill's entries)")
         paths.append(save_figure(fig, out_dir / "attn_frontier_tasks.png"))
     if record.get("perplexity"):
-        ctxs = list(record["perplexity"])
-        fig, axes = plt.subplots(2, len(ctxs), figsize=(6 * len(ctxs), 8), squeeze=False)
-        for j, ctx in enumerate(ctxs):
-            res = record["perplexity"][ctx]
+        panels = [(ctx, p) for ctx, by in record["perplexity"].items() for p in by]
+        fig, axes = plt.subplots(2, len(panels), figsize=(6 * len(panels), 8), squeeze=False)
+        for j, (ctx, protocol) in enumerate(panels):
+            res = record["perplexity"][ctx][protocol]
             curves = {}
             for label, r in res.items():
                 if label != "dense" and r["density"] is not None:
@@ -228,15 +255,16 @@ def plot_attention_frontier(record: dict, out_dir) -> list:
                 axes[0, j].plot(xs, ppl, "-o", ms=3, label=method)
                 axes[1, j].plot(xs, kl, "-o", ms=3, label=method)
             axes[0, j].axhline(res["dense"]["ppl"], color="k", ls=":", lw=0.8, label="dense")
-            axes[0, j].set_title(f"WikiText-2 test, windows of {ctx}, second half sparse")
+            axes[0, j].set_title(f"WikiText-2 test, windows of {ctx}, " + ("second half sparse" if protocol == "decode"
+                                                                          else "sparse prefill (full)"))
             axes[0, j].set_ylabel("perplexity")
             axes[1, j].set_ylabel("KL(dense || sparse), nats/token")
             axes[1, j].set_yscale("log")
             for ax in axes[:, j]:
                 ax.set_xscale("log", base=2)
-                ax.set_xlabel("density of keys read")
+                ax.set_xlabel("density of keys read" if protocol == "decode" else "density of the prefill's entries")
                 ax.grid(alpha=0.3, which="both")
         axes[0, 0].legend(fontsize=7)
-        fig.suptitle(f"{record['model']}: perplexity and KL under decode-time sparse attention")
+        fig.suptitle(f"{record['model']}: perplexity and KL under sparse attention")
         paths.append(save_figure(fig, out_dir / "attn_frontier_ppl.png"))
     return paths
