@@ -80,3 +80,28 @@ def test_bad_grids_are_one_line_errors_before_the_model_loads(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert rc != 0 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o" / "attn_frontier.json").exists()
+
+
+def test_a_checkpoint_resumes_and_grows_a_run(tiny_llama, tmp_path):
+    """Finished samples are kept (their texts are not recomputed), only missing configurations run, a torn last line
+    is dropped, and another suite under the same ids is not mistaken for the checkpointed one."""
+    import json
+
+    from sparsen.evaluation.attention import run_tasks
+    from sparsen.evaluation.tasks import generate_suite
+
+    lm, ck = tiny_llama, tmp_path / "samples.jsonl"
+    suite = generate_suite(lm.tokenizer, lengths=[1024], n=2, tasks=["passkey"])
+    plans = build_plans(lm, ["sink-window@1/4", "quest@1/4"], progress=False)
+    first = run_tasks(lm, suite, {"sink-window@1/4": plans["sink-window@1/4"]}, progress=False, checkpoint=ck)
+    rows = [json.loads(x) for x in ck.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [s.id for s in suite] and list(rows[0]["results"]) == ["dense", "sink-window@1/4"]
+    rows[0]["results"]["sink-window@1/4"]["text"] = "kept from the checkpoint"
+    ck.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1])[:40])  # the second row torn mid-write
+    grown = run_tasks(lm, suite, plans, progress=False, checkpoint=ck)
+    assert grown["samples"][0]["results"]["sink-window@1/4"]["text"] == "kept from the checkpoint"
+    assert grown["samples"][1]["results"]["sink-window@1/4"] == first["samples"][1]["results"]["sink-window@1/4"]
+    assert all(list(r["results"]) == ["dense", "sink-window@1/4", "quest@1/4"] for r in grown["samples"])
+    other = generate_suite(lm.tokenizer, lengths=[1024], n=2, seed=5, tasks=["passkey"])  # same ids, other texts
+    again = run_tasks(lm, other, {"sink-window@1/4": plans["sink-window@1/4"]}, progress=False, checkpoint=ck)
+    assert again["samples"][0]["results"]["sink-window@1/4"]["text"] != "kept from the checkpoint"

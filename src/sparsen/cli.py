@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparse-from", choices=("question", "answer"), default="question",
                    help="what is decoded sparse: the trailing question and the answer (default), or the answer only")
     p.add_argument("--out", default="attn-eval", metavar="DIR", help="output directory (default ./attn-eval)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished samples of DIR/samples.jsonl (an interrupted run, or the same suite with "
+                        "fewer methods) and run only what they lack; without it the file starts empty")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("attn-frontier", help="sparse attention: methods x densities x lengths, tasks and perplexity",
@@ -220,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="window lengths of the perplexity runs ('' for none; default 4096,8192)")
     p.add_argument("--ppl-windows", type=_positive_int, default=4, help="WikiText-2 test windows per length (default 4)")
     p.add_argument("--out", default="attn-frontier", metavar="DIR", help="output directory (default ./attn-frontier)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished task samples of DIR/samples.jsonl and run only what they lack")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("generate", help="stream text from the CPU decode engine (dense, or sparse with --plan)",
@@ -442,7 +447,8 @@ def cmd_attn_eval(args) -> None:
         names = [t.strip() for t in args.task_names.split(",") if t.strip()]
         samples = generate_suite(lm.tokenizer, lengths=lengths, n=args.samples, seed=args.seed, tasks=names)
     plans = {c.label(): attention_plan(lm, c, progress=not args.quiet) for c in configs}
-    res = run_tasks(lm, samples, plans, sparse_from=args.sparse_from, progress=not args.quiet)
+    res = run_tasks(lm, samples, plans, sparse_from=args.sparse_from, progress=not args.quiet,
+                    checkpoint=_checkpoint(out, args.resume))
     res["argv"] = sys.argv[1:]
     md = markdown_table(res)
     prefill = [label for label, kind in res["kinds"].items() if kind == "prefill"]
@@ -453,6 +459,14 @@ def cmd_attn_eval(args) -> None:
     write_json(out / "attn_eval.json", res)
     write_text(out / "attn_eval.md", md)
     print(f"wrote {out / 'attn_eval.json'}, {out / 'attn_eval.md'} ({res['seconds']:.0f} s)")
+
+
+def _checkpoint(out: Path, resume: bool) -> Path:
+    """DIR/samples.jsonl: every finished task sample, appended as it finishes; emptied unless resuming."""
+    path = out / "samples.jsonl"
+    if not resume:
+        path.unlink(missing_ok=True)
+    return path
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -499,7 +513,8 @@ def cmd_attn_frontier(args) -> None:
     lm = load_model(args.model)
     names = [t.strip() for t in args.task_names.split(",") if t.strip()]
     rec = af.run_attention_frontier(lm, methods, _density_list(args.densities), lengths, args.samples, args.seed, names,
-                                 ppl_lengths, args.ppl_windows, progress=not args.quiet, task_samples=samples)
+                                 ppl_lengths, args.ppl_windows, progress=not args.quiet, task_samples=samples,
+                                 checkpoint=_checkpoint(out, args.resume))
     rec["argv"] = sys.argv[1:]
     md = af.format_markdown(rec)
     print(md)

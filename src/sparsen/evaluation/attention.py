@@ -15,9 +15,12 @@ QK^T FLOPs).
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -67,10 +70,28 @@ def _greedy(lm, tail: list[int], cache, first_logits, max_new: int, stop: set[in
     return out
 
 
+def load_checkpoint(path) -> dict:
+    """{sample id: row} from a checkpoint file of ``run_tasks`` (a torn last line, from an interrupted write, is
+    dropped)."""
+    rows = {}
+    if path is not None and Path(path).exists():
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            rows[row["id"]] = row
+    return rows
+
+
 @torch.no_grad()
 def run_tasks(lm, samples: list[TaskSample], plans: dict, sparse_from: str = "question",
-              progress: bool = True) -> dict:
-    """Score ``plans`` ({label: attention Plan}) and dense on ``samples``; returns per-sample and grouped results."""
+              progress: bool = True, checkpoint=None) -> dict:
+    """Score ``plans`` ({label: attention Plan}) and dense on ``samples``; returns per-sample and grouped results.
+
+    ``checkpoint``: a JSONL file that receives every finished sample's row; a row already there for the same sample
+    (same id, text and sparse_from) keeps its results, and only the configurations it lacks run (an interrupted run
+    resumes; a grid grows without re-running what it has)."""
     if sparse_from not in SPARSE_FROM:
         raise SparsenError(f"sparse_from '{sparse_from}': use one of {', '.join(SPARSE_FROM)}")
     runs = [_Run("dense", None)]
@@ -84,22 +105,31 @@ def run_tasks(lm, samples: list[TaskSample], plans: dict, sparse_from: str = "qu
     stop = stop_ids(lm)
     tok = lm.tokenizer
     rows = []
+    done = load_checkpoint(checkpoint)
     t0 = time.perf_counter()
     for s in tqdm(samples, desc="attn-eval", unit="sample", disable=not progress):
         ids, split = prompt_tokens(tok, s)
         if sparse_from == "answer" or split >= len(ids):
             split = len(ids)
         _check_budgets(budgets, len(ids) + s.max_new_tokens, s.id)
-        mass: dict = {}
-        prefix = torch.tensor([ids[:split]])
-        if wants_mass:
-            with capturing_prefix_mass(lm.adapter, mass):
-                out = lm.model(prefix, use_cache=True, logits_to_keep=1)
-        else:
-            out = lm.model(prefix, use_cache=True, logits_to_keep=1)
+        digest = hashlib.sha1(json.dumps([s.prompt, s.answer_prefix, s.answers, s.max_new_tokens]).encode()).hexdigest()
         row = {"id": s.id, "task": s.task, "length": s.meta.get("length"), "tokens": len(ids),
-               "sparse_tokens": len(ids) - split, "answers": s.answers, "results": {}}
-        for r in runs:
+               "sparse_tokens": len(ids) - split, "answers": s.answers, "sparse_from": sparse_from, "sha1": digest,
+               "results": {}}
+        old = done.get(s.id)
+        if old is not None and all(old.get(k) == row[k] for k in ("sha1", "tokens", "sparse_tokens", "sparse_from")):
+            row["results"] = {k: v for k, v in old["results"].items() if k in budgets or k == "dense"}
+        todo = [r for r in runs if r.label not in row["results"]]
+        out = mass = None
+        if any(not r.prefill for r in todo):
+            mass = {}
+            prefix = torch.tensor([ids[:split]])
+            if wants_mass:
+                with capturing_prefix_mass(lm.adapter, mass):
+                    out = lm.model(prefix, use_cache=True, logits_to_keep=1)
+            else:
+                out = lm.model(prefix, use_cache=True, logits_to_keep=1)
+        for r in todo:
             sp = r.sparsifier
             if r.prefill:
                 sp.reset_stats()
@@ -126,7 +156,12 @@ def run_tasks(lm, samples: list[TaskSample], plans: dict, sparse_from: str = "qu
             row["results"][r.label] = {"text": text, "score": score(s, text),
                                        **({"density": density["density"], "read_density": density["read_density"]}
                                           if density and density["density"] is not None else {})}
+        row["results"] = {r.label: row["results"][r.label] for r in runs}  # in the runs' order
         rows.append(row)
+        if checkpoint is not None and todo:
+            Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+            with open(checkpoint, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
     return {"model": lm.spec, "sparse_from": sparse_from, "labels": [r.label for r in runs],
             "configs": {label: plan.attention for label, plan in plans.items()},
             "kinds": {r.label: "prefill" if r.prefill else "decode" for r in runs[1:]},

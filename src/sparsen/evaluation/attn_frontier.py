@@ -100,9 +100,10 @@ def _perplexity(lm, plans, ctx, windows, corpus, protocol, progress) -> dict:
 
 def run_attention_frontier(lm, methods: list[str], densities=DEFAULT_DENSITIES, lengths=(4096, 8192),
                            samples: int = 50, seed: int = 0, tasks=None, ppl_lengths=(4096, 8192),
-                           ppl_windows: int = 4, progress: bool = True, task_samples=None) -> dict:
+                           ppl_windows: int = 4, progress: bool = True, task_samples=None, checkpoint=None) -> dict:
     """The frontier record: task accuracy per (configuration, task, length) and perplexity per (configuration,
-    window length). ``task_samples`` replaces the generated suite (a user's task file)."""
+    window length). ``task_samples`` replaces the generated suite (a user's task file); ``checkpoint``: see
+    ``run_tasks``."""
     from sparsen.evaluation.tasks import generate_suite
 
     t0 = time.perf_counter()
@@ -117,7 +118,7 @@ def run_attention_frontier(lm, methods: list[str], densities=DEFAULT_DENSITIES, 
         suite = task_samples if task_samples is not None else generate_suite(
             lm.tokenizer, lengths=lengths, n=samples, seed=seed, tasks=tasks)
         t1 = time.perf_counter()
-        record["tasks"] = run_tasks(lm, suite, plans, progress=progress)
+        record["tasks"] = run_tasks(lm, suite, plans, progress=progress, checkpoint=checkpoint)
         record["seconds"]["tasks"] = time.perf_counter() - t1
     record["perplexity"] = {}
     for ctx in ppl_lengths:
