@@ -162,6 +162,17 @@ def test_vectorized_rows_of_real_head_shapes(ids, shape):
         assert_same_accounting(engine.achieved()["attention"], achieved["attention"])
 
 
+def test_long_rows_equal_the_torch_path(tiny_llama):
+    # past 2,048 keys a small budget's threshold is searched among the values above a sampled bound (select.c)
+    long = [int(t) for t in torch.randint(0, 256, (2200,), generator=torch.Generator().manual_seed(5))]
+    for spec in ("oracle-topk@1/8", "double-sparsity@1/16+channels=4" + CALIB, "lowrank@1/8+rank=4" + CALIB):
+        plan = _plan(tiny_llama, spec)
+        want, achieved = torch_path(tiny_llama, plan, long, 2192)
+        engine = Engine(tiny_llama, plan, threads=2, max_seq=2208)
+        assert_close(engine_path(engine, long, 2192, via="torch"), want)
+        assert_same_accounting(engine.achieved()["attention"], achieved["attention"])
+
+
 @pytest.mark.parametrize("method", [None, "h2o", "quest", "double-sparsity", "lowrank"])
 def test_torch_prefill_equals_stepping_the_prompt(tiny_llama, ids, method):
     plan = _plan(tiny_llama, SPECS[method] + "+dense_layers=1") if method else None

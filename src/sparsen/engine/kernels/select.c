@@ -4,6 +4,9 @@
 #include <string.h>
 
 #include "ops.h"
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 /* core.attention.budget_tokens: `tokens`, or ceil(density n), within [1, n]. */
 static int budget(const sp_attn *A, int n) {
@@ -49,16 +52,35 @@ static double estimate_reads(const sp_attn *A, int n, int hd) {
 KTH_LARGEST(kth_largest_f, float)
 KTH_LARGEST(kth_largest_d, double)
 
-/* core.attention.top_budget on one row: the positions of v[0:m) at or above its k-th largest (ties included). */
+/* core.attention.top_budget on one row: the positions of v[0:m) at or above its k-th largest (ties included). For
+ * a small share of a long row the k-th largest is searched among the values at or above a bound from a sample of
+ * 256 (exact whenever k of them reach it: otherwise the whole row), a few times faster than over all of it. */
 static int top_budget(const float *v, int m, int k, float *tmp, int *out) {
     float thr = -INFINITY;
     if (k < m) {
-        memcpy(tmp, v, sizeof(float) * m);
-        thr = kth_largest_f(tmp, m, k);
+        int c = 0;
+        if (m >= 2048 && 4 * k <= m) {
+            const int step = m / 256;
+            int ns = 0;
+            for (int j = 0; j < m; j += step) tmp[ns++] = v[j];
+            int ks = (int)(1.5 * k / m * ns) + 8; /* ranked a little lower than k: the bound falls below the answer */
+            const float lb = kth_largest_f(tmp, ns, ks < ns ? ks : ns);
+            for (int j = 0; j < m; j++) { /* branch-free compaction */
+                tmp[c] = v[j];
+                c += v[j] >= lb;
+            }
+            if (c >= k) thr = kth_largest_f(tmp, c, k);
+        }
+        if (c < k) {
+            memcpy(tmp, v, sizeof(float) * m);
+            thr = kth_largest_f(tmp, m, k);
+        }
     }
     int c = 0;
-    for (int j = 0; j < m; j++)
-        if (v[j] >= thr) out[c++] = j;
+    for (int j = 0; j < m; j++) {
+        out[c] = j;
+        c += v[j] >= thr;
+    }
     return c;
 }
 
@@ -244,7 +266,7 @@ static void probs_exp(int ith, int nth, int nh, int S, int n, float *scores, con
     sp_range(n, ith, nth, &lo, &hi);
     for (int h = 0; h < nh; h++) {
         float mx = -INFINITY, sum = 0.f;
-        for (int t = 0; t < nth; t++) mx = fmaxf(mx, tmax[(size_t)t * nh + h]);
+        for (int t = 0; t < nth; t++) mx = tmax[(size_t)t * nh + h] > mx ? tmax[(size_t)t * nh + h] : mx;
         float *restrict s = scores + (size_t)h * S;
 #pragma omp simd reduction(+ : sum)
         for (int j = lo; j < hi; j++) {
@@ -291,8 +313,20 @@ static void est_pages(int ith, int nth, const sp_model *M, int l, const float *q
             for (int h = kv * group; h < (kv + 1) * group; h++) {
                 const float *qh = q + (size_t)h * hd;
                 float ub = 0.f;
-#pragma omp simd reduction(+ : ub)
-                for (int d = 0; d < hd; d++) ub += fmaxf(qh[d] * mn[d], qh[d] * mx[d]);
+                int d = 0;
+#ifdef __AVX512F__ /* GCC ran this reduction scalar (its simd version unused): 3x the whole select stage */
+                __m512 acc = _mm512_setzero_ps();
+                for (; d + 16 <= hd; d += 16) {
+                    const __m512 x = _mm512_loadu_ps(qh + d);
+                    acc = _mm512_add_ps(acc, _mm512_max_ps(_mm512_mul_ps(x, _mm512_loadu_ps(mn + d)),
+                                                           _mm512_mul_ps(x, _mm512_loadu_ps(mx + d))));
+                }
+                ub = _mm512_reduce_add_ps(acc);
+#endif
+                for (; d < hd; d++) { /* not fmaxf: without -ffast-math GCC calls libm for each */
+                    const float a = qh[d] * mn[d], b = qh[d] * mx[d];
+                    ub += a > b ? a : b;
+                }
                 float *v = vals + (size_t)(h / gs) * S + p;
                 *v = h % gs == 0 ? ub : *v + ub;
             }
