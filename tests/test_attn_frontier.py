@@ -105,3 +105,27 @@ def test_a_checkpoint_resumes_and_grows_a_run(tiny_llama, tmp_path):
     other = generate_suite(lm.tokenizer, lengths=[1024], n=2, seed=5, tasks=["passkey"])  # same ids, other texts
     again = run_tasks(lm, other, {"sink-window@1/4": plans["sink-window@1/4"]}, progress=False, checkpoint=ck)
     assert again["samples"][0]["results"]["sink-window@1/4"]["text"] != "kept from the checkpoint"
+
+
+def test_the_growing_cache_copy_equals_hf_dynamic_cache(tiny_llama):
+    """The task suite's per-configuration cache (preallocated room, no concatenation per step) gives the logits of
+    HF's own cache, also past the room it was given, and leaves the shared prompt cache untouched."""
+    import copy
+
+    import torch
+
+    from sparsen.evaluation.attention import _growing_copy
+
+    lm = tiny_llama
+    ids = torch.randint(0, lm.adapter.vocab_size, (1, 60), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        prompt = lm.model(ids[:, :40], use_cache=True).past_key_values
+        before = [la.keys.clone() for la in prompt.layers]
+        outs = []
+        for cache in (copy.deepcopy(prompt), _growing_copy(prompt, 8)):  # 20 more positions than the room
+            logits = [lm.model(ids[:, 40:45], past_key_values=cache).logits]
+            logits += [lm.model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(45, 60)]
+            outs.append(torch.cat(logits, 1))
+            assert cache.get_seq_length() == 60
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert all(torch.equal(la.keys, b) for la, b in zip(prompt.layers, before))

@@ -55,6 +55,45 @@ class _Run:
         return self.sparsifier is not None and bool(self.sparsifier.prefill_rules)
 
 
+def _growing_copy(cache, extra: int):
+    """A copy of a prompt's DynamicCache whose full-attention layers append into preallocated room for ``extra``
+    more positions (HF's DynamicLayer concatenates, copying the whole cache of every layer at every step: at 4K that
+    is most of a decode step). Other layer kinds (sliding windows) are deep-copied as they are."""
+    from transformers.cache_utils import DynamicLayer
+
+    class _Growing(DynamicLayer):
+        def __init__(self, layer):
+            super().__init__()
+            k, v = layer.keys, layer.values
+            self.n = k.shape[-2]
+            self.kbuf = k.new_empty(*k.shape[:-2], self.n + extra, k.shape[-1])
+            self.vbuf = v.new_empty(*v.shape[:-2], self.n + extra, v.shape[-1])
+            self.kbuf[..., : self.n, :] = k
+            self.vbuf[..., : self.n, :] = v
+            self.keys, self.values = self.kbuf[..., : self.n, :], self.vbuf[..., : self.n, :]
+            self.device, self.is_initialized = k.device, True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            m = key_states.shape[-2]
+            if self.n + m > self.kbuf.shape[-2]:  # more than the room asked for: grow as HF would
+                self.kbuf = torch.cat([self.kbuf[..., : self.n, :], key_states], dim=-2)
+                self.vbuf = torch.cat([self.vbuf[..., : self.n, :], value_states], dim=-2)
+            else:
+                self.kbuf[..., self.n: self.n + m, :] = key_states
+                self.vbuf[..., self.n: self.n + m, :] = value_states
+            self.n += m
+            self.keys, self.values = self.kbuf[..., : self.n, :], self.vbuf[..., : self.n, :]
+            return self.keys, self.values
+
+        def get_seq_length(self):
+            return self.n
+
+    out = copy.copy(cache)
+    out.layers = [_Growing(la) if type(la) is DynamicLayer and la.is_initialized else copy.deepcopy(la)
+                  for la in cache.layers]
+    return out
+
+
 def _greedy(lm, tail: list[int], cache, first_logits, max_new: int, stop: set[int]) -> list[int]:
     """Decode greedily after feeding ``tail`` (the question, sparse) on top of ``cache``."""
     model = lm.model
@@ -141,7 +180,7 @@ def run_tasks(lm, samples: list[TaskSample], plans: dict, sparse_from: str = "qu
                 row["results"][r.label] = {"text": text, "score": score(s, text), "density": att["prefill_density"],
                                            "estimate_share": att["prefill_estimate_share"]}
                 continue
-            cache = copy.deepcopy(out.past_key_values)
+            cache = _growing_copy(out.past_key_values, len(ids) - split + s.max_new_tokens)
             if sp is None:
                 gen = _greedy(lm, ids[split:], cache, out.logits[0, -1], s.max_new_tokens, stop)
                 density = None
