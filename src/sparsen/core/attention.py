@@ -324,16 +324,18 @@ def capturing_prefix_mass(adapter, out: dict):
 
     def observe(layer, query, key):
         q, k = query[0].float(), key[0].float()
-        n_heads, n, _ = q.shape
-        g = n_heads // k.shape[0]
-        q0 = k.shape[1] - n
-        mass = torch.zeros(n_heads, k.shape[1], dtype=torch.float64)
-        kk = k.repeat_interleave(g, 0)
+        n_heads, n, d = q.shape
+        n_kv, nk = k.shape[0], k.shape[1]
+        q = q.reshape(n_kv, n_heads // n_kv, n, d)
+        q0 = nk - n
+        mass = torch.zeros(n_heads, nk, dtype=torch.float64)
         for a in range(0, n, QUERY_CHUNK):
-            qpos = q0 + torch.arange(a, min(a + QUERY_CHUNK, n))
-            s = torch.einsum("hmd,hkd->hmk", q[:, a:a + QUERY_CHUNK], kk) * scale
-            s = s.masked_fill(torch.arange(k.shape[1])[None, None, :] > qpos[None, :, None], -math.inf)
-            mass += torch.softmax(s, -1).sum(1).double()
+            b = min(a + QUERY_CHUNK, n)
+            end = q0 + b  # keys past the chunk's last query are outside every causal range: not computed
+            s = torch.einsum("hgmd,hkd->hgmk", q[:, :, a:b], k[:, :end]) * scale
+            tail = s[..., q0 + a:]  # only the chunk's own square can hold keys after a query
+            tail.masked_fill_(torch.ones(b - a, b - a, dtype=torch.bool).triu(1), -math.inf)
+            mass[:, :end] += torch.softmax(s, -1).sum(2).reshape(n_heads, end).double()
         out[layer] = out[layer] + mass if layer in out else mass
 
     with capturing_qk(adapter, observe):
