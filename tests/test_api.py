@@ -172,7 +172,8 @@ ALLOWED = {
     "measure": {"errors", "io", "models", "data", "core"},
     "methods": {"errors", "io", "models", "data", "core"},
     "evaluation": {"errors", "io", "models", "data", "core", "methods"},
-    "engine": {"errors", "io", "models", "data", "core"},
+    # the engine runs the attention methods' own configs (their fields and defaults live in methods)
+    "engine": {"errors", "io", "models", "data", "core", "methods"},
 }
 
 
