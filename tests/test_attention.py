@@ -255,4 +255,4 @@ def test_bad_specs_are_one_line_errors(spec, message):
 
 def test_every_method_is_registered():
     assert attention_method_names() == ["oracle-topk", "oracle-topp", "sink-window", "h2o", "quest", "double-sparsity",
-                                        "lowrank", "sketch", "block-topk", "xattention", "vertical-slash", "flexprefill"]
+                                        "sketch", "block-topk", "xattention", "vertical-slash", "flexprefill"]

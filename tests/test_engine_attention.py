@@ -22,7 +22,8 @@ SPECS = {  # budgets that really select on 60-120 keys, the first layer dense
     "h2o": "h2o@0.25",
     "quest": "quest@0.25+page_size=4",
     "double-sparsity": "double-sparsity@0.25+channels=4" + CALIB,
-    "lowrank": "lowrank@0.25+rank=4" + CALIB,
+    "sketch": "sketch@0.25+rank=4" + CALIB,  # int8 codes
+    "sketch-fp32": "sketch@0.25+rank=4+bits=0" + CALIB,
 }
 FULL = {"oracle-topp": "oracle-topp@p1.0"}  # density 1 of the others: '@1'
 N, PROMPT = 120, 60
@@ -110,7 +111,7 @@ def test_linear_rules_and_selection_compose_as_in_torch(tiny_llama, ids):
     assert np.abs(alone - got).max() > 1e-2 * np.abs(alone).max()
 
 
-@pytest.mark.parametrize("method", ["quest", "lowrank"])
+@pytest.mark.parametrize("method", ["quest", "sketch"])
 def test_tiny_gemma3_selects_in_its_global_layer_only(method):
     # layers 0 and 1 slide over 8 positions (untouched); layer 2 is global and selects
     gids = [int(t) for t in torch.randint(0, 256, (80,), generator=torch.Generator().manual_seed(2))]
@@ -165,7 +166,7 @@ def test_vectorized_rows_of_real_head_shapes(ids, shape):
 def test_long_rows_equal_the_torch_path(tiny_llama):
     # past 2,048 keys a small budget's threshold is searched among the values above a sampled bound (select.c)
     long = [int(t) for t in torch.randint(0, 256, (2200,), generator=torch.Generator().manual_seed(5))]
-    for spec in ("oracle-topk@1/8", "double-sparsity@1/16+channels=4" + CALIB, "lowrank@1/8+rank=4" + CALIB):
+    for spec in ("oracle-topk@1/8", "double-sparsity@1/16+channels=4" + CALIB, "sketch@1/8+rank=4" + CALIB):
         plan = _plan(tiny_llama, spec)
         want, achieved = torch_path(tiny_llama, plan, long, 2192)
         engine = Engine(tiny_llama, plan, threads=2, max_seq=2208)
@@ -173,7 +174,7 @@ def test_long_rows_equal_the_torch_path(tiny_llama):
         assert_same_accounting(engine.achieved()["attention"], achieved["attention"])
 
 
-@pytest.mark.parametrize("method", [None, "h2o", "quest", "double-sparsity", "lowrank"])
+@pytest.mark.parametrize("method", [None, "h2o", "quest", "double-sparsity", "sketch"])
 def test_torch_prefill_equals_stepping_the_prompt(tiny_llama, ids, method):
     plan = _plan(tiny_llama, SPECS[method] + "+dense_layers=1") if method else None
     stepped, forward = (Engine(tiny_llama, plan, threads=2, max_seq=128) for _ in range(2))
@@ -208,6 +209,9 @@ def test_bad_input_is_a_one_line_error(tiny_llama):
     with pytest.raises(SparsenError, match="cannot run the attention method 'nosuch'.*attn-eval") as e:
         Engine(tiny_llama, unknown)
     assert "\n" not in str(e.value)
+    with pytest.raises(SparsenError, match="8-bit or fp32 sketches, not 4-bit") as e:
+        Engine(tiny_llama, _plan(tiny_llama, "sketch@0.25+rank=4+bits=4" + CALIB))
+    assert "\n" not in str(e.value)
     engine = Engine(tiny_llama, max_seq=8)
     with pytest.raises(SparsenError, match="via 'hf' is unknown"):
         engine.prefill([1, 2], via="hf")
@@ -237,7 +241,7 @@ def test_smollm2_selection_after_a_2k_prompt_equals_the_torch_path(smollm2):
 
     ids = corpus_windows(smollm2.tokenizer, "wikitext2-test", 2052, 1, bos=smollm2.window_bos)[0].tolist()
     prompt = 2048
-    for spec in ("quest@1/8", "lowrank@1/8+calib_tokens=2048+calib_ctx=1024"):
+    for spec in ("quest@1/8", "sketch@1/8+calib_tokens=2048+calib_ctx=1024"):
         plan = attention_plan(smollm2, parse_attention_spec(spec), progress=False)
         want, achieved = torch_path(smollm2, plan, ids, prompt)
         engine = Engine(smollm2, plan, threads=2, max_seq=2056)

@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "torch model into each engine (not timed), then --new-tokens decoded; with --attn, one engine "
                         "per attention method beside the dense one, and the bytes each reads per token")
     p.add_argument("--attn", default=None, metavar="LIST",
-                   help="comma-separated attention methods for --context, e.g. 'quest@1/8,lowrank@1/8' (on top of "
+                   help="comma-separated attention methods for --context, e.g. 'quest@1/8,sketch@1/8' (on top of "
                         "--plan if given)")
     p.add_argument("--kv-dtype", choices=("fp32", "fp16"), default="fp32", help="engine KV cache dtype (default fp32)")
     p.add_argument("--new-tokens", type=_positive_int, default=128, help="tokens decoded per run (default 128)")

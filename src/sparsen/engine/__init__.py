@@ -32,12 +32,12 @@ from sparsen.errors import SparsenError
 from sparsen.models.adapters import LINEAR_NAMES
 from sparsen.models.loading import stop_ids  # noqa: F401  (engine.stop_ids, as before)
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 """must equal SP_ABI_VERSION in kernels/sparsen.h (bumped with any change to the structs below)"""
 DTYPES = ("fp32", "bf16")
 KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}  # the KV cache's storage (fp16: IEEE half)
 ATTN_METHODS = {"oracle-topk": 1, "oracle-topp": 2, "sink-window": 3, "h2o": 4, "quest": 5, "double-sparsity": 6,
-                "lowrank": 7}
+                "sketch": 7}
 """the attention methods the kernels run (enum sp_attn_method), by their name in sparsen.methods.attention"""
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}  # enum sp_activation
 N_LIN = len(LINEAR_NAMES)
@@ -69,7 +69,7 @@ class Attn(ctypes.Structure):  # sp_attn
     _fields_ = [("method", _i), ("sel_heads", _i), ("tokens", _i), ("density", _d), ("p", _d), ("recent_share", _d),
                 ("sinks", _i), ("local", _i), ("page", _i), ("min_pages", _i), ("max_pages", _i), ("rank", _i),
                 ("lab_heads", _i), ("combine_prob", _i), ("label_scale", _f), ("proj", _p), ("qproj", _p),
-                ("label_bits", _i), ("labels", _p),
+                ("label_bits", _i), ("labels", _p), ("codes", _p), ("code_scale", _p),
                 ("kmin", _p), ("kmax", _p), ("mass", _p), ("held", _p), ("tally", _p)]
 
 
@@ -435,7 +435,10 @@ class Engine:
             pages = (n_layers, n_kv, A.max_pages, hd)
             state["kmin"] = np.zeros(pages, KV_DTYPES[self.kv_dtype])
             state["kmax"] = np.zeros(pages, KV_DTYPES[self.kv_dtype])
-        elif name in ("double-sparsity", "lowrank"):
+        elif name in ("double-sparsity", "sketch"):
+            if name == "sketch" and cfg.bits not in (0, 8):
+                raise SparsenError(f"the engine keeps 8-bit or fp32 sketches, not {cfg.bits}-bit: make the plan with "
+                                   "bits=8 (or 0)")
             bases = {layer: _label_basis(name, selectors[f"layers.{layer}.attn"], n_kv, hd) for layer in self.attn_layers}
             first = next(iter(bases.values()))[0]
             A.lab_heads, A.rank = first.shape[0], first.shape[2]
@@ -443,13 +446,17 @@ class Engine:
             state["qproj"] = np.zeros_like(state["proj"])
             for layer, (Pq, Pk) in bases.items():
                 state["qproj"][layer], state["proj"][layer] = Pq, Pk
-            state["labels"] = np.zeros((n_layers, A.lab_heads, A.rank, S), np.float32)  # channel-major
-            if name == "lowrank":  # lowrank.py: sinks and a local window forced, scaled scores, softmax or sum
+            if name == "sketch":  # sketch.py: sinks and a local window forced, the group-summed softmax of estimates
                 sel = selectors[f"layers.{self.attn_layers[0]}.attn"]
-                A.sinks, A.local, A.combine_prob = int(sel.sinks), int(sel.local), int(sel.combine == "prob")
-                A.label_scale, A.label_bits = float(sel.scale), int(getattr(sel, "bits", 0) or 0)
+                A.sinks, A.local, A.combine_prob = int(sel.sinks), int(sel.local), 1
+                A.label_scale, A.label_bits = float(sel.scale), int(sel.bits)
             else:
                 A.label_scale = 1.0
+            if A.label_bits:  # channel-major codes, one scale per key
+                state["codes"] = np.zeros((n_layers, A.lab_heads, A.rank, S), np.int8)
+                state["code_scale"] = np.zeros((n_layers, A.lab_heads, S), np.float32)
+            else:
+                state["labels"] = np.zeros((n_layers, A.lab_heads, A.rank, S), np.float32)  # channel-major
         for field, arr in state.items():
             setattr(A, field, self._keep_ptr(arr))
         for layer in self.attn_layers:
@@ -566,15 +573,17 @@ class Engine:
                     rows = self.k_cache[layer, :, p * page:min((p + 1) * page, n)]
                     st["kmin"][layer, :, p] = rows.min(1)
                     st["kmax"][layer, :, p] = rows.max(1)
-            if "labels" in st:
+            if "proj" in st:
                 per = A.lab_heads // self.n_kv
                 kk = np.repeat(k, per, axis=0)  # label head lh reads KV head lh // per
                 lab = np.einsum("hnd,hdr->hnr", kk, st["proj"][layer]).astype(np.float32)
                 if A.label_bits:  # as select.c rounds them, in fp32
                     lim = np.float32(2 ** (A.label_bits - 1) - 1)
-                    sc = np.maximum(np.abs(lab).max(-1, keepdims=True), np.float32(1e-30)) / lim
-                    lab = np.rint(lab / sc) * sc
-                st["labels"][layer, :, :, :n] = lab.transpose(0, 2, 1)
+                    sc = np.maximum(np.abs(lab).max(-1), np.float32(1e-30)) / lim
+                    st["codes"][layer, :, :, :n] = np.rint(lab / sc[..., None]).astype(np.int8).transpose(0, 2, 1)
+                    st["code_scale"][layer, :, :n] = sc
+                else:
+                    st["labels"][layer, :, :, :n] = lab.transpose(0, 2, 1)
             if "mass" in st:
                 m = mass[layer].numpy()  # [n_heads, n]
                 G = A.sel_heads
@@ -694,15 +703,15 @@ def bytes_per_token(engine: Engine, sparsity: float, context: float) -> float:
 
 def _label_basis(name: str, sel, n_kv: int, hd: int) -> tuple[np.ndarray, np.ndarray]:
     """(Pq, Pk), each [label heads, head_dim, r], of a layer's selector, its approximate score being (q Pq).(k Pk):
-    Double Sparsity's channels as a 0/1 matrix for both (per KV head when shared, else per query head), lowrank's
-    first ``rank`` basis columns (per KV head; its bilinear form has one for queries and one for keys)."""
+    Double Sparsity's channels as a 0/1 matrix for both (per KV head when shared, else per query head), the sketch's
+    bilinear pair (A for queries, B for keys, per KV head)."""
     if name == "double-sparsity":
         idx = sel.idx.reshape(-1, sel.idx.shape[-1]).numpy()  # [label heads, r], query head kv * group + j
         P = np.zeros((idx.shape[0], hd, idx.shape[1]), np.float32)
         for h, channels in enumerate(idx):
             P[h, channels, np.arange(len(channels))] = 1.0
         return P, P
-    Pq, Pk = (t.detach().float().contiguous().numpy().copy() for t in (sel.P, getattr(sel, "Pk", sel.P)))
+    Pq, Pk = (t.detach().float().contiguous().numpy().copy() for t in (sel.A, sel.B))
     if Pq.shape[:2] != (n_kv, hd) or Pk.shape != Pq.shape:
-        raise SparsenError(f"the plan's lowrank basis is {tuple(Pq.shape)}, not ({n_kv}, {hd}, rank): make the plan again")
+        raise SparsenError(f"the plan's sketch basis is {tuple(Pq.shape)}, not ({n_kv}, {hd}, rank): make the plan again")
     return Pq, Pk

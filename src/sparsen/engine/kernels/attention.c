@@ -251,7 +251,7 @@ void sp_attn_stage(sp_ctx *c, const sp_model *M, int l, int pos, int dense) {
     const int start = L->window > 0 && pos - L->window + 1 > 0 ? pos - L->window + 1 : 0;
     if (A) { /* the new key enters the selection state (on dense steps too: the prompt's keys) */
         sp_select_append(c->ith, c->nth, M, l, pos, t->row);
-        if (!dense && A->labels) {
+        if (!dense && (A->labels || A->codes)) {
             SP_BARRIER(); /* the estimate reads this key's label */
         }
     }

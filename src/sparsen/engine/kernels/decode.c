@@ -31,7 +31,7 @@ static int check_attn(const sp_model *M) {
     }
     if (!A) return SP_OK;
     const int m = A->method, G = A->sel_heads;
-    if (m < SP_ATTN_ORACLE_TOPK || m > SP_ATTN_LOWRANK || (G != M->n_kv && G != M->n_heads) || !A->tally || !any)
+    if (m < SP_ATTN_ORACLE_TOPK || m > SP_ATTN_SKETCH || (G != M->n_kv && G != M->n_heads) || !A->tally || !any)
         return SP_ERR_ATTN;
     if (A->tokens < 0 || (A->tokens == 0 && !(A->density > 0 && A->density <= 1)) || !(A->p > 0 && A->p <= 1))
         return SP_ERR_ATTN;
@@ -40,11 +40,13 @@ static int check_attn(const sp_model *M) {
         return SP_ERR_ATTN;
     if (m == SP_ATTN_H2O && (!A->mass || !A->held || !(A->recent_share >= 0 && A->recent_share <= 1)))
         return SP_ERR_ATTN;
-    if (m == SP_ATTN_DOUBLE_SPARSITY || m == SP_ATTN_LOWRANK) {
-        if (A->rank < 1 || !A->proj || !A->qproj || !A->labels || A->label_bits < 0 || A->label_bits > 24 ||
+    if (m == SP_ATTN_DOUBLE_SPARSITY || m == SP_ATTN_SKETCH) {
+        const int fp32 = A->label_bits == 0 && A->labels && !A->codes;
+        const int int8 = A->label_bits == 8 && !A->labels && A->codes && A->code_scale;
+        if (A->rank < 1 || !A->proj || !A->qproj || !(fp32 || int8) ||
             (A->lab_heads != M->n_kv && A->lab_heads != M->n_heads))
             return SP_ERR_ATTN;
-    } else if (A->labels) {
+    } else if (A->labels || A->codes) {
         return SP_ERR_ATTN;
     }
     if (A->sinks < 0 || A->local < 0) return SP_ERR_ATTN;

@@ -20,8 +20,9 @@ static double estimate_reads(const sp_attn *A, int n, int hd) {
     case SP_ATTN_ORACLE_TOPK:
     case SP_ATTN_ORACLE_TOPP: return n;
     case SP_ATTN_QUEST: return 2.0 * ((n - 1) / A->page);
-    case SP_ATTN_DOUBLE_SPARSITY:
-    case SP_ATTN_LOWRANK: return (double)n * A->rank / hd;
+    case SP_ATTN_DOUBLE_SPARSITY: return (double)n * A->rank / hd;
+    case SP_ATTN_SKETCH: /* sketch.sketch_bytes over an fp32 K row's bytes */
+        return (double)n * (A->label_bits ? (A->rank * A->label_bits + 7) / 8 + 4 : 4 * A->rank) / (4.0 * hd);
     default: return 0.0;
     }
 }
@@ -139,7 +140,7 @@ static int h2o_hold(const sp_attn *A, double *mass, uint8_t *held, int n, int b,
 
 /* The new key at pos of layer l enters the state, as stored in the cache (rounded to half with an fp16 cache):
  * Quest's page summaries (its page's channel min and max; the page's first key starts them) and the label cache
- * (k P per label head). Threads split the KV heads, then the label heads. tmp: [head_dim]. */
+ * (k P per label head, fp32 or int8 codes with a scale). Threads split the KV heads, then the label heads. tmp: [head_dim]. */
 void sp_select_append(int ith, int nth, const sp_model *M, int l, int pos, float *tmp) {
     const sp_attn *A = M->attn;
     const int hd = M->head_dim, nkv = M->n_kv, S = M->max_seq, f16 = M->kv_f16;
@@ -168,7 +169,7 @@ void sp_select_append(int ith, int nth, const sp_model *M, int l, int pos, float
             }
         }
     }
-    if (A->labels) {
+    if (A->labels || A->codes) {
         const int r = A->rank, per = A->lab_heads / nkv;
         sp_range(A->lab_heads, ith, nth, &lo, &hi);
         for (int lh = lo; lh < hi; lh++) {
@@ -178,15 +179,19 @@ void sp_select_append(int ith, int nth, const sp_model *M, int l, int pos, float
             for (int c = 0; c < r; c++) lab[c] = 0.f;
             for (int d = 0; d < hd; d++)
                 for (int c = 0; c < r; c++) lab[c] += k[d] * P[(size_t)d * r + c];
-            if (A->label_bits > 0) { /* lowrank.py bits: round(label / scale) scale, scale = max|label| / lim */
+            const size_t head = (size_t)l * A->lab_heads + lh;
+            if (A->codes) { /* sketch.quantize: codes round(label / scale), scale = max|label| / 127 */
                 const float lim = (float)((1 << (A->label_bits - 1)) - 1);
                 float amax = 0.f;
                 for (int c = 0; c < r; c++) amax = fmaxf(amax, fabsf(lab[c]));
                 const float sc = fmaxf(amax, 1e-30f) / lim;
-                for (int c = 0; c < r; c++) lab[c] = rintf(lab[c] / sc) * sc;
+                int8_t *col = A->codes + head * r * S + pos; /* [rank, max_seq]: see est_labels */
+                for (int c = 0; c < r; c++) col[(size_t)c * S] = (int8_t)rintf(lab[c] / sc);
+                A->code_scale[head * S + pos] = sc;
+            } else {
+                float *col = A->labels + head * r * S + pos;
+                for (int c = 0; c < r; c++) col[(size_t)c * S] = lab[c];
             }
-            float *col = A->labels + ((size_t)l * A->lab_heads + lh) * r * S + pos; /* [rank, max_seq]: see below */
-            for (int c = 0; c < r; c++) col[(size_t)c * S] = lab[c];
         }
     }
 }
@@ -213,7 +218,7 @@ static void est_exact(int ith, int nth, const sp_model *M, int l, const float *q
     }
 }
 
-/* double-sparsity, lowrank: approximate scores (q Pq).(k P) label_scale from the label cache, this thread's share
+/* double-sparsity, sketch: approximate scores (q Pq).(k P) label_scale from the label cache, this thread's share
  * of the keys [0, n). per_head: into scores[h, j] with this thread's maxima (a softmax follows); else summed over
  * each selection head's query heads into vals[s, j], as one product with their summed projected queries (the
  * group's heads share a label head). The labels are stored channel-major, [rank, max_seq] per label head, so each
@@ -242,13 +247,27 @@ static void est_labels(int ith, int nth, const sp_model *M, int l, const float *
             for (int h = h0; h < h0 + per; h++) w[c] += qp[(size_t)h * r + c];
             w[c] *= A->label_scale;
         }
-        const float *lab = A->labels + ((size_t)l * A->lab_heads + h0 / lab_of) * r * S;
+        const size_t head = (size_t)l * A->lab_heads + h0 / lab_of;
         float *restrict out = (per_head ? scores : vals) + (size_t)x * S;
         for (int j = lo; j < hi; j++) out[j] = 0.f;
-        for (int c = 0; c < r; c++) {
-            const float *restrict lc = lab + (size_t)c * S, wc = w[c];
+        if (A->codes) { /* int8 codes widened channel by channel, the key's scale applied once */
+            const int8_t *cod = A->codes + head * r * S;
+            for (int c = 0; c < r; c++) {
+                const int8_t *restrict cc = cod + (size_t)c * S;
+                const float wc = w[c];
 #pragma omp simd
-            for (int j = lo; j < hi; j++) out[j] += wc * lc[j];
+                for (int j = lo; j < hi; j++) out[j] += wc * (float)cc[j];
+            }
+            const float *restrict sc = A->code_scale + head * S;
+#pragma omp simd
+            for (int j = lo; j < hi; j++) out[j] *= sc[j];
+        } else {
+            const float *lab = A->labels + head * r * S;
+            for (int c = 0; c < r; c++) {
+                const float *restrict lc = lab + (size_t)c * S, wc = w[c];
+#pragma omp simd
+                for (int j = lo; j < hi; j++) out[j] += wc * lc[j];
+            }
         }
         if (per_head) {
             float mx = -INFINITY;
@@ -386,10 +405,10 @@ void sp_select_stage(sp_ctx *c, const sp_model *M, int l, int pos) {
     }
     case SP_ATTN_ORACLE_TOPK:
     case SP_ATTN_ORACLE_TOPP:
-    case SP_ATTN_LOWRANK:
+    case SP_ATTN_SKETCH:
     case SP_ATTN_DOUBLE_SPARSITY: {
         const int oracle = A->method == SP_ATTN_ORACLE_TOPK || A->method == SP_ATTN_ORACLE_TOPP;
-        const int probs = oracle || (A->method == SP_ATTN_LOWRANK && A->combine_prob);
+        const int probs = oracle || (A->method == SP_ATTN_SKETCH && A->combine_prob);
         if (oracle) est_exact(ith, nth, M, l, ws->q, n, ws->scores, ws->tmax, c->t->row);
         else est_labels(ith, nth, M, l, ws->q, n, probs, c->t->qp, ws->scores, ws->tmax, ws->vals, G);
         if (probs) {
@@ -402,7 +421,7 @@ void sp_select_stage(sp_ctx *c, const sp_model *M, int l, int pos) {
         for (int s = g0; s < g1; s++) {
             float *v = ws->vals + (size_t)s * S;
             int *out = ws->sel_idx + (size_t)s * S;
-            if (A->method == SP_ATTN_LOWRANK) /* lowrank.py: sinks and the local window forced (1e30, as there) */
+            if (A->method == SP_ATTN_SKETCH) /* sketch.py: sinks and the local window forced (above any value) */
                 for (int j = 0; j < n; j++)
                     if (j < A->sinks || j > pos - A->local) v[j] = 1e30f;
             ws->sel_cnt[s] = A->method == SP_ATTN_ORACLE_TOPP ? top_p(v, n, A->p, tmp, out)

@@ -19,7 +19,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define SP_ABI_VERSION 3
+#define SP_ABI_VERSION 4
 
 /* Rule kinds, numbered as sparsen.core.rules.RuleKind (checked at load time through sp_rule_kinds()). */
 #define SP_RULE_KINDS(X) X(DENSE, 0) X(THRESHOLD, 1) X(TOPK, 2) X(GAUSSIAN_TOPK, 3) X(GATE_ACT, 4)
@@ -35,7 +35,7 @@ enum sp_activation { SP_ACT_SILU = 0, SP_ACT_GELU_TANH = 1 };
 /* Decode-time KV selection methods, numbered as sparsen.engine.ATTN_METHODS (checked at load time through
  * sp_attn_methods()); the rules are restated from src/sparsen/methods/attention/ (one file each). */
 #define SP_ATTN_METHODS(X)                                                                                       \
-    X(ORACLE_TOPK, 1) X(ORACLE_TOPP, 2) X(SINK_WINDOW, 3) X(H2O, 4) X(QUEST, 5) X(DOUBLE_SPARSITY, 6) X(LOWRANK, 7)
+    X(ORACLE_TOPK, 1) X(ORACLE_TOPP, 2) X(SINK_WINDOW, 3) X(H2O, 4) X(QUEST, 5) X(DOUBLE_SPARSITY, 6) X(SKETCH, 7)
 #define SP_ATTN_ENUM(name, value) SP_ATTN_##name = value,
 enum sp_attn_method { SP_ATTN_METHODS(SP_ATTN_ENUM) };
 #undef SP_ATTN_ENUM
@@ -92,18 +92,21 @@ typedef struct {
     double density;
     double p;             /* oracle-topp: the share of the probability mass kept */
     double recent_share;  /* h2o: the share of the budget given to the most recent keys */
-    int sinks;            /* sink-window, lowrank: first positions always kept */
-    int local;            /* lowrank: the last `local` positions always kept */
+    int sinks;            /* sink-window, sketch: first positions always kept */
+    int local;            /* sketch: the last `local` positions always kept */
     int page, min_pages;  /* quest: keys per page, pages read at least (the current one included) */
     int max_pages;        /* quest: ceil(max_seq / page) */
-    int rank;             /* double-sparsity, lowrank: width r of a projected key (its label) */
+    int rank;             /* double-sparsity, sketch: width r of a projected key (its label) */
     int lab_heads;        /* heads of the label cache: n_kv, or n_heads (double-sparsity per query head) */
-    int combine_prob;     /* lowrank: 1 ranks by the group-summed softmax of the approximate scores, 0 by their sum */
-    float label_scale;    /* factor on an approximate score (lowrank: attn_scale; double-sparsity: 1) */
+    int combine_prob;     /* sketch: 1 ranks by the group-summed softmax of the approximate scores, 0 by their sum */
+    float label_scale;    /* factor on an approximate score (sketch: attn_scale; double-sparsity: 1) */
     const float *proj;    /* [n_layers, lab_heads, head_dim, rank] P: a key's label is k P */
-    const float *qproj;   /* the same for the query (P again, or lowrank's bilinear pair): score (q Pq).(k P) */
-    int label_bits;       /* > 0: each label rounded to this many signed bits on its max-abs scale (lowrank) */
-    float *labels;        /* [n_layers, lab_heads, rank, max_seq]: channel-major, the estimate streams each channel */
+    const float *qproj;   /* the same for the query (P again, or the sketch's bilinear pair): score (q Pq).(k P) */
+    int label_bits;       /* 8: each label kept as int8 codes on its max-abs scale (sketch); 0: fp32 labels */
+    float *labels;        /* [n_layers, lab_heads, rank, max_seq] fp32 labels: channel-major, the estimate streams
+                             each channel (label_bits 0) */
+    int8_t *codes;        /* [n_layers, lab_heads, rank, max_seq] the labels' int8 codes, channel-major (label_bits 8) */
+    float *code_scale;    /* [n_layers, lab_heads, max_seq] a key's label = codes * code_scale */
     void *kmin, *kmax;    /* quest: [n_layers, n_kv, max_pages, head_dim] per-page channel min / max, KV dtype */
     double *mass;         /* h2o: [n_layers, sel_heads, max_seq] attention probability accumulated per key */
     uint8_t *held;        /* h2o: [n_layers, sel_heads, max_seq] 1 while held (all 1 at a sequence's start) */

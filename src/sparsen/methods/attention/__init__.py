@@ -19,7 +19,6 @@ from sparsen.methods.attention import (
     double_sparsity,
     flexprefill,
     h2o,
-    lowrank,
     oracle,
     quest,
     sink_window,
@@ -40,7 +39,7 @@ from sparsen.methods.attention.vertical_slash import VerticalSlashConfig
 from sparsen.methods.attention.xattention import XAttentionConfig
 
 METHODS: dict[str, AttentionMethod] = {m.name: m for m in (
-    oracle.METHOD_TOPK, oracle.METHOD_TOPP, sink_window.METHOD, h2o.METHOD, quest.METHOD, double_sparsity.METHOD, lowrank.METHOD,
+    oracle.METHOD_TOPK, oracle.METHOD_TOPP, sink_window.METHOD, h2o.METHOD, quest.METHOD, double_sparsity.METHOD,
     sketch.METHOD, block_topk.METHOD, xattention.METHOD, vertical_slash.METHOD, flexprefill.METHOD)}
 PREFILL_MASS_BUDGETS = ("tau", "gamma")  # '@tau0.9', '@gamma0.9': a prefill method's mass threshold as its budget
 
