@@ -36,6 +36,7 @@ ABI_VERSION = 4
 """must equal SP_ABI_VERSION in kernels/sparsen.h (bumped with any change to the structs below)"""
 DTYPES = ("fp32", "bf16")
 KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}  # the KV cache's storage (fp16: IEEE half)
+CODE_TILE = 64  # keys per tile of the int8 label cache (SP_CODE_TILE)
 ATTN_METHODS = {"oracle-topk": 1, "oracle-topp": 2, "sink-window": 3, "h2o": 4, "quest": 5, "double-sparsity": 6,
                 "sketch": 7}
 """the attention methods the kernels run (enum sp_attn_method), by their name in sparsen.methods.attention"""
@@ -452,8 +453,9 @@ class Engine:
                 A.label_scale, A.label_bits = float(sel.scale), int(sel.bits)
             else:
                 A.label_scale = 1.0
-            if A.label_bits:  # channel-major codes, one scale per key
-                state["codes"] = np.zeros((n_layers, A.lab_heads, A.rank, S), np.int8)
+            if A.label_bits:  # int8 codes in tiles of CODE_TILE keys, channel-major within a tile; a scale per key
+                tiles = -(-S // CODE_TILE)
+                state["codes"] = np.zeros((n_layers, A.lab_heads, tiles, A.rank, CODE_TILE), np.int8)
                 state["code_scale"] = np.zeros((n_layers, A.lab_heads, S), np.float32)
             else:
                 state["labels"] = np.zeros((n_layers, A.lab_heads, A.rank, S), np.float32)  # channel-major
@@ -580,7 +582,10 @@ class Engine:
                 if A.label_bits:  # as select.c rounds them, in fp32
                     lim = np.float32(2 ** (A.label_bits - 1) - 1)
                     sc = np.maximum(np.abs(lab).max(-1), np.float32(1e-30)) / lim
-                    st["codes"][layer, :, :, :n] = np.rint(lab / sc[..., None]).astype(np.int8).transpose(0, 2, 1)
+                    codes = np.zeros((lab.shape[0], -(-n // CODE_TILE) * CODE_TILE, A.rank), np.int8)
+                    codes[:, :n] = np.rint(lab / sc[..., None]).astype(np.int8)
+                    tiles = codes.reshape(lab.shape[0], -1, CODE_TILE, A.rank).transpose(0, 1, 3, 2)
+                    st["codes"][layer, :, :tiles.shape[1]] = tiles
                     st["code_scale"][layer, :, :n] = sc
                 else:
                     st["labels"][layer, :, :, :n] = lab.transpose(0, 2, 1)

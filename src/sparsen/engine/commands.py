@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import statistics
 import sys
 import time
@@ -63,15 +65,30 @@ def cmd_generate(args) -> None:
 
 
 # --- bench -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _no_gc():
+    """Python's cyclic collector off while a system decodes: a full collection walks every torch and transformers
+    object and otherwise lands inside the timed steps of whichever system happens to trigger it."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _engine_run(engine, ids, n_new, prefix=None) -> float:
     """Decode tokens/s of the engine: prefill dense (not timed; through torch when given its ``prefix``), then n_new
     tokens (greedy)."""
     logits = engine.prefill(ids, via="torch", prefix=prefix) if prefix is not None else engine.prefill(ids)
-    t0 = time.perf_counter()
-    tok = int(np.argmax(logits))
-    for _ in range(n_new):
-        tok = int(np.argmax(engine.step(tok)))
-    return n_new / (time.perf_counter() - t0)
+    with _no_gc():
+        t0 = time.perf_counter()
+        tok = int(np.argmax(logits))
+        for _ in range(n_new):
+            tok = int(np.argmax(engine.step(tok)))
+        return n_new / (time.perf_counter() - t0)
 
 
 def _hf_run(lm, ids, n_new, threads) -> float:
@@ -83,10 +100,10 @@ def _hf_run(lm, ids, n_new, threads) -> float:
     x = torch.tensor([ids])
 
     def run(n):
-        t0 = time.perf_counter()
-        with torch.no_grad():
+        with _no_gc(), torch.no_grad():
+            t0 = time.perf_counter()
             lm.model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        return time.perf_counter() - t0
+            return time.perf_counter() - t0
 
     t1, tn = run(1), run(n_new)
     return (n_new - 1) / max(tn - t1, 1e-9)
@@ -135,10 +152,11 @@ class LlamaCpp:
     def run(self, ids, n_new) -> float:
         """Decode tokens/s: the time from the first generated token to the n_new-th (greedy, no EOS stop)."""
         marks = []
-        for _ in self.llm.generate(ids, top_k=1, temp=0.0, reset=True):
-            marks.append(time.perf_counter())
-            if len(marks) == n_new:
-                break
+        with _no_gc():
+            for _ in self.llm.generate(ids, top_k=1, temp=0.0, reset=True):
+                marks.append(time.perf_counter())
+                if len(marks) == n_new:
+                    break
         return (n_new - 1) / (marks[-1] - marks[0])
 
 

@@ -185,8 +185,9 @@ void sp_select_append(int ith, int nth, const sp_model *M, int l, int pos, float
                 float amax = 0.f;
                 for (int c = 0; c < r; c++) amax = fmaxf(amax, fabsf(lab[c]));
                 const float sc = fmaxf(amax, 1e-30f) / lim;
-                int8_t *col = A->codes + head * r * S + pos; /* [rank, max_seq]: see est_labels */
-                for (int c = 0; c < r; c++) col[(size_t)c * S] = (int8_t)rintf(lab[c] / sc);
+                const size_t tiles = (size_t)(S + SP_CODE_TILE - 1) / SP_CODE_TILE;
+                int8_t *col = A->codes + ((head * tiles + pos / SP_CODE_TILE) * r) * SP_CODE_TILE + pos % SP_CODE_TILE;
+                for (int c = 0; c < r; c++) col[(size_t)c * SP_CODE_TILE] = (int8_t)rintf(lab[c] / sc);
                 A->code_scale[head * S + pos] = sc;
             } else {
                 float *col = A->labels + head * r * S + pos;
@@ -221,8 +222,36 @@ static void est_exact(int ith, int nth, const sp_model *M, int l, const float *q
 /* double-sparsity, sketch: approximate scores (q Pq).(k P) label_scale from the label cache, this thread's share
  * of the keys [0, n). per_head: into scores[h, j] with this thread's maxima (a softmax follows); else summed over
  * each selection head's query heads into vals[s, j], as one product with their summed projected queries (the
- * group's heads share a label head). The labels are stored channel-major, [rank, max_seq] per label head, so each
- * channel is one contiguous run of keys and the products vectorize over keys. qp: [n_heads, rank] scratch. */
+ * group's heads share a label head). fp32 labels are stored channel-major, [rank, max_seq] per label head, int8
+ * codes in tiles of EST_KEYS keys (one contiguous run each; threads split whole tiles). A block
+ * of EST_KEYS keys is widened once per channel and accumulated for up to EST_ROWS rows (the query or selection
+ * heads reading that label head) in L1: the cache is read once per label head and the sums never leave L1 until
+ * the block is done. qp: [n_heads, rank] scratch, overwritten with the rows' weights. */
+#define EST_KEYS SP_CODE_TILE
+#define EST_ROWS 4
+#if defined(__AVX512F__) && SP_CODE_TILE == 64
+/* One full tile of int8 codes for EST_ROWS rows of weights w[x * r + c] (rows past the real ones zero): the
+ * 4 x 4 accumulators stay in registers over the channels, each channel's 64 codes widened once. */
+static void tile_codes_avx512(const int8_t *tile, int r, const float *w, float acc[EST_ROWS][EST_KEYS]) {
+    __m512 a[EST_ROWS][4];
+    for (int x = 0; x < EST_ROWS; x++)
+        for (int v = 0; v < 4; v++) a[x][v] = _mm512_setzero_ps();
+    for (int c = 0; c < r; c++) {
+        const __m512i b = _mm512_loadu_si512((const void *)(tile + (size_t)c * EST_KEYS));
+        __m512 f[4];
+        f[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(b)));
+        f[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, 1)));
+        f[2] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, 2)));
+        f[3] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, 3)));
+        for (int x = 0; x < EST_ROWS; x++) {
+            const __m512 wc = _mm512_set1_ps(w[(size_t)x * r + c]);
+            for (int v = 0; v < 4; v++) a[x][v] = _mm512_fmadd_ps(wc, f[v], a[x][v]);
+        }
+    }
+    for (int x = 0; x < EST_ROWS; x++)
+        for (int v = 0; v < 4; v++) _mm512_storeu_ps(acc[x] + 16 * v, a[x][v]);
+}
+#endif
 static void est_labels(int ith, int nth, const sp_model *M, int l, const float *q, int n, int per_head, float *qp,
                        float *scores, float *tmax, float *vals, int sel_heads) {
     const sp_attn *A = M->attn;
@@ -236,43 +265,80 @@ static void est_labels(int ith, int nth, const sp_model *M, int l, const float *
         for (int d = 0; d < hd; d++)
             for (int c = 0; c < r; c++) o[c] += qh[d] * P[(size_t)d * r + c];
     }
-    int lo, hi;
-    sp_range(n, ith, nth, &lo, &hi);
-    const int rows = per_head ? nh : sel_heads, per = per_head ? 1 : gs;
-    for (int x = 0; x < rows; x++) { /* a query head, or a selection head's summed query */
-        const int h0 = x * per;
-        float w[r];
+    const int rows = per_head ? nh : sel_heads, per = per_head ? 1 : gs, rows_per_lab = lab_of / per;
+    float *w = qp; /* row x's weights: its query heads' projections summed, times label_scale (in place: row x
+                      reads heads x*per.. which are >= x, and x*per == x when per == 1) */
+    for (int x = 0; x < rows; x++)
         for (int c = 0; c < r; c++) {
-            w[c] = 0.f;
-            for (int h = h0; h < h0 + per; h++) w[c] += qp[(size_t)h * r + c];
-            w[c] *= A->label_scale;
+            float sum = 0.f;
+            for (int h = x * per; h < (x + 1) * per; h++) sum += qp[(size_t)h * r + c];
+            w[(size_t)x * r + c] = sum * A->label_scale;
         }
-        const size_t head = (size_t)l * A->lab_heads + h0 / lab_of;
-        float *restrict out = (per_head ? scores : vals) + (size_t)x * S;
-        for (int j = lo; j < hi; j++) out[j] = 0.f;
-        if (A->codes) { /* int8 codes widened channel by channel, the key's scale applied once */
-            const int8_t *cod = A->codes + head * r * S;
-            for (int c = 0; c < r; c++) {
-                const int8_t *restrict cc = cod + (size_t)c * S;
-                const float wc = w[c];
+    int lo, hi;
+    if (A->codes) { /* whole tiles */
+        sp_range((n + EST_KEYS - 1) / EST_KEYS, ith, nth, &lo, &hi);
+        lo *= EST_KEYS, hi = hi * EST_KEYS < n ? hi * EST_KEYS : n;
+        if (lo > hi) lo = hi;
+    } else {
+        sp_range(n, ith, nth, &lo, &hi);
+    }
+    const size_t tiles = (size_t)(S + EST_KEYS - 1) / EST_KEYS;
+    float mx[EST_ROWS];
+    for (int lh = 0; lh < A->lab_heads; lh++) {
+        const size_t head = (size_t)l * A->lab_heads + lh;
+        const int8_t *cod = A->codes ? A->codes + head * tiles * r * EST_KEYS : NULL;
+        const float *lab = A->labels ? A->labels + head * r * S : NULL;
+        const float *scale = A->codes ? A->code_scale + head * S : NULL;
+        for (int x0 = lh * rows_per_lab; x0 < (lh + 1) * rows_per_lab; x0 += EST_ROWS) {
+            const int nr = (lh + 1) * rows_per_lab - x0 < EST_ROWS ? (lh + 1) * rows_per_lab - x0 : EST_ROWS;
+            float wpad[EST_ROWS * r]; /* the rows' weights, zero past nr */
+            for (int x = 0; x < EST_ROWS; x++)
+                for (int c = 0; c < r; c++) wpad[x * r + c] = x < nr ? w[(size_t)(x0 + x) * r + c] : 0.f;
+            for (int x = 0; x < nr; x++) mx[x] = -INFINITY;
+            for (int j0 = lo; j0 < hi; j0 += EST_KEYS) {
+                const int m = hi - j0 < EST_KEYS ? hi - j0 : EST_KEYS;
+                float acc[EST_ROWS][EST_KEYS], val[EST_KEYS];
+#if defined(__AVX512F__) && SP_CODE_TILE == 64
+                if (cod && m == EST_KEYS) {
+                    tile_codes_avx512(cod + (size_t)(j0 / EST_KEYS) * r * EST_KEYS, r, wpad, acc);
+                    goto scaled;
+                }
+#endif
+                for (int x = 0; x < nr; x++)
+                    for (int t = 0; t < EST_KEYS; t++) acc[x][t] = 0.f;
+                for (int c = 0; c < r; c++) {
+                    if (cod) {
+                        const int8_t *restrict cc = cod + ((size_t)(j0 / EST_KEYS) * r + c) * EST_KEYS;
 #pragma omp simd
-                for (int j = lo; j < hi; j++) out[j] += wc * (float)cc[j];
+                        for (int t = 0; t < m; t++) val[t] = (float)cc[t];
+                    } else {
+                        memcpy(val, lab + (size_t)c * S + j0, (size_t)m * sizeof(float));
+                    }
+                    for (int x = 0; x < nr; x++) {
+                        const float wc = wpad[x * r + c];
+#pragma omp simd
+                        for (int t = 0; t < m; t++) acc[x][t] += wc * val[t];
+                    }
+                }
+#if defined(__AVX512F__) && SP_CODE_TILE == 64
+            scaled:
+#endif
+                for (int x = 0; x < nr; x++) {
+                    float *restrict out = (per_head ? scores : vals) + (size_t)(x0 + x) * S + j0;
+                    if (scale)
+                        for (int t = 0; t < m; t++) out[t] = acc[x][t] * scale[j0 + t];
+                    else
+                        for (int t = 0; t < m; t++) out[t] = acc[x][t];
+                    if (per_head) {
+                        float bm = mx[x];
+#pragma omp simd reduction(max : bm)
+                        for (int t = 0; t < m; t++) bm = out[t] > bm ? out[t] : bm;
+                        mx[x] = bm;
+                    }
+                }
             }
-            const float *restrict sc = A->code_scale + head * S;
-#pragma omp simd
-            for (int j = lo; j < hi; j++) out[j] *= sc[j];
-        } else {
-            const float *lab = A->labels + head * r * S;
-            for (int c = 0; c < r; c++) {
-                const float *restrict lc = lab + (size_t)c * S, wc = w[c];
-#pragma omp simd
-                for (int j = lo; j < hi; j++) out[j] += wc * lc[j];
-            }
-        }
-        if (per_head) {
-            float mx = -INFINITY;
-            for (int j = lo; j < hi; j++) mx = out[j] > mx ? out[j] : mx;
-            tmax[(size_t)ith * nh + x] = mx;
+            if (per_head)
+                for (int x = 0; x < nr; x++) tmax[(size_t)ith * nh + x0 + x] = mx[x];
         }
     }
 }
@@ -421,9 +487,10 @@ void sp_select_stage(sp_ctx *c, const sp_model *M, int l, int pos) {
         for (int s = g0; s < g1; s++) {
             float *v = ws->vals + (size_t)s * S;
             int *out = ws->sel_idx + (size_t)s * S;
-            if (A->method == SP_ATTN_SKETCH) /* sketch.py: sinks and the local window forced (above any value) */
-                for (int j = 0; j < n; j++)
-                    if (j < A->sinks || j > pos - A->local) v[j] = 1e30f;
+            if (A->method == SP_ATTN_SKETCH) { /* sketch.py: sinks and the local window forced (above any value) */
+                for (int j = 0; j < n && j < A->sinks; j++) v[j] = 1e30f;
+                for (int j = pos - A->local + 1 > 0 ? pos - A->local + 1 : 0; j < n; j++) v[j] = 1e30f;
+            }
             ws->sel_cnt[s] = A->method == SP_ATTN_ORACLE_TOPP ? top_p(v, n, A->p, tmp, out)
                                                               : top_budget(v, n, b, tmp, out);
         }

@@ -20,6 +20,7 @@
 #include <stdint.h>
 
 #define SP_ABI_VERSION 4
+#define SP_CODE_TILE 64 /* keys per tile of the int8 label cache (sp_attn.codes) */
 
 /* Rule kinds, numbered as sparsen.core.rules.RuleKind (checked at load time through sp_rule_kinds()). */
 #define SP_RULE_KINDS(X) X(DENSE, 0) X(THRESHOLD, 1) X(TOPK, 2) X(GAUSSIAN_TOPK, 3) X(GATE_ACT, 4)
@@ -105,7 +106,9 @@ typedef struct {
     int label_bits;       /* 8: each label kept as int8 codes on its max-abs scale (sketch); 0: fp32 labels */
     float *labels;        /* [n_layers, lab_heads, rank, max_seq] fp32 labels: channel-major, the estimate streams
                              each channel (label_bits 0) */
-    int8_t *codes;        /* [n_layers, lab_heads, rank, max_seq] the labels' int8 codes, channel-major (label_bits 8) */
+    int8_t *codes;        /* [n_layers, lab_heads, ceil(max_seq / SP_CODE_TILE), rank, SP_CODE_TILE] the labels'
+                             int8 codes in tiles of keys, channel-major within a tile: one contiguous run per tile
+                             (label_bits 8) */
     float *code_scale;    /* [n_layers, lab_heads, max_seq] a key's label = codes * code_scale */
     void *kmin, *kmax;    /* quest: [n_layers, n_kv, max_pages, head_dim] per-page channel min / max, KV dtype */
     double *mass;         /* h2o: [n_layers, sel_heads, max_seq] attention probability accumulated per key */
