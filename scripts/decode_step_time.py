@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import time
 from pathlib import Path
 
@@ -47,7 +48,9 @@ def main() -> None:
             tok = int(engine.step(tok).argmax())
         ms = (time.perf_counter() - t0) / args.steps * 1e3
         gc.enable()
-        print(f"{spec}: {ms:.2f} ms/token ({args.context} context, {args.kv_dtype} KV)")
+        print(f"{spec}: {ms:.2f} ms/token ({args.context} context, {args.kv_dtype} KV)", flush=True)
+    if args.wait_for_perf:
+        os._exit(0)  # no interpreter teardown (its collection of the torch objects) inside the profile
 
 
 if __name__ == "__main__":

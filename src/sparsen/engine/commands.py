@@ -322,7 +322,8 @@ def _bench_context(args, lm, plan, systems) -> None:
         "notes": {"engine": "prompt prefilled through the torch model (one forward, its KV cache copied in; not "
                             "timed), then new_tokens greedy steps timed",
                   "bytes": "per token: block linears and lm_head, K and V rows read, and the estimate's reads "
-                           "(Quest's page summaries, the label cache (fp32, int8 for the sketch), the oracle's K rows) from the engine's "
+                           "(Quest's page summaries, the label cache (fp32, int8 for the sketch), the oracle's K rows) "
+                 "from the engine's "
                            "own tally; H2O's per-key bookkeeping (held flags, masses) is not counted",
                   "llamacpp": llamacpp_note or (f"llama-cpp-python {llamacpp.version}, the same GGUF file (its own "
                                                 "quantized weights and KV cache), greedy; its prefill not timed"
