@@ -323,8 +323,7 @@ def _bench_context(args, lm, plan, systems) -> None:
                             "timed), then new_tokens greedy steps timed",
                   "bytes": "per token: block linears and lm_head, K and V rows read, and the estimate's reads "
                            "(Quest's page summaries, the label cache (fp32, int8 for the sketch), the oracle's K rows) "
-                 "from the engine's "
-                           "own tally; H2O's per-key bookkeeping (held flags, masses) is not counted",
+                           "from the engine's own tally; H2O's per-key bookkeeping (held flags, masses) is not counted",
                   "llamacpp": llamacpp_note or (f"llama-cpp-python {llamacpp.version}, the same GGUF file (its own "
                                                 "quantized weights and KV cache), greedy; its prefill not timed"
                                                 if llamacpp else "not requested"),
