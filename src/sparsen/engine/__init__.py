@@ -69,7 +69,7 @@ class Model(ctypes.Structure):  # sp_model
 class Attn(ctypes.Structure):  # sp_attn
     _fields_ = [("method", _i), ("sel_heads", _i), ("tokens", _i), ("density", _d), ("p", _d), ("recent_share", _d),
                 ("sinks", _i), ("local", _i), ("page", _i), ("min_pages", _i), ("max_pages", _i), ("rank", _i),
-                ("lab_heads", _i), ("combine_prob", _i), ("label_scale", _f), ("proj", _p), ("qproj", _p),
+                ("lab_heads", _i), ("label_scale", _f), ("proj", _p), ("qproj", _p),
                 ("label_bits", _i), ("labels", _p), ("codes", _p), ("code_scale", _p),
                 ("kmin", _p), ("kmax", _p), ("mass", _p), ("held", _p), ("tally", _p)]
 
@@ -449,7 +449,7 @@ class Engine:
                 state["qproj"][layer], state["proj"][layer] = Pq, Pk
             if name == "sketch":  # sketch.py: sinks and a local window forced, the group-summed softmax of estimates
                 sel = selectors[f"layers.{self.attn_layers[0]}.attn"]
-                A.sinks, A.local, A.combine_prob = int(sel.sinks), int(sel.local), 1
+                A.sinks, A.local = int(sel.sinks), int(sel.local)
                 A.label_scale, A.label_bits = float(sel.scale), int(sel.bits)
             else:
                 A.label_scale = 1.0
@@ -579,14 +579,15 @@ class Engine:
                 per = A.lab_heads // self.n_kv
                 kk = np.repeat(k, per, axis=0)  # label head lh reads KV head lh // per
                 lab = np.einsum("hnd,hdr->hnr", kk, st["proj"][layer]).astype(np.float32)
-                if A.label_bits:  # as select.c rounds them, in fp32
-                    lim = np.float32(2 ** (A.label_bits - 1) - 1)
-                    sc = np.maximum(np.abs(lab).max(-1), np.float32(1e-30)) / lim
+                if A.label_bits:  # the sketch's own rounding, as select.c does it
+                    from sparsen.methods.attention.sketch import quantize
+
+                    q, sc = (t.numpy() for t in quantize(torch.from_numpy(lab), A.label_bits))
                     codes = np.zeros((lab.shape[0], -(-n // CODE_TILE) * CODE_TILE, A.rank), np.int8)
-                    codes[:, :n] = np.rint(lab / sc[..., None]).astype(np.int8)
+                    codes[:, :n] = q
                     tiles = codes.reshape(lab.shape[0], -1, CODE_TILE, A.rank).transpose(0, 1, 3, 2)
                     st["codes"][layer, :, :tiles.shape[1]] = tiles
-                    st["code_scale"][layer, :, :n] = sc
+                    st["code_scale"][layer, :, :n] = sc[..., 0]
                 else:
                     st["labels"][layer, :, :, :n] = lab.transpose(0, 2, 1)
             if "mass" in st:

@@ -138,6 +138,12 @@ static int h2o_hold(const sp_attn *A, double *mass, uint8_t *held, int n, int b,
     return c;
 }
 
+/* The int8 codes' tile holding key j of label head `head` (l * lab_heads + lh): [rank, SP_CODE_TILE]. */
+static inline int8_t *code_tile(const sp_attn *A, int S, size_t head, int j) {
+    const size_t tiles = (size_t)(S + SP_CODE_TILE - 1) / SP_CODE_TILE;
+    return A->codes + (head * tiles + (size_t)(j / SP_CODE_TILE)) * A->rank * SP_CODE_TILE;
+}
+
 /* The new key at pos of layer l enters the state, as stored in the cache (rounded to half with an fp16 cache):
  * Quest's page summaries (its page's channel min and max; the page's first key starts them) and the label cache
  * (k P per label head, fp32 or int8 codes with a scale). Threads split the KV heads, then the label heads. tmp: [head_dim]. */
@@ -185,8 +191,7 @@ void sp_select_append(int ith, int nth, const sp_model *M, int l, int pos, float
                 float amax = 0.f;
                 for (int c = 0; c < r; c++) amax = fmaxf(amax, fabsf(lab[c]));
                 const float sc = fmaxf(amax, 1e-30f) / lim;
-                const size_t tiles = (size_t)(S + SP_CODE_TILE - 1) / SP_CODE_TILE;
-                int8_t *col = A->codes + ((head * tiles + pos / SP_CODE_TILE) * r) * SP_CODE_TILE + pos % SP_CODE_TILE;
+                int8_t *col = code_tile(A, S, head, pos) + pos % SP_CODE_TILE;
                 for (int c = 0; c < r; c++) col[(size_t)c * SP_CODE_TILE] = (int8_t)rintf(lab[c] / sc);
                 A->code_scale[head * S + pos] = sc;
             } else {
@@ -282,11 +287,9 @@ static void est_labels(int ith, int nth, const sp_model *M, int l, const float *
     } else {
         sp_range(n, ith, nth, &lo, &hi);
     }
-    const size_t tiles = (size_t)(S + EST_KEYS - 1) / EST_KEYS;
     float mx[EST_ROWS];
     for (int lh = 0; lh < A->lab_heads; lh++) {
         const size_t head = (size_t)l * A->lab_heads + lh;
-        const int8_t *cod = A->codes ? A->codes + head * tiles * r * EST_KEYS : NULL;
         const float *lab = A->labels ? A->labels + head * r * S : NULL;
         const float *scale = A->codes ? A->code_scale + head * S : NULL;
         for (int x0 = lh * rows_per_lab; x0 < (lh + 1) * rows_per_lab; x0 += EST_ROWS) {
@@ -298,31 +301,31 @@ static void est_labels(int ith, int nth, const sp_model *M, int l, const float *
             for (int j0 = lo; j0 < hi; j0 += EST_KEYS) {
                 const int m = hi - j0 < EST_KEYS ? hi - j0 : EST_KEYS;
                 float acc[EST_ROWS][EST_KEYS], val[EST_KEYS];
+                const int8_t *tile = A->codes ? code_tile(A, S, head, j0) : NULL; /* j0: a tile's first key */
 #if defined(__AVX512F__) && SP_CODE_TILE == 64
-                if (cod && m == EST_KEYS) {
-                    tile_codes_avx512(cod + (size_t)(j0 / EST_KEYS) * r * EST_KEYS, r, wpad, acc);
-                    goto scaled;
-                }
+                const int wide = tile && m == EST_KEYS;
+                if (wide) tile_codes_avx512(tile, r, wpad, acc);
+#else
+                const int wide = 0;
 #endif
-                for (int x = 0; x < nr; x++)
-                    for (int t = 0; t < EST_KEYS; t++) acc[x][t] = 0.f;
-                for (int c = 0; c < r; c++) {
-                    if (cod) {
-                        const int8_t *restrict cc = cod + ((size_t)(j0 / EST_KEYS) * r + c) * EST_KEYS;
+                if (!wide) { /* fp32 labels, a partial last tile, or no AVX-512 */
+                    for (int x = 0; x < nr; x++)
+                        for (int t = 0; t < EST_KEYS; t++) acc[x][t] = 0.f;
+                    for (int c = 0; c < r; c++) {
+                        if (tile) {
+                            const int8_t *restrict cc = tile + (size_t)c * EST_KEYS;
 #pragma omp simd
-                        for (int t = 0; t < m; t++) val[t] = (float)cc[t];
-                    } else {
-                        memcpy(val, lab + (size_t)c * S + j0, (size_t)m * sizeof(float));
-                    }
-                    for (int x = 0; x < nr; x++) {
-                        const float wc = wpad[x * r + c];
+                            for (int t = 0; t < m; t++) val[t] = (float)cc[t];
+                        } else {
+                            memcpy(val, lab + (size_t)c * S + j0, (size_t)m * sizeof(float));
+                        }
+                        for (int x = 0; x < nr; x++) {
+                            const float wc = wpad[x * r + c];
 #pragma omp simd
-                        for (int t = 0; t < m; t++) acc[x][t] += wc * val[t];
+                            for (int t = 0; t < m; t++) acc[x][t] += wc * val[t];
+                        }
                     }
                 }
-#if defined(__AVX512F__) && SP_CODE_TILE == 64
-            scaled:
-#endif
                 for (int x = 0; x < nr; x++) {
                     float *restrict out = (per_head ? scores : vals) + (size_t)(x0 + x) * S + j0;
                     if (scale)
@@ -474,7 +477,7 @@ void sp_select_stage(sp_ctx *c, const sp_model *M, int l, int pos) {
     case SP_ATTN_SKETCH:
     case SP_ATTN_DOUBLE_SPARSITY: {
         const int oracle = A->method == SP_ATTN_ORACLE_TOPK || A->method == SP_ATTN_ORACLE_TOPP;
-        const int probs = oracle || (A->method == SP_ATTN_SKETCH && A->combine_prob);
+        const int probs = oracle || A->method == SP_ATTN_SKETCH;
         if (oracle) est_exact(ith, nth, M, l, ws->q, n, ws->scores, ws->tmax, c->t->row);
         else est_labels(ith, nth, M, l, ws->q, n, probs, c->t->qp, ws->scores, ws->tmax, ws->vals, G);
         if (probs) {

@@ -99,7 +99,6 @@ typedef struct {
     int max_pages;        /* quest: ceil(max_seq / page) */
     int rank;             /* double-sparsity, sketch: width r of a projected key (its label) */
     int lab_heads;        /* heads of the label cache: n_kv, or n_heads (double-sparsity per query head) */
-    int combine_prob;     /* sketch: 1 ranks by the group-summed softmax of the approximate scores, 0 by their sum */
     float label_scale;    /* factor on an approximate score (sketch: attn_scale; double-sparsity: 1) */
     const float *proj;    /* [n_layers, lab_heads, head_dim, rank] P: a key's label is k P */
     const float *qproj;   /* the same for the query (P again, or the sketch's bilinear pair): score (q Pq).(k P) */
