@@ -171,6 +171,7 @@ ALLOWED = {
     "core": {"errors", "io", "models", "data"},
     "measure": {"errors", "io", "models", "data", "core"},
     "methods": {"errors", "io", "models", "data", "core"},
+    "sae": {"errors", "io", "models", "data", "core"},
     "evaluation": {"errors", "io", "models", "data", "core", "methods"},
     # the engine runs the attention methods' own configs (their fields and defaults live in methods)
     "engine": {"errors", "io", "models", "data", "core", "methods"},

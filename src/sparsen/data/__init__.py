@@ -44,10 +44,13 @@ def eval_corpora(names) -> list[str]:
 
 
 def read_corpus(name_or_path: str) -> str:
-    """Text of a bundled corpus (by name) or of a user's UTF-8 text file."""
+    """Text of a bundled corpus (by name), of a user's UTF-8 text file, or of a folder's ``.txt`` and ``.html`` files
+    (``read_folder``)."""
     if name_or_path in CORPORA:
         return resources.files(__package__).joinpath(CORPORA[name_or_path]).read_text(encoding="utf-8")
     path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return read_folder(path)
     if not path.is_file():
         raise SparsenError(f"text file '{name_or_path}' not found: pass an existing UTF-8 text file or one of "
                            f"{', '.join(CORPORA)}")
@@ -58,6 +61,73 @@ def read_corpus(name_or_path: str) -> str:
     if not text.strip():
         raise SparsenError(f"text file '{name_or_path}' is empty: pass a file with enough text for the windows asked")
     return text
+
+
+TEXT_SUFFIXES = (".txt", ".html", ".htm")
+
+
+_VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+_BLOCK_TAGS = {"p", "div", "li", "pre", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "dt", "dd", "section", "br"}
+_SKIP_TAGS = {"script", "style", "nav", "header", "footer"}
+_SKIP_CLASSES = ("related", "sphinxsidebar", "footer", "navigation", "headerlink")  # Sphinx page furniture
+
+
+def html_text(html: str) -> str:
+    """The visible text of an HTML page, one paragraph per block element; scripts, styles and navigation (nav,
+    header, footer, Sphinx's related/sidebar/footer blocks) dropped."""
+    from html.parser import HTMLParser
+
+    class _Text(HTMLParser):
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.parts: list[str] = []
+            self.depth = 0  # open non-void tags inside a skipped element (0: not skipping)
+
+        def handle_starttag(self, tag, attrs):
+            if tag in _VOID_TAGS:
+                if tag == "br" and not self.depth:
+                    self.parts.append("\n")
+                return
+            if self.depth:
+                self.depth += 1
+                return
+            cls = dict(attrs).get("class") or ""
+            if tag in _SKIP_TAGS or any(c in cls.split() for c in _SKIP_CLASSES):
+                self.depth = 1
+            elif tag in _BLOCK_TAGS:
+                self.parts.append("\n")
+
+        def handle_endtag(self, tag):
+            if tag in _VOID_TAGS:
+                return
+            if self.depth:
+                self.depth -= 1
+            elif tag in _BLOCK_TAGS:
+                self.parts.append("\n")
+
+        def handle_data(self, data):
+            if not self.depth:
+                self.parts.append(data)
+
+    p = _Text()
+    p.feed(html)
+    lines = [" ".join(line.split()) for line in "".join(p.parts).splitlines()]
+    return "\n".join(line for line in lines if line)
+
+
+def read_folder(path: Path) -> str:
+    """Every ``.txt`` / ``.html`` file under a folder, in sorted path order, HTML reduced to its text, files apart by a
+    blank line. Sub-folders named ``_*`` or ``.*`` (Sphinx's ``_sources`` copies, hidden folders) are skipped. E.g.
+    Debian's python3.11-doc: ``/usr/share/doc/python3.11/html``, millions of tokens of prose."""
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
+                   and not any(part.startswith(("_", ".")) for part in f.relative_to(path).parts[:-1]))
+    if not files:
+        raise SparsenError(f"folder '{path}' has no .txt or .html files: pass a folder of text, or a text file")
+    parts = []
+    for f in files:
+        raw = f.read_text(encoding="utf-8", errors="replace")
+        parts.append(html_text(raw) if f.suffix.lower() in (".html", ".htm") else raw)
+    return "\n\n".join(p for p in parts if p.strip())
 
 
 _TOKEN_CACHE: dict[tuple, torch.Tensor] = {}

@@ -8,41 +8,11 @@ field raises a one-line ``SparsenError`` (also a ``TypeError`` or ``ValueError``
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass
 from typing import ClassVar
 
+from sparsen.core.config import ConfigFieldError, ConfigValueError, check, is_number, strict_config  # noqa: F401 (re-exported)
 from sparsen.core.rules import check_sparsity
 from sparsen.data import CALIB_CORPUS, CORPUS_SETS, EVAL_ONLY
-from sparsen.errors import SparsenError
-
-
-class ConfigFieldError(SparsenError, TypeError):
-    """A config was given a field it does not have."""
-
-
-class ConfigValueError(SparsenError, ValueError):
-    """A config field has a value outside its range."""
-
-
-def strict_config(cls, needs_sparsity: bool = False):
-    """Class decorator: a frozen dataclass whose constructor refuses unknown fields (and, with ``needs_sparsity``,
-    a missing target sparsity) with a one-line SparsenError."""
-    cls = dataclass(frozen=True)(cls)
-    init = cls.__init__
-
-    def __init__(self, *args, **kwargs):
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in kwargs if k not in names]
-        if unknown:
-            raise ConfigFieldError(f"{cls.__name__} has no field '{unknown[0]}': its fields are {', '.join(names)}")
-        if needs_sparsity and "sparsity" not in kwargs and not args:
-            raise ConfigFieldError(f"{cls.__name__} needs a target sparsity, e.g. {cls.__name__}(sparsity=0.5)")
-        init(self, *args, **kwargs)
-
-    __init__.__doc__ = init.__doc__
-    cls.__init__ = __init__
-    return cls
 
 
 def method_config(cls):
@@ -50,13 +20,8 @@ def method_config(cls):
     return strict_config(cls, needs_sparsity=True)
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigValueError(message)
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+_check = check
+_number = is_number
 
 
 HOLDS = ("calibrated", "prompt")  # MethodConfig.hold
