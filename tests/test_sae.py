@@ -383,3 +383,36 @@ def test_sparse_topk_gradients_equal_dense_autograd():
         gd = torch.autograd.grad(ref, [W, b, D])
         for a, r in zip(gs, gd):
             assert torch.allclose(a, r, atol=1e-5)
+
+
+# --- command line -------------------------------------------------------------------------------------------------
+def test_cli_cache_train_eval_convert(tmp_path, capsys):
+    from sparsen.cli import main
+    from sparsen.cli_sae import ARCH_CHOICES
+    from sparsen.sae import ARCHITECTURES
+
+    assert set(ARCH_CHOICES) == set(ARCHITECTURES)
+    c = str(tmp_path / "cache")
+    assert main(["cache", "--model", "tiny-llama", "--hook", "blocks.1.hook_mlp_in", "--hook", "blocks.1.hook_mlp_out",
+                 "--tokens", "1500", "--ctx", "128", "--shard-tokens", "500", "--out", c, "--quiet"]) == 0
+    assert "cached 1,500 tokens" in capsys.readouterr().out
+    assert main(["sae", "train", "--cache", c, "--hook-out", "blocks.1.hook_mlp_out", "--skip", "--width", "96", "--k",
+                 "4", "--tokens", "3000", "--batch", "500", "--out", str(tmp_path / "tc"), "--quiet"]) == 0
+    cfg = load_sae(tmp_path / "tc").cfg
+    assert cfg.is_transcoder and cfg.skip and cfg.hook_name_out == "blocks.1.hook_mlp_out" and cfg.model == "tiny-llama"
+    assert main(["sae", "eval", "--model", "tiny-llama", "--sae", str(tmp_path / "tc"), "--tokens", "500", "--ctx",
+                 "128", "--ce-windows", "1", "--out", str(tmp_path / "ev.json"), "--quiet"]) == 0
+    import json
+
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["reconstruction"]["tokens"] == 4 * 127 and "ce_loss_score_zero" in ev["spliced"]
+    assert main(["sae", "eval", "--model", "tiny-qwen2", "--sae", str(tmp_path / "tc"), "--quiet"]) == 2
+    assert "trained on model 'tiny-llama'" in capsys.readouterr().err
+    assert main(["sae", "train", "--cache", c, "--width", "96", "--arch", "topk", "--set", "k=200",
+                 "--out", str(tmp_path / "bad"), "--quiet"]) == 2
+    assert "k must be in 1..d_sae (96)" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main(["sae", "train", "--cache", str(tmp_path), "--width", "8", "--out", str(tmp_path / "x")]) == 2
+    assert "not an activation cache" in capsys.readouterr().err
+    assert main(["sae", "convert", "--sae", str(tmp_path / "tc"), "--to", "saelens", "--out", str(tmp_path / "sl")]) == 0
+    assert (tmp_path / "sl" / "sae_weights.safetensors").exists()

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from sparsen.cli_sae import add_parsers as add_sae_parsers
+from sparsen.cli_sae import cmd_cache, cmd_sae
 from sparsen.errors import SparsenError
 
 MODEL_HELP = ("model SPEC: 'smollm2' (bundled SmolLM2-135M-Instruct, default), 'gemma3' (bundled Gemma 3 270M), "
@@ -281,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-tokens", type=_positive_int, default=8192, help="calibration tokens per plan (default 8192)")
     p.add_argument("--out", default="report", metavar="DIR", help="report directory (default ./report)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_sae_parsers(sub, _add_model, _positive_int)
     return parser
 
 
@@ -669,7 +672,7 @@ def cmd_bench(args) -> None:
 
 COMMANDS = {"profile": cmd_profile, "eval": cmd_eval, "calibrate": cmd_calibrate, "frontier": cmd_frontier,
             "attn-eval": cmd_attn_eval, "attn-frontier": cmd_attn_frontier, "generate": cmd_generate, "bench": cmd_bench,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "cache": cmd_cache, "sae": cmd_sae}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,11 +54,11 @@ def _text_sha1(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
-def build_cache(lm, hooks: list[str], tokens: int, out, corpus: str = "wikitext2-valid", ctx: int = 1024,
+def build_cache(lm, hooks: list[str], tokens: int, out, corpus: str | list[str] = "wikitext2-valid", ctx: int = 1024,
                 dtype: str = "float32", shard_tokens: int = 65536, batch_windows: int = 4, skip_first: int = 1,
                 progress: bool = True) -> dict:
     """Cache ``tokens`` activations of each hook in ``hooks`` into folder ``out`` (resuming a run of the same spec);
-    returns the manifest."""
+    ``corpus``: a name, file or folder, or a list of them read one after the other. Returns the manifest."""
     if dtype not in DTYPES:
         raise SparsenError(f"dtype '{dtype}': use one of {', '.join(DTYPES)}")
     if not hooks:
@@ -70,15 +70,16 @@ def build_cache(lm, hooks: list[str], tokens: int, out, corpus: str = "wikitext2
         raise SparsenError(f"--tokens {tokens}: ask for at least one token")
     if not 0 <= skip_first < ctx:
         raise SparsenError(f"skip_first {skip_first} must be in 0..ctx-1 ({ctx - 1})")
-    text = read_corpus(corpus)
+    corpora = [corpus] if isinstance(corpus, str) else list(corpus)
+    text = "\n\n".join(read_corpus(c) for c in corpora)  # several corpora: one text, in the order given
     ids = tokenize(lm.tokenizer, text)
     per_window = ctx - skip_first
     n_windows = math.ceil(tokens / per_window)
     if n_windows * ctx > ids.numel():
         have = ids.numel() // ctx * per_window
-        raise SparsenError(f"'{corpus}' gives {have} tokens at --ctx {ctx}, not {tokens}: lower --tokens or pass a "
+        raise SparsenError(f"'{'+'.join(corpora)}' gives {have} tokens at --ctx {ctx}, not {tokens}: lower --tokens or pass a "
                            "longer --text (a file or a folder of .txt/.html)")
-    label = corpus if corpus in CORPORA else str(Path(corpus).expanduser().resolve())
+    label = "+".join(c if c in CORPORA else str(Path(c).expanduser().resolve()) for c in corpora)
     spec = CacheSpec(lm.spec, lm.fingerprint, {p.name: p.d for p in points}, dtype, label, _text_sha1(text), ctx,
                      skip_first)
     out = Path(out)

@@ -47,7 +47,7 @@ class _TopKEncode(torch.autograd.Function):
         B, kk = idx_all.shape
         rows = torch.arange(B).repeat_interleave(kk)
         gt = torch.sparse_coo_tensor(torch.stack([idx_all.reshape(-1), rows]), g_all.reshape(-1),
-                                     (ctx.d_sae, B)).coalesce()
+                                     (ctx.d_sae, B), check_invariants=False).coalesce()
         grad_w = grad_b = grad_x = None
         if ctx.needs_input_grad[1]:
             grad_w = torch.sparse.mm(gt, x).T
