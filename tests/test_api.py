@@ -172,6 +172,7 @@ ALLOWED = {
     "measure": {"errors", "io", "models", "data", "core"},
     "methods": {"errors", "io", "models", "data", "core"},
     "sae": {"errors", "io", "models", "data", "core"},
+    "circuits": {"errors", "io", "models", "data", "core", "sae"},
     "evaluation": {"errors", "io", "models", "data", "core", "methods"},
     # the engine runs the attention methods' own configs (their fields and defaults live in methods)
     "engine": {"errors", "io", "models", "data", "core", "methods"},
