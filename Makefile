@@ -12,9 +12,11 @@ $(STAMP): pyproject.toml setup.py Makefile $(wildcard src/sparsen/engine/kernels
 	# torch first, pinned: 2.13.0 is the CPU build available locally; a looser spec pulls a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
-	# headless Chromium for the report's browser test (Debian's package; needs root, as here and in CI)
-	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
-		echo "warning: could not install chromium; tests/test_report.py needs it"
+	# headless Chromium and its WebDriver for the browser tests (Debian's packages; need root, as here and in CI):
+	# installed when either is missing
+	{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+		echo "warning: could not install chromium + chromium-driver; tests/test_report.py and tests/test_sae_dashboard.py need them"
 	touch $(STAMP)
 
 demo: $(STAMP)

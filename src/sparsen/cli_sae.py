@@ -1,4 +1,4 @@
-"""The dictionary commands of the `sparsen` command line: `cache` and `sae train|eval|convert`.
+"""The dictionary commands of the `sparsen` command line: `cache` and `sae train|eval|dashboard|convert`.
 
 Kept apart from cli.py (which stays importable without torch) and registered by it."""
 
@@ -77,6 +77,23 @@ def add_parsers(sub, add_model, positive_int) -> None:
     e.add_argument("--out", default=None, metavar="FILE.json", help="write the metrics as JSON")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    d = ssub.add_parser("dashboard", help="a static HTML site of a dictionary's latents (open index.html offline)",
+                        description="Run the model over --tokens tokens of a corpus and write a dashboard: an index of "
+                                    "every latent (density, max and mean activation, logit effect; sortable) and a "
+                                    "page per live latent with its activation histogram, top activating contexts and "
+                                    "the tokens its decoder direction raises and lowers. No server, nothing fetched.")
+    add_model(d)
+    d.add_argument("--sae", required=True, metavar="DIR", help="the dictionary's folder (sparsen, SAELens or sparsify)")
+    d.add_argument("--text", default="wikitext2-test", metavar="CORPUS", help="corpus (default wikitext2-test)")
+    d.add_argument("--ctx", type=positive_int, default=128, help="window length in tokens (default 128)")
+    d.add_argument("--tokens", type=positive_int, default=65536, help="positions to analyse (default 65536)")
+    d.add_argument("--top-contexts", type=positive_int, default=10, help="top activating contexts per latent (default 10)")
+    d.add_argument("--max-pages", type=int, default=None, metavar="N",
+                   help="write pages for the N most frequent live latents only (default: every live latent)")
+    d.add_argument("--skip-first", type=int, default=1, help="positions per window left out (default 1: the sink)")
+    d.add_argument("--out", required=True, metavar="DIR")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+
     c = ssub.add_parser("convert", help="write a dictionary in SAELens's or sparsify's format")
     c.add_argument("--sae", required=True, metavar="DIR")
     c.add_argument("--to", required=True, choices=("saelens", "sparsify"))
@@ -112,8 +129,8 @@ def cmd_cache(args) -> None:
 
 def cmd_sae(args) -> None:
     if args.sae_command is None:
-        raise SparsenError("give a subcommand: sparsen sae train|eval|convert")
-    {"train": _train, "eval": _eval, "convert": _convert}[args.sae_command](args)
+        raise SparsenError("give a subcommand: sparsen sae train|eval|dashboard|convert")
+    {"train": _train, "eval": _eval, "dashboard": _dashboard, "convert": _convert}[args.sae_command](args)
 
 
 def _train(args) -> None:
@@ -147,19 +164,18 @@ def _train(args) -> None:
           f"-> {args.out}")
 
 
-def _eval(args) -> None:
-    from sparsen.data import corpus_windows
-    from sparsen.io import write_json
+def _dictionary_on_model(sae_dir, model_spec, hook: str | None = None):
+    """(dictionary, model, hook): the dictionary's input hook (or ``hook``) checked to exist on the model with the
+    dictionary's width, and the model checked to be the one it was trained on (one-line SparsenErrors)."""
     from sparsen.models import load_model
     from sparsen.models.hookpoints import hook_point
     from sparsen.sae.formats import load_sae
-    from sparsen.sae.metrics import mean_activation, reconstruction_metrics, spliced_metrics
 
-    sae = load_sae(args.sae)
-    lm = load_model(args.model)
-    hook = args.hook or sae.cfg.hook_name
+    sae = load_sae(sae_dir)
+    lm = load_model(model_spec)
+    hook = hook or sae.cfg.hook_name
     if not hook:
-        raise SparsenError(f"'{args.sae}' does not say which hook it reads: pass --hook blocks.N.KIND")
+        raise SparsenError(f"'{sae_dir}' does not say which hook it reads: pass --hook blocks.N.KIND")
     if hook != sae.cfg.hook_name:
         import dataclasses
         sae.cfg = dataclasses.replace(sae.cfg, hook_name=hook)
@@ -170,6 +186,15 @@ def _eval(args) -> None:
     if sae.cfg.model_fingerprint and sae.cfg.model_fingerprint != lm.fingerprint:
         raise SparsenError(f"the dictionary was trained on model '{sae.cfg.model}', not this one: pass --model "
                            f"{sae.cfg.model or 'SPEC'}")
+    return sae, lm, hook
+
+
+def _eval(args) -> None:
+    from sparsen.data import corpus_windows
+    from sparsen.io import write_json
+    from sparsen.sae.metrics import mean_activation, reconstruction_metrics, spliced_metrics
+
+    sae, lm, hook = _dictionary_on_model(args.sae, args.model, args.hook)
     per = args.ctx - args.skip_first
     n_rec = -(-args.tokens // per)
     wins = corpus_windows(lm.tokenizer, args.text, args.ctx, n_rec + args.ce_windows, bos=lm.window_bos)
@@ -194,6 +219,26 @@ def _eval(args) -> None:
               f"mean-abl {s['ce_mean_ablation']:.4f}; ce_loss_score zero {s['ce_loss_score_zero']:.4f}, "
               f"mean {s['ce_loss_score_mean']:.4f}; KL {s['kl_sae']:.4f} (kl_div_score zero "
               f"{s['kl_div_score_zero']:.4f})")
+
+
+def _dashboard(args) -> None:
+    from sparsen.data import corpus_windows
+    from sparsen.io import check_writable
+    from sparsen.sae.dashboard import latent_stats, render_dashboard
+
+    if args.max_pages is not None and args.max_pages < 0:
+        raise SparsenError(f"--max-pages {args.max_pages}: give 0 or more")
+    if not 0 <= args.skip_first < args.ctx:
+        raise SparsenError(f"--skip-first {args.skip_first} leaves no position of a {args.ctx}-token window")
+    check_writable(args.out, directory=True)
+    sae, lm, _ = _dictionary_on_model(args.sae, args.model)
+    n = -(-args.tokens // (args.ctx - args.skip_first))
+    wins = corpus_windows(lm.tokenizer, args.text, args.ctx, n, bos=lm.window_bos)
+    stats = latent_stats(lm, sae, wins, top_contexts=args.top_contexts, skip_first=args.skip_first,
+                         progress=not args.quiet)
+    d = render_dashboard(lm, sae, wins, stats, args.out, max_pages=args.max_pages, progress=not args.quiet)
+    print(f"{sae.cfg.architecture} on {sae.cfg.hook_name}: {d.latents:,} latents, {d.live:,} live over {stats.tokens:,} "
+          f"positions, {d.pages:,} pages written -> {d.index}")
 
 
 def _convert(args) -> None:

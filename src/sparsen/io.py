@@ -16,6 +16,9 @@ def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would keep a served report or dashboard from other users
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
