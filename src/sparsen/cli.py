@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from sparsen.cli_circuits import add_parsers as add_circuits_parsers
+from sparsen.cli_circuits import cmd_circuits
 from sparsen.cli_sae import add_parsers as add_sae_parsers
 from sparsen.cli_sae import cmd_cache, cmd_sae
 from sparsen.errors import SparsenError
@@ -284,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report", metavar="DIR", help="report directory (default ./report)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_sae_parsers(sub, _add_model, _positive_int)
+    add_circuits_parsers(sub, _add_model, _positive_int)
     return parser
 
 
@@ -672,7 +675,8 @@ def cmd_bench(args) -> None:
 
 COMMANDS = {"profile": cmd_profile, "eval": cmd_eval, "calibrate": cmd_calibrate, "frontier": cmd_frontier,
             "attn-eval": cmd_attn_eval, "attn-frontier": cmd_attn_frontier, "generate": cmd_generate, "bench": cmd_bench,
-            "demo": cmd_demo, "cache": cmd_cache, "sae": cmd_sae}
+            "demo": cmd_demo, "cache": cmd_cache, "sae": cmd_sae,
+            "circuits": cmd_circuits}
 
 
 def main(argv: list[str] | None = None) -> int:
