@@ -416,3 +416,13 @@ def test_cli_cache_train_eval_convert(tmp_path, capsys):
     assert "not an activation cache" in capsys.readouterr().err
     assert main(["sae", "convert", "--sae", str(tmp_path / "tc"), "--to", "saelens", "--out", str(tmp_path / "sl")]) == 0
     assert (tmp_path / "sl" / "sae_weights.safetensors").exists()
+
+
+def test_a_transcoders_start_spreads_the_first_batch_over_its_latents():
+    """An input with a large mean (an MLP input's) must not hand every token the same top-k latents at the start."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(512, 32, generator=g) + 20 * torch.randn(32, generator=g)
+    tc = build_sae(sae_config("topk", d_in=32, d_sae=96, k=3, d_out=16))
+    tc.initialize(x, torch.randn(512, 16, generator=g), torch.Generator().manual_seed(0))
+    fired = (tc.encode(x) != 0).any(0).float().mean()
+    assert fired > 0.8, float(fired)

@@ -177,18 +177,22 @@ class SparseCoder(nn.Module):
     @torch.no_grad()
     def initialize(self, sample_in: torch.Tensor, sample_out: torch.Tensor, generator: torch.Generator) -> None:
         """A seeded start: random decoder rows of norm ``decoder_init_norm`` (unit norm for a unit-norm decoder),
-        W_enc = W_dec.T for an SAE, b_dec = the target's mean over the first batch, biases 0, W_skip 0."""
+        W_enc = W_dec.T for an SAE (b_enc 0), random unit directions for a transcoder (b_enc centring the first
+        batch's pre-activations), b_dec = the target's mean over the first batch, W_skip 0."""
         d_sae, d_out = self.W_dec.shape
         w = torch.randn(d_sae, d_out, generator=generator)
         w /= w.norm(dim=1, keepdim=True)
         w *= 1.0 if self.unit_norm_decoder else getattr(self.cfg, "decoder_init_norm", 0.1)
         self.W_dec.copy_(w)
-        if self.cfg.out_width == self.cfg.d_in:
+        self.b_enc.zero_()
+        if not self.cfg.is_transcoder:
             self.W_enc.copy_(w.T)
         else:
             e = torch.randn(self.cfg.d_in, d_sae, generator=generator)
             self.W_enc.copy_(e / e.norm(dim=0, keepdim=True) * w.norm(dim=1))
-        self.b_enc.zero_()
+            # Centre the pre-activations on the input's mean (as sparsify does): an MLP input has a large mean
+            # component, and uncentred the same few latents win every top-k while the rest never fire.
+            self.b_enc.copy_(-(sample_in.reshape(-1, self.cfg.d_in).mean(0) @ self.W_enc))
         self.b_dec.copy_(sample_out.reshape(-1, d_out).mean(0))
         if self.W_skip is not None:
             self.W_skip.zero_()
