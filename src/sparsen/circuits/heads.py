@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from sparsen.models.hookpoints import StopForward, attach, head_results, hook_point
+from sparsen.models.hookpoints import StopForward, attach, head_results, hook_point, read_activations
 
 
 def _layer_out(out):
@@ -142,21 +142,8 @@ class Heads:
     @torch.no_grad()
     def z(self, ids: torch.Tensor) -> list[torch.Tensor]:
         """Every layer's z [B, T, n_heads * head_dim] on a batch."""
-        got: dict[int, torch.Tensor] = {}
-
-        def reader(i):
-            def fn(z):
-                got[i] = z.detach().clone()
-                if i == self.n_layers - 1:
-                    raise StopForward
-            return fn
-
-        with self.editing({i: reader(i) for i in range(self.n_layers)}):
-            try:
-                self.adapter.trunk(ids)
-            except StopForward:
-                pass
-        return [got[i] for i in range(self.n_layers)]
+        got = read_activations(self.adapter, ids, [self.points[i] for i in range(self.n_layers)])
+        return [got[self.points[i].name].clone() for i in range(self.n_layers)]
 
     @torch.no_grad()
     def outputs(self, seqs: list[list[int]], mode: str = "mean", progress=None) -> torch.Tensor:

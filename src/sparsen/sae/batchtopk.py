@@ -13,9 +13,8 @@ from typing import ClassVar
 import torch
 
 from sparsen.core.config import check, strict_config
-from sparsen.sae.base import SparseCoder, TrainOutput, fvu
-from sparsen.sae.sparse_ops import sparse_decode, topk_encode
-from sparsen.sae.topk import TopKConfig
+from sparsen.sae.base import SparseCoder, TrainOutput
+from sparsen.sae.topk import TopKConfig, sparse_encode, sparse_losses
 
 
 @strict_config
@@ -41,26 +40,15 @@ class BatchTopKSAE(SparseCoder):
         return torch.relu(pre) * (pre > self.threshold)  # SAELens's inference (ReLU too: a threshold may be < 0)
 
     def training_output(self, x, target, dead) -> TrainOutput:
-        xin = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
         B = x.shape[0]
-        k_aux = self.cfg.k_aux if self.cfg.aux_coefficient > 0 else 0
         # Each token's top-k first (a superset of what the batch keeps per token), then the batch's top k*B of those.
-        kk = min(self.cfg.d_sae, 4 * self.cfg.k)
-        vals, idx, aux_vals, aux_idx = topk_encode(xin, self.W_enc, self.b_enc, kk, k_aux, dead)
+        vals, idx, aux_vals, aux_idx = sparse_encode(self, x, min(self.cfg.d_sae, 4 * self.cfg.k), dead)
         flat = vals.reshape(-1)
         keep = torch.zeros_like(flat, dtype=torch.bool)
         keep[flat.detach().topk(min(self.cfg.k * B, flat.numel())).indices] = True
         keep &= flat.detach() > 0
         vals = vals * keep.reshape(vals.shape)
-        recon = sparse_decode(vals, idx, self.W_dec) + self.b_dec
-        if self.W_skip is not None:
-            recon = recon + x @ self.W_skip.T
-        err = fvu(target, recon)
-        aux = err.new_zeros(())
-        if aux_idx.shape[1]:
-            e = (target - recon).detach()
-            scale = min(int(dead.sum()) / self.cfg.k_aux, 1.0)
-            aux = self.cfg.aux_coefficient * scale * fvu(e, sparse_decode(aux_vals, aux_idx, self.W_dec))
+        recon, err, aux = sparse_losses(self, x, target, vals, idx, aux_vals, aux_idx, dead)
         kept = vals.detach()[keep.reshape(vals.shape)]
         self._batch_min = float(kept.min()) if kept.numel() else None
         active = torch.zeros(self.cfg.d_sae, dtype=torch.bool)

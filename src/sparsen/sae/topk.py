@@ -41,6 +41,28 @@ class TopKConfig(SAEConfig):
         return self.d_in // 2 if self.aux_k is None else self.aux_k
 
 
+def sparse_encode(sae, x, k: int, dead, signed: bool = False):
+    """``topk_encode`` of a top-k dictionary's input (b_dec subtracted if its config says so), AuxK's dead latents
+    included when its coefficient is not 0."""
+    xin = x - sae.b_dec if sae.cfg.apply_b_dec_to_input else x
+    k_aux = sae.cfg.k_aux if sae.cfg.aux_coefficient > 0 else 0
+    return topk_encode(xin, sae.W_enc, sae.b_enc, k, k_aux, dead, signed)
+
+
+def sparse_losses(sae, x, target, vals, idx, aux_vals, aux_idx, dead):
+    """(reconstruction from the active rows, its FVU, the weighted AuxK term) of a top-k dictionary's batch."""
+    recon = sparse_decode(vals, idx, sae.W_dec) + sae.b_dec
+    if sae.W_skip is not None:
+        recon = recon + x @ sae.W_skip.T
+    err = fvu(target, recon)
+    aux = err.new_zeros(())
+    if aux_idx.shape[1]:
+        e = (target - recon).detach()
+        scale = min(int(dead.sum()) / sae.cfg.k_aux, 1.0)
+        aux = sae.cfg.aux_coefficient * scale * fvu(e, sparse_decode(aux_vals, aux_idx, sae.W_dec))
+    return recon, err, aux
+
+
 class TopKSAE(SparseCoder):
     config_class = TopKConfig
     unit_norm_decoder = True
@@ -60,19 +82,8 @@ class TopKSAE(SparseCoder):
         return latents @ self.W_dec + self.b_dec
 
     def training_output(self, x, target, dead) -> TrainOutput:
-        xin = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
-        k_aux = self.cfg.k_aux if self.cfg.aux_coefficient > 0 else 0
-        vals, idx, aux_vals, aux_idx = topk_encode(xin, self.W_enc, self.b_enc, self.cfg.k, k_aux, dead, self.signed)
-        recon = sparse_decode(vals, idx, self.W_dec) + self.b_dec
-        if self.W_skip is not None:
-            recon = recon + x @ self.W_skip.T
-        err = fvu(target, recon)
-        aux = err.new_zeros(())
-        if aux_idx.shape[1]:
-            e = (target - recon).detach()
-            e_hat = sparse_decode(aux_vals, aux_idx, self.W_dec)
-            scale = min(int(dead.sum()) / self.cfg.k_aux, 1.0)
-            aux = self.cfg.aux_coefficient * scale * fvu(e, e_hat)
+        vals, idx, aux_vals, aux_idx = sparse_encode(self, x, self.cfg.k, dead, self.signed)
+        recon, err, aux = sparse_losses(self, x, target, vals, idx, aux_vals, aux_idx, dead)
         active = torch.zeros(self.cfg.d_sae, dtype=torch.bool)
         active[idx[vals != 0]] = True
         l0 = (vals != 0).sum(1).float().mean()
