@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml setup.py Makefile $(wildcard src/sparsen/engine/kernels
 	{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || \
 		{ apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
 		echo "warning: could not install chromium + chromium-driver; tests/test_report.py and tests/test_sae_dashboard.py need them"
+	# the Python documentation (Debian's python3.11-doc): the training corpus of `sparsen experiment --full`
+	test -d /usr/share/doc/python3.11/html || \
+		{ apt-get update -qq && apt-get install -y -qq python3.11-doc >/dev/null; } || \
+		echo "warning: could not install python3.11-doc; \`sparsen experiment --full\` trains on it"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -12,6 +12,8 @@ from sparsen.cli_circuits import add_parsers as add_circuits_parsers
 from sparsen.cli_circuits import cmd_circuits
 from sparsen.cli_sae import add_parsers as add_sae_parsers
 from sparsen.cli_sae import cmd_cache, cmd_sae
+from sparsen.cli_train import add_parsers as add_train_parsers
+from sparsen.cli_train import cmd_experiment, cmd_train
 from sparsen.errors import SparsenError
 
 MODEL_HELP = ("model SPEC: 'smollm2' (bundled SmolLM2-135M-Instruct, default), 'gemma3' (bundled Gemma 3 270M), "
@@ -287,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_sae_parsers(sub, _add_model, _positive_int)
     add_circuits_parsers(sub, _add_model, _positive_int)
+    add_train_parsers(sub, _add_model, _positive_int)
     return parser
 
 
@@ -676,7 +679,7 @@ def cmd_bench(args) -> None:
 COMMANDS = {"profile": cmd_profile, "eval": cmd_eval, "calibrate": cmd_calibrate, "frontier": cmd_frontier,
             "attn-eval": cmd_attn_eval, "attn-frontier": cmd_attn_frontier, "generate": cmd_generate, "bench": cmd_bench,
             "demo": cmd_demo, "cache": cmd_cache, "sae": cmd_sae,
-            "circuits": cmd_circuits}
+            "circuits": cmd_circuits, "train": cmd_train, "experiment": cmd_experiment}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,24 @@
+"""Trainable sparse modules (torch): top-k and statistical top-k MLPs, Spark's predictor FFN, BlockFFN, sparse
+attention. Each has a config dataclass; ``build_mlp`` makes the module a config describes."""
+
+from sparsen.nn.attention import PATTERNS, Attention, AttentionConfig
+from sparsen.nn.mlp import (
+    MLP_KINDS,
+    BlockFFN,
+    BlockFFNConfig,
+    DenseMLP,
+    MLPConfig,
+    PredictorFFN,
+    PredictorFFNConfig,
+    StatTopKMLP,
+    StatTopKMLPConfig,
+    TopKMLP,
+    TopKMLPConfig,
+    build_mlp,
+    chunk_sparsity,
+)
+from sparsen.nn.topk import exact_topk, statistical_threshold, statistical_topk, topk_mask
+
+__all__ = ["PATTERNS", "Attention", "AttentionConfig", "MLP_KINDS", "BlockFFN", "BlockFFNConfig", "DenseMLP", "MLPConfig",
+           "PredictorFFN", "PredictorFFNConfig", "StatTopKMLP", "StatTopKMLPConfig", "TopKMLP", "TopKMLPConfig", "build_mlp",
+           "chunk_sparsity", "exact_topk", "statistical_threshold", "statistical_topk", "topk_mask"]

@@ -1,0 +1,570 @@
+"""The Lazy Neuron experiments and the top-k studies: each writes NAME.json, NAME.md and NAME.png to OUT.
+
+Every run is cached under OUT/runs/<name> (a finished run is read back, an interrupted one resumes), so `width` reuses
+`emergence`'s runs and `topk` its dense ones when they share OUT. Each experiment has a small default (minutes, on the
+bundled WikiText-2 validation bytes) and a full setting (``full=True``: the Python documentation from Debian's
+python3.11-doc, see FULL_CORPUS).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sparsen.errors import SparsenError
+from sparsen.io import save_figure, write_json, write_text
+from sparsen.train.data import TokenData, load_data
+from sparsen.train.model import LMConfig, TinyLM
+from sparsen.train.trainer import ClassifyTask, LMTask, TrainConfig, build_model, load_trained, train
+
+FULL_CORPUS = "/usr/share/doc/python3.11/html"  # apt-get install python3.11-doc (the Makefile does)
+SMALL_CORPUS = "wikitext2-valid"
+EXPERIMENTS = ("emergence", "width", "random", "topk", "stat-topk", "distill")
+
+
+@dataclass(frozen=True)
+class Setting:
+    text: str
+    steps: int
+    seeds: tuple
+    widths: tuple = (256, 512, 1024)
+    heldout_windows: int = 128
+
+
+SMALL = Setting(SMALL_CORPUS, steps=200, seeds=(0, 1, 2))
+FULL = Setting(FULL_CORPUS, steps=1000, seeds=(0, 1, 2))
+BATCH = 32
+
+
+def setting(full: bool, seeds: int | None = None, steps: int | None = None, text: str | None = None) -> Setting:
+    s = FULL if full else SMALL
+    return Setting(text or s.text, steps or s.steps, tuple(range(seeds)) if seeds else s.seeds, s.widths,
+                   s.heldout_windows)
+
+
+_DATA: dict = {}
+
+
+def _data(text: str, ctx: int) -> TokenData:
+    if (text, ctx) not in _DATA:
+        if text == FULL_CORPUS and not Path(text).is_dir():
+            raise SparsenError(f"the full setting trains on the Python documentation in {FULL_CORPUS}: install it "
+                               "(apt-get install python3.11-doc; `make test` does) or pass --text FILE")
+        _DATA[(text, ctx)] = load_data(text, "bytes", ctx)
+    return _DATA[(text, ctx)]
+
+
+def run_cached(out: Path, cfg: LMConfig, tcfg: TrainConfig, task, progress: bool, tag: str) -> dict:
+    """Train (or read back) one run under OUT/runs/TAG-HASH."""
+    key = json.dumps({"model": cfg.to_json(), "train": {k: v for k, v in tcfg.to_json().items() if k != "threads"},
+                      "data": task.identity()}, sort_keys=True)
+    folder = out / "runs" / f"{tag}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    done = folder / "train.json"
+    summary = json.loads(done.read_text()) if done.is_file() else train(
+        build_model(cfg, tcfg.seed), task, tcfg, folder, resume=True, progress=progress, desc=tag)
+    return {**summary, "folder": str(folder)}
+
+
+def _mean_ci(values) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t interval (0 for one value)."""
+    v = torch.tensor([float(x) for x in values], dtype=torch.float64)
+    if len(v) < 2:
+        return float(v.mean()), 0.0
+    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(len(v), 2.0)
+    return float(v.mean()), float(t * v.std(unbiased=True) / math.sqrt(len(v)))
+
+
+def _fmt(m: float, h: float, digits: int = 3) -> str:
+    return f"{m:.{digits}f} ± {h:.{digits}f}" if h else f"{m:.{digits}f}"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _write(out: Path, name: str, result: dict, md: str, fig) -> None:
+    write_json(out / f"{name}.json", result)
+    write_text(out / f"{name}.md", md)
+    save_figure(fig, out / f"{name}.png")
+
+
+# --- emergence and width ---------------------------------------------------------------------------------------------
+def _lm_runs(out, s: Setting, d_ff: int, progress: bool, **model) -> list[dict]:
+    data = _data(s.text, 128)
+    tcfg = [TrainConfig(steps=s.steps, batch=BATCH, seed=seed, warmup=min(100, s.steps // 10), evals=16,
+                        **({"label_noise": model.pop("label_noise")} if "label_noise" in model else {}))
+            for seed in s.seeds]
+    cfg = LMConfig(d_ff=d_ff, **model)
+    tag = f"{cfg.mlp}{'-k' + str(cfg.k) if cfg.mlp != 'dense' else ''}-dff{d_ff}"
+    return [run_cached(out, cfg, t, LMTask(data), progress,
+                       f"{tag}{'-noise' + str(t.label_noise) if t.label_noise else ''}-s{t.seed}") for t in tcfg]
+
+
+def _layer_table(runs: list[dict], which: str, key: str = "nnz_heldout") -> list[tuple[float, float]]:
+    rows = [r["history"][0 if which == "first" else -1][key] for r in runs]
+    return [_mean_ci([r[i] for r in rows]) for i in range(len(rows[0]))]
+
+
+def emergence(out, full: bool = False, seeds: int | None = None, steps: int | None = None, text: str | None = None,
+              d_ff: int = 512, progress: bool = True) -> dict:
+    """% nonzero after ReLU per layer over training (log-spaced steps, from initialisation), held-out and train."""
+    out = Path(out)
+    s = setting(full, seeds, steps, text)
+    runs = _lm_runs(out, s, d_ff, progress)
+    init, final = _layer_table(runs, "first"), _layer_table(runs, "last")
+    final_train = _layer_table(runs, "last", "nnz_train")
+    dead = _layer_table(runs, "last", "dead_heldout")
+    per_seed_ok = [all(v < 0.2 for v in r["history"][-1]["nnz_heldout"]) for r in runs]
+    init_ok = [all(0.4 <= v <= 0.6 for v in r["history"][0]["nnz_heldout"]) for r in runs]
+    result = {"setting": s.__dict__, "d_ff": d_ff, "runs": [_run_brief(r) for r in runs],
+              "init_nnz": init, "final_nnz_heldout": final, "final_nnz_train": final_train, "final_dead": dead,
+              "acceptance": {"starts near 50% (40-60%) in every layer, every seed": all(init_ok),
+                             "ends below 20% in every layer, every seed": all(per_seed_ok)}}
+    md = [f"# Emergence: % nonzero after ReLU (d_ff {d_ff}, {len(runs)} seeds, {s.steps} steps x {BATCH} x 128 bytes "
+          f"of {s.text})", "", "| layer | init (held-out) | final held-out | final train | dead (held-out) |",
+          "|---|---|---|---|---|"]
+    for i in range(len(init)):
+        md.append(f"| {i} | {_fmt(*init[i])} | {_fmt(*final[i])} | {_fmt(*final_train[i])} | {_fmt(*dead[i])} |")
+    md += ["", f"held-out loss (nats/byte): {_fmt(*_mean_ci([r['final']['heldout_loss'] for r in runs]))}; "
+           f"tokens/s {', '.join(str(r['tokens_per_second']) for r in runs)}", ""]
+    md += [f"- {k}: {'yes' if v else 'no'}" for k, v in result["acceptance"].items()]
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, key, title in ((axes[0], "nnz_heldout", "held-out"), (axes[1], "nnz_train", "training batch")):
+        for layer in range(len(init)):
+            steps_ = [h["step"] + 1 for h in runs[0]["history"]]
+            vals = torch.tensor([[h[key][layer] for h in r["history"]] for r in runs]) * 100
+            line, = ax.plot(steps_, vals.mean(0), label=f"layer {layer}")
+            ax.fill_between(steps_, vals.min(0).values, vals.max(0).values, color=line.get_color(), alpha=0.2)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training step + 1")
+        ax.set_title(f"{title} (band: seeds' range)")
+    axes[0].set_ylabel("% nonzero after ReLU")
+    axes[0].legend()
+    _write(out, "emergence", result, "\n".join(md) + "\n", fig)
+    return result
+
+
+def _run_brief(r: dict) -> dict:
+    return {"seed": r["configs"]["train"]["seed"], "tokens": r["tokens"], "seconds": r["seconds"],
+            "tokens_per_second": r["tokens_per_second"], "final": r["final"],
+            "history": [{k: h[k] for k in ("step", "heldout_loss", "nnz_heldout", "nnz_train", "dead_heldout")}
+                        for h in r["history"]]}
+
+
+def width(out, full: bool = False, seeds: int | None = None, steps: int | None = None, text: str | None = None,
+          progress: bool = True) -> dict:
+    """Final % nonzero per layer against MLP width at matched steps."""
+    out = Path(out)
+    s = setting(full, seeds if seeds else (None if full else 1), steps, text)
+    by_width = {w: _lm_runs(out, s, w, progress) for w in s.widths}
+    rows = {w: {"final_nnz": _layer_table(r, "last"), "dead": _layer_table(r, "last", "dead_heldout"),
+                "mean_nnz": _mean_ci([sum(x["final"]["nnz_heldout"]) / len(x["final"]["nnz_heldout"]) for x in r]),
+                "heldout_loss": _mean_ci([x["final"]["heldout_loss"] for x in r]),
+                "tokens_per_second": [x["tokens_per_second"] for x in r]} for w, r in by_width.items()}
+    means = [rows[w]["mean_nnz"][0] for w in s.widths]
+    layers = len(rows[s.widths[0]]["final_nnz"])
+    per_layer_monotone = [all(rows[a]["final_nnz"][i][0] > rows[b]["final_nnz"][i][0]
+                              for a, b in zip(s.widths, s.widths[1:])) for i in range(layers)]
+    result = {"setting": s.__dict__, "widths": rows,
+              "acceptance": {"mean % nonzero falls monotonically with width": all(a > b for a, b in zip(means, means[1:])),
+                             "in every layer": all(per_layer_monotone)}}
+    md = [f"# Width: final % nonzero (held-out) at {s.steps} steps, {len(s.seeds)} seed(s), {s.text}", "",
+          "| d_ff | " + " | ".join(f"layer {i}" for i in range(layers)) + " | mean | dead (mean) | held-out loss |",
+          "|---" * (layers + 4) + "|"]
+    for w in s.widths:
+        r = rows[w]
+        dead = sum(d[0] for d in r["dead"]) / layers
+        md.append(f"| {w} | " + " | ".join(_fmt(*v) for v in r["final_nnz"]) +
+                  f" | {_fmt(*r['mean_nnz'])} | {dead:.3f} | {_fmt(*r['heldout_loss'])} |")
+    md += [""] + [f"- {k}: {'yes' if v else 'no'}" for k, v in result["acceptance"].items()]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i in range(layers):
+        ax.errorbar(s.widths, [rows[w]["final_nnz"][i][0] * 100 for w in s.widths],
+                    yerr=[rows[w]["final_nnz"][i][1] * 100 for w in s.widths], marker="o", capsize=3, label=f"layer {i}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("d_ff")
+    ax.set_ylabel("% nonzero after ReLU (held-out, end)")
+    ax.legend()
+    _write(out, "width", result, "\n".join(md) + "\n", fig)
+    return result
+
+
+# --- random labels and random inputs ---------------------------------------------------------------------------------
+def random_labels(out, full: bool = False, seeds: int | None = None, steps: int | None = None, text: str | None = None,
+                  progress: bool = True) -> dict:
+    """The same blocks as a 10-class classifier (unmasked, mean-pooled) fitting random labels, on real text windows
+    and on i.i.d. random bytes: does sparsity still emerge?"""
+    out = Path(out)
+    s = setting(full, seeds if seeds else 1, steps, text)
+    n, ctx, classes = (2048, 64, 10) if full else (512, 64, 10)
+    n_steps = steps or (4000 if full else 400)
+    data = _data(s.text, ctx)
+    results = {}
+    for variant in ("text", "random-bytes"):
+        runs = []
+        for seed in s.seeds:
+            g = torch.Generator().manual_seed(1000 + seed)
+            if variant == "text":
+                x_all = torch.cat([data.batch(0, n, seed)[:, :ctx], data.heldout(256)[:, :ctx]])
+            else:
+                x_all = torch.randint(256, (n + 256, ctx), generator=g)
+            y_all = torch.randint(classes, (n + 256,), generator=g)
+            task = ClassifyTask(x_all[:n], y_all[:n], x_all[n:], y_all[n:], f"{variant} x random labels (seed {seed})")
+            cfg = LMConfig(ctx=ctx, classes=classes)
+            tcfg = TrainConfig(steps=n_steps, batch=BATCH, lr=2e-3, warmup=50, seed=seed, evals=14, weight_decay=0.0,
+                               min_lr_share=0.5)
+            r = run_cached(out, cfg, tcfg, task, progress, f"classify-{variant}-s{seed}")
+            model = load_trained(r["folder"])
+            with torch.no_grad():
+                acc = float((model(task.x).argmax(-1) == task.y).float().mean())
+            r["train_accuracy_full"] = acc
+            runs.append(r)
+        results[variant] = {"runs": [{**_run_brief(r), "train_accuracy": r["train_accuracy_full"]} for r in runs],
+                            "init_nnz": _layer_table(runs, "first"), "final_nnz": _layer_table(runs, "last"),
+                            "train_accuracy": _mean_ci([r["train_accuracy_full"] for r in runs])}
+    result = {"setting": {**s.__dict__, "sequences": n, "ctx": ctx, "classes": classes, "steps": n_steps},
+              "variants": results,
+              "acceptance": {f"{v}: fits the random labels (>= 90% train accuracy)": results[v]["train_accuracy"][0] >= 0.9
+                             for v in results} |
+              {f"{v}: ends sparse (< 20% nonzero in every layer)": all(m < 0.2 for m, _ in results[v]["final_nnz"])
+               for v in results}}
+    md = [f"# Random labels: a 10-class classifier with the same blocks on {n} sequences of {ctx} bytes, {n_steps} steps",
+          "", "| inputs | train accuracy | " + " | ".join(f"layer {i} init -> end" for i in range(4)) + " |",
+          "|---" * 6 + "|"]
+    for v, r in results.items():
+        md.append(f"| {v} | {_fmt(*r['train_accuracy'])} | " +
+                  " | ".join(f"{a[0]:.3f} -> {_fmt(*b)}" for a, b in zip(r["init_nnz"], r["final_nnz"])) + " |")
+    md += [""] + [f"- {k}: {'yes' if v else 'no'}" for k, v in result["acceptance"].items()]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for v, r in results.items():
+        for run in r["runs"]:
+            st = [h["step"] + 1 for h in run["history"]]
+            ax.plot(st, [100 * sum(h["nnz_train"]) / len(h["nnz_train"]) for h in run["history"]],
+                    label=f"{v}, seed {run['seed']}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training step + 1")
+    ax.set_ylabel("% nonzero after ReLU (training inputs, mean of layers)")
+    ax.legend()
+    _write(out, "random", result, "\n".join(md) + "\n", fig)
+    return result
+
+
+# --- top-k Transformer vs dense ----------------------------------------------------------------------------------------
+def ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
+    """Expected calibration error of the top-1 prediction over equal-width confidence bins."""
+    conf, pred = probs.max(-1)
+    correct = (pred == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            total += float(m.float().mean() * (conf[m].mean() - correct[m].mean()).abs())
+    return total
+
+
+@torch.no_grad()
+def lm_quality(model: TinyLM, windows: torch.Tensor, corruptions=(0.1, 0.2), seed: int = 0) -> dict:
+    """Held-out loss, top-1 accuracy, 15-bin ECE, and the loss of the clean next byte when p of the input bytes are
+    replaced by random ones."""
+    model.eval()
+    x, y = windows[:, :-1], windows[:, 1:]
+    logits = model(x)
+    probs = logits.softmax(-1).reshape(-1, logits.shape[-1])
+    res = {"loss": float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))),
+           "accuracy": float((logits.argmax(-1) == y).float().mean()), "ece": ece(probs, y.reshape(-1))}
+    g = torch.Generator().manual_seed(seed)
+    for p in corruptions:
+        flip = torch.rand(x.shape, generator=g) < p
+        xc = torch.where(flip, torch.randint(model.cfg.vocab, x.shape, generator=g), x)
+        lc = model(xc)
+        res[f"loss_corrupt_{p}"] = float(F.cross_entropy(lc.reshape(-1, lc.shape[-1]), y.reshape(-1)))
+    return res
+
+
+def topk_vs_dense(out, full: bool = False, seeds: int | None = None, steps: int | None = None, text: str | None = None,
+                  k: int = 32, noise: float = 0.2, progress: bool = True) -> dict:
+    """The top-k Transformer (k of 512 ReLU units kept per token) against dense at equal steps: held-out loss, ECE,
+    loss under corrupted inputs, and clean held-out loss after training with noisy labels."""
+    out = Path(out)
+    s = setting(full, seeds, steps, text)
+    data = _data(s.text, 128)
+    held = data.heldout(s.heldout_windows)
+    arms = {"dense": {}, f"top-{k}": {"mlp": "topk", "k": k}}
+    table = {}
+    for arm, model_kw in arms.items():
+        for noisy in (0.0, noise):
+            runs = _lm_runs(out, s, 512, progress, **model_kw, **({"label_noise": noisy} if noisy else {}))
+            q = []
+            for r, seed in zip(runs, s.seeds):
+                model = load_trained(r["folder"])
+                q.append({**lm_quality(model, held, seed=seed), "final_nnz": r["final"]["nnz_heldout"]})
+            table[(arm, noisy)] = q
+    metrics = ["loss", "accuracy", "ece", "loss_corrupt_0.1", "loss_corrupt_0.2"]
+    rows = {}
+    for (arm, noisy), q in table.items():
+        rows[f"{arm}{' noisy ' + str(noisy) if noisy else ''}"] = {m: _mean_ci([x[m] for x in q]) for m in metrics} | {
+            "nnz": _mean_ci([sum(x["final_nnz"]) / len(x["final_nnz"]) for x in q])}
+    topk_name = f"top-{k}"
+    diffs = {m: _mean_ci([b[m] - a[m] for a, b in zip(table[("dense", 0.0)], table[(topk_name, 0.0)])]) for m in metrics}
+    deg = {p: _mean_ci([(b[f"loss_corrupt_{p}"] - b["loss"]) - (a[f"loss_corrupt_{p}"] - a["loss"])
+                        for a, b in zip(table[("dense", 0.0)], table[(topk_name, 0.0)])]) for p in (0.1, 0.2)}
+    noisy_diff = _mean_ci([b["loss"] - a["loss"] for a, b in zip(table[("dense", noise)], table[(topk_name, noise)])])
+    result = {"setting": s.__dict__, "k": k, "noise": noise, "rows": rows, "topk_minus_dense": diffs,
+              "corruption_degradation_topk_minus_dense": deg, "noisy_loss_topk_minus_dense": noisy_diff}
+
+    def verdict(d, better_if_negative=True):
+        m, h = d
+        if abs(m) <= h:
+            return "no difference (the interval covers 0)"
+        return "top-k better" if (m < 0) == better_if_negative else "dense better"
+    result["verdicts"] = {"loss on par": verdict(diffs["loss"]), "calibration (ECE)": verdict(diffs["ece"]),
+                          "robustness to 20% corrupted inputs (loss increase)": verdict(deg[0.2]),
+                          f"after {noise:.0%} noisy labels (clean loss)": verdict(noisy_diff)}
+    md = [f"# Top-{k} Transformer vs dense (d_ff 512, {len(s.seeds)} seeds, {s.steps} steps, {s.text}); mean ± 95% "
+          "interval over seeds", "", "| arm | held-out loss | accuracy | ECE (15 bins) | loss, 10% bytes corrupted | "
+          "loss, 20% corrupted | % nonzero |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        md.append(f"| {name} | " + " | ".join(_fmt(*r[m]) for m in metrics) + f" | {_fmt(*r['nnz'])} |")
+    md += ["", "Top-k minus dense, paired by seed: " + ", ".join(f"{m} {_fmt(*diffs[m])}" for m in metrics) +
+           f"; extra loss increase under 20% corruption {_fmt(*deg[0.2])}; clean loss after noisy labels "
+           f"{_fmt(*noisy_diff)}", ""] + [f"- {k_}: {v}" for k_, v in result["verdicts"].items()]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = list(rows)
+    for j, m in enumerate(["loss", "loss_corrupt_0.1", "loss_corrupt_0.2"]):
+        ax.bar([i + j * 0.25 for i in range(len(names))], [rows[n][m][0] for n in names], 0.25,
+               yerr=[rows[n][m][1] for n in names], capsize=3, label=m)
+    ax.set_xticks([i + 0.25 for i in range(len(names))], names)
+    ax.set_ylabel("held-out loss (nats/byte)")
+    ax.legend()
+    _write(out, "topk", result, "\n".join(md) + "\n", fig)
+    return result
+
+
+# --- statistical vs exact top-k ----------------------------------------------------------------------------------------
+def _time(fn, reps: int) -> float:
+    fn()
+    best = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best.append(time.perf_counter() - t)
+    best.sort()
+    return best[len(best) // 2]
+
+
+def _gate_rows(model_spec: str, n: int) -> torch.Tensor:
+    """Real gate pre-activations: SmolLM2's middle layer's gate_proj outputs on WikiText-2 validation."""
+    from sparsen.data import corpus_windows
+    from sparsen.models import load_model
+    from sparsen.models.hookpoints import hook_point, read_activations
+
+    lm = load_model(model_spec)
+    layer = lm.adapter.n_layers // 2
+    tokens = corpus_windows(lm.tokenizer, SMALL_CORPUS, 512, max(1, n // 512 + 1))
+    p = hook_point(lm.adapter, f"blocks.{layer}.hook_mlp_in")
+    x = read_activations(lm.adapter, tokens, [p])[p.name].reshape(-1, lm.adapter.hidden_size)[:n]
+    gate = lm.adapter.blocks[layer].linears["gate"]
+    with torch.no_grad():
+        return gate(x)
+
+
+def stat_topk_bench(out, full: bool = False, progress: bool = True, model: str = "smollm2") -> dict:
+    """Recall of the exact top-k and forward + backward time, statistical (soft, hard) vs torch.topk masking, on
+    Gaussian rows, Student-t (3 dof) rows and SmolLM2's gate pre-activations, across d."""
+    from tqdm.auto import tqdm
+
+    from sparsen.nn.topk import statistical_topk, topk_mask
+
+    out = Path(out)
+    dims = (256, 512, 1024, 2048, 4096, 8192) if full else (256, 512, 1024, 2048)
+    shares = (0.05, 0.08, 0.25, 0.5)
+    elems = (1 << 22) if full else (1 << 20)
+    reps = 15 if full else 5
+    real = _gate_rows(model, 4096)
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    todo = [(dist, d) for dist in ("gaussian", "student-t", "smollm2-gate") for d in dims
+            if not (dist == "smollm2-gate" and d > real.shape[1])]
+    for dist, d in tqdm(todo, desc="stat-topk", disable=not progress):
+        n = max(64, elems // d)
+        if dist == "gaussian":
+            x = torch.randn(n, d, generator=g)
+        elif dist == "student-t":
+            x = torch.distributions.StudentT(3.0).sample((n, d))
+        else:
+            x = real[:n, torch.randperm(real.shape[1], generator=g)[:d]]
+        for share in shares:
+            k = max(1, round(share * d))
+            exact = topk_mask(x, k)
+            kept = statistical_topk(x, k, soft=False) != 0
+            recall = float((kept & exact).sum(-1).float().mean() / k)
+            row = {"dist": dist, "d": d, "k": k, "share": share, "rows": n, "recall": recall,
+                   "kept_over_k": float(kept.sum(-1).float().mean() / k)}
+            if share == 0.08:  # Spark's 8%: time it
+                xg = x.clone().requires_grad_(True)
+                gout = torch.randn_like(x)
+
+                def run(f):
+                    def go():
+                        xg.grad = None
+                        f(xg).backward(gout)
+                    return go
+                fns = {"exact": run(lambda z: z * topk_mask(z.detach(), k)),
+                       "stat_soft": run(lambda z: statistical_topk(z, k, soft=True)),
+                       "stat_hard": run(lambda z: statistical_topk(z, k, soft=False))}
+                times = {name: [] for name in fns}
+                for _ in range(3):  # interleaved rounds against drift
+                    for name, f in fns.items():
+                        times[name].append(_time(f, reps))
+                row["ms"] = {name: 1000 * sorted(v)[1] for name, v in times.items()}
+                row["speedup_soft"] = row["ms"]["exact"] / row["ms"]["stat_soft"]
+                row["speedup_hard"] = row["ms"]["exact"] / row["ms"]["stat_hard"]
+            rows.append(row)
+    timed = [r for r in rows if "ms" in r]
+    result = {"dims": dims, "shares": shares, "rows": rows, "threads": torch.get_num_threads(),
+              "acceptance": {
+                  "recall >= 0.95 on Gaussian rows at d >= 512 (k/d = 0.08)":
+                      all(r["recall"] >= 0.95 for r in rows if r["dist"] == "gaussian" and r["d"] >= 512 and r["share"] == 0.08),
+                  "recall >= 0.95 on Gaussian rows at d >= 512 (k/d >= 0.25)":
+                      all(r["recall"] >= 0.95 for r in rows if r["dist"] == "gaussian" and r["d"] >= 512 and r["share"] >= 0.25),
+                  "statistical (soft) faster than torch.topk masking, forward + backward, at d >= 1024":
+                      all(r["speedup_soft"] > 1 for r in timed if r["d"] >= 1024)}}
+    md = ["# Statistical vs exact top-k: recall of the exact top-k (hard threshold) and kept / k", "",
+          "| rows | d | " + " | ".join(f"k/d {s_}: recall (kept/k)" for s_ in shares) + " |", "|---" * (2 + len(shares)) + "|"]
+    for dist in ("gaussian", "student-t", "smollm2-gate"):
+        for d in dims:
+            rr = {r["share"]: r for r in rows if r["dist"] == dist and r["d"] == d}
+            if rr:
+                md.append(f"| {dist} | {d} | " + " | ".join(f"{rr[s_]['recall']:.3f} ({rr[s_]['kept_over_k']:.2f})"
+                                                          for s_ in shares) + " |")
+    md += ["", f"Forward + backward at k/d = 0.08, median ms ({torch.get_num_threads()} threads; rows x d = {elems})", "",
+           "| rows | d | torch.topk mask | statistical soft | statistical hard | speedup soft | speedup hard |",
+           "|---|---|---|---|---|---|---|"]
+    for r in timed:
+        md.append(f"| {r['dist']} | {r['d']} | {r['ms']['exact']:.2f} | {r['ms']['stat_soft']:.2f} | "
+                  f"{r['ms']['stat_hard']:.2f} | {r['speedup_soft']:.2f}x | {r['speedup_hard']:.2f}x |")
+    md += [""] + [f"- {k_}: {'yes' if v else 'no'}" for k_, v in result["acceptance"].items()]
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for dist in ("gaussian", "student-t", "smollm2-gate"):
+        rr = [r for r in rows if r["dist"] == dist and r["share"] == 0.08]
+        axes[0].plot([r["d"] for r in rr], [r["recall"] for r in rr], marker="o", label=dist)
+        tt = [r for r in timed if r["dist"] == dist]
+        axes[1].plot([r["d"] for r in tt], [r["speedup_soft"] for r in tt], marker="o", label=f"{dist} soft")
+    axes[0].set_title("recall of the exact top-k, k/d = 0.08")
+    axes[1].set_title("forward+backward speedup over torch.topk masking")
+    axes[1].axhline(1, color="gray", lw=0.8)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("d")
+        ax.legend()
+    _write(out, "stat-topk", result, "\n".join(md) + "\n", fig)
+    return result
+
+
+# --- LightSUAN-style online distillation ---------------------------------------------------------------------------------
+def _distill_run(out: Path, student_cfg: LMConfig, teacher_cfg: LMConfig, data: TokenData, tcfg: TrainConfig,
+                 weight: float, progress: bool, tag: str) -> dict:
+    """Teacher and student trained together on the same batches; the student's loss is CE + weight * KL(teacher ||
+    student) with the teacher detached. Cached as OUT/runs/TAG/distill.json."""
+    from tqdm.auto import tqdm
+
+    folder = out / "runs" / tag
+    done = folder / "distill.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    task = LMTask(data)
+    task.check(tcfg)
+    teacher, student = build_model(teacher_cfg, tcfg.seed), build_model(student_cfg, tcfg.seed + 10_000)
+    opts = [torch.optim.AdamW(m.parameters(), lr=tcfg.lr, betas=(0.9, 0.95), weight_decay=0.0) for m in (teacher, student)]
+    t0 = time.perf_counter()
+    for step in tqdm(range(tcfg.steps), desc=tag, disable=not progress):
+        x, y = task.batch(step, tcfg)
+        for o in opts:
+            for grp in o.param_groups:
+                grp["lr"] = tcfg.lr_at(step)
+        lt = teacher(x)
+        ls = student(x)
+        loss_t = LMTask.loss(lt, y)
+        kl = F.kl_div(ls.log_softmax(-1), lt.detach().log_softmax(-1), log_target=True, reduction="batchmean") / x.shape[1]
+        loss_s = LMTask.loss(ls, y) + weight * kl
+        for o, loss, m in ((opts[0], loss_t, teacher), (opts[1], loss_s, student)):
+            o.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), tcfg.grad_clip)
+            o.step()
+    held = data.heldout(128)
+    res = {"teacher": lm_quality(teacher, held, corruptions=()), "student": lm_quality(student, held, corruptions=()),
+           "seconds": round(time.perf_counter() - t0, 1), "weight": weight, "steps": tcfg.steps}
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(done, res)
+    return res
+
+
+def distill(out, full: bool = False, seeds: int | None = None, steps: int | None = None, text: str | None = None,
+            weight: float = 1.0, progress: bool = True) -> dict:
+    """A sparse-attention student (top-k keys, and local window + dilated) trained alone vs with online distillation
+    from a dense teacher trained alongside, at equal student steps: the share of the gap to the teacher recovered."""
+    out = Path(out)
+    s = setting(full, seeds or (2 if full else 1), steps or (600 if full else None), text)
+    data = _data(s.text, 128)
+    teacher_cfg = LMConfig()
+    students = {"topk-8": LMConfig(attention="topk", attn_k=8),
+                "local8-dilated32": LMConfig(attention="local-dilated", attn_window=8, attn_stride=32)}
+    held = data.heldout(128)
+    rows = {}
+    for name, scfg in students.items():
+        per = []
+        for seed in s.seeds:
+            tcfg = TrainConfig(steps=s.steps, batch=BATCH, seed=seed, warmup=min(100, s.steps // 10), evals=4)
+            alone = run_cached(out, scfg, tcfg, LMTask(data), progress, f"student-{name}-s{seed}")
+            alone_q = lm_quality(load_trained(alone["folder"]), held, corruptions=())
+            joint = _distill_run(out, scfg, teacher_cfg, data, tcfg, weight, progress,
+                                 f"distill-{name}-w{weight}-{s.steps}-{Path(s.text).name}-s{seed}")
+            gap = alone_q["loss"] - joint["teacher"]["loss"]
+            per.append({"seed": seed, "alone": alone_q["loss"], "distilled": joint["student"]["loss"],
+                        "teacher": joint["teacher"]["loss"], "alone_seconds": alone["seconds"],
+                        "joint_seconds": joint["seconds"],
+                        "recovered": (alone_q["loss"] - joint["student"]["loss"]) / gap if gap > 0 else float("nan")})
+        rows[name] = {"seeds": per, **{k: _mean_ci([p[k] for p in per]) for k in ("alone", "distilled", "teacher",
+                                                                                  "recovered")}}
+    result = {"setting": s.__dict__, "weight": weight, "students": rows}
+    md = [f"# Online distillation into sparse-attention students ({len(s.seeds)} seed(s), {s.steps} steps, {s.text}); "
+          "held-out loss in nats/byte", "", "| student | alone | distilled | dense teacher | share of the gap recovered |",
+          "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        md.append(f"| {name} | {_fmt(*r['alone'])} | {_fmt(*r['distilled'])} | {_fmt(*r['teacher'])} | "
+                  f"{_fmt(*r['recovered'], digits=2)} |")
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = list(rows)
+    for j, key in enumerate(("alone", "distilled", "teacher")):
+        ax.bar([i + j * 0.27 for i in range(len(names))], [rows[n][key][0] for n in names], 0.27,
+               yerr=[rows[n][key][1] for n in names], capsize=3, label=key)
+    ax.set_xticks([i + 0.27 for i in range(len(names))], names)
+    ax.set_ylabel("held-out loss (nats/byte)")
+    ax.set_ylim(min(rows[n]["teacher"][0] for n in names) * 0.95, None)
+    ax.legend()
+    _write(out, "distill", result, "\n".join(md) + "\n", fig)
+    return result
+
+
+RUNNERS = {"emergence": emergence, "width": width, "random": random_labels, "topk": topk_vs_dense,
+           "stat-topk": stat_topk_bench, "distill": distill}

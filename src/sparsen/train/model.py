@@ -1,0 +1,146 @@
+"""A small pre-LN transformer, readable in one file: a decoder LM, or (``classes`` > 0) the same blocks unmasked with
+a mean-pooled classification head. Every block's MLP and attention are sparsen.nn modules chosen by config, so any
+module can sit in any block.
+
+Block: x + attn(norm(x)), then x + mlp(norm(x)); LayerNorm; rotary positions; the embedding tied to the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from sparsen.core.config import check, strict_config
+from sparsen.nn import MLP_KINDS, PATTERNS, Attention, AttentionConfig, build_mlp
+from sparsen.nn.topk import check_k
+
+
+@strict_config
+class LMConfig:
+    vocab: int = 256
+    """256 for bytes; a BPE vocabulary's size otherwise"""
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    ctx: int = 128
+    """tokens per training sequence"""
+    d_ff: int = 512
+    mlp: str = "dense"
+    """the MLP kind: dense (non-gated ReLU unless ``activation``/``gated`` say otherwise), topk, stat-topk,
+    predictor or blockffn"""
+    activation: str = "relu"
+    gated: bool = False
+    k: int = 32
+    """topk / stat-topk / predictor: units kept per token"""
+    soft: bool = True
+    """stat-topk: soft threshold"""
+    r: int = 64
+    """predictor: input dimensions that predict"""
+    experts: int = 16
+    """blockffn: experts"""
+    router_l1: float = 0.0
+    """blockffn: weight of the router's L1 term"""
+    sparse_layers: tuple = ()
+    """the layers that get ``mlp`` / ``attention`` (empty: all); the others get the dense ReLU MLP and dense attention"""
+    attention: str = "dense"
+    """dense, topk or local-dilated"""
+    attn_k: int = 16
+    attn_window: int = 16
+    attn_stride: int = 16
+    classes: int = 0
+    """> 0: a classifier over ``classes`` labels (unmasked attention, mean-pooled), not a language model"""
+
+    def __post_init__(self):
+        check(self.vocab > 1 and self.d_model > 0 and self.n_layers > 0 and self.ctx > 1 and self.d_ff > 0,
+              "vocab, d_model, n_layers, ctx and d_ff must be positive (vocab, ctx > 1)")
+        check(self.mlp in MLP_KINDS, f"mlp must be one of {', '.join(MLP_KINDS)}, not '{self.mlp}'")
+        check(self.attention in PATTERNS, f"attention must be one of {', '.join(PATTERNS)}, not '{self.attention}'")
+        check(self.d_model % self.n_heads == 0, f"d_model {self.d_model} must be a multiple of n_heads {self.n_heads}")
+        check(all(isinstance(i, int) and 0 <= i < self.n_layers for i in self.sparse_layers),
+              f"sparse_layers must be layer indices in 0..{self.n_layers - 1}")
+        if self.mlp in ("topk", "stat-topk", "predictor"):
+            check_k(self.k, self.d_ff, "k")
+        check(self.classes >= 0, "classes must be >= 0")
+
+    def mlp_config(self, layer: int):
+        kind = self.mlp if (not self.sparse_layers or layer in self.sparse_layers) else "dense"
+        cls = MLP_KINDS[kind][0]
+        base = {"d_model": self.d_model, "d_ff": self.d_ff}
+        if kind == "dense":
+            return cls(**base, activation=self.activation, gated=self.gated)
+        if kind == "topk":
+            return cls(**base, activation=self.activation, gated=self.gated, k=self.k)
+        if kind == "stat-topk":
+            return cls(**base, activation=self.activation, gated=self.gated, k=self.k, soft=self.soft)
+        if kind == "predictor":
+            return cls(**base, r=self.r, k=self.k)
+        return cls(**base, experts=self.experts, router_l1=self.router_l1)
+
+    def attention_config(self, layer: int) -> AttentionConfig:
+        sparse = not self.sparse_layers or layer in self.sparse_layers
+        return AttentionConfig(d_model=self.d_model, n_heads=self.n_heads, causal=self.classes == 0,
+                               pattern=self.attention if sparse else "dense", k=self.attn_k, window=self.attn_window,
+                               stride=self.attn_stride)
+
+    def to_json(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> LMConfig:
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LMConfig, layer: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg.attention_config(layer))
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = build_mlp(cfg.mlp_config(layer))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyLM(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.classifier = nn.Linear(cfg.d_model, cfg.classes) if cfg.classes else None
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits: [B, T, vocab] for a language model, [B, classes] for a classifier."""
+        check(tokens.shape[-1] <= self.cfg.ctx or self.classifier is None, "sequence longer than ctx")
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        if self.classifier is not None:
+            return self.classifier(x.mean(1))
+        return x @ self.embed.weight.T
+
+    def aux_loss(self) -> torch.Tensor:
+        """The modules' own loss terms from the last forward (BlockFFN's router L1)."""
+        terms = [b.mlp.aux_loss for b in self.blocks if hasattr(b.mlp, "aux_loss")]
+        return sum(terms) if terms else torch.zeros(())
+
+    def hidden_modules(self) -> list[nn.Module]:
+        """Per layer, the identity each MLP passes its hidden activation through (hook it to count nonzeros)."""
+        return [b.mlp.hidden_out for b in self.blocks]
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
