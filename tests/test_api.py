@@ -173,6 +173,9 @@ ALLOWED = {
     "methods": {"errors", "io", "models", "data", "core"},
     "sae": {"errors", "io", "models", "data", "core"},
     "circuits": {"errors", "io", "models", "data", "core", "sae"},
+    "nn": {"errors", "core"},
+    # the experiments read SmolLM2's gate pre-activations (stat-topk) through the models layer's hook points
+    "train": {"errors", "io", "models", "data", "core", "nn"},
     "evaluation": {"errors", "io", "models", "data", "core", "methods"},
     # the engine runs the attention methods' own configs (their fields and defaults live in methods)
     "engine": {"errors", "io", "models", "data", "core", "methods"},

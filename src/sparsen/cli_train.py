@@ -105,9 +105,11 @@ def cmd_train(args) -> None:
     s = train(model, task, tcfg, out, resume=args.resume, progress=not args.quiet)
     f = s["final"]
     nnz = ", ".join(f"{v:.3f}" for v in f["nnz_heldout"])
+    cls = ", ".join(f"{v:.3f}" for v in f["chunk_sparsity_8_heldout"] if v is not None)
     print(f"trained {s['params']:,} parameters on {s['tokens']:,} tokens in {s['seconds']:.0f} s "
           f"({s['tokens_per_second']:,} tokens/s, {s['threads']} threads); held-out loss {f['heldout_loss']:.3f} "
-          f"(perplexity {2.718281828 ** f['heldout_loss']:.2f}); % nonzero per layer {nnz}")
+          f"(perplexity {2.718281828 ** f['heldout_loss']:.2f}); share nonzero per layer {nnz}; chunk sparsity "
+          f"(8 tokens) {cls}")
     print(f"wrote {out / 'model.safetensors'} and {out / 'train.json'}")
 
 

@@ -370,7 +370,7 @@ def _time(fn, reps: int) -> float:
 
 
 def _gate_rows(model_spec: str, n: int) -> torch.Tensor:
-    """Real gate pre-activations: SmolLM2's middle layer's gate_proj outputs on WikiText-2 validation."""
+    """Real gate pre-activations: SmolLM2's middle layer's gate projection on WikiText-2 validation."""
     from sparsen.data import corpus_windows
     from sparsen.models import load_model
     from sparsen.models.hookpoints import hook_point, read_activations

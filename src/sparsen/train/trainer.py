@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from sparsen.core.config import check, strict_config
 from sparsen.errors import SparsenError
 from sparsen.io import save_safetensors, write_json
+from sparsen.nn import chunk_sparsity
 from sparsen.train.model import LMConfig, TinyLM
 
 
@@ -151,8 +152,8 @@ class ClassifyTask:
 
 @torch.no_grad()
 def activation_stats(model: TinyLM, x: torch.Tensor) -> dict:
-    """Per layer, over the tokens of ``x``: the mean share of nonzero hidden units per token (``nnz``) and which units
-    fired at least once (``fired``, bool [d]), plus the logits."""
+    """Per layer, over the tokens of ``x``: the mean share of nonzero hidden units per token (``nnz``), which units
+    fired at least once (``fired``, bool [d]) and the nonzero masks (``active``, [B, T, d]), plus the logits."""
     rows, handles = {}, []
     for i, m in enumerate(model.hidden_modules()):
         def hook(mod, args, out, i=i):
@@ -163,14 +164,17 @@ def activation_stats(model: TinyLM, x: torch.Tensor) -> dict:
     finally:
         for h in handles:
             h.remove()
+    if rows and rows[0].shape[0] == x.shape[0] * x.shape[1]:  # a token dimension (not a classifier's pooled rows)
+        for i in rows:
+            rows[i] = rows[i].view(x.shape[0], x.shape[1], -1)
     nnz = [float(rows[i].float().mean()) for i in range(len(rows))]
-    fired = [rows[i].any(0) for i in range(len(rows))]
+    fired = [rows[i].reshape(-1, rows[i].shape[-1]).any(0) for i in range(len(rows))]
     return {"nnz": nnz, "fired": fired, "logits": logits, "active": rows}
 
 
 def measure(model: TinyLM, task, x_train, y_train, tcfg: TrainConfig) -> dict:
     """Held-out loss and accuracy; per layer nnz on held-out and on the training batch, dead units (never active on the
-    held-out windows)."""
+    held-out windows) and BlockFFN's chunk-level sparsity over 8 consecutive tokens (held-out)."""
     was = model.training
     model.eval()
     xh, yh = task.heldout(tcfg.eval_windows)
@@ -182,7 +186,9 @@ def measure(model: TinyLM, task, x_train, y_train, tcfg: TrainConfig) -> dict:
             "train_loss": float(task.loss(train["logits"], y_train[: tcfg.eval_windows])),
             "train_accuracy": task.accuracy(train["logits"], y_train[: tcfg.eval_windows]),
             "nnz_heldout": held["nnz"], "nnz_train": train["nnz"],
-            "dead_heldout": [float(1 - f.float().mean()) for f in held["fired"]]}
+            "dead_heldout": [float(1 - f.float().mean()) for f in held["fired"]],
+            "chunk_sparsity_8_heldout": [chunk_sparsity(a, 8) if a.dim() == 3 and a.shape[1] >= 8 else None
+                                         for a in held["active"].values()]}
 
 
 def _configs(model: TinyLM, task, tcfg: TrainConfig) -> dict:
@@ -236,9 +242,10 @@ def _load_checkpoint(path: Path, model, opt, configs: dict):
 
 
 def train(model: TinyLM, task, tcfg: TrainConfig, out=None, resume: bool = False, progress: bool = True,
-          desc: str = "train") -> dict:
+          desc: str = "train", stop_at: int | None = None) -> dict:
     """Train ``model`` on ``task``; returns the summary (written to OUT/train.json when ``out`` is given). The model
-    must be freshly built with ``torch.manual_seed(tcfg.seed)`` (``build_model`` does it) for runs to be seeded."""
+    must be freshly built with ``torch.manual_seed(tcfg.seed)`` (``build_model`` does it) for runs to be seeded.
+    ``stop_at``: checkpoint after that step and return (a later ``resume`` continues the same run)."""
     task.check(tcfg)
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
@@ -265,7 +272,8 @@ def train(model: TinyLM, task, tcfg: TrainConfig, out=None, resume: bool = False
     x, y = task.batch(min(step, tcfg.steps - 1), tcfg)
     if step == 0 and not history:
         history.append({"step": 0, "tokens": 0, **measure(model, task, x, y, tcfg)})
-    while step < tcfg.steps:
+    end = min(stop_at, tcfg.steps) if stop_at else tcfg.steps
+    while step < end:
         x, y = task.batch(step, tcfg)
         for g in opt.param_groups:
             g["lr"] = tcfg.lr_at(step)
@@ -285,10 +293,12 @@ def train(model: TinyLM, task, tcfg: TrainConfig, out=None, resume: bool = False
             h = history[-1]
             bar.set_postfix(loss=f"{h['heldout_loss']:.3f}", nnz=f"{sum(h['nnz_heldout']) / len(h['nnz_heldout']):.3f}",
                             tok_s=f"{step * tokens_per_step / max(elapsed, 1e-9):.0f}")
-        if ckpt is not None and (step % tcfg.checkpoint_every == 0 or step == tcfg.steps):
+        if ckpt is not None and (step % tcfg.checkpoint_every == 0 or step == end):
             _save_checkpoint(ckpt, model, opt, step, history, seconds + time.perf_counter() - t0, configs)
     bar.close()
     seconds += time.perf_counter() - t0
+    if step < tcfg.steps:
+        return {"configs": configs, "steps": step, "stopped": True, "history": history}
     trained_tokens = tcfg.steps * tokens_per_step
     summary = {"configs": configs, "params": model.n_params(), "steps": tcfg.steps, "tokens": trained_tokens,
                "seconds": round(seconds, 2), "threads": torch.get_num_threads(),
