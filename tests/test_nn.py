@@ -277,3 +277,13 @@ def test_sparse_attention_with_every_key_kept_is_dense_and_keeps_k_keys_otherwis
     i, j = torch.arange(12)[:, None], torch.arange(12)[None]
     allowed = (j <= i) & (((i - j) < 3) | ((i - j) % 4 == 0))
     assert torch.allclose(local(x), _attention_by_hand(local, x, allowed), atol=1e-5)
+
+
+def test_the_soft_thresholds_closed_form_gradient_equals_autograd_through_std_mean():
+    x = torch.randn(5, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    g = torch.randn(5, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    a = x.clone().requires_grad_(True)
+    statistical_topk(a, 10).backward(g)
+    b = x.clone().requires_grad_(True)
+    torch.relu(b - statistical_threshold(b, 10)).backward(g)
+    assert torch.allclose(a.grad, b.grad, atol=1e-12)

@@ -133,3 +133,17 @@ def test_cli_train_and_experiment(tmp_path, capsys):
         assert (tmp_path / "exp" / f"emergence.{suffix}").stat().st_size > 0
     res = json.loads((tmp_path / "exp" / "emergence.json").read_text())
     assert len(res["runs"]) == 1 and len(res["init_nnz"]) == 4
+
+
+@pytest.mark.slow
+def test_the_bpe_vocabulary_is_smollm2s_and_trains(tmp_path):
+    from sparsen.train import load_data
+
+    data = load_data("wikitext2-valid", "bpe", 32)
+    assert data.vocab_size == 49152 and data.train_ids.max() < 49152
+    cfg = LMConfig(vocab=data.vocab_size, d_model=16, n_layers=1, n_heads=2, ctx=32, d_ff=32)
+    s = train(build_model(cfg, 0), LMTask(data), _tcfg(steps=2), None, progress=False)
+    assert s["final"]["heldout_loss"] < s["history"][0]["heldout_loss"] + 1
+    with pytest.raises(SparsenError, match="vocab is 256 but the data's is 49152"):
+        train(build_model(LMConfig(d_model=16, n_layers=1, n_heads=2, ctx=32, d_ff=32), 0), LMTask(data),
+              _tcfg(steps=2), None, progress=False)

@@ -94,7 +94,7 @@ def cmd_train(args) -> None:
                        label_noise=args.label_noise, seed=args.seed, checkpoint_every=args.checkpoint_every,
                        threads=args.threads)
     data = load_data(args.text, args.vocab, args.ctx, args.heldout)
-    cfg = LMConfig(vocab=256 if args.vocab == "bytes" else _bpe_size(), d_model=args.d_model, n_layers=args.layers,
+    cfg = LMConfig(vocab=data.vocab_size, d_model=args.d_model, n_layers=args.layers,
                    n_heads=args.heads, ctx=args.ctx, d_ff=args.d_ff, mlp=args.mlp, activation=args.activation,
                    gated=args.gated, k=args.k, soft=not args.hard, r=args.r, experts=args.experts,
                    router_l1=args.router_l1, sparse_layers=args.sparse_layers, attention=args.attention,
@@ -111,11 +111,6 @@ def cmd_train(args) -> None:
           f"(perplexity {2.718281828 ** f['heldout_loss']:.2f}); share nonzero per layer {nnz}; chunk sparsity "
           f"(8 tokens) {cls}")
     print(f"wrote {out / 'model.safetensors'} and {out / 'train.json'}")
-
-
-def _bpe_size() -> int:
-    from sparsen.train.data import vocab
-    return vocab("bpe").size
 
 
 def cmd_experiment(args) -> None:

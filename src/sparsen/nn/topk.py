@@ -56,14 +56,43 @@ def statistical_threshold(x: torch.Tensor, k: int | None = None, sparsity: float
     return mean + std * normal_quantile(q)
 
 
+class _SoftThreshold(torch.autograd.Function):
+    """max(x - mean - q * std, 0) per row with its gradient in closed form (one reduction; autograd through std_mean
+    would save and replay several [n, d] tensors). With m the kept mask, g' = g * m and S = sum g':
+    dx = g' - S / d - q * S * (x - mean) / (d * std)."""
+
+    @staticmethod
+    def forward(ctx, x, q):
+        std, mean = torch.std_mean(x, dim=-1, keepdim=True, correction=0)
+        y = torch.relu(x - (mean + q * std))
+        ctx.save_for_backward(x, y, mean, std)
+        ctx.q = q
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y, mean, std = ctx.saved_tensors
+        gk = g * (y > 0)
+        s = gk.sum(-1, keepdim=True)
+        d = x.shape[-1]
+        coef = s * (ctx.q / (d * std.clamp_min(1e-12)))
+        return gk - s / d - (x - mean) * coef, None
+
+
 def statistical_topk(x: torch.Tensor, k: int | None = None, soft: bool = True, sparsity: float | None = None
                      ) -> torch.Tensor:
     """Statistical top-k of each row: soft max(x - theta, 0), or hard x * (x > theta). With k = d every entry is
     kept as it is."""
-    if sparsity is None and k == x.shape[-1]:
+    d = x.shape[-1]
+    if sparsity is None and k == d:
         return x
-    theta = statistical_threshold(x, k, sparsity)
-    return torch.relu(x - theta) if soft else x * (x > theta)
+    if soft:
+        if sparsity is None:
+            check_k(k, d)
+        elif not 0 < sparsity < 1:
+            raise SparsenError(f"sparsity must be in (0, 1), not {sparsity!r}")
+        return _SoftThreshold.apply(x, normal_quantile(1 - k / d if sparsity is None else sparsity))
+    return x * (x > statistical_threshold(x, k, sparsity))
 
 
 def kept_count(x: torch.Tensor) -> torch.Tensor:

@@ -64,12 +64,13 @@ class TokenData:
     """A corpus's tokens split into training and held-out parts: the held-out part is the last ``heldout_share``
     of the text (never trained on)."""
 
-    def __init__(self, ids: torch.Tensor, ctx: int, heldout_share: float = 0.05, name: str = "corpus"):
+    def __init__(self, ids: torch.Tensor, ctx: int, heldout_share: float = 0.05, name: str = "corpus",
+                 vocab_size: int = 256):
         if not 0 < heldout_share < 1:
             raise SparsenError(f"heldout_share must be in (0, 1), not {heldout_share}")
         n_held = int(len(ids) * heldout_share)
         self.train_ids, self.heldout_ids = ids[:len(ids) - n_held], ids[len(ids) - n_held:]
-        self.ctx, self.name = ctx, name
+        self.ctx, self.name, self.vocab_size = ctx, name, vocab_size
         self.fingerprint = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
         if len(self.heldout_ids) < ctx + 1:
             raise SparsenError(f"'{name}' is too short: its held-out part has {len(self.heldout_ids)} tokens, fewer than "
@@ -105,9 +106,9 @@ class TokenData:
 def random_token_data(n_tokens: int, vocab_size: int, ctx: int, seed: int) -> TokenData:
     """i.i.d. uniform tokens: the random-inputs control."""
     ids = torch.randint(vocab_size, (n_tokens,), generator=torch.Generator().manual_seed(seed))
-    return TokenData(ids, ctx, name=f"random tokens (seed {seed})")
+    return TokenData(ids, ctx, name=f"random tokens (seed {seed})", vocab_size=vocab_size)
 
 
 def load_data(text: str, vocab_name: str, ctx: int, heldout_share: float = 0.05) -> TokenData:
     v = vocab(vocab_name)
-    return TokenData(v.encode(read_text(text)), ctx, heldout_share, name=text)
+    return TokenData(v.encode(read_text(text)), ctx, heldout_share, name=text, vocab_size=v.size)

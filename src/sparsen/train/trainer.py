@@ -80,8 +80,11 @@ class LMTask:
     def __init__(self, data):
         self.data = data
 
-    def check(self, tcfg: TrainConfig) -> None:
+    def check(self, tcfg: TrainConfig, model=None) -> None:
         self.data.check_steps(tcfg.steps, tcfg.batch)
+        if model is not None and model.cfg.vocab < self.data.vocab_size:
+            raise SparsenError(f"the model's vocab is {model.cfg.vocab} but the data's is {self.data.vocab_size}: "
+                               f"give vocab={self.data.vocab_size}")
 
     def batch(self, step: int, tcfg: TrainConfig):
         w = self.data.batch(step, tcfg.batch, tcfg.seed)
@@ -94,7 +97,7 @@ class LMTask:
 
     @property
     def vocab(self) -> int:
-        return int(max(self.data.train_ids.max(), self.data.heldout_ids.max())) + 1
+        return self.data.vocab_size
 
     def heldout(self, n: int):
         w = self.data.heldout(n)
@@ -120,7 +123,7 @@ class ClassifyTask:
     def __init__(self, x, y, x_held, y_held, name: str):
         self.x, self.y, self.x_held, self.y_held, self.name = x, y, x_held, y_held, name
 
-    def check(self, tcfg: TrainConfig) -> None:
+    def check(self, tcfg: TrainConfig, model=None) -> None:
         check(tcfg.batch <= len(self.x), f"batch {tcfg.batch} is larger than the {len(self.x)} training sequences")
 
     def batch(self, step: int, tcfg: TrainConfig):
@@ -246,7 +249,7 @@ def train(model: TinyLM, task, tcfg: TrainConfig, out=None, resume: bool = False
     """Train ``model`` on ``task``; returns the summary (written to OUT/train.json when ``out`` is given). The model
     must be freshly built with ``torch.manual_seed(tcfg.seed)`` (``build_model`` does it) for runs to be seeded.
     ``stop_at``: checkpoint after that step and return (a later ``resume`` continues the same run)."""
-    task.check(tcfg)
+    task.check(tcfg, model)
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     out = Path(out) if out is not None else None
