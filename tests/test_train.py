@@ -147,3 +147,29 @@ def test_the_bpe_vocabulary_is_smollm2s_and_trains(tmp_path):
     with pytest.raises(SparsenError, match="vocab is 256 but the data's is 49152"):
         train(build_model(LMConfig(d_model=16, n_layers=1, n_heads=2, ctx=32, d_ff=32), 0), LMTask(data),
               _tcfg(steps=2), None, progress=False)
+
+
+def test_the_clis_mlp_kinds_are_the_nn_layers():
+    from sparsen.cli_train import MLP_KINDS
+    from sparsen.nn import MLP_KINDS as NN_KINDS
+
+    assert set(MLP_KINDS) == set(NN_KINDS)
+
+
+def test_a_moe_language_model_trains_and_records_expert_loads(tmp_path):
+    cfg = LMConfig(**{**TINY, "d_ff": 8}, mlp="moe", experts=4, k=2, activation="silu", moe_aux=0.01, moe_z=0.001,
+                   capacity_factor=1.0)
+    s = train(build_model(cfg, 0), LMTask(_data()), _tcfg(), None, progress=False)
+    loads = s["final"]["experts_heldout"]
+    assert len(loads) == 2 and all(abs(sum(x["load"]) - 1) < 1e-6 and 0 <= x["dropped"] < 1 for x in loads)
+    with pytest.raises(SparsenError, match="k \\(experts per token\\) must be an integer in 1..4"):
+        LMConfig(mlp="moe", experts=4, k=5)
+
+
+def test_the_clis_experiments_are_the_runners():
+    from sparsen.cli_train import EXPERIMENTS
+    from sparsen.train.experiments import RUNNERS
+    from sparsen.train.gating import RUNNERS as GATING
+    from sparsen.train.routing import RUNNERS as ROUTING
+
+    assert set(EXPERIMENTS) == set(RUNNERS) | set(ROUTING) | set(GATING)

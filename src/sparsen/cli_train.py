@@ -7,9 +7,11 @@ import argparse
 
 from sparsen.errors import SparsenError
 
-MLP_KINDS = ("dense", "topk", "stat-topk", "predictor", "blockffn")  # sparsen.nn.MLP_KINDS (not imported: torch)
+MLP_KINDS = ("dense", "topk", "stat-topk", "predictor", "blockffn", "moe")  # sparsen.nn.MLP_KINDS (not imported: torch)
 ATTENTIONS = ("dense", "topk", "local-dilated")
-EXPERIMENTS = ("emergence", "width", "random", "topk", "stat-topk", "distill")
+EXPERIMENTS = ("emergence", "width", "random", "topk", "stat-topk", "distill",  # sparsen.train.experiments.RUNNERS
+               "moe-vs-dense", "balance", "capacity", "experts-per-token", "gates",  # sparsen.train.routing.RUNNERS
+               "gating-theory")  # sparsen.train.gating.RUNNERS
 
 
 def _layers(text: str) -> tuple:
@@ -41,10 +43,17 @@ def add_parsers(sub, add_model, positive_int) -> None:
     g.add_argument("--mlp", default="dense", help=f"MLP kind: {', '.join(MLP_KINDS)} (default dense ReLU)")
     g.add_argument("--activation", default="relu", help="relu, gelu, gelu_tanh or silu (default relu)")
     g.add_argument("--gated", action="store_true", help="gated MLP: act(gate x) * up x")
-    g.add_argument("--k", type=int, default=32, help="topk / stat-topk / predictor: units kept per token (default 32)")
+    g.add_argument("--k", type=int, default=32,
+                   help="topk / stat-topk / predictor: units kept per token; moe: experts per token (default 32)")
     g.add_argument("--hard", action="store_true", help="stat-topk: hard threshold instead of soft")
     g.add_argument("--r", type=int, default=64, help="predictor: input dimensions that predict (default 64)")
-    g.add_argument("--experts", type=positive_int, default=16, help="blockffn: experts (default 16)")
+    g.add_argument("--experts", type=positive_int, default=16, help="blockffn, moe: experts (default 16)")
+    g.add_argument("--moe-aux", type=float, default=0.0, help="moe: load-balancing loss weight (default 0)")
+    g.add_argument("--moe-z", type=float, default=0.0, help="moe: router z-loss weight (default 0)")
+    g.add_argument("--capacity-factor", type=float, default=None, help="moe: capacity factor (default dropless)")
+    g.add_argument("--gate", default="softmax", choices=("softmax", "activation"),
+                   help="moe: softmax(logits / temperature) or softmax(tanh(logits)) (default softmax)")
+    g.add_argument("--temperature", type=float, default=1.0, help="moe: softmax temperature (default 1)")
     g.add_argument("--router-l1", type=float, default=0.0, help="blockffn: router L1 weight (default 0)")
     g.add_argument("--attention", default="dense", help=f"attention: {', '.join(ATTENTIONS)} (default dense)")
     g.add_argument("--attn-k", type=positive_int, default=16, help="topk attention: keys per query (default 16)")
@@ -69,7 +78,9 @@ def add_parsers(sub, add_model, positive_int) -> None:
                                    "a classifier fitting random labels on text and on random bytes; topk: the top-k "
                                    "Transformer vs dense (loss, ECE, corrupted inputs, noisy labels); stat-topk: "
                                    "statistical vs exact top-k (recall, forward+backward time); distill: sparse-attention "
-                                   "students with and without online distillation. The default is small (minutes, on "
+                                   "students with and without online distillation; moe-vs-dense, balance, capacity, "
+                                   "experts-per-token, gates: top-k mixtures of experts; gating-theory: a Gaussian mixture of "
+                                   "experts fitted by maximum likelihood against n (synthetic). The default is small (minutes, on "
                                    "WikiText-2 validation bytes); --full is the documented setting (Debian's "
                                    "python3.11-doc). Runs are cached in OUT/runs and reused across experiments.")
     p.add_argument("name", metavar="NAME", help=f"one of {', '.join(EXPERIMENTS)}")
@@ -97,7 +108,8 @@ def cmd_train(args) -> None:
     cfg = LMConfig(vocab=data.vocab_size, d_model=args.d_model, n_layers=args.layers,
                    n_heads=args.heads, ctx=args.ctx, d_ff=args.d_ff, mlp=args.mlp, activation=args.activation,
                    gated=args.gated, k=args.k, soft=not args.hard, r=args.r, experts=args.experts,
-                   router_l1=args.router_l1, sparse_layers=args.sparse_layers, attention=args.attention,
+                   router_l1=args.router_l1, moe_aux=args.moe_aux, moe_z=args.moe_z,
+                   capacity_factor=args.capacity_factor, gate=args.gate, temperature=args.temperature, sparse_layers=args.sparse_layers, attention=args.attention,
                    attn_k=args.attn_k, attn_window=args.window, attn_stride=args.stride)
     task = LMTask(data)
     task.check(tcfg)
@@ -118,13 +130,16 @@ def cmd_experiment(args) -> None:
         raise SparsenError(f"unknown experiment '{args.name}': use one of {', '.join(EXPERIMENTS)}")
     from sparsen.io import check_writable
     from sparsen.train.experiments import RUNNERS
+    from sparsen.train.gating import RUNNERS as GATING
+    from sparsen.train.routing import RUNNERS as ROUTING
 
+    RUNNERS = {**RUNNERS, **ROUTING, **GATING}
     out = check_writable(args.out, directory=True)
     kwargs = {"full": args.full, "progress": not args.quiet}
-    if args.name != "stat-topk":
+    if args.name not in ("stat-topk", "gating-theory"):
         kwargs.update(seeds=args.seeds, steps=args.steps, text=args.text)
     elif args.seeds or args.steps or args.text:
-        raise SparsenError("stat-topk trains nothing: --seeds, --steps and --text do not apply")
+        raise SparsenError(f"{args.name} trains no language model: --seeds, --steps and --text do not apply")
     res = RUNNERS[args.name](out, **kwargs)
     print((out / f"{args.name}.md").read_text())
     failed = [k for k, v in res.get("acceptance", {}).items() if not v]

@@ -2,8 +2,8 @@
 mixture of experts, sparse attention. Each has a config dataclass; ``build_mlp`` makes the module a config describes."""
 
 from sparsen.nn.attention import PATTERNS, Attention, AttentionConfig
+from sparsen.nn.kinds import MLP_KINDS, build_mlp
 from sparsen.nn.mlp import (
-    MLP_KINDS,
     BlockFFN,
     BlockFFNConfig,
     DenseMLP,
@@ -14,7 +14,6 @@ from sparsen.nn.mlp import (
     StatTopKMLPConfig,
     TopKMLP,
     TopKMLPConfig,
-    build_mlp,
     chunk_sparsity,
 )
 from sparsen.nn.moe import MoE, MoEConfig, load_balancing_loss, z_loss

@@ -213,11 +213,3 @@ def chunk_sparsity(active: torch.Tensor, chunk: int) -> float:
     union = active[:, :n * chunk].reshape(b, n, chunk, u).any(2)
     return float(1 - union.float().mean())
 
-
-MLP_KINDS = {c.kind: (c, m) for c, m in ((MLPConfig, DenseMLP), (TopKMLPConfig, TopKMLP), (StatTopKMLPConfig, StatTopKMLP),
-                                         (PredictorFFNConfig, PredictorFFN), (BlockFFNConfig, BlockFFN))}
-
-
-def build_mlp(cfg: MLPConfig) -> nn.Module:
-    """The module a config describes."""
-    return MLP_KINDS[cfg.kind][1](cfg)

@@ -19,6 +19,7 @@ x the router z-loss mean(logsumexp(logits)^2) (Switch).
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ GATES = ("softmax", "activation")
 
 @strict_config
 class MoEConfig:
+    kind: ClassVar[str] = "moe"
     d_model: int = 128
     d_ff: int = 128
     """each expert's hidden width"""

@@ -62,14 +62,20 @@ def _data(text: str, ctx: int) -> TokenData:
 
 
 def run_cached(out: Path, cfg: LMConfig, tcfg: TrainConfig, task, progress: bool, tag: str) -> dict:
-    """Train (or read back) one run under OUT/runs/TAG-HASH."""
-    key = json.dumps({"model": cfg.to_json(), "train": {k: v for k, v in tcfg.to_json().items() if k != "threads"},
+    """Train (or read back) one run under OUT/runs/TAG-HASH; the hash covers the fields that differ from their
+    defaults (so a field added later, at its default, keeps old runs' names) and the data's identity."""
+    key = json.dumps({"model": _non_default(cfg), "train": {k: v for k, v in _non_default(tcfg).items() if k != "threads"},
                       "data": task.identity()}, sort_keys=True)
     folder = out / "runs" / f"{tag}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     done = folder / "train.json"
     summary = json.loads(done.read_text()) if done.is_file() else train(
         build_model(cfg, tcfg.seed), task, tcfg, folder, resume=True, progress=progress, desc=tag)
     return {**summary, "folder": str(folder)}
+
+
+def _non_default(cfg) -> dict:
+    fresh = type(cfg)().to_json()
+    return {k: v for k, v in cfg.to_json().items() if fresh.get(k) != v}
 
 
 def _mean_ci(values) -> tuple[float, float]:
@@ -100,11 +106,10 @@ def _write(out: Path, name: str, result: dict, md: str, fig) -> None:
 
 
 # --- emergence and width ---------------------------------------------------------------------------------------------
-def _lm_runs(out, s: Setting, d_ff: int, progress: bool, **model) -> list[dict]:
+def _lm_runs(out, s: Setting, d_ff: int, progress: bool, label_noise: float = 0.0, **model) -> list[dict]:
     data = _data(s.text, 128)
     tcfg = [TrainConfig(steps=s.steps, batch=BATCH, seed=seed, warmup=min(100, s.steps // 10), evals=16,
-                        **({"label_noise": model.pop("label_noise")} if "label_noise" in model else {}))
-            for seed in s.seeds]
+                        label_noise=label_noise) for seed in s.seeds]
     cfg = LMConfig(d_ff=d_ff, **model)
     tag = f"{cfg.mlp}{'-k' + str(cfg.k) if cfg.mlp != 'dense' else ''}-dff{d_ff}"
     return [run_cached(out, cfg, t, LMTask(data), progress,

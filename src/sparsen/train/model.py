@@ -29,19 +29,29 @@ class LMConfig:
     d_ff: int = 512
     mlp: str = "dense"
     """the MLP kind: dense (non-gated ReLU unless ``activation``/``gated`` say otherwise), topk, stat-topk,
-    predictor or blockffn"""
+    predictor, blockffn or moe (``experts`` gated experts of width d_ff, ``k`` per token)"""
     activation: str = "relu"
     gated: bool = False
     k: int = 32
-    """topk / stat-topk / predictor: units kept per token"""
+    """topk / stat-topk / predictor: units kept per token; moe: experts per token"""
     soft: bool = True
     """stat-topk: soft threshold"""
     r: int = 64
     """predictor: input dimensions that predict"""
     experts: int = 16
-    """blockffn: experts"""
+    """blockffn, moe: experts"""
     router_l1: float = 0.0
     """blockffn: weight of the router's L1 term"""
+    moe_aux: float = 0.0
+    """moe: weight of the load-balancing loss"""
+    moe_z: float = 0.0
+    """moe: weight of the router z-loss"""
+    capacity_factor: float | None = None
+    """moe: None for dropless, else the capacity factor"""
+    gate: str = "softmax"
+    """moe: softmax (of logits / temperature) or activation (softmax of tanh(logits))"""
+    temperature: float = 1.0
+    normalize_topk: bool = True
     sparse_layers: tuple = ()
     """the layers that get ``mlp`` / ``attention`` (empty: all); the others get the dense ReLU MLP and dense attention"""
     attention: str = "dense"
@@ -62,6 +72,8 @@ class LMConfig:
               f"sparse_layers must be layer indices in 0..{self.n_layers - 1}")
         if self.mlp in ("topk", "stat-topk", "predictor"):
             check_k(self.k, self.d_ff, "k")
+        if self.mlp == "moe":
+            check_k(self.k, self.experts, "k (experts per token)")
         check(self.classes >= 0, "classes must be >= 0")
 
     def mlp_config(self, layer: int):
@@ -76,6 +88,10 @@ class LMConfig:
             return cls(**base, activation=self.activation, gated=self.gated, k=self.k, soft=self.soft)
         if kind == "predictor":
             return cls(**base, r=self.r, k=self.k)
+        if kind == "moe":
+            return cls(**base, experts=self.experts, k=self.k, activation=self.activation, aux_coefficient=self.moe_aux,
+                       z_coefficient=self.moe_z, capacity_factor=self.capacity_factor, gate=self.gate,
+                       temperature=self.temperature, normalize_topk=self.normalize_topk)
         return cls(**base, experts=self.experts, router_l1=self.router_l1)
 
     def attention_config(self, layer: int) -> AttentionConfig:
@@ -137,6 +153,12 @@ class TinyLM(nn.Module):
         """The modules' own loss terms from the last forward (BlockFFN's router L1)."""
         terms = [b.mlp.aux_loss for b in self.blocks if hasattr(b.mlp, "aux_loss")]
         return sum(terms) if terms else torch.zeros(())
+
+    def expert_loads(self) -> list:
+        """Per MoE layer, each expert's share of the last forward's assignments and the share dropped by capacity."""
+        return [{"load": b.mlp.expert_load().tolist(), "dropped": b.mlp.dropped / max(1, b.mlp.router_logits.shape[0]
+                                                                                         * b.mlp.cfg.k)}
+                for b in self.blocks if hasattr(b.mlp, "expert_load")]
 
     def hidden_modules(self) -> list[nn.Module]:
         """Per layer, the identity each MLP passes its hidden activation through (hook it to count nonzeros)."""

@@ -182,9 +182,10 @@ def measure(model: TinyLM, task, x_train, y_train, tcfg: TrainConfig) -> dict:
     model.eval()
     xh, yh = task.heldout(tcfg.eval_windows)
     held = activation_stats(model, xh)
+    loads = model.expert_loads()
     train = activation_stats(model, x_train[: tcfg.eval_windows])
     model.train(was)
-    return {"heldout_loss": float(task.loss(held["logits"], yh)),
+    return ({"experts_heldout": loads} if loads else {}) | {"heldout_loss": float(task.loss(held["logits"], yh)),
             "heldout_accuracy": task.accuracy(held["logits"], yh),
             "train_loss": float(task.loss(train["logits"], y_train[: tcfg.eval_windows])),
             "train_accuracy": task.accuracy(train["logits"], y_train[: tcfg.eval_windows]),
