@@ -79,8 +79,9 @@ def add_parsers(sub, add_model, positive_int) -> None:
                                    "Transformer vs dense (loss, ECE, corrupted inputs, noisy labels); stat-topk: "
                                    "statistical vs exact top-k (recall, forward+backward time); distill: sparse-attention "
                                    "students with and without online distillation; moe-vs-dense, balance, capacity, "
-                                   "experts-per-token, gates: top-k mixtures of experts; gating-theory: a Gaussian mixture of "
-                                   "experts fitted by maximum likelihood against n (synthetic). The default is small (minutes, on "
+                                   "experts-per-token, gates: top-k mixtures of experts; gating-theory: a Gaussian "
+                                   "mixture of experts fitted by maximum likelihood against n (synthetic). The default "
+                                   "is small (minutes, on "
                                    "WikiText-2 validation bytes); --full is the documented setting (Debian's "
                                    "python3.11-doc). Runs are cached in OUT/runs and reused across experiments.")
     p.add_argument("name", metavar="NAME", help=f"one of {', '.join(EXPERIMENTS)}")
@@ -109,7 +110,8 @@ def cmd_train(args) -> None:
                    n_heads=args.heads, ctx=args.ctx, d_ff=args.d_ff, mlp=args.mlp, activation=args.activation,
                    gated=args.gated, k=args.k, soft=not args.hard, r=args.r, experts=args.experts,
                    router_l1=args.router_l1, moe_aux=args.moe_aux, moe_z=args.moe_z,
-                   capacity_factor=args.capacity_factor, gate=args.gate, temperature=args.temperature, sparse_layers=args.sparse_layers, attention=args.attention,
+                   capacity_factor=args.capacity_factor, gate=args.gate, temperature=args.temperature,
+                   sparse_layers=args.sparse_layers, attention=args.attention,
                    attn_k=args.attn_k, attn_window=args.window, attn_stride=args.stride)
     task = LMTask(data)
     task.check(tcfg)
