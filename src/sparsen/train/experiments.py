@@ -145,6 +145,8 @@ def emergence(out, full: bool = False, seeds: int | None = None, steps: int | No
            f"tokens/s {', '.join(str(r['tokens_per_second']) for r in runs)}", ""]
     md += [f"- {k}: {'yes' if v else 'no'}" for k, v in result["acceptance"].items()]
     plt = _plt()
+    from matplotlib.ticker import FormatStrFormatter
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, key, title in ((axes[0], "nnz_heldout", "held-out"), (axes[1], "nnz_train", "training batch")):
         for layer in range(len(init)):
@@ -154,6 +156,8 @@ def emergence(out, full: bool = False, seeds: int | None = None, steps: int | No
             ax.fill_between(steps_, vals.min(0).values, vals.max(0).values, color=line.get_color(), alpha=0.2)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
         ax.set_xlabel("training step + 1")
         ax.set_title(f"{title} (band: seeds' range)")
     axes[0].set_ylabel("% nonzero after ReLU")

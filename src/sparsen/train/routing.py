@@ -17,7 +17,7 @@ from sparsen.train.model import LMConfig
 from sparsen.train.trainer import LMTask, TrainConfig
 
 SMALL = Setting("wikitext2-valid", steps=150, seeds=(0,))
-FULL = Setting("/usr/share/doc/python3.11/html", steps=500, seeds=(0, 1))
+FULL = Setting("/usr/share/doc/python3.11/html", steps=400, seeds=(0, 1))
 BASE = dict(mlp="moe", experts=8, k=2, d_ff=128, activation="silu", moe_aux=0.01)
 ROUTING_EXPERIMENTS = ("moe-vs-dense", "balance", "capacity", "experts-per-token", "gates")
 
