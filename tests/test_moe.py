@@ -93,6 +93,24 @@ def test_dropped_assignments_add_nothing_and_dropless_drops_none():
     assert not torch.allclose(y, full)
 
 
+def test_temperature_and_tanh_gates_weigh_experts_by_hand():
+    torch.manual_seed(5)
+    x = torch.randn(6, 8)
+    for kw, f in (({"temperature": 0.5}, lambda z: z / 0.5), ({"gate": "activation"}, torch.tanh)):
+        for normalize in (True, False):
+            m = MoE(MoEConfig(d_model=8, d_ff=4, experts=5, k=2, normalize_topk=normalize, **kw))
+            logits, w, chosen = m.route(x)
+            probs = torch.softmax(f(x @ m.router.weight.T), -1)
+            top = probs.topk(2, -1)
+            expect = top.values / top.values.sum(-1, keepdim=True) if normalize else top.values
+            assert torch.equal(chosen, top.indices) and torch.allclose(w, expect, atol=1e-6)
+            m(x)  # the balance loss reads the same distribution
+            m2 = MoE(MoEConfig(d_model=8, d_ff=4, experts=5, k=2, aux_coefficient=1.0, **kw))
+            m2.load_state_dict(m.state_dict())
+            m2(x)
+            assert torch.allclose(m2.aux_loss, load_balancing_loss(f(logits), 5, 2))
+
+
 def test_temperature_one_is_the_plain_softmax_and_the_activation_gate_routes():
     torch.manual_seed(4)
     a = MoE(MoEConfig(d_model=8, d_ff=4, experts=4, k=1))

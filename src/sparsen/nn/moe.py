@@ -12,8 +12,8 @@ expert takes at most ceil(capacity_factor * tokens * k / E) assignments, first c
 token order within a rank (GShard's priority); an overflowing assignment adds nothing (the token's residual passes).
 
 Losses (``aux_loss`` after each forward, added by the trainer): ``aux_coefficient`` x transformers'
-``load_balancing_loss_func`` on this layer's logits (E * sum_e f_e P_e, k at perfect balance) and ``z_coefficient``
-x the router z-loss mean(logsumexp(logits)^2) (Switch).
+``load_balancing_loss_func`` on this layer's scores (the logits themselves at temperature 1): E * sum_e f_e P_e,
+k at perfect balance; and ``z_coefficient`` x the router z-loss mean(logsumexp(logits)^2) (Switch).
 """
 
 from __future__ import annotations
@@ -117,12 +117,16 @@ class MoE(nn.Module):
         self.router_logits = None
         self.dropped = 0
 
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the softmax reads: logits / temperature, or tanh(logits)."""
+        c = self.cfg
+        return torch.tanh(logits) if c.gate == "activation" else logits / c.temperature
+
     def route(self, x: torch.Tensor):
         """x [n, d] -> logits [n, E], weights [n, k], chosen experts [n, k]."""
         c = self.cfg
         logits = self.router(x)
-        z = torch.tanh(logits) if c.gate == "activation" else logits / c.temperature
-        probs = z.float().softmax(-1)
+        probs = self.scores(logits).float().softmax(-1)
         weights, chosen = probs.topk(c.k, -1)
         if c.normalize_topk:
             weights = weights / weights.sum(-1, keepdim=True)
@@ -164,8 +168,8 @@ class MoE(nn.Module):
         self.hidden_out(dense_weights.view(*shape[:-1], c.experts))
         self.router_logits = logits
         aux = torch.zeros(())
-        if c.aux_coefficient:
-            aux = aux + c.aux_coefficient * load_balancing_loss(logits, c.experts, c.k)
+        if c.aux_coefficient:  # on the router's own distribution (transformers' at temperature 1)
+            aux = aux + c.aux_coefficient * load_balancing_loss(self.scores(logits), c.experts, c.k)
         if c.z_coefficient:
             aux = aux + c.z_coefficient * z_loss(logits)
         self.aux_loss = aux
@@ -179,6 +183,4 @@ class MoE(nn.Module):
         return torch.bincount(chosen.reshape(-1), minlength=self.cfg.experts).float() / chosen.numel()
 
     def route_from_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        c = self.cfg
-        z = torch.tanh(logits) if c.gate == "activation" else logits / c.temperature
-        return z.float().softmax(-1).topk(c.k, -1).indices
+        return self.scores(logits).float().softmax(-1).topk(self.cfg.k, -1).indices

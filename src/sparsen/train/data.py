@@ -70,7 +70,7 @@ class TokenData:
             raise SparsenError(f"heldout_share must be in (0, 1), not {heldout_share}")
         n_held = int(len(ids) * heldout_share)
         self.train_ids, self.heldout_ids = ids[:len(ids) - n_held], ids[len(ids) - n_held:]
-        self.ctx, self.name, self.vocab_size = ctx, name, vocab_size
+        self.ctx, self.name, self.vocab_size, self.heldout_share = ctx, name, vocab_size, heldout_share
         self.fingerprint = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
         if len(self.heldout_ids) < ctx + 1:
             raise SparsenError(f"'{name}' is too short: its held-out part has {len(self.heldout_ids)} tokens, fewer than "

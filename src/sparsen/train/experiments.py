@@ -79,12 +79,20 @@ def _non_default(cfg) -> dict:
 
 
 def _mean_ci(values) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t interval (0 for one value)."""
+    """Mean and the half-width of its 95% t interval (0 for one value: no interval)."""
     v = torch.tensor([float(x) for x in values], dtype=torch.float64)
     if len(v) < 2:
         return float(v.mean()), 0.0
-    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78}.get(len(v), 2.0)
-    return float(v.mean()), float(t * v.std(unbiased=True) / math.sqrt(len(v)))
+    return float(v.mean()), float(t_975(len(v) - 1) * v.std(unbiased=True) / math.sqrt(len(v)))
+
+
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_975(df: int) -> float:
+    """Student's t 97.5% quantile (two-sided 95%); the normal's beyond 30 degrees of freedom."""
+    return _T975[df - 1] if df <= 30 else 1.96
 
 
 def _fmt(m: float, h: float, digits: int = 3) -> str:
@@ -339,6 +347,8 @@ def topk_vs_dense(out, full: bool = False, seeds: int | None = None, steps: int 
 
     def verdict(d, better_if_negative=True):
         m, h = d
+        if len(s.seeds) < 2:
+            return "undetermined (one seed: no interval)"
         if abs(m) <= h:
             return "no difference (the interval covers 0)"
         return "top-k better" if (m < 0) == better_if_negative else "dense better"
@@ -416,7 +426,8 @@ def stat_topk_bench(out, full: bool = False, progress: bool = True, model: str =
         if dist == "gaussian":
             x = torch.randn(n, d, generator=g)
         elif dist == "student-t":
-            x = torch.distributions.StudentT(3.0).sample((n, d))
+            chi2 = torch.randn(3, n, d, generator=g).pow(2).sum(0)
+            x = torch.randn(n, d, generator=g) / torch.sqrt(chi2 / 3)  # Student-t, 3 degrees of freedom
         else:
             x = real[:n, torch.randperm(real.shape[1], generator=g)[:d]]
         for share in shares:
@@ -495,13 +506,17 @@ def _distill_run(out: Path, student_cfg: LMConfig, teacher_cfg: LMConfig, data: 
     student) with the teacher detached. Cached as OUT/runs/TAG/distill.json."""
     from tqdm.auto import tqdm
 
-    folder = out / "runs" / tag
+    key = json.dumps({"student": _non_default(student_cfg), "teacher": _non_default(teacher_cfg),
+                      "train": {k: v for k, v in _non_default(tcfg).items() if k != "threads"}, "weight": weight,
+                      "data": LMTask(data).identity()}, sort_keys=True)
+    folder = out / "runs" / f"{tag}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     done = folder / "distill.json"
     if done.is_file():
         return json.loads(done.read_text())
     task = LMTask(data)
     task.check(tcfg)
-    teacher, student = build_model(teacher_cfg, tcfg.seed), build_model(student_cfg, tcfg.seed + 10_000)
+    # the student starts where the student trained alone starts (same seed, same batches): the arms are paired
+    teacher, student = build_model(teacher_cfg, tcfg.seed + 10_000), build_model(student_cfg, tcfg.seed)
     opts = [torch.optim.AdamW(m.parameters(), lr=tcfg.lr, betas=(0.9, 0.95), weight_decay=0.0) for m in (teacher, student)]
     t0 = time.perf_counter()
     for step in tqdm(range(tcfg.steps), desc=tag, disable=not progress):
@@ -546,7 +561,7 @@ def distill(out, full: bool = False, seeds: int | None = None, steps: int | None
             alone = run_cached(out, scfg, tcfg, LMTask(data), progress, f"student-{name}-s{seed}")
             alone_q = lm_quality(load_trained(alone["folder"]), held, corruptions=())
             joint = _distill_run(out, scfg, teacher_cfg, data, tcfg, weight, progress,
-                                 f"distill-{name}-w{weight}-{s.steps}-{Path(s.text).name}-s{seed}")
+                                 f"distill-{name}-s{seed}")
             gap = alone_q["loss"] - joint["teacher"]["loss"]
             per.append({"seed": seed, "alone": alone_q["loss"], "distilled": joint["student"]["loss"],
                         "teacher": joint["teacher"]["loss"], "alone_seconds": alone["seconds"],

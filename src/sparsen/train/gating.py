@@ -197,22 +197,23 @@ def voronoi_errors(p: dict, truth: dict, fit: Fit) -> dict:
 
 def slope(ns, errors: list[torch.Tensor], boots: int = 1000, seed: int = 0) -> dict:
     """Least-squares slope of log(mean error) on log n, and a bootstrap over replicates."""
-    errors = [e.double() for e in errors]
+    errors = [e.double()[~torch.isnan(e.double())] for e in errors]  # replicates without such a cell drop out
+    if any(len(e) == 0 for e in errors):
+        return {"slope": float("nan"), "ci": [float("nan"), float("nan")], "replicates": [len(e) for e in errors]}
     ln = torch.log(torch.tensor(ns, dtype=torch.float64))
     A = torch.stack([ln, torch.ones_like(ln)], 1)
 
     def fit_slope(means):
         return float(torch.linalg.lstsq(A, torch.log(means)[:, None]).solution[0, 0])
     means = torch.stack([e.mean() for e in errors])
-    if torch.isnan(means).any():
-        return {"slope": float("nan"), "ci": [float("nan"), float("nan")]}
     g = torch.Generator().manual_seed(seed)
     bs = []
     for _ in range(boots):
         m = torch.stack([e[torch.randint(len(e), (len(e),), generator=g)].mean() for e in errors])
         bs.append(fit_slope(m.clamp_min(1e-300)))
     bs.sort()
-    return {"slope": fit_slope(means), "ci": [bs[int(0.025 * boots)], bs[int(0.975 * boots) - 1]]}
+    return {"slope": fit_slope(means), "ci": [bs[int(0.025 * boots)], bs[int(0.975 * boots) - 1]],
+            "replicates": [len(e) for e in errors]}
 
 
 def gating_theory(out, full: bool = False, progress: bool = True, **_) -> dict:
@@ -235,7 +236,7 @@ def gating_theory(out, full: bool = False, progress: bool = True, **_) -> dict:
         row = {"prediction": fit.prediction, "k": fit.k, "K": fit.K, "gate": fit.gate,
                "by_n": [{k: (v.tolist() if torch.is_tensor(v) else v) for k, v in r.items()} for r in per_n]}
         for key in ("hellinger", "unsplit", "split", "gate", "gate_ratio"):
-            if key in per_n[0] and not torch.isnan(per_n[0][key]).all():
+            if key in per_n[0] and not all(torch.isnan(r[key]).all() for r in per_n):
                 row[f"slope_{key}"] = slope(ns, [r[key] for r in per_n])
         results[fit.name] = row
     result = {"ns": ns, "replicates": reps, "adam_steps": steps, "truth_topk": TRUE_TOPK, "truth_dense": TRUE_DENSE,

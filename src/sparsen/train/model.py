@@ -87,12 +87,12 @@ class LMConfig:
         if kind == "stat-topk":
             return cls(**base, activation=self.activation, gated=self.gated, k=self.k, soft=self.soft)
         if kind == "predictor":
-            return cls(**base, r=self.r, k=self.k)
+            return cls(**base, activation=self.activation, r=self.r, k=self.k)
         if kind == "moe":
             return cls(**base, experts=self.experts, k=self.k, activation=self.activation, aux_coefficient=self.moe_aux,
                        z_coefficient=self.moe_z, capacity_factor=self.capacity_factor, gate=self.gate,
                        temperature=self.temperature, normalize_topk=self.normalize_topk)
-        return cls(**base, experts=self.experts, router_l1=self.router_l1)
+        return cls(**base, activation=self.activation, experts=self.experts, router_l1=self.router_l1)
 
     def attention_config(self, layer: int) -> AttentionConfig:
         sparse = not self.sparse_layers or layer in self.sparse_layers
@@ -140,7 +140,8 @@ class TinyLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits: [B, T, vocab] for a language model, [B, classes] for a classifier."""
-        check(tokens.shape[-1] <= self.cfg.ctx or self.classifier is None, "sequence longer than ctx")
+        check(tokens.shape[-1] <= self.cfg.ctx, f"sequences of {tokens.shape[-1]} tokens are longer than ctx "
+              f"{self.cfg.ctx}")
         x = self.embed(tokens)
         for block in self.blocks:
             x = block(x)

@@ -104,7 +104,8 @@ class LMTask:
         return w[:, :-1], w[:, 1:]
 
     def identity(self) -> dict:
-        return {"task": "lm", "data": self.data.name, "fingerprint": self.data.fingerprint}
+        share = {} if self.data.heldout_share == 0.05 else {"heldout_share": self.data.heldout_share}
+        return {"task": "lm", "data": self.data.name, "fingerprint": self.data.fingerprint, **share}
 
     @staticmethod
     def loss(logits, y):
@@ -249,7 +250,8 @@ def train(model: TinyLM, task, tcfg: TrainConfig, out=None, resume: bool = False
           desc: str = "train", stop_at: int | None = None) -> dict:
     """Train ``model`` on ``task``; returns the summary (written to OUT/train.json when ``out`` is given). The model
     must be freshly built with ``torch.manual_seed(tcfg.seed)`` (``build_model`` does it) for runs to be seeded.
-    ``stop_at``: checkpoint after that step and return (a later ``resume`` continues the same run)."""
+    ``stop_at``: checkpoint after that step and return (a later ``resume`` continues the same run). A resume is
+    bit-identical on the same torch build and thread count (CPU reductions may split differently across threads)."""
     task.check(tcfg, model)
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
