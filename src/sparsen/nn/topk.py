@@ -64,7 +64,7 @@ class _SoftThreshold(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, q):
         std, mean = torch.std_mean(x, dim=-1, keepdim=True, correction=0)
-        y = torch.relu(x - (mean + q * std))
+        y = torch.sub(x, mean + q * std).clamp_min_(0)
         ctx.save_for_backward(x, y, mean, std)
         ctx.q = q
         return y
@@ -72,11 +72,11 @@ class _SoftThreshold(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, y, mean, std = ctx.saved_tensors
-        gk = g * (y > 0)
+        gk = torch.where(y > 0, g, 0.0)
         s = gk.sum(-1, keepdim=True)
-        d = x.shape[-1]
-        coef = s * (ctx.q / (d * std.clamp_min(1e-12)))
-        return gk - s / d - (x - mean) * coef, None
+        coef = s * (ctx.q / (x.shape[-1] * std.clamp_min(1e-12)))
+        # gk - s/d - coef (x - mean), as one fused multiply-add and one in-place add (two passes, one allocation)
+        return torch.addcmul(gk, x, coef, value=-1).add_(coef * mean - s / x.shape[-1]), None
 
 
 def statistical_topk(x: torch.Tensor, k: int | None = None, soft: bool = True, sparsity: float | None = None

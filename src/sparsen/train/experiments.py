@@ -464,6 +464,8 @@ def stat_topk_bench(out, full: bool = False, progress: bool = True, model: str =
                       all(r["recall"] >= 0.95 for r in rows if r["dist"] == "gaussian" and r["d"] >= 512 and r["share"] == 0.08),
                   "recall >= 0.95 on Gaussian rows at d >= 512 (k/d >= 0.25)":
                       all(r["recall"] >= 0.95 for r in rows if r["dist"] == "gaussian" and r["d"] >= 512 and r["share"] >= 0.25),
+                  "statistical (hard) faster than torch.topk masking, forward + backward, at d >= 1024":
+                      all(r["speedup_hard"] > 1 for r in timed if r["d"] >= 1024),
                   "statistical (soft) faster than torch.topk masking, forward + backward, at d >= 1024":
                       all(r["speedup_soft"] > 1 for r in timed if r["d"] >= 1024)}}
     md = ["# Statistical vs exact top-k: recall of the exact top-k (hard threshold) and kept / k", "",
