@@ -221,8 +221,8 @@ def gating_theory(out, full: bool = False, progress: bool = True, **_) -> dict:
     from tqdm.auto import tqdm
 
     out = Path(out)
-    ns = [int(round(v)) for v in torch.logspace(3, 5, 7).tolist()] if full else [1000, 3000, 10000]
-    reps, steps = (20, 600) if full else (6, 200)
+    ns = [int(round(v)) for v in torch.logspace(3, 4.5, 7).tolist()] if full else [1000, 3000, 10000]
+    reps, steps = (10, 300) if full else (6, 200)
     gen = torch.Generator().manual_seed(0)
     results = {}
     for fit in tqdm(FITS, desc="gating theory", disable=not progress):
