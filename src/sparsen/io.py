@@ -44,6 +44,16 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return _atomic(path, write)
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig, path: str | os.PathLike) -> Path:
     """Save a matplotlib figure atomically as PNG and close it."""
     import matplotlib.pyplot as plt

@@ -46,5 +46,10 @@ def check(ok: bool, message: str) -> None:
         raise ConfigValueError(message)
 
 
+def config_json(cfg) -> dict:
+    """A config's fields as JSON values (tuples as lists)."""
+    return {f.name: (list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v) for f in dataclasses.fields(cfg)}
+
+
 def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)

@@ -74,9 +74,14 @@ class TopKRule:
         return x.scatter(-1, drop, 0.0)
 
 
+def normal_quantile(p: float) -> float:
+    """Phi^-1(p), the standard normal quantile."""
+    return float(torch.special.ndtri(torch.tensor(p, dtype=torch.float64)))
+
+
 def gaussian_z(sparsity: float) -> float:
     """Phi^-1((1 + s) / 2): |x| above z * rms(x) is kept by the statistical top-k at share s."""
-    return float(torch.special.ndtri(torch.tensor((1.0 + sparsity) / 2.0, dtype=torch.float64)))
+    return normal_quantile((1.0 + sparsity) / 2.0)
 
 
 class GaussianTopKRule:

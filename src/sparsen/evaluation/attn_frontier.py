@@ -195,12 +195,9 @@ def plot_attention_frontier(record: dict, out_dir) -> list:
     (attn_frontier_ppl.png)."""
     from pathlib import Path
 
-    import matplotlib
+    from sparsen.io import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from sparsen.io import save_figure
+    plt = pyplot()
 
     out_dir, paths = Path(out_dir), []
     if "tasks" in record:

@@ -242,12 +242,9 @@ def format_markdown(frontier: dict) -> str:
 
 
 def plot_frontier(frontier: dict, path) -> None:
-    import matplotlib
+    from sparsen.io import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from sparsen.io import save_figure
+    plt = pyplot()
 
     protocols = frontier["protocols"]
     fig, axes = plt.subplots(2, len(protocols), figsize=(6.5 * len(protocols), 9), squeeze=False)

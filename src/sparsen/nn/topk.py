@@ -10,10 +10,9 @@ through theta's mean and std), hard returns x where x > theta (the gradient reac
 
 from __future__ import annotations
 
-from statistics import NormalDist
-
 import torch
 
+from sparsen.core.rules import normal_quantile
 from sparsen.errors import SparsenError
 
 
@@ -34,11 +33,6 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
 def exact_topk(x: torch.Tensor, k: int) -> torch.Tensor:
     """x with all but each row's k largest entries zeroed."""
     return x * topk_mask(x, k)
-
-
-def normal_quantile(p: float) -> float:
-    """Phi^-1(p), the standard normal quantile."""
-    return NormalDist().inv_cdf(p)
 
 
 def statistical_threshold(x: torch.Tensor, k: int | None = None, sparsity: float | None = None) -> torch.Tensor:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sparsen.core.config import check, strict_config
+from sparsen.core.config import check, config_json, strict_config
 from sparsen.errors import SparsenError
 from sparsen.io import save_safetensors, write_json
 
@@ -77,7 +77,7 @@ class TrainConfig:
         return self.lr * ((1 - u) if self.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * u)))
 
     def to_json(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        return config_json(self)
 
 
 def _configs_json(sae, tcfg: TrainConfig) -> dict:

@@ -71,6 +71,7 @@ class TokenData:
         n_held = int(len(ids) * heldout_share)
         self.train_ids, self.heldout_ids = ids[:len(ids) - n_held], ids[len(ids) - n_held:]
         self.ctx, self.name, self.vocab_size, self.heldout_share = ctx, name, vocab_size, heldout_share
+        self._orders: dict[int, torch.Tensor] = {}  # seed -> the permutation of the training windows
         self.fingerprint = hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]
         if len(self.heldout_ids) < ctx + 1:
             raise SparsenError(f"'{name}' is too short: its held-out part has {len(self.heldout_ids)} tokens, fewer than "
@@ -90,8 +91,9 @@ class TokenData:
     def batch(self, step: int, batch: int, seed: int) -> torch.Tensor:
         """The windows of ``step`` [batch, ctx + 1]: a seeded permutation of all windows, read in order, so a resumed
         run draws exactly what an uninterrupted one would."""
-        order = torch.randperm(self.train_windows, generator=torch.Generator().manual_seed(seed))
-        idx = order[step * batch:(step + 1) * batch]
+        if seed not in self._orders:
+            self._orders[seed] = torch.randperm(self.train_windows, generator=torch.Generator().manual_seed(seed))
+        idx = self._orders[seed][step * batch:(step + 1) * batch]
         w = self.ctx + 1
         return torch.stack([self.train_ids[i * w:(i + 1) * w] for i in idx.tolist()])
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsen.errors import SparsenError
-from sparsen.io import save_figure, write_json, write_text
+from sparsen.io import pyplot, save_figure, write_json, write_text
 from sparsen.train.data import TokenData, load_data
 from sparsen.train.model import LMConfig, TinyLM
 from sparsen.train.trainer import ClassifyTask, LMTask, TrainConfig, build_model, load_trained, train
@@ -64,9 +64,7 @@ def _data(text: str, ctx: int) -> TokenData:
 def run_cached(out: Path, cfg: LMConfig, tcfg: TrainConfig, task, progress: bool, tag: str) -> dict:
     """Train (or read back) one run under OUT/runs/TAG-HASH; the hash covers the fields that differ from their
     defaults (so a field added later, at its default, keeps old runs' names) and the data's identity."""
-    key = json.dumps({"model": _non_default(cfg), "train": {k: v for k, v in _non_default(tcfg).items() if k != "threads"},
-                      "data": task.identity()}, sort_keys=True)
-    folder = out / "runs" / f"{tag}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    folder = out / "runs" / f"{tag}-{_run_key(model=cfg, train=tcfg, data=task.identity())}"
     done = folder / "train.json"
     summary = json.loads(done.read_text()) if done.is_file() else train(
         build_model(cfg, tcfg.seed), task, tcfg, folder, resume=True, progress=progress, desc=tag)
@@ -76,6 +74,13 @@ def run_cached(out: Path, cfg: LMConfig, tcfg: TrainConfig, task, progress: bool
 def _non_default(cfg) -> dict:
     fresh = type(cfg)().to_json()
     return {k: v for k, v in cfg.to_json().items() if fresh.get(k) != v}
+
+
+def _run_key(**parts) -> str:
+    """A run's cache name: a hash of its configs' non-default fields (threads aside) and the other parts as given."""
+    parts = {k: ({f: v for f, v in _non_default(p).items() if f != "threads"} if hasattr(p, "to_json") else p)
+             for k, p in parts.items()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _mean_ci(values) -> tuple[float, float]:
@@ -100,11 +105,7 @@ def _fmt(m: float, h: float, digits: int = 3) -> str:
 
 
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+    return pyplot()
 
 
 def _write(out: Path, name: str, result: dict, md: str, fig) -> None:
@@ -508,10 +509,8 @@ def _distill_run(out: Path, student_cfg: LMConfig, teacher_cfg: LMConfig, data: 
     student) with the teacher detached. Cached as OUT/runs/TAG/distill.json."""
     from tqdm.auto import tqdm
 
-    key = json.dumps({"student": _non_default(student_cfg), "teacher": _non_default(teacher_cfg),
-                      "train": {k: v for k, v in _non_default(tcfg).items() if k != "threads"}, "weight": weight,
-                      "data": LMTask(data).identity()}, sort_keys=True)
-    folder = out / "runs" / f"{tag}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    key = _run_key(student=student_cfg, teacher=teacher_cfg, train=tcfg, weight=weight, data=LMTask(data).identity())
+    folder = out / "runs" / f"{tag}-{key}"
     done = folder / "distill.json"
     if done.is_file():
         return json.loads(done.read_text())

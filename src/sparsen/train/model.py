@@ -7,12 +7,10 @@ Block: x + attn(norm(x)), then x + mlp(norm(x)); LayerNorm; rotary positions; th
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
-from sparsen.core.config import check, strict_config
+from sparsen.core.config import check, config_json, strict_config
 from sparsen.nn import MLP_KINDS, PATTERNS, Attention, AttentionConfig, build_mlp
 from sparsen.nn.topk import check_k
 
@@ -101,7 +99,7 @@ class LMConfig:
                                stride=self.attn_stride)
 
     def to_json(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        return config_json(self)
 
     @classmethod
     def from_json(cls, d: dict) -> LMConfig:

@@ -10,7 +10,7 @@ the final weights; ``OUT/train.json`` the summary.
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sparsen.core.config import check, strict_config
+from sparsen.core.config import check, config_json, strict_config
 from sparsen.errors import SparsenError
 from sparsen.io import save_safetensors, write_json
 from sparsen.nn import chunk_sparsity
@@ -70,7 +70,7 @@ class TrainConfig:
         return sorted(pts)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        return config_json(self)
 
 
 class LMTask:
@@ -113,6 +113,7 @@ class LMTask:
 
     @staticmethod
     def accuracy(logits, y) -> float:
+        """Top-1 accuracy (logits [..., classes], labels [...]): both tasks'."""
         return float((logits.argmax(-1) == y).float().mean())
 
 
@@ -142,16 +143,13 @@ class ClassifyTask:
 
     def identity(self) -> dict:
         h = torch.cat([self.x.flatten(), self.y]).numpy().tobytes()
-        import hashlib
         return {"task": "classify", "data": self.name, "fingerprint": hashlib.sha256(h).hexdigest()[:16]}
 
     @staticmethod
     def loss(logits, y):
         return F.cross_entropy(logits, y)
 
-    @staticmethod
-    def accuracy(logits, y) -> float:
-        return float((logits.argmax(-1) == y).float().mean())
+    accuracy = LMTask.accuracy
 
 
 @torch.no_grad()
@@ -275,8 +273,8 @@ def train(model: TinyLM, task, tcfg: TrainConfig, out=None, resume: bool = False
     bar = tqdm(total=tcfg.steps, initial=step, desc=desc, unit="step", disable=not progress)
     model.train()
     t0 = time.perf_counter()
-    x, y = task.batch(min(step, tcfg.steps - 1), tcfg)
     if step == 0 and not history:
+        x, y = task.batch(0, tcfg)
         history.append({"step": 0, "tokens": 0, **measure(model, task, x, y, tcfg)})
     end = min(stop_at, tcfg.steps) if stop_at else tcfg.steps
     while step < end:
