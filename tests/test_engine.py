@@ -309,7 +309,7 @@ def state(lm):
 
 
 @pytest.mark.parametrize("method", ["teal", "topk", "stat-topk", "rotate", "rotate:3", "rotate-wina", "rotate-topk",
-                                    "wina", "rsparse", "chess", "cats", "hand:gate_act", "hand:channel"])
+                                    "wina", "rsparse", "chess", "cats", "moefy", "hand:gate_act", "hand:channel"])
 def test_sparse_engine_equals_masked_dense_computation(method):
     source = load_model("tiny-llama")
     plan = method_plan(source, method)
@@ -327,7 +327,7 @@ def test_sparse_engine_equals_masked_dense_computation(method):
     assert engine.achieved()["overall"] > 0.1  # the plan really skips weights
 
 
-@pytest.mark.parametrize("method", ["teal", "cats", "wina"])
+@pytest.mark.parametrize("method", ["teal", "cats", "wina", "moefy"])
 def test_sparse_engine_on_tiny_gemma3(method):
     # gelu_tanh gate activations (CATS), the branch-output norms and QK-norm under masks
     plan = method_plan(tiny_gemma3(), method, cats=0.3)

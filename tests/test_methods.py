@@ -25,11 +25,13 @@ def applied(plan, lm, dense_prefix=0):
 
 
 TARGET = {"cats": 0.4}  # CATS sparsifies only up and down: it cannot reach 0.5 model-wide
+FIELDS = {"moefy": {"experts": 4}}  # tiny-llama's 160 MLP channels: 4 experts of 40
 
 
 @pytest.fixture(scope="module")
 def plans(tiny_llama):
-    return {m: calibrate(tiny_llama, m, TARGET.get(m, 0.5), CFG, progress=False) for m in method_names()}
+    return {m: calibrate(tiny_llama, m, TARGET.get(m, 0.5), CFG | FIELDS.get(m, {}), progress=False)
+            for m in method_names()}
 
 
 @pytest.fixture
@@ -40,7 +42,7 @@ def fresh_lm():
 @pytest.mark.parametrize("method", method_names())
 def test_sparsity_zero_reproduces_dense_logits(method):
     lm = load_model("tiny-llama")  # a fresh model: a rotation plan transforms the model it is applied to
-    plan = calibrate(lm, method, 0.0)
+    plan = calibrate(lm, method, 0.0, CFG | FIELDS.get(method, {}))
     x = torch.randint(0, 256, (1, 40))
     with torch.no_grad():
         dense = lm.model(x).logits
@@ -79,8 +81,9 @@ def test_achieved_sparsity_on_held_out_text_stays_near_target(plans, method):
     assert abs(sp.achieved()["overall"] - plan.target_sparsity) < HELD_OUT_BAND[method]
 
 
-# statistical top-k hits its target only on Gaussian inputs: tested on Gaussian rows below instead
-@pytest.mark.parametrize("method", [m for m in method_names() if m != "stat-topk"])
+# statistical top-k hits its target only on Gaussian inputs: tested on Gaussian rows below instead; moefy skips
+# whole experts, so it lands on a multiple of 1 / E of the MLP (tests/test_moefy.py)
+@pytest.mark.parametrize("method", [m for m in method_names() if m not in ("stat-topk", "moefy")])
 def test_achieved_sparsity_on_calibration_data_is_near_target(fresh_lm, plans, method):
     plan = plans[method]
     wins = corpus_windows(fresh_lm.tokenizer, CALIB_CORPUS, 256, 8)
@@ -147,6 +150,20 @@ def test_masked_forward_equals_hand_computed_masked_linear(fresh_lm, plans, meth
         assert 0.2 < 1 - keep.float().mean() < 0.98  # the mask really drops channels
         expected = ((a * keep) * (x @ W["up"].T)) @ W["down"].T
         sp.rules = {"layers.1.down": sp.rules["layers.1.down"]}  # isolate the MLP rule
+        with sp:
+            got = block.mlp(x)
+        assert torch.allclose(got, expected, atol=1e-5)
+        checked += 1
+    if down["rule"] == "experts":  # MoEfication: the router's k best experts' channels, by hand
+        W = {n: block.linears[n].weight for n in ("gate", "up", "down")}
+        key = down["experts"]
+        scores = x @ plan.tensors[key + ".router"].T + plan.tensors[key + ".bias"]
+        chosen = scores.argsort(-1, descending=True)[..., : down["k"]]
+        expert_of = plan.tensors[key + ".expert_of"].long()
+        keep = (expert_of[None, None, :, None] == chosen[..., None, :]).any(-1)
+        assert 0 < down["k"] < int(expert_of.max()) + 1 and keep.float().mean() == down["k"] / (int(expert_of.max()) + 1)
+        expected = ((torch.nn.functional.silu(x @ W["gate"].T) * keep) * (x @ W["up"].T)) @ W["down"].T
+        sp.rules = {"layers.1.down": sp.rules["layers.1.down"]}
         with sp:
             got = block.mlp(x)
         assert torch.allclose(got, expected, atol=1e-5)

@@ -18,7 +18,7 @@ _API = {
                     "Sparsifier", "config_for", "method_names", "Engine"),
     "sparsen.models": ("LoadedModel", "load_model"),
     "sparsen.methods": ("MethodConfig", "TealConfig", "CatsConfig", "ChessConfig", "WinaConfig", "RSparseConfig",
-                        "StatTopKConfig", "TopKConfig", "RotateConfig", "RotateWinaConfig", "RotateTopKConfig"),
+                        "StatTopKConfig", "TopKConfig", "RotateConfig", "RotateWinaConfig", "RotateTopKConfig", "MoefyConfig"),
 }
 _WHERE = {name: module for module, names in _API.items() for name in names}
 

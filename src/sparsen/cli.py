@@ -10,6 +10,8 @@ from pathlib import Path
 
 from sparsen.cli_circuits import add_parsers as add_circuits_parsers
 from sparsen.cli_circuits import cmd_circuits
+from sparsen.cli_moefy import add_parsers as add_moefy_parsers
+from sparsen.cli_moefy import cmd_moefy
 from sparsen.cli_sae import add_parsers as add_sae_parsers
 from sparsen.cli_sae import cmd_cache, cmd_sae
 from sparsen.cli_train import add_parsers as add_train_parsers
@@ -290,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sae_parsers(sub, _add_model, _positive_int)
     add_circuits_parsers(sub, _add_model, _positive_int)
     add_train_parsers(sub, _add_model, _positive_int)
+    add_moefy_parsers(sub, _add_model, _positive_int)
     return parser
 
 
@@ -679,7 +682,7 @@ def cmd_bench(args) -> None:
 COMMANDS = {"profile": cmd_profile, "eval": cmd_eval, "calibrate": cmd_calibrate, "frontier": cmd_frontier,
             "attn-eval": cmd_attn_eval, "attn-frontier": cmd_attn_frontier, "generate": cmd_generate, "bench": cmd_bench,
             "demo": cmd_demo, "cache": cmd_cache, "sae": cmd_sae,
-            "circuits": cmd_circuits, "train": cmd_train, "experiment": cmd_experiment}
+            "circuits": cmd_circuits, "train": cmd_train, "experiment": cmd_experiment, "moefy": cmd_moefy}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import torch
 
 from sparsen.core.accounting import Tally, achieved
 from sparsen.core.attention import AttnTally, BlockSelector, KVSelector, install
-from sparsen.core.rules import GateActRule, LowRankCompensated, ThresholdRule
+from sparsen.core.rules import ExpertRule, GateActRule, LowRankCompensated, ThresholdRule
 from sparsen.core.sites import SiteKind, model_sites
 
 INSTALLERS: dict[SiteKind, Callable] = {}
@@ -64,15 +64,21 @@ class Sparsifier:
             attn_site = self.sites[name].kind is SiteKind.ATTENTION
             if attn_site != isinstance(rule, (KVSelector, BlockSelector)):
                 raise KeyError(f"{name} takes {'a key selector' if attn_site else 'a linear rule'}")
-            if isinstance(rule, GateActRule) and not name.endswith(".down"):
-                raise KeyError(f"a gate-activation rule belongs on a 'down' site, not {name}")
+            if isinstance(rule, (GateActRule, ExpertRule)) and not name.endswith(".down"):
+                raise KeyError(f"a {'gate-activation' if isinstance(rule, GateActRule) else 'expert'} rule belongs on "
+                               f"a 'down' site, not {name}")
             mod = self.sites[name].module
+            if isinstance(rule, ExpertRule) and (rule.expert_of.numel() != mod.in_features or (
+                    rule.router is not None and rule.router.shape[1] != adapter.hidden_size)):
+                raise ValueError(f"experts for {name} ({rule.expert_of.numel()} channels, router input "
+                                 f"{None if rule.router is None else rule.router.shape[1]}) do not fit its MLP "
+                                 f"({mod.in_features} channels, hidden {adapter.hidden_size})")
             if isinstance(rule, LowRankCompensated) and (rule.A.shape[1], rule.B.shape[0]) != (mod.in_features,
                                                                                               mod.out_features):
                 raise ValueError(f"low-rank term for {name} does not fit its linear's shapes")
         self.params = {name: site.params for name, site in self.sites.items()}
         self.added_params = added_params + sum(r.added_params for r in self.rules.values()
-                                               if isinstance(r, LowRankCompensated))
+                                               if isinstance(r, (LowRankCompensated, ExpertRule)))
         self._dropped: dict[str, torch.Tensor] = {}
         self.reset_stats()
 
@@ -164,9 +170,10 @@ class Sparsifier:
 def install_linear_input(sp: Sparsifier, site, rule) -> list:
     """A pre-hook masks the linear's input; a gate-activation rule hooks gate's output instead; a low-rank term
     adds B A (dropped inputs) to the output in a forward hook."""
-    if isinstance(rule, GateActRule):
+    if isinstance(rule, (GateActRule, ExpertRule)):
         gate = sp.adapter.blocks[site.layer].linears["gate"]
-        return [gate.register_forward_hook(_gate_hook(sp, site.name, rule))]
+        hook = _gate_hook if isinstance(rule, GateActRule) else _expert_hook
+        return [gate.register_forward_hook(hook(sp, site.name, rule))]
     handles = [site.module.register_forward_pre_hook(_input_hook(sp, site.name, rule))]
     if isinstance(rule, LowRankCompensated):
         handles.append(site.module.register_forward_hook(_lowrank_hook(sp, site.name, rule)))
@@ -259,6 +266,39 @@ def _gate_hook(sp: Sparsifier, down_site: str, rule: GateActRule):
         keep = rule.keep(act(tail))
         skipped, n = int((~keep).sum()), keep.numel()
         for site in (up_site, down_site):
+            sp.tally.add(site, skipped, n)
+        tail = tail * keep
+        return torch.cat([g[..., :p, :], tail], dim=-2) if p > 0 else tail
+
+    return hook
+
+
+def _expert_hook(sp: Sparsifier, down_site: str, rule: ExpertRule):
+    """Forward hook on gate: zero g_j outside the token's k experts; counts gate's and up's skipped rows and down's
+    skipped inputs (a kernel reads all three only for the chosen experts)."""
+    prefix = down_site[: -len("down")]
+    block = sp.adapter.blocks[int(down_site.split(".")[1])]
+    act = sp.adapter.activation
+
+    def oracle_scores(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        up, down = block.linears["up"], block.linears["down"]
+        mid = act(g) * torch.nn.functional.linear(x, up.weight, up.bias)
+        out = torch.zeros(*mid.shape[:-1], rule.n_experts, dtype=mid.dtype, device=mid.device)
+        for e in range(rule.n_experts):
+            idx = (rule.expert_of == e).nonzero().squeeze(1)
+            out[..., e] = (mid[..., idx] @ down.weight[:, idx].T).norm(dim=-1)
+        return out
+
+    def hook(module, args, g):
+        if not sp.enabled:
+            return None
+        p = sp.dense_prefix
+        if p > 0 and g.shape[-2] <= p:
+            return None
+        tail, x = (g[..., p:, :], args[0][..., p:, :]) if p > 0 else (g, args[0])
+        keep = rule.keep(rule.scores(x) if rule.router is not None else oracle_scores(x, tail))
+        skipped, n = int((~keep).sum()), keep.numel()
+        for site in (prefix + "gate", prefix + "up", down_site):
             sp.tally.add(site, skipped, n)
         tail = tail * keep
         return torch.cat([g[..., :p, :], tail], dim=-2) if p > 0 else tail

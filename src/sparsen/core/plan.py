@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sparsen.core.attention import attention_rules
 from sparsen.core.hooks import Sparsifier
-from sparsen.core.rules import GateActRule, check_sparsity, rule_from_entry
+from sparsen.core.rules import ExpertRule, GateActRule, check_sparsity, rule_from_entry
 from sparsen.core.transforms import applied_key, get_transform
 from sparsen.errors import SparsenError
 from sparsen.io import write_json
@@ -95,8 +95,8 @@ class Plan:
                 get_transform(plan.transform).validate(plan.tensors)
             for site, entry in plan.sites.items():
                 rule = rule_from_entry(entry, plan.tensors)
-                if isinstance(rule, GateActRule) and not site.endswith(".down"):
-                    raise ValueError(f"gate_act rule on {site}: it belongs on a down site")
+                if isinstance(rule, (GateActRule, ExpertRule)) and not site.endswith(".down"):
+                    raise ValueError(f"{entry['rule']} rule on {site}: it belongs on a down site")
         except SparsenError:
             raise
         except (ValueError, TypeError, KeyError, AttributeError, json.JSONDecodeError, UnicodeDecodeError) as e:

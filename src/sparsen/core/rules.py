@@ -34,10 +34,12 @@ class RuleKind(IntEnum):
     TOPK = 2
     GAUSSIAN_TOPK = 3
     GATE_ACT = 4
+    EXPERTS = 5
 
 
 ENTRY_KINDS = {"dense": RuleKind.DENSE, "threshold": RuleKind.THRESHOLD, "channel_threshold": RuleKind.THRESHOLD,
-               "topk": RuleKind.TOPK, "gaussian_topk": RuleKind.GAUSSIAN_TOPK, "gate_act": RuleKind.GATE_ACT}
+               "topk": RuleKind.TOPK, "gaussian_topk": RuleKind.GAUSSIAN_TOPK, "gate_act": RuleKind.GATE_ACT,
+               "experts": RuleKind.EXPERTS}
 
 
 def check_sparsity(s: float) -> float:
@@ -124,6 +126,45 @@ class GateActRule:
         return a.abs() > self.threshold
 
 
+class ExpertRule:
+    """MoEfication: the MLP's intermediate channels split into E experts; per token a router picks k of them.
+
+    ``expert_of`` [I] names each channel's expert. With a learned router (``router`` [E, d], ``bias`` [E]) the
+    scores are ``router @ x + bias`` on the MLP's (normed) input x, so gate, up and down are all read only for the
+    chosen experts' channels; ``router`` None is the oracle: each expert scored by the norm of its exact
+    contribution to the MLP output (it needs the dense MLP, so it bounds quality and saves nothing). Installed on a
+    block's ``down`` site; it zeroes gate's output on the other channels (act(0) = 0). k = E is the dense MLP.
+    """
+
+    kind = RuleKind.EXPERTS
+
+    def __init__(self, k: int, expert_of: torch.Tensor, router: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None):
+        self.expert_of = expert_of.long()
+        self.n_experts = int(self.expert_of.max()) + 1
+        if not 1 <= k <= self.n_experts:
+            raise ValueError(f"expert rule with k = {k} of {self.n_experts} experts")
+        if router is not None and (router.dim() != 2 or router.shape[0] != self.n_experts
+                                   or (bias is not None and bias.shape != (self.n_experts,))):
+            raise ValueError(f"router of shape {tuple(router.shape)} for {self.n_experts} experts")
+        self.k, self.router, self.bias = int(k), router, bias
+
+    def keep(self, scores: torch.Tensor) -> torch.Tensor:
+        """The kept channels [..., I], given expert scores [..., E]: the channels of the k best experts."""
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(self.k, dim=-1).indices, True)
+        return chosen[..., self.expert_of]
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The learned router's expert scores [..., E] of MLP inputs x [..., d]."""
+        s = x @ self.router.to(x.dtype).T
+        return s + self.bias.to(x.dtype) if self.bias is not None else s
+
+    @property
+    def added_params(self) -> int:
+        """Router weights read per token (charged against the sparsity; none when every expert is read)."""
+        return 0 if self.router is None or self.k == self.n_experts else self.router.numel()
+
+
 class LowRankCompensated:
     """R-Sparse (Zhang et al., ICLR 2025): a rule's dropped inputs still reach the output, through a rank-r
     approximation of the weight: y = W (x * m) + B A (x * (1 - m)), with A [r, in] and B [out, r] from the
@@ -169,6 +210,17 @@ def rule_from_entry(entry: dict, tensors: dict | None = None):
         return ThresholdRule(_entry_threshold(entry, tensors))
     if kind == "gate_act":
         return GateActRule(_entry_threshold(entry, tensors))
+    if kind == "experts":
+        key = entry["experts"]
+        expert_of = tensors.get(f"{key}.expert_of")
+        if expert_of is None or expert_of.dim() != 1:
+            raise ValueError(f"expert assignment '{key}.expert_of' is missing from the plan's tensors")
+        if entry.get("router") == "oracle":
+            return ExpertRule(int(entry["k"]), expert_of)
+        router = tensors.get(f"{key}.router")
+        if router is None:
+            raise ValueError(f"router '{key}.router' is missing from the plan's tensors")
+        return ExpertRule(int(entry["k"]), expert_of, router, tensors.get(f"{key}.bias"))
     if kind == "topk":
         return TopKRule(float(entry["sparsity"]))
     if kind == "gaussian_topk":

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from sparsen.core.rules import (
+    ExpertRule,
     GateActRule,
     GaussianTopKRule,
     LowRankCompensated,
@@ -32,7 +33,7 @@ from sparsen.errors import SparsenError
 from sparsen.models.adapters import LINEAR_NAMES
 from sparsen.models.loading import stop_ids  # noqa: F401  (engine.stop_ids, as before)
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 """must equal SP_ABI_VERSION in kernels/sparsen.h (bumped with any change to the structs below)"""
 DTYPES = ("fp32", "bf16")
 KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}  # the KV cache's storage (fp16: IEEE half)
@@ -55,7 +56,8 @@ class Layer(ctypes.Structure):  # sp_layer
     _fields_ = [("w", _p * N_LIN), ("bias", _p * N_LIN), ("attn_norm", _p), ("mlp_norm", _p), ("attn_out_norm", _p),
                 ("mlp_out_norm", _p), ("q_norm", _p), ("k_norm", _p), ("basis", _p), ("rope_cos", _p),
                 ("rope_sin", _p), ("window", _i), ("attn_select", _i), ("rule", Rule * N_LIN), ("lr_a", _p * N_LIN),
-                ("lr_b", _p * N_LIN), ("lr_rank", _i * N_LIN)]
+                ("lr_b", _p * N_LIN), ("lr_rank", _i * N_LIN), ("router", _p), ("router_bias", _p), ("experts", _p),
+                ("n_experts", _i), ("expert_size", _i), ("top_k", _i)]
 
 
 class Model(ctypes.Structure):  # sp_model
@@ -182,6 +184,11 @@ def _c_rule(rule, n_in: int, site: str) -> tuple[int, float, np.ndarray | None]:
         if thr.shape != (n_in,):
             raise SparsenError(f"the plan's thresholds for {site} have shape {thr.shape}, not ({n_in},): recalibrate")
         return rule.kind, 0.0, thr
+    if isinstance(rule, ExpertRule):
+        if rule.router is None:
+            raise SparsenError(f"the engine cannot run the oracle router on {site} (it needs the dense MLP): evaluate "
+                               "it with `sparsen eval`, or calibrate moefy with its linear router")
+        return rule.kind, 0.0, None
     if isinstance(rule, TopKRule):
         return rule.kind, float(rule.sparsity), None
     if isinstance(rule, GaussianTopKRule):
@@ -348,19 +355,25 @@ class Engine:
             L = layers[b.index]
             entries = {n: sites.get(f"layers.{b.index}.{n}") for n in LINEAR_NAMES}
             rules = {n: rule_from_entry(e, tensors) if e is not None else None for n, e in entries.items()}
-            gate_act = isinstance(rules["down"], GateActRule)
+            gate_act, experts = isinstance(rules["down"], GateActRule), isinstance(rules["down"], ExpertRule)
             if gate_act and rules["up"] is not None:
                 raise SparsenError(f"the plan has a rule on layers.{b.index}.up beside the gate-activation rule on its "
                                    "down (the engine reads up by the active rows): recalibrate")
+            if experts and (rules["up"] is not None or rules["gate"] is not None):
+                raise SparsenError(f"the plan has a rule on layers.{b.index}.gate or up beside the experts rule on its "
+                                   "down (the engine reads both by the routed rows): recalibrate")
+            if experts and (b.linears["gate"].bias is not None or b.linears["up"].bias is not None):
+                raise SparsenError("the engine's routed experts read gate and up without biases, which this model has")
             for j, n in enumerate(LINEAR_NAMES):
                 lin, site = b.linears[n], f"layers.{b.index}.{n}"
-                rows = n == "up" and gate_act
+                rows = (n == "up" and gate_act) or (n in ("gate", "up") and experts)
                 L.w[j] = keep(weight_array(lin.weight if rows else lin.weight.T, dtype))
                 L.bias[j] = keep(_f32(lin.bias)) if lin.bias is not None else None
                 n_in = self.inter if isinstance(rules[n], GateActRule) else lin.in_features
                 kind, param, thr = _c_rule(rules[n], n_in, site)
-                if kind == RuleKind.GATE_ACT and n != "down":
-                    raise SparsenError(f"the plan puts a gate_act rule on {site}: it belongs on a down site; recalibrate")
+                if kind in (RuleKind.GATE_ACT, RuleKind.EXPERTS) and n != "down":
+                    raise SparsenError(f"the plan puts a {kind.name.lower()} rule on {site}: it belongs on a down site; "
+                                       "recalibrate")
                 L.rule[j].kind, L.rule[j].param, L.rule[j].thr = int(kind), param, keep(thr)
                 if plan is not None and plan.hold == "prompt" and type(rules[n]) is ThresholdRule:
                     self._held[site] = (thr, thr.copy())  # the array C reads, and the calibrated thresholds
@@ -370,6 +383,15 @@ class Engine:
                     L.lr_rank[j] = A.shape[0]
                 prev = {"k": "q", "v": "k", "up": "gate"}.get(n)
                 L.rule[j].same_as_prev = int(prev is not None and entries[n] == entries[prev])
+            if experts:  # each expert's channels, ascending, expert after expert
+                r = rules["down"]
+                lists = [torch.nonzero(r.expert_of == e).squeeze(1) for e in range(r.n_experts)]
+                if len({len(x) for x in lists}) != 1:
+                    raise SparsenError(f"the experts of layers.{b.index} differ in size: the engine needs equal experts")
+                L.experts = keep(np.ascontiguousarray(torch.cat(lists).numpy(), dtype=np.int32))
+                L.router = keep(_f32(r.router))
+                L.router_bias = keep(_f32(r.bias)) if r.bias is not None else None
+                L.n_experts, L.expert_size, L.top_k = r.n_experts, len(lists[0]), r.k
             L.attn_norm, L.mlp_norm = keep(_f32(ad.norm_gain(b.attn_norm))), keep(_f32(ad.norm_gain(b.mlp_norm)))
             for field in ("attn_out_norm", "mlp_out_norm", "q_norm", "k_norm"):
                 norm = getattr(b, field)

@@ -5,6 +5,7 @@ from sparsen.methods import attention  # noqa: F401  (registers the key-selectio
 from sparsen.methods.cats import CatsConfig
 from sparsen.methods.chess import ChessConfig
 from sparsen.methods.config import ALLOCATIONS, AllocatedConfig, MethodConfig, RotationConfig
+from sparsen.methods.moefy import MoefyConfig
 from sparsen.methods.registry import calibrate, config_for, get_method, method_names
 from sparsen.methods.rotation import RotateConfig, RotateTopKConfig, RotateWinaConfig
 from sparsen.methods.rsparse import RSparseConfig
@@ -13,6 +14,7 @@ from sparsen.methods.teal import TealConfig
 from sparsen.methods.topk import TopKConfig
 from sparsen.methods.wina import WinaConfig
 
-__all__ = ["ALLOCATIONS", "AllocatedConfig", "MethodConfig", "RotationConfig", "CatsConfig", "ChessConfig", "RotateConfig",
+__all__ = ["ALLOCATIONS", "AllocatedConfig", "MethodConfig", "RotationConfig", "CatsConfig", "ChessConfig", "MoefyConfig",
+           "RotateConfig",
            "RotateTopKConfig", "RotateWinaConfig", "RSparseConfig", "StatTopKConfig", "TealConfig", "TopKConfig",
            "WinaConfig", "calibrate", "config_for", "get_method", "method_names"]

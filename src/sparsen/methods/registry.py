@@ -30,10 +30,11 @@ class Method:
 
 
 def _methods() -> dict[str, Method]:
-    from sparsen.methods import cats, chess, rotation, rsparse, stat_topk, teal, topk, wina
+    from sparsen.methods import cats, chess, moefy, rotation, rsparse, stat_topk, teal, topk, wina
 
     return {m.name: m for m in (teal.METHOD, cats.METHOD, chess.METHOD, wina.METHOD, stat_topk.METHOD, topk.METHOD,
-                                rsparse.METHOD, rotation.METHOD, rotation.METHOD_WEIGHTED, rotation.METHOD_TOPK)}
+                                rsparse.METHOD, rotation.METHOD, rotation.METHOD_WEIGHTED, rotation.METHOD_TOPK,
+                                moefy.METHOD)}
 
 
 def method_names() -> list[str]:

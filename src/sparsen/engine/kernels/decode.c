@@ -53,6 +53,31 @@ static int check_attn(const sp_model *M) {
     return SP_OK;
 }
 
+static int max_experts(const sp_model *M) {
+    int e = 0;
+    for (int l = 0; l < M->n_layers; l++)
+        if (M->layers[l].rule[SP_DOWN].kind == SP_RULE_EXPERTS && M->layers[l].n_experts > e) e = M->layers[l].n_experts;
+    return e;
+}
+
+/* An experts rule's router, sizes and channel lists (each channel of [0, inter) in exactly one expert). */
+static int check_experts(const sp_model *M, const sp_layer *L) {
+    if (!L->router || !L->experts || L->n_experts < 1 || L->expert_size < 1 || L->top_k < 1 ||
+        L->top_k > L->n_experts || (long)L->n_experts * L->expert_size != M->inter)
+        return SP_ERR_RULE;
+    if (L->rule[SP_GATE].kind != SP_RULE_DENSE || L->rule[SP_UP].kind != SP_RULE_DENSE) return SP_ERR_RULE;
+    unsigned char *seen = calloc((size_t)M->inter, 1);
+    if (!seen) return SP_ERR_NOMEM;
+    int st = SP_OK;
+    for (int i = 0; i < M->inter && st == SP_OK; i++) {
+        const int ch = L->experts[i];
+        if (ch < 0 || ch >= M->inter || seen[ch]) st = SP_ERR_RULE;
+        else seen[ch] = 1;
+    }
+    free(seen);
+    return st;
+}
+
 static int max_rank(const sp_model *M) {
     int r = 0;
     for (int l = 0; l < M->n_layers; l++)
@@ -78,11 +103,15 @@ int sp_check_model(const sp_model *M) {
         for (int j = 0; j < SP_N_LIN; j++) {
             const sp_rule *r = &L->rule[j];
             if (!L->w[j]) return SP_ERR_SHAPE;
-            if (r->kind < SP_RULE_DENSE || r->kind > SP_RULE_GATE_ACT) return SP_ERR_RULE;
-            if (r->kind == SP_RULE_GATE_ACT && j != SP_DOWN) return SP_ERR_RULE;
+            if (r->kind < SP_RULE_DENSE || r->kind > SP_RULE_EXPERTS) return SP_ERR_RULE;
+            if ((r->kind == SP_RULE_GATE_ACT || r->kind == SP_RULE_EXPERTS) && j != SP_DOWN) return SP_ERR_RULE;
             if ((r->kind == SP_RULE_THRESHOLD || r->kind == SP_RULE_GATE_ACT) && !r->thr) return SP_ERR_RULE;
             if (!L->lr_a[j] != !L->lr_b[j] || (L->lr_a[j] && L->lr_rank[j] < 1)) return SP_ERR_SHAPE;
             if (L->lr_a[j] && r->kind != SP_RULE_THRESHOLD) return SP_ERR_RULE;
+        }
+        if (L->rule[SP_DOWN].kind == SP_RULE_EXPERTS) {
+            const int st = check_experts(M, L);
+            if (st != SP_OK) return st;
         }
     }
     return check_attn(M);
@@ -127,6 +156,7 @@ static size_t layout(sp_workspace *ws, char *base) {
     ws->lr_t = carve(base, &off, F * (ws->max_rank + 1));
     ws->lr_y = carve(base, &off, F * wide);
     ws->gate_act = carve(base, &off, N * I);
+    ws->expert_scores = carve(base, &off, F * (ws->max_experts + 1));
     ws->iota = carve(base, &off, N * (wide > ws->max_rank ? wide : ws->max_rank));
     ws->thr = carve(base, &off, sizeof(sp_thread) * nt);
     for (int t = 0; t < nt; t++) {
@@ -164,6 +194,7 @@ sp_workspace *sp_workspace_create(const sp_model *M, int n_threads, int *status)
     if (dq > ws->wide) ws->wide = dq;
     ws->stride = (ws->wide + 15) / 16 * 16;
     ws->max_rank = max_rank(M);
+    ws->max_experts = max_experts(M);
     if (M->attn) ws->sel_heads = M->attn->sel_heads, ws->rank = M->attn->rank, ws->max_pages = M->attn->max_pages;
     const size_t bytes = layout(ws, NULL);
     ws->arena = aligned_alloc(64, bytes);
@@ -192,7 +223,7 @@ int sp_decode_step(const sp_model *M, sp_workspace *ws, int pos, int token, floa
     if (token < 0 || token >= M->vocab) return SP_ERR_TOKEN;
     if (ws->d != M->d || ws->inter != M->inter || ws->n_heads != M->n_heads || ws->n_kv != M->n_kv ||
         ws->head_dim != M->head_dim || ws->max_seq != M->max_seq || ws->n_layers != M->n_layers ||
-        ws->max_rank < max_rank(M) || (M->attn && (ws->sel_heads != M->attn->sel_heads || ws->rank < M->attn->rank)))
+        ws->max_rank < max_rank(M) || ws->max_experts < max_experts(M) || (M->attn && (ws->sel_heads != M->attn->sel_heads || ws->rank < M->attn->rank)))
         return SP_ERR_THREADS;
     const int d = M->d;
     const float *e = M->embed + (size_t)token * d;

@@ -64,8 +64,10 @@ struct sp_workspace {
     int *kept;         /* [n_kv] keys read per KV head (union over its selection heads) */
     float *part;       /* [2, n_threads, stride] GEMV partial sums, two alternating sets */
     float *lr_t, *lr_y;/* [max_rank], [wide] R-Sparse: A x_dropped, then B of it */
-    int *gate_act;     /* [inter] active MLP channels under a gate-activation rule */
+    int *gate_act;     /* [inter] active MLP channels under a gate-activation or experts rule */
     int n_gate_act;
+    float *expert_scores; /* [max_experts] the router's scores of one token */
+    int max_experts;
     int *iota;         /* [wide] 0, 1, 2, ...: every channel active */
     sp_thread *thr;    /* [n_threads] */
     void *arena;       /* the one allocation every buffer above lives in */

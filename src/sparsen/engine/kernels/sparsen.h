@@ -6,7 +6,7 @@
  *
  * Layouts: every block linear is stored transposed, W^T [in, out], so input channel i is one contiguous row and
  * skipping it skips its bytes (never a gather + matmul). Under a gate-activation rule up is kept as [out, in]
- * rows and only the active rows are dotted. lm_head is [vocab, d] rows, dotted, split over the vocabulary.
+ * rows and only the active rows are dotted; under an experts rule gate and up both are. lm_head is [vocab, d] rows, dotted, split over the vocabulary.
  * Weights are fp32 or bf16 (uint16, widened in the kernel). Norm gains, biases, embeddings: fp32. The KV cache is
  * fp32 or IEEE half (converted in the kernels).
  *
@@ -19,11 +19,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define SP_ABI_VERSION 4
+#define SP_ABI_VERSION 5
 #define SP_CODE_TILE 64 /* keys per tile of the int8 label cache (sp_attn.codes) */
 
 /* Rule kinds, numbered as sparsen.core.rules.RuleKind (checked at load time through sp_rule_kinds()). */
-#define SP_RULE_KINDS(X) X(DENSE, 0) X(THRESHOLD, 1) X(TOPK, 2) X(GAUSSIAN_TOPK, 3) X(GATE_ACT, 4)
+#define SP_RULE_KINDS(X) X(DENSE, 0) X(THRESHOLD, 1) X(TOPK, 2) X(GAUSSIAN_TOPK, 3) X(GATE_ACT, 4) X(EXPERTS, 5)
 #define SP_RULE_ENUM(name, value) SP_RULE_##name = value,
 enum rule_kind { SP_RULE_KINDS(SP_RULE_ENUM) };
 #undef SP_RULE_ENUM
@@ -50,19 +50,21 @@ enum sp_status {
     SP_ERR_HEADS = -4,     /* n_heads is not a multiple of n_kv */
     SP_ERR_NOMEM = -5,     /* a workspace allocation failed */
     SP_ERR_THREADS = -6,   /* the workspace was made for fewer threads than the team, or for another model */
-    SP_ERR_RULE = -7,      /* an unknown rule kind, a gate_act rule off down, a rule without its thresholds */
+    SP_ERR_RULE = -7,      /* an unknown rule kind, a gate_act or experts rule off down, a rule without its
+                            * thresholds, an experts rule without its router or with bad sizes */
     SP_ERR_ATTN = -8,      /* an attention selection with an unknown method, bad sizes or a missing state buffer */
 };
 
 typedef struct {
-    int kind;          /* enum rule_kind, on this linear's input (SP_RULE_GATE_ACT only on down) */
+    int kind;          /* enum rule_kind, on this linear's input (SP_RULE_GATE_ACT, SP_RULE_EXPERTS only on down) */
     int same_as_prev;  /* this linear's input mask equals the previous linear's (k after q, v after k, up after gate) */
     float param;       /* TOPK: share dropped; GAUSSIAN_TOPK: z = Phi^-1((1+s)/2) */
     const float *thr;  /* per-input-channel thresholds (THRESHOLD, GATE_ACT) */
 } sp_rule;
 
 typedef struct {
-    const void *w[SP_N_LIN];      /* W^T [in, out]; up under a gate_act rule on down: W [out, in] */
+    const void *w[SP_N_LIN];      /* W^T [in, out]; up under a gate_act rule on down, gate and up under an experts
+                                   * rule: W [out, in] */
     const float *bias[SP_N_LIN];  /* [out] or NULL */
     const float *attn_norm;       /* gain [d] of the norm before attention */
     const float *mlp_norm;        /* gain [d] of the norm before the MLP */
@@ -79,6 +81,12 @@ typedef struct {
      * (rows of dropped channels are read) and B^T [rank, out], in the weights' dtype */
     const void *lr_a[SP_N_LIN], *lr_b[SP_N_LIN];
     int lr_rank[SP_N_LIN];
+    /* MoEfication (an SP_RULE_EXPERTS rule on down): the router R [n_experts, d] fp32 and its bias [n_experts] (or
+     * NULL) score the experts on the MLP's normed input; the top_k best are read. Expert e's channels are
+     * experts[e * expert_size ... (e + 1) * expert_size), ascending; n_experts * expert_size = inter. */
+    const float *router, *router_bias;
+    const int *experts;
+    int n_experts, expert_size, top_k;
 } sp_layer;
 
 /* Decode-time KV selection on the layers with attn_select (sparsen/core/attention.py states the protocol): on a
