@@ -142,3 +142,24 @@ def test_engine_reads_only_the_routed_experts_and_refuses_the_oracle(tiny_llama)
     oracle = calibrate(tiny_llama, config_for("moefy", sparsity=0.3, router="oracle", **FIELDS), progress=False)
     with pytest.raises(SparsenError, match="cannot run the oracle router"):
         Engine(tiny_llama, oracle, max_seq=32)
+
+
+def test_cli_moefy_writes_the_table_plot_and_json(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "m"
+    main(["moefy", "--model", "tiny-llama", "--experts", "4", "--ks", "2,4", "--contiguous-ks", "2", "--windows", "2",
+          "--tokens", "1024", "--rounds", "1", "--new-tokens", "4", "--out", str(out), "--quiet"])
+    res = json.loads((out / "moefy.json").read_text())
+    names = [r["name"] for r in res["quality"]["rows"]]
+    assert names == ["moefy k=2", "moefy-oracle k=2", "moefy k=4", "moefy-oracle k=4", "moefy-contiguous k=2",
+                     "teal-mlp L=0.5", "cats L=0.5"]
+    by = {r["name"]: r for r in res["quality"]["rows"]}
+    assert by["moefy k=4"]["kl"] == 0 and by["moefy k=4"]["ppl"] == pytest.approx(res["quality"]["dense"]["ppl"])
+    for name in ("moefy k=2", "teal-mlp L=0.5", "cats L=0.5"):  # equal MLP bytes skipped, as compared
+        assert by[name]["mlp_skipped"] == pytest.approx(0.5, abs=0.03)
+    assert set(res["bench"]["engines"]) == {"dense", *[n for n in names if "oracle" not in n]}
+    assert (out / "moefy.png").stat().st_size > 10_000 and "| moefy k=2 | 2 |" in (out / "moefy.md").read_text()
+    assert main(["moefy", "--model", "tiny-llama", "--experts", "4", "--ks", "5", "--contiguous-ks", "2", "--out",
+                 str(tmp_path / "bad"), "--quiet"]) == 2
+    assert "take experts per token from 1 to 4" in capsys.readouterr().err and not (tmp_path / "bad").exists()
