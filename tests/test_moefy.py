@@ -160,6 +160,7 @@ def test_cli_moefy_writes_the_table_plot_and_json(tmp_path, capsys):
         assert by[name]["mlp_skipped"] == pytest.approx(0.5, abs=0.03)
     assert set(res["bench"]["engines"]) == {"dense", *[n for n in names if "oracle" not in n]}
     assert (out / "moefy.png").stat().st_size > 10_000 and "| moefy k=2 | 2 |" in (out / "moefy.md").read_text()
+    assert Plan.load(out / "plans" / "moefy_k2.json").params["k"] == 2  # the plans it evaluated, for eval / bench
     assert main(["moefy", "--model", "tiny-llama", "--experts", "4", "--ks", "5", "--contiguous-ks", "2", "--out",
                  str(tmp_path / "bad"), "--quiet"]) == 2
     assert "take experts per token from 1 to 4" in capsys.readouterr().err and not (tmp_path / "bad").exists()

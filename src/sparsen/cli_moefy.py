@@ -28,7 +28,7 @@ def add_parsers(sub, add_model, positive_int) -> None:
                                    "(one calibration), then evaluate perplexity / KL for every k in --ks (decode "
                                    "protocol), with the oracle router, the unclustered split and TEAL / CATS on the "
                                    "MLP at the same MLP bytes skipped; time the engine on each. Writes moefy.json, "
-                                   "moefy.md and moefy.png to --out.")
+                                   "moefy.md, moefy.png and every plan (plans/) to --out.")
     add_model(p)
     p.add_argument("--experts", type=positive_int, default=16, help="experts per MLP (default 16)")
     p.add_argument("--ks", type=_ks, default=(4, 6, 8, 10, 12, 14, 16), help="experts per token (default 4,...,16)")
@@ -37,8 +37,8 @@ def add_parsers(sub, add_model, positive_int) -> None:
     p.add_argument("--windows", type=positive_int, default=40, help="WikiText-2 test windows (default 40)")
     p.add_argument("--tokens", type=positive_int, default=16384, help="calibration tokens (default 16384)")
     p.add_argument("--no-bench", action="store_true", help="quality only: no engine timing")
-    p.add_argument("--rounds", type=positive_int, default=3, help="interleaved timing rounds (default 3)")
-    p.add_argument("--new-tokens", type=positive_int, default=64, help="decoded tokens per timing (default 64)")
+    p.add_argument("--rounds", type=positive_int, default=5, help="interleaved timing rounds (default 5)")
+    p.add_argument("--new-tokens", type=positive_int, default=128, help="decoded tokens per timing (default 128)")
     p.add_argument("--threads", type=positive_int, default=2, help="engine threads (default 2)")
     p.add_argument("--out", default="moefy", metavar="DIR", help="output folder (default ./moefy)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -46,7 +46,8 @@ def add_parsers(sub, add_model, positive_int) -> None:
 
 def bench(lm, rows: list[dict], rounds: int, new_tokens: int, threads: int, progress: bool = True) -> dict:
     """Engine decode tokens/s of dense and every routed / neuron-level configuration (interleaved rounds, medians),
-    with the bytes bound of what each configuration skipped."""
+    with the bytes bound of what each configuration skipped. The speedup is the median over rounds of each round's
+    ratio to that round's dense run (the machine's speed drifts between rounds more than between neighbours)."""
     import statistics
 
     from sparsen.data import corpus_windows
@@ -73,7 +74,7 @@ def bench(lm, rows: list[dict], rounds: int, new_tokens: int, threads: int, prog
         achieved = e.achieved()["overall"] if name != "dense" else 0.0
         tok_s = statistics.median(runs[name])
         out[name] = {"tok_s": tok_s, "raw": runs[name], "achieved": achieved,
-                     "speedup": tok_s / statistics.median(runs["dense"]),
+                     "speedup": statistics.median(v / d for v, d in zip(runs[name], runs["dense"])),
                      "bound_speedup": dense_bytes / bytes_per_token(engines["dense"], achieved, context)}
     return {"prompt_tokens": len(ids), "new_tokens": new_tokens, "rounds": rounds, "threads": threads,
             "weights_dtype": "fp32", "engines": out}
@@ -156,6 +157,8 @@ def cmd_moefy(args) -> None:
         res["bench"] = bench(lm, rows, args.rounds, args.new_tokens, args.threads, progress)
         res["seconds"]["bench"] = time.perf_counter() - t0 - t_cal - t_eval
     out.mkdir(parents=True, exist_ok=True)
+    for r in rows:  # every plan, for `sparsen eval` / `sparsen bench --plan` (the oracle's too: eval only)
+        r["plan"].save(out / "plans" / (r["name"].replace(" ", "_").replace("=", "") + ".json"))
     write_json(out / "moefy.json", res)
     md = _markdown(res)
     (out / "moefy.md").write_text(md)

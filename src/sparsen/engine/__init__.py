@@ -364,10 +364,20 @@ class Engine:
                                    "down (the engine reads both by the routed rows): recalibrate")
             if experts and (b.linears["gate"].bias is not None or b.linears["up"].bias is not None):
                 raise SparsenError("the engine's routed experts read gate and up without biases, which this model has")
+            order = None
+            if experts:  # the MLP's channels stored expert after expert: a routed expert is one run of rows
+                r = rules["down"]
+                lists = [torch.nonzero(r.expert_of == e).squeeze(1) for e in range(r.n_experts)]
+                if len({len(x) for x in lists}) != 1:
+                    raise SparsenError(f"the experts of layers.{b.index} differ in size: the engine needs equal experts")
+                order = torch.cat(lists)
             for j, n in enumerate(LINEAR_NAMES):
                 lin, site = b.linears[n], f"layers.{b.index}.{n}"
                 rows = (n == "up" and gate_act) or (n in ("gate", "up") and experts)
-                L.w[j] = keep(weight_array(lin.weight if rows else lin.weight.T, dtype))
+                w = lin.weight if rows else lin.weight.T
+                if order is not None and n in ("gate", "up", "down"):
+                    w = w[order]  # gate, up: their rows; down: the rows of W^T (its input channels)
+                L.w[j] = keep(weight_array(w, dtype))
                 L.bias[j] = keep(_f32(lin.bias)) if lin.bias is not None else None
                 n_in = self.inter if isinstance(rules[n], GateActRule) else lin.in_features
                 kind, param, thr = _c_rule(rules[n], n_in, site)
@@ -383,12 +393,8 @@ class Engine:
                     L.lr_rank[j] = A.shape[0]
                 prev = {"k": "q", "v": "k", "up": "gate"}.get(n)
                 L.rule[j].same_as_prev = int(prev is not None and entries[n] == entries[prev])
-            if experts:  # each expert's channels, ascending, expert after expert
-                r = rules["down"]
-                lists = [torch.nonzero(r.expert_of == e).squeeze(1) for e in range(r.n_experts)]
-                if len({len(x) for x in lists}) != 1:
-                    raise SparsenError(f"the experts of layers.{b.index} differ in size: the engine needs equal experts")
-                L.experts = keep(np.ascontiguousarray(torch.cat(lists).numpy(), dtype=np.int32))
+            if experts:  # in the stored order expert e's channels are e * size ... (e + 1) * size - 1
+                L.experts = keep(np.arange(self.inter, dtype=np.int32))
                 L.router = keep(_f32(r.router))
                 L.router_bias = keep(_f32(r.bias)) if r.bias is not None else None
                 L.n_experts, L.expert_size, L.top_k = r.n_experts, len(lists[0]), r.k

@@ -66,11 +66,37 @@ void sp_gemv_reduce(int ith, int nth, int out, const float *part, int stride, fl
     }
 }
 
-/* y[r] = dot(W[r, :], x) for the rows r listed in rows[r0:r1] (or r in [r0, r1) when rows is NULL). */
+/* y[r] = dot(W[r, :], x) for the rows r listed in rows[r0:r1] (or r in [r0, r1) when rows is NULL). Four rows at
+ * a time: one row's sum is a single chain of dependent FMAs (latency-bound, ~4x below the FMA throughput at d = 576),
+ * four rows give four independent chains and read x once for them. */
 void sp_dot_rows(const void *w, int wbf16, int in, const float *restrict x, const int *rows, int r0, int r1,
                  float *restrict y) {
     SP_ASSERT(in > 0 && r0 <= r1);
-    for (int a = r0; a < r1; a++) {
+    int a = r0;
+    for (; a + 4 <= r1; a += 4) {
+        int r[4];
+        for (int q = 0; q < 4; q++) r[q] = rows ? rows[a + q] : a + q;
+        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+        if (wbf16) {
+            const uint16_t *restrict w0 = (const uint16_t *)w + (size_t)r[0] * in, *restrict w1 = (const uint16_t *)w + (size_t)r[1] * in;
+            const uint16_t *restrict w2 = (const uint16_t *)w + (size_t)r[2] * in, *restrict w3 = (const uint16_t *)w + (size_t)r[3] * in;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+            for (int i = 0; i < in; i++) {
+                const float xi = x[i];
+                s0 += sp_bf16(w0[i]) * xi, s1 += sp_bf16(w1[i]) * xi, s2 += sp_bf16(w2[i]) * xi, s3 += sp_bf16(w3[i]) * xi;
+            }
+        } else {
+            const float *restrict w0 = (const float *)w + (size_t)r[0] * in, *restrict w1 = (const float *)w + (size_t)r[1] * in;
+            const float *restrict w2 = (const float *)w + (size_t)r[2] * in, *restrict w3 = (const float *)w + (size_t)r[3] * in;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+            for (int i = 0; i < in; i++) {
+                const float xi = x[i];
+                s0 += w0[i] * xi, s1 += w1[i] * xi, s2 += w2[i] * xi, s3 += w3[i] * xi;
+            }
+        }
+        y[r[0]] = s0, y[r[1]] = s1, y[r[2]] = s2, y[r[3]] = s3;
+    }
+    for (; a < r1; a++) {
         const int r = rows ? rows[a] : a;
         float s = 0.f;
         if (wbf16) {
