@@ -73,8 +73,9 @@ def test_rule_kinds_cover_every_plan_entry_kind():
     from sparsen.core.rules import ENTRY_KINDS, RuleKind, rule_from_entry
 
     assert set(ENTRY_KINDS.values()) == set(RuleKind)
-    tensors = {"t": torch.ones(4)}
+    tensors = {"t": torch.ones(4), "e.expert_of": torch.arange(4) % 2, "e.router": torch.ones(2, 3)}
     for name, kind in ENTRY_KINDS.items():
-        entry = {"rule": name, "threshold": 0.5, "sparsity": 0.5, **({"tensor": "t"} if name == "channel_threshold" else {})}
+        entry = {"rule": name, "threshold": 0.5, "sparsity": 0.5, "k": 1, "experts": "e",
+                 **({"tensor": "t"} if name == "channel_threshold" else {})}
         rule = rule_from_entry(entry, tensors)
         assert (rule is None) == (kind == RuleKind.DENSE) and (rule is None or rule.kind == kind), name
