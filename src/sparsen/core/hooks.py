@@ -253,41 +253,29 @@ def _lowrank_hook(sp: Sparsifier, name: str, rule: LowRankCompensated):
 
 def _gate_hook(sp: Sparsifier, down_site: str, rule: GateActRule):
     """Forward hook on gate: zero g_j of inactive channels; counts up's skipped rows and down's skipped inputs."""
-    up_site = down_site[: -len("down")] + "up"
     act = sp.adapter.activation
-
-    def hook(module, args, g):
-        if not sp.enabled:
-            return None
-        p = sp.dense_prefix
-        if p > 0 and g.shape[-2] <= p:
-            return None
-        tail = g[..., p:, :] if p > 0 else g
-        keep = rule.keep(act(tail))
-        skipped, n = int((~keep).sum()), keep.numel()
-        for site in (up_site, down_site):
-            sp.tally.add(site, skipped, n)
-        tail = tail * keep
-        return torch.cat([g[..., :p, :], tail], dim=-2) if p > 0 else tail
-
-    return hook
+    return _gate_mask_hook(sp, down_site, ("up", "down"), lambda x, g: rule.keep(act(g)))
 
 
 def _expert_hook(sp: Sparsifier, down_site: str, rule: ExpertRule):
     """Forward hook on gate: zero g_j outside the token's k experts; counts gate's and up's skipped rows and down's
     skipped inputs (a kernel reads all three only for the chosen experts)."""
-    prefix = down_site[: -len("down")]
     block = sp.adapter.blocks[int(down_site.split(".")[1])]
     act = sp.adapter.activation
 
-    def oracle_scores(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        up, down = block.linears["up"], block.linears["down"]
-        mid = act(g) * torch.nn.functional.linear(x, up.weight, up.bias)
-        out = torch.zeros(*mid.shape[:-1], rule.n_experts, dtype=mid.dtype, device=mid.device)
-        for e in range(rule.n_experts):
-            idx = (rule.expert_of == e).nonzero().squeeze(1)
-            out[..., e] = (mid[..., idx] @ down.weight[:, idx].T).norm(dim=-1)
-        return out
+    def scores(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        if rule.router is not None:
+            return rule.scores(x)
+        up, down = block.linears["up"], block.linears["down"]  # the oracle: the dense MLP's intermediates
+        return rule.oracle_scores(act(g) * torch.nn.functional.linear(x, up.weight, up.bias), down.weight)
+
+    return _gate_mask_hook(sp, down_site, ("gate", "up", "down"), lambda x, g: rule.keep(scores(x, g)))
+
+
+def _gate_mask_hook(sp: Sparsifier, down_site: str, counted: tuple[str, ...], keep_of):
+    """A forward hook on a block's gate that zeroes g where ``keep_of(x, g)`` is False (x gate's input) on the positions
+    past the dense prefix, counting the skipped channels on the block's ``counted`` linears."""
+    prefix = down_site[: -len("down")]
 
     def hook(module, args, g):
         if not sp.enabled:
@@ -296,10 +284,10 @@ def _expert_hook(sp: Sparsifier, down_site: str, rule: ExpertRule):
         if p > 0 and g.shape[-2] <= p:
             return None
         tail, x = (g[..., p:, :], args[0][..., p:, :]) if p > 0 else (g, args[0])
-        keep = rule.keep(rule.scores(x) if rule.router is not None else oracle_scores(x, tail))
+        keep = keep_of(x, tail)
         skipped, n = int((~keep).sum()), keep.numel()
-        for site in (prefix + "gate", prefix + "up", down_site):
-            sp.tally.add(site, skipped, n)
+        for name in counted:
+            sp.tally.add(prefix + name, skipped, n)
         tail = tail * keep
         return torch.cat([g[..., :p, :], tail], dim=-2) if p > 0 else tail
 

@@ -126,6 +126,16 @@ class GateActRule:
         return a.abs() > self.threshold
 
 
+def expert_groups(expert_of: torch.Tensor, n_experts: int) -> list[torch.Tensor]:
+    """Each expert's channels [e] (ascending), from each channel's expert ``expert_of`` [I]."""
+    return [(expert_of == e).nonzero().squeeze(1) for e in range(n_experts)]
+
+
+def expert_output_norms(mid: torch.Tensor, w_down: torch.Tensor, groups: list[torch.Tensor]) -> torch.Tensor:
+    """||W_down[:, S_e] mid[..., S_e]|| per expert [..., E]: how much of the MLP output each expert writes."""
+    return torch.stack([(mid[..., idx] @ w_down[:, idx].T).norm(dim=-1) for idx in groups], -1)
+
+
 class ExpertRule:
     """MoEfication: the MLP's intermediate channels split into E experts; per token a router picks k of them.
 
@@ -148,6 +158,8 @@ class ExpertRule:
                                    or (bias is not None and bias.shape != (self.n_experts,))):
             raise ValueError(f"router of shape {tuple(router.shape)} for {self.n_experts} experts")
         self.k, self.router, self.bias = int(k), router, bias
+        self.groups = expert_groups(self.expert_of, self.n_experts)
+        """each expert's channels, ascending"""
 
     def keep(self, scores: torch.Tensor) -> torch.Tensor:
         """The kept channels [..., I], given expert scores [..., E]: the channels of the k best experts."""
@@ -158,6 +170,10 @@ class ExpertRule:
         """The learned router's expert scores [..., E] of MLP inputs x [..., d]."""
         s = x @ self.router.to(x.dtype).T
         return s + self.bias.to(x.dtype) if self.bias is not None else s
+
+    def oracle_scores(self, mid: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        """The oracle's expert scores [..., E]: each expert's exact output norm given the intermediates mid [..., I]."""
+        return expert_output_norms(mid, w_down, self.groups)
 
     @property
     def added_params(self) -> int:

@@ -367,10 +367,9 @@ class Engine:
             order = None
             if experts:  # the MLP's channels stored expert after expert: a routed expert is one run of rows
                 r = rules["down"]
-                lists = [torch.nonzero(r.expert_of == e).squeeze(1) for e in range(r.n_experts)]
-                if len({len(x) for x in lists}) != 1:
+                if len({len(x) for x in r.groups}) != 1:
                     raise SparsenError(f"the experts of layers.{b.index} differ in size: the engine needs equal experts")
-                order = torch.cat(lists)
+                order = torch.cat(r.groups)
             for j, n in enumerate(LINEAR_NAMES):
                 lin, site = b.linears[n], f"layers.{b.index}.{n}"
                 rows = (n == "up" and gate_act) or (n in ("gate", "up") and experts)
@@ -397,7 +396,7 @@ class Engine:
                 L.experts = keep(np.arange(self.inter, dtype=np.int32))
                 L.router = keep(_f32(r.router))
                 L.router_bias = keep(_f32(r.bias)) if r.bias is not None else None
-                L.n_experts, L.expert_size, L.top_k = r.n_experts, len(lists[0]), r.k
+                L.n_experts, L.expert_size, L.top_k = r.n_experts, len(r.groups[0]), r.k
             L.attn_norm, L.mlp_norm = keep(_f32(ad.norm_gain(b.attn_norm))), keep(_f32(ad.norm_gain(b.mlp_norm)))
             for field in ("attn_out_norm", "mlp_out_norm", "q_norm", "k_norm"):
                 norm = getattr(b, field)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sparsen.core.rules import expert_groups, expert_output_norms
 from sparsen.errors import SparsenError
 from sparsen.methods.config import ConfigValueError, MethodConfig, method_config
 from sparsen.methods.registry import MAX_LEVEL, Method, weighted
@@ -126,14 +127,10 @@ def balanced_kmeans(features: torch.Tensor, n_clusters: int, iters: int, seed: i
 
 def expert_contributions(mid: torch.Tensor, w_down: torch.Tensor, expert_of: torch.Tensor, n_experts: int,
                          chunk: int = 4096) -> torch.Tensor:
-    """||W_down[:, S_e] mid[S_e]|| per token and expert [n, E]: how much of the MLP output each expert writes."""
-    out = torch.empty(mid.shape[0], n_experts)
-    groups = [(expert_of == e).nonzero().squeeze(1) for e in range(n_experts)]
-    for i in range(0, mid.shape[0], chunk):
-        m = mid[i:i + chunk].float()
-        for e, idx in enumerate(groups):
-            out[i:i + chunk, e] = (m[:, idx] @ w_down[:, idx].T).norm(dim=-1)
-    return out
+    """||W_down[:, S_e] mid[S_e]|| per token and expert [n, E] (in chunks of tokens): the oracle's scores."""
+    groups = expert_groups(expert_of, n_experts)
+    return torch.cat([expert_output_norms(mid[i:i + chunk].float(), w_down, groups)
+                      for i in range(0, mid.shape[0], chunk)])
 
 
 def train_router(x: torch.Tensor, contrib: torch.Tensor, steps: int, batch: int, lr: float, seed: int):
