@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sparsen.train.gating import FITS, TRUE_TOPK, _truth, fit_mle, hellinger, log_density, sample, slope
+from sparsen.train.gating import FITS, TRUE_TOP2, TRUE_TOPK, _truth, fit_mle, hellinger, log_density, sample, slope
 
 
 def _p(d, reps=1):
@@ -28,8 +28,8 @@ def test_top1_density_is_the_selected_experts_gaussian():
     assert both[0, 0].item() == pytest.approx(mix, rel=1e-6)
 
 
-def test_hellinger_is_zero_at_the_truth_and_the_slope_recovers_a_power_law():
-    fit = FITS[0]
+@pytest.mark.parametrize("fit", [f for f in FITS if f.k == 2], ids=lambda f: f.name)
+def test_hellinger_is_zero_at_the_truth_and_the_slope_recovers_a_power_law(fit):
     truth = _truth(fit)
     p = {k: v.expand(2, *v.shape) for k, v in truth.items()}
     assert torch.allclose(hellinger(p, truth, fit), torch.zeros(2, dtype=torch.float64), atol=1e-6)
@@ -48,3 +48,15 @@ def test_the_exact_top1_fit_gets_closer_with_more_data():
         x, y = sample(truth, fit, n, 4, g)
         errs.append(float(hellinger(fit_mle(x, y, truth, fit, 60, g), truth, fit).mean()))
     assert errs[1] < errs[0]
+
+
+def test_the_top2_truth_mixes_both_experts_at_every_x():
+    fit = next(f for f in FITS if f.true_K == 2 and f.k == 2)
+    truth = _truth(fit)
+    assert truth["a"].tolist() == TRUE_TOP2["a"]
+    x, y = sample(truth, fit, 20000, 1, torch.Generator().manual_seed(0))
+    right = x > 0.8  # expert 0's softmax weight here is sigmoid(3 x + 0.3) ~ 0.94-0.97: expert 1 still serves some
+    resid0 = (y - (x + 0.5)).abs() < 0.9  # within 3 sd of expert 0's mean
+    share0 = float(resid0[right].double().mean())
+    w0 = torch.sigmoid(3 * x[right] + 0.3).mean().item()
+    assert 0.85 < share0 < 0.995 and share0 == pytest.approx(w0, abs=0.03)

@@ -22,15 +22,6 @@ from sparsen.methods.registry import MAX_LEVEL
 MLP = ("gate", "up", "down")
 
 
-def with_oracle(plan):
-    """The same experts with the oracle router (each token's k experts of largest exact output)."""
-    out = copy.copy(plan)
-    out.sites = {s: ({**e, "router": "oracle"} if e.get("rule") == "experts" else dict(e)) for s, e in plan.sites.items()}
-    out.tensors = {k: v for k, v in plan.tensors.items() if not k.endswith((".router", ".bias"))}
-    out.params = {**plan.params, "router": "oracle"}
-    return out
-
-
 def mlp_only(plan):
     """A plan with its attention linears (q, k, v, o) left dense."""
     out = copy.copy(plan)
@@ -51,7 +42,7 @@ def moefy_plans(lm, ks, experts: int = 16, calib: dict | None = None, oracle: bo
         rows.append({"name": f"moefy k={k}", "family": "moefy", "k": k, "plan": plan_at_k(base, k)})
         if oracle:
             rows.append({"name": f"moefy-oracle k={k}", "family": "moefy-oracle", "k": k,
-                         "plan": with_oracle(plan_at_k(base, k))})
+                         "plan": plan_at_k(base, k, oracle=True)})
     if contiguous_ks:
         flat = calibrate(lm, config_for("moefy", sparsity=0.0, experts=experts, k=max(contiguous_ks),
                                         clustering="contiguous", **calib), progress=progress)

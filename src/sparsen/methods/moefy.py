@@ -239,17 +239,21 @@ def calibrate(lm, sparsity, wins, config: MoefyConfig, progress):
                    "layers": per_layer}}
 
 
-def plan_at_k(plan, k: int):
-    """The same experts and routers with k experts per token (a copy; the calibrated sparsity recomputed)."""
+def plan_at_k(plan, k: int, oracle: bool = False):
+    """The same experts and routers with k experts per token (a copy; the calibrated sparsity recomputed); with
+    ``oracle`` the routers are dropped and each token reads its k experts of largest exact output."""
     if plan.method != "moefy":
         raise SparsenError(f"plan_at_k takes a moefy plan, not a {plan.method} plan")
     E = int(plan.params["experts"])
     if not 1 <= k <= E:
         raise SparsenError(f"k {k}: give a number of experts per token from 1 to {E}")
+    extra = {"k": k, "router": "oracle"} if oracle else {"k": k}
     out = copy.copy(plan)
-    out.sites = {s: ({**e, "k": k} if e.get("rule") == "experts" else dict(e)) for s, e in plan.sites.items()}
-    out.params = {**plan.params, "k": k}
-    out.config = {**(plan.config or {}), "k": k}
+    out.sites = {s: ({**e, **extra} if e.get("rule") == "experts" else dict(e)) for s, e in plan.sites.items()}
+    out.params = {**plan.params, **extra}
+    out.config = {**(plan.config or {}), **extra}
+    if oracle:
+        out.tensors = {n: t for n, t in plan.tensors.items() if not n.endswith((".router", ".bias"))}
     if plan.calibrated_sparsity is not None:
         k0 = int(plan.params["k"])
         out.calibrated_sparsity = plan.calibrated_sparsity + (k0 - k) / E * float(plan.params["mlp_share"])

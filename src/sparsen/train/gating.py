@@ -3,9 +3,12 @@ by maximum likelihood, its density and parameter errors against the sample size 
 temperature vs activation-gate companion, ICML 2024).
 
 Model (d = 1): p(y | x) = sum over the K largest gating logits g_i = b1_i x + b0_i of softmax_i(g over those K) *
-N(y | a_i x + c_i, s_i^2). Truth: two experts, top-1 gating (each x is served by one expert). Fits: exact (k = 2,
-K = 1) and over-specified (k = 3 with K = 1, 2, 3). The dense-gating pair: softmax((b1 x + b0) / tau) against
-softmax(tanh(b1 x + b0)) over two experts (the second's logit fixed at 0), each fitted to data from its own family.
+N(y | a_i x + c_i, s_i^2). Truths: two experts with top-1 gating (each x is served by one expert), fitted exactly
+(k = 2, K = 1) and over-specified (k = 3 with K = 1, 2, 3); and two experts with top-2 gating (K* = 2: both serve
+every x), fitted exactly (k = 2, K = 2) and over-specified (k = 3 with K = 2, which cannot select both copies of the
+split expert and the other one, and K = 3, which can: the covering condition). The dense-gating pair:
+softmax((b1 x + b0) / tau) against softmax(tanh(b1 x + b0)) over two experts (the second's logit fixed at 0), each
+fitted to data from its own family.
 
 Errors, averaged over replicates fitted together (one batched Adam run per setting and n, initialised at the truth
 plus noise, the extra expert a perturbed copy of the first):
@@ -27,6 +30,7 @@ import torch
 from sparsen.train.experiments import _plt, _write
 
 TRUE_TOPK = {"b1": [2.0, -2.0], "b0": [0.0, 0.0], "a": [1.0, -1.0], "c": [0.5, -0.5], "s": [0.3, 0.3]}
+TRUE_TOP2 = {"b1": [1.5, -1.5], "b0": [0.3, 0.0], "a": [1.0, -1.0], "c": [0.5, -0.5], "s": [0.3, 0.3]}
 TRUE_DENSE = {"b1": [3.0], "b0": [0.5], "tau": 1.0, "a": [1.0, -1.0], "c": [0.5, -0.5], "s": [0.3, 0.3]}
 
 
@@ -40,6 +44,8 @@ class Fit:
     gate: str = "topk"
     """topk, temperature or tanh"""
     prediction: str = ""
+    true_K: int = 1
+    """the truth's experts per input (top-K gates only): 1 (TRUE_TOPK) or 2 (TRUE_TOP2)"""
 
 
 FITS = (Fit("exact k=2, K=1", 2, 1, prediction="density -1/2, parameters -1/2"),
@@ -47,11 +53,16 @@ FITS = (Fit("exact k=2, K=1", 2, 1, prediction="density -1/2, parameters -1/2"),
         Fit("over k=3, K=2", 3, 2, prediction="density -1/2; split expert slower (about -1/4), unsplit -1/2"),
         Fit("over k=3, K=3", 3, 3, prediction="density -1/2; split expert slower (about -1/4), unsplit -1/2"),
         Fit("temperature softmax", 2, 0, "temperature", "density -1/2; parameters slower than any power (slope ~0)"),
-        Fit("tanh before softmax", 2, 0, "tanh", "density -1/2; parameters polynomial (clearly negative)"))
+        Fit("tanh before softmax", 2, 0, "tanh", "density -1/2; parameters polynomial (clearly negative)"),
+        Fit("K*=2: exact k=2, K=2", 2, 2, prediction="density -1/2, parameters -1/2", true_K=2),
+        Fit("K*=2: over k=3, K=2", 3, 2, prediction="density does not converge (K below the 3 experts both cells hold)",
+            true_K=2),
+        Fit("K*=2: over k=3, K=3", 3, 3, prediction="density -1/2; split expert slower (about -1/4), unsplit -1/2",
+            true_K=2))
 
 
 def _truth(fit: Fit) -> dict:
-    t = TRUE_DENSE if fit.gate != "topk" else TRUE_TOPK
+    t = TRUE_DENSE if fit.gate != "topk" else (TRUE_TOPK if fit.true_K == 1 else TRUE_TOP2)
     return {k: torch.tensor(v, dtype=torch.float64) if isinstance(v, list) else torch.tensor(v, dtype=torch.float64)
             for k, v in t.items()}
 
@@ -81,10 +92,10 @@ def log_density(p: dict, x: torch.Tensor, y: torch.Tensor, K: int, gate: str) ->
 def sample(truth: dict, fit: Fit, n: int, reps: int, gen: torch.Generator):
     x = torch.rand(reps, n, generator=gen, dtype=torch.float64) * 2 - 1
     p = {k: v.expand(reps, *v.shape) for k, v in truth.items()}
-    g = _logits(p, x, fit.gate if fit.gate != "topk" else "topk")
-    if fit.gate == "topk":  # truth is top-1
+    g = _logits(p, x, fit.gate)
+    if fit.gate == "topk" and fit.true_K == 1:
         choice = g.argmax(-1)
-    else:
+    else:  # every truth but the top-1 one has two experts, both selected
         choice = torch.multinomial(g.softmax(-1).reshape(-1, g.shape[-1]), 1, generator=gen).view(reps, n)
     a, c, s = (truth[k][choice] for k in ("a", "c", "s"))
     y = a * x + c + s * torch.randn(reps, n, generator=gen, dtype=torch.float64)
@@ -158,7 +169,7 @@ def hellinger(p: dict, truth: dict, fit: Fit, grid: int = 201) -> torch.Tensor:
     X = xs[:, None].expand(-1, grid).reshape(1, -1).expand(reps, -1)
     Y = ys[None, :].expand(len(xs), -1).reshape(1, -1).expand(reps, -1)
     tp = {k: v.expand(reps, *v.shape) for k, v in truth.items()}
-    K_true = 1 if fit.gate == "topk" else 0
+    K_true = fit.true_K if fit.gate == "topk" else 0
     lp = log_density(p, X, Y, fit.K, fit.gate).view(reps, len(xs), grid)
     lq = log_density(tp, X, Y, K_true, fit.gate).view(reps, len(xs), grid)
     # the Bhattacharyya coefficient, each density normalised on the grid (so the grid's own error cancels)

@@ -17,7 +17,7 @@ from sparsen.train.model import LMConfig
 from sparsen.train.trainer import LMTask, TrainConfig
 
 SMALL = Setting("wikitext2-valid", steps=150, seeds=(0,))
-FULL = Setting("/usr/share/doc/python3.11/html", steps=400, seeds=(0, 1))
+FULL = Setting("/usr/share/doc/python3.11/html", steps=400, seeds=(0, 1, 2))
 BASE = dict(mlp="moe", experts=8, k=2, d_ff=128, activation="silu", moe_aux=0.01)
 ROUTING_EXPERIMENTS = ("moe-vs-dense", "balance", "capacity", "experts-per-token", "gates")
 
@@ -53,6 +53,7 @@ def _runs(out: Path, s: Setting, progress: bool, model: dict) -> list[dict]:
 def _summary(runs: list[dict], model: dict) -> dict:
     final = [r["final"] for r in runs]
     out = {"heldout_loss": _mean_ci([f["heldout_loss"] for f in final]), "params": runs[0]["params"],
+           "heldout_loss_by_seed": [f["heldout_loss"] for f in final],
            "tokens_per_second": [r["tokens_per_second"] for r in runs],
            "curve": [{"tokens": h["tokens"], "loss": _mean_ci([r["history"][i]["heldout_loss"] for r in runs])}
                      for i, h in enumerate(runs[0]["history"])]}
@@ -67,12 +68,13 @@ def _summary(runs: list[dict], model: dict) -> dict:
 
 
 def _table(rows: dict, title: str, extra: list[str]) -> str:
-    md = [title, "", "| run | held-out loss | parameters | max expert load / mean | dropped | tokens/s |",
-          "|---|---|---|---|---|---|"]
+    md = [title, "", "| run | held-out loss | each seed | parameters | max expert load / mean | dropped | tokens/s |",
+          "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         load = _fmt(*r["max_load_over_mean"], digits=2) if "max_load_over_mean" in r else "-"
         dropped = _fmt(*r["dropped"]) if "dropped" in r else "-"
-        md.append(f"| {name} | {_fmt(*r['heldout_loss'])} | {r['params']:,} | {load} | {dropped} | "
+        seeds = ", ".join(f"{v:.3f}" for v in r["heldout_loss_by_seed"])
+        md.append(f"| {name} | {_fmt(*r['heldout_loss'])} | {seeds} | {r['params']:,} | {load} | {dropped} | "
                   f"{', '.join(str(t) for t in r['tokens_per_second'])} |")
     return "\n".join(md + [""] + extra) + "\n"
 
