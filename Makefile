@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml setup.py Makefile $(wildcard src/sparsen/engine/kernels
 	# torch first, pinned: 2.13.0 is the CPU build available locally; a looser spec pulls a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# llama.cpp, the bench's peer: rebuilt for this CPU's own extensions, without the AMX path that crashes on some of
+	# our machines, then checked in a child process (src/sparsen/engine/llamacpp_build.py; skipped once done)
+	$(PY) -m sparsen.engine.llamacpp_build || echo "warning: the llama.cpp build failed; \`sparsen bench --vs llamacpp\` will say so"
 	# headless Chromium and its WebDriver for the browser tests (Debian's packages; need root, as here and in CI):
 	# installed when either is missing
 	{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || \

@@ -252,7 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="decode tokens/s: engine dense and sparse vs HF generate and llama.cpp",
                        description="Decode speed, batch 1: the engine dense, the engine under --plan, Hugging Face "
                                    "`generate` on the same fp32 weights and llama.cpp (llama-cpp-python) on the same GGUF "
-                                   "file, same thread count, interleaved rounds, medians. Writes bench.json.")
+                                   "file, same thread count, interleaved rounds, medians. Each peer runs in a child "
+                                   "process: one that crashes or hangs becomes a note, the engine's figures stay. "
+                                   "Writes bench.json "
+                                   "(with the machine: CPU, the kernels' instruction sets, llama.cpp's build).")
     _add_model(p)
     p.add_argument("--plan", default=None, metavar="PLAN.json", help="sparsity plan for the sparse engine")
     p.add_argument("--vs", default="hf,llamacpp", metavar="LIST",
@@ -272,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="engine weights dtype (default fp32)")
     p.add_argument("--threads", type=_positive_int, default=2, help="threads for every system (default 2)")
     p.add_argument("--out", default="bench.json", metavar="FILE", help="output JSON (default ./bench.json)")
+    p.add_argument("--peer-timeout", type=float, default=900.0, metavar="SECONDS",
+                   help="each peer runs in a child process; one that gives no answer (loading, or one decode) within "
+                        "this many seconds is stopped and noted, as is one that crashes (default 900)")
     p.add_argument("--profile", action="store_true",
                    help="also time the engine with every block-linear input skipped, to split a token's time into the "
                         "block linears and the rest (lm_head, attention, norms, synchronisation)")

@@ -29,11 +29,12 @@ from sparsen.core.rules import (
     rule_from_entry,
 )
 from sparsen.core.sites import Site, SiteKind, model_sites
+from sparsen.engine.cpu import cpu_flags
 from sparsen.errors import SparsenError
 from sparsen.models.adapters import LINEAR_NAMES
 from sparsen.models.loading import stop_ids  # noqa: F401  (engine.stop_ids, as before)
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 """must equal SP_ABI_VERSION in kernels/sparsen.h (bumped with any change to the structs below)"""
 DTYPES = ("fp32", "bf16")
 KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}  # the KV cache's storage (fp16: IEEE half)
@@ -111,6 +112,13 @@ def open_kernels(path: str | Path, abi_version: int = ABI_VERSION) -> ctypes.CDL
     if version != abi_version:
         raise SparsenError(f"the engine's C kernels are a stale build (ABI {version}, this sparsen needs "
                            f"{abi_version}): {REBUILD}")
+    lib.sp_isa.restype = ctypes.c_char_p
+    isa = [f for f in lib.sp_isa().decode().split(",") if f]
+    flags = cpu_flags()
+    missing = [f for f in isa if f not in flags] if flags else []
+    if missing:
+        raise SparsenError(f"the engine's C kernels were built for another CPU (they use {', '.join(missing)}, which "
+                           f"this one lacks): {REBUILD}")
     lib.sp_struct_size.argtypes, lib.sp_struct_size.restype = [_i], ctypes.c_long
     for name, (which, cls) in STRUCTS.items():
         if lib.sp_struct_size(which) != ctypes.sizeof(cls):
@@ -133,6 +141,11 @@ def open_kernels(path: str | Path, abi_version: int = ABI_VERSION) -> ctypes.CDL
     lib.sp_test_dot_rows.argtypes, lib.sp_test_dot_rows.restype = [_p, _i, _i, _i, _p, _p, _i, _p, _i], _i
     lib.sp_test_mask.argtypes, lib.sp_test_mask.restype = [_i, _f, _p, _p, _i, _p], _i
     return lib
+
+
+def kernel_isa() -> list[str]:
+    """The instruction-set extensions the loaded kernels were compiled with (cpuinfo names)."""
+    return [f for f in kernels().sp_isa().decode().split(",") if f]
 
 
 def library_path() -> Path | None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import statistics
 import sys
 import time
@@ -11,9 +9,8 @@ import time
 import numpy as np
 
 from sparsen.engine import prompt_ids, stop_ids
+from sparsen.engine.peers import LABELS, Peers, PeerSpec, check_systems, machine, no_gc
 from sparsen.errors import SparsenError
-
-SYSTEMS = ("hf", "llamacpp")
 
 
 def _load(args):
@@ -65,48 +62,16 @@ def cmd_generate(args) -> None:
 
 
 # --- bench -------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _no_gc():
-    """Python's cyclic collector off while a system decodes: a full collection walks every torch and transformers
-    object and otherwise lands inside the timed steps of whichever system happens to trigger it."""
-    enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def _engine_run(engine, ids, n_new, prefix=None) -> float:
     """Decode tokens/s of the engine: prefill dense (not timed; through torch when given its ``prefix``), then n_new
     tokens (greedy)."""
     logits = engine.prefill(ids, via="torch", prefix=prefix) if prefix is not None else engine.prefill(ids)
-    with _no_gc():
+    with no_gc():
         t0 = time.perf_counter()
         tok = int(np.argmax(logits))
         for _ in range(n_new):
             tok = int(np.argmax(engine.step(tok)))
         return n_new / (time.perf_counter() - t0)
-
-
-def _hf_run(lm, ids, n_new, threads) -> float:
-    """HF `generate` decode tokens/s: (n_new - 1) / (time of n_new tokens - time of 1 token), the prefill and
-    first token cancelled out by measuring them alone."""
-    import torch
-
-    torch.set_num_threads(threads)
-    x = torch.tensor([ids])
-
-    def run(n):
-        with _no_gc(), torch.no_grad():
-            t0 = time.perf_counter()
-            lm.model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            return time.perf_counter() - t0
-
-    t1, tn = run(1), run(n_new)
-    return (n_new - 1) / max(tn - t1, 1e-9)
 
 
 def _profile(engine, dense_tok_s, floor_tok_s, context) -> dict:
@@ -134,30 +99,17 @@ def profile_line(pr: dict, context: float) -> str:
             f"{pr['rest_ms']:.1f} ms")
 
 
-class LlamaCpp:
-    """llama.cpp through llama-cpp-python on the GGUF file the model was loaded from."""
+def _round_line(args, r: int, runs: dict) -> None:
+    if not args.quiet:
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items() if v)
+              + " tok/s", file=sys.stderr)
 
-    def __init__(self, lm, threads: int, n_ctx: int):
-        from pathlib import Path
 
-        import llama_cpp
-
-        source = Path(lm.source)
-        if source.suffix.lower() != ".gguf":
-            raise SparsenError(f"llama.cpp needs a .gguf model; '{lm.spec}' was loaded from {lm.source}")
-        self.llm = llama_cpp.Llama(model_path=str(source), n_threads=threads, n_threads_batch=threads,
-                                   n_ctx=n_ctx, verbose=False)
-        self.version = llama_cpp.__version__
-
-    def run(self, ids, n_new) -> float:
-        """Decode tokens/s: the time from the first generated token to the n_new-th (greedy, no EOS stop)."""
-        marks = []
-        with _no_gc():
-            for _ in self.llm.generate(ids, top_k=1, temp=0.0, reset=True):
-                marks.append(time.perf_counter())
-                if len(marks) == n_new:
-                    break
-        return (n_new - 1) / (marks[-1] - marks[0])
+def _peer_lines(res: dict, peers, width: int = 22) -> None:
+    """Each requested peer's figure, or the one line saying why there is none."""
+    for name in peers.names:
+        v, note = res[f"{name}_tok_s"], peers.failed.get(name)
+        print(f"  {LABELS[name]:<{width}}" + ("n/a" if v is None else f"{v:8.1f} tok/s") + (f"  ({note})" if note else ""))
 
 
 def cmd_bench(args) -> None:
@@ -165,10 +117,7 @@ def cmd_bench(args) -> None:
     from sparsen.engine import Engine, bytes_per_token
     from sparsen.io import write_json
 
-    systems = [s.strip() for s in args.vs.split(",") if s.strip()] if args.vs else []
-    for s in systems:
-        if s not in SYSTEMS:
-            raise SparsenError(f"--vs '{s}' is unknown: use a comma-separated subset of {', '.join(SYSTEMS)}")
+    systems = check_systems(args.vs)
     if args.new_tokens < 2:
         raise SparsenError("--new-tokens must be at least 2")
     if args.attn and args.context is None:
@@ -181,14 +130,7 @@ def cmd_bench(args) -> None:
     kv = args.kv_dtype
     dense = Engine(lm, None, dtype=args.dtype, threads=args.threads, max_seq=max_seq, kv_dtype=kv)
     sparse = Engine(lm, plan, dtype=args.dtype, threads=args.threads, max_seq=max_seq, kv_dtype=kv) if plan else None
-    llamacpp, llamacpp_note = None, None
-    if "llamacpp" in systems:
-        try:
-            llamacpp = LlamaCpp(lm, args.threads, max_seq + 8)
-        except ImportError:
-            llamacpp_note = "llama-cpp-python is not installed"
-        except SparsenError as e:
-            llamacpp_note = str(e)
+    peers = Peers(systems, PeerSpec(lm.spec, str(lm.source), args.threads, max_seq + 8), args.peer_timeout)
     floor = None
     if args.profile:  # the same engine with every block-linear input skipped: what a token costs besides them
         from sparsen.core.plan import Plan
@@ -197,20 +139,18 @@ def cmd_bench(args) -> None:
                         sites={site: {"rule": "threshold", "threshold": float("inf")} for site in dense.params})
         floor = Engine(lm, skip_all, dtype=args.dtype, threads=args.threads, max_seq=max_seq)
     runs = {"engine_dense": [], "engine_sparse": [], "hf": [], "llamacpp": [], "engine_no_block_linears": []}
-    for r in range(args.rounds):  # interleaved: every system once per round
-        runs["engine_dense"].append(_engine_run(dense, ids, args.new_tokens))
-        if sparse is not None:
-            sparse.reset()
-            runs["engine_sparse"].append(_engine_run(sparse, ids, args.new_tokens))
-        if "hf" in systems:
-            runs["hf"].append(_hf_run(lm, ids, args.new_tokens, args.threads))
-        if llamacpp is not None:
-            runs["llamacpp"].append(llamacpp.run(ids, args.new_tokens))
-        if floor is not None:
-            runs["engine_no_block_linears"].append(_engine_run(floor, ids, args.new_tokens))
-        if not args.quiet:
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items() if v)
-                  + " tok/s", file=sys.stderr)
+    try:
+        for r in range(args.rounds):  # interleaved: every system once per round
+            runs["engine_dense"].append(_engine_run(dense, ids, args.new_tokens))
+            if sparse is not None:
+                sparse.reset()
+                runs["engine_sparse"].append(_engine_run(sparse, ids, args.new_tokens))
+            peers.run_round(runs, ids, args.new_tokens)
+            if floor is not None:
+                runs["engine_no_block_linears"].append(_engine_run(floor, ids, args.new_tokens))
+            _round_line(args, r, runs)
+    finally:
+        peers.close()
 
     def med(k):
         return statistics.median(runs[k]) if runs[k] else None
@@ -230,19 +170,15 @@ def cmd_bench(args) -> None:
                                     if runs["llamacpp"] else None),
         "raw_tok_s": runs,
         "profile": _profile(dense, med("engine_dense"), med("engine_no_block_linears"), context) if floor else None,
-        "notes": {"hf": "HF generate on the same fp32 weights, dense; decode rate with prefill and first token "
-                        "cancelled ((N-1) / (t_N - t_1))",
-                  "llamacpp": llamacpp_note or (f"llama-cpp-python {llamacpp.version}, the same GGUF file (its own "
-                                                "quantized weights), greedy" if llamacpp else "not requested"),
-                  "engine": "prompt prefilled dense (not timed), then new_tokens greedy steps timed"},
+        "machine": machine(args.threads, peers),
+        "notes": {**peers.notes(), "engine": "prompt prefilled dense (not timed), then new_tokens greedy steps timed"},
     }
     write_json(args.out, res)
-    rows = [("engine dense", res["engine_dense_tok_s"]), ("engine sparse", res["engine_sparse_tok_s"]),
-            ("HF generate (fp32)", res["hf_tok_s"]), ("llama.cpp (GGUF)", res["llamacpp_tok_s"])]
     print(f"{lm.spec}, {args.dtype} weights, {args.threads} threads, prompt {len(ids)} + {args.new_tokens} new tokens, "
-          f"median of {args.rounds} interleaved rounds")
-    for name, v in rows:
+          f"median of {args.rounds} interleaved rounds ({res['machine']['cpu']})")
+    for name, v in (("engine dense", res["engine_dense_tok_s"]), ("engine sparse", res["engine_sparse_tok_s"])):
         print(f"  {name:<22}{'n/a' if v is None else f'{v:8.1f} tok/s'}")
+    _peer_lines(res, peers)
     if sparse is not None:
         print(f"  sparse / dense {res['speedup_vs_dense']:.2f}x at achieved sparsity {achieved:.3f} "
               f"(bytes bound {res['bound_speedup']:.2f}x)")
@@ -275,25 +211,16 @@ def _bench_context(args, lm, plan, systems) -> None:
         if key not in prefixes:
             mass = any(x.needs_prefix_mass for x in engines.values() if x._src.model is e._src.model)
             prefixes[key] = e.torch_prefix(ids, mass=mass)
-    llamacpp, llamacpp_note = None, None
-    if "llamacpp" in systems:
-        try:
-            llamacpp = LlamaCpp(lm, args.threads, max_seq + 8)
-        except ImportError:
-            llamacpp_note = "llama-cpp-python is not installed"
-        except SparsenError as e:
-            llamacpp_note = str(e)
+    peers = Peers(systems, PeerSpec(lm.spec, str(lm.source), args.threads, max_seq + 8), args.peer_timeout)
     runs: dict[str, list] = {name: [] for name in [*engines, "hf", "llamacpp"]}
-    for r in range(args.rounds):  # interleaved: every system once per round
-        for name, e in engines.items():
-            runs[name].append(_engine_run(e, ids, args.new_tokens, prefix=prefixes[id(e._src.model)]))
-        if "hf" in systems:
-            runs["hf"].append(_hf_run(lm, ids, args.new_tokens, args.threads))
-        if llamacpp is not None:
-            runs["llamacpp"].append(llamacpp.run(ids, args.new_tokens))
-        if not args.quiet:
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items() if v)
-                  + " tok/s", file=sys.stderr)
+    try:
+        for r in range(args.rounds):  # interleaved: every system once per round
+            for name, e in engines.items():
+                runs[name].append(_engine_run(e, ids, args.new_tokens, prefix=prefixes[id(e._src.model)]))
+            peers.run_round(runs, ids, args.new_tokens)
+            _round_line(args, r, runs)
+    finally:
+        peers.close()
 
     def med(k):
         return statistics.median(runs[k]) if runs[k] else None
@@ -324,22 +251,17 @@ def _bench_context(args, lm, plan, systems) -> None:
                   "bytes": "per token: block linears and lm_head, K and V rows read, and the estimate's reads "
                            "(Quest's page summaries, the label cache (fp32, int8 for the sketch), the oracle's K rows) "
                            "from the engine's own tally; H2O's per-key bookkeeping (held flags, masses) is not counted",
-                  "llamacpp": llamacpp_note or (f"llama-cpp-python {llamacpp.version}, the same GGUF file (its own "
-                                                "quantized weights and KV cache), greedy; its prefill not timed"
-                                                if llamacpp else "not requested"),
-                  "hf": "HF generate on the same fp32 weights, dense ((N-1) / (t_N - t_1))"},
+                  **peers.notes()},
+        "machine": machine(args.threads, peers),
     }
     write_json(args.out, res)
     print(f"{lm.spec}, {args.dtype} weights, {args.kv_dtype} KV cache, {args.threads} threads, context {len(ids)} + "
-          f"{args.new_tokens} new tokens, median of {args.rounds} interleaved rounds")
+          f"{args.new_tokens} new tokens, median of {args.rounds} interleaved rounds ({res['machine']['cpu']})")
     print(f"  {'system':<32}{'tok/s':>8}{'speedup':>9}{'MB/token':>10}{'bytes bound':>13}{'share':>7}")
     print(f"  {'engine dense':<32}{med('engine dense'):8.1f}{1.0:8.2f}x{dense_bytes / 1e6:10.1f}{1.0:12.2f}x")
     for m in methods:
         print(f"  {m['spec']:<32}{m['tok_s']:8.1f}{m['speedup_vs_dense']:8.2f}x{m['bytes_per_token'] / 1e6:10.1f}"
               f"{m['bound_speedup']:12.2f}x{m['share_of_bound']:7.0%}  (keys read {m['density']:.3f}, with the "
               f"estimate {m['read_density']:.3f})")
-    for name, key in (("HF generate (fp32)", "hf"), ("llama.cpp (GGUF)", "llamacpp")):
-        if key in systems:
-            v = med(key)
-            print(f"  {name:<32}{'n/a' if v is None else f'{v:8.1f}'}")
+    _peer_lines(res, peers)
     print(f"wrote {args.out}")

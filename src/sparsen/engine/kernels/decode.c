@@ -6,6 +6,58 @@
 
 int sp_abi_version(void) { return SP_ABI_VERSION; }
 
+/* The instruction-set extensions this build was compiled with (-march=native), in /proc/cpuinfo's spelling: Python
+ * refuses the library on a CPU that lacks one (a build carried over from another kind of machine). */
+const char *sp_isa(void) {
+    return ""
+#ifdef __AVX__
+           "avx,"
+#endif
+#ifdef __AVX2__
+           "avx2,"
+#endif
+#ifdef __FMA__
+           "fma,"
+#endif
+#ifdef __F16C__
+           "f16c,"
+#endif
+#ifdef __AVXVNNI__
+           "avx_vnni,"
+#endif
+#ifdef __AVX512F__
+           "avx512f,"
+#endif
+#ifdef __AVX512CD__
+           "avx512cd,"
+#endif
+#ifdef __AVX512BW__
+           "avx512bw,"
+#endif
+#ifdef __AVX512DQ__
+           "avx512dq,"
+#endif
+#ifdef __AVX512VL__
+           "avx512vl,"
+#endif
+#ifdef __AVX512VNNI__
+           "avx512_vnni,"
+#endif
+#ifdef __AVX512BF16__
+           "avx512_bf16,"
+#endif
+#ifdef __AVX512VBMI__
+           "avx512vbmi,"
+#endif
+#ifdef __AVX512FP16__
+           "avx512_fp16,"
+#endif
+#ifdef __AMX_TILE__
+           "amx_tile,"
+#endif
+        ;
+}
+
 long sp_struct_size(int which) {
     switch (which) {
     case SP_STRUCT_RULE: return (long)sizeof(sp_rule);

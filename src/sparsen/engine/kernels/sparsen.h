@@ -19,7 +19,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define SP_ABI_VERSION 5
+#define SP_ABI_VERSION 6
 #define SP_CODE_TILE 64 /* keys per tile of the int8 label cache (sp_attn.codes) */
 
 /* Rule kinds, numbered as sparsen.core.rules.RuleKind (checked at load time through sp_rule_kinds()). */
@@ -149,6 +149,7 @@ typedef struct sp_workspace sp_workspace;
 enum { SP_STRUCT_RULE = 0, SP_STRUCT_LAYER = 1, SP_STRUCT_MODEL = 2, SP_STRUCT_ATTN = 3 };
 
 int sp_abi_version(void);
+const char *sp_isa(void);        /* "avx,avx2,fma,...": the extensions compiled in (cpuinfo names) */
 long sp_struct_size(int which);   /* sizeof a shared struct (SP_STRUCT_*), -1 for an unknown one */
 const char *sp_rule_kinds(void);  /* "DENSE=0,THRESHOLD=1,..." */
 const char *sp_attn_methods(void);  /* "ORACLE_TOPK=1,ORACLE_TOPP=2,..." */
