@@ -164,3 +164,19 @@ def test_cli_moefy_writes_the_table_plot_and_json(tmp_path, capsys):
     assert main(["moefy", "--model", "tiny-llama", "--experts", "4", "--ks", "5", "--contiguous-ks", "2", "--out",
                  str(tmp_path / "bad"), "--quiet"]) == 2
     assert "take experts per token from 1 to 4" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_cli_moefy_is_small_by_default_and_full_on_request(monkeypatch):
+    import sparsen.cli_moefy as cli_moefy
+
+    seen = {}
+
+    def record(lm, ks, experts, calib, contiguous_ks, progress):
+        seen.update(ks=ks, contiguous_ks=contiguous_ks, tokens=calib["tokens"])
+        raise SparsenError("stop here")
+
+    monkeypatch.setattr("sparsen.evaluation.moefy.moefy_plans", record)
+    assert main(["moefy", "--model", "tiny-llama", "--experts", "16", "--quiet"]) == 2
+    assert seen == {"ks": cli_moefy.SMALL["ks"], "contiguous_ks": (8,), "tokens": 4096}
+    assert main(["moefy", "--model", "tiny-llama", "--experts", "16", "--full", "--tokens", "2048", "--quiet"]) == 2
+    assert seen == {"ks": (4, 6, 8, 10, 12, 14, 16), "contiguous_ks": (8, 12), "tokens": 2048}  # a flag still wins

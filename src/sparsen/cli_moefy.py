@@ -22,6 +22,11 @@ def _ks(text: str) -> tuple[int, ...]:
     return ks
 
 
+SMALL = {"ks": (8, 12, 16), "contiguous_ks": (8,), "windows": 8, "tokens": 4096, "rounds": 2, "new_tokens": 64}
+FULL = {"ks": (4, 6, 8, 10, 12, 14, 16), "contiguous_ks": (8, 12), "windows": 40, "tokens": 16384, "rounds": 5,
+        "new_tokens": 128}
+
+
 def add_parsers(sub, add_model, positive_int) -> None:
     p = sub.add_parser("moefy", help="MoEfication: perplexity and engine tokens/s against experts per token",
                        description="Split each MLP into --experts experts by co-activation, train a router per layer "
@@ -31,14 +36,18 @@ def add_parsers(sub, add_model, positive_int) -> None:
                                    "moefy.md, moefy.png and every plan (plans/) to --out.")
     add_model(p)
     p.add_argument("--experts", type=positive_int, default=16, help="experts per MLP (default 16)")
-    p.add_argument("--ks", type=_ks, default=(4, 6, 8, 10, 12, 14, 16), help="experts per token (default 4,...,16)")
-    p.add_argument("--contiguous-ks", type=_ks, default=(8, 12),
-                   help="k of the unclustered baseline (channels in index order; default 8,12)")
-    p.add_argument("--windows", type=positive_int, default=40, help="WikiText-2 test windows (default 40)")
-    p.add_argument("--tokens", type=positive_int, default=16384, help="calibration tokens (default 16384)")
+    p.add_argument("--full", action="store_true",
+                   help="the BENCHMARKS.md run (k = 4,6,...,16, unclustered at 8,12, 40 windows, 16,384 calibration "
+                        "tokens, 5 timing rounds of 128 tokens; about an hour on 2 cores); without it a small run of "
+                        "minutes (k = 8,12,16, unclustered at 8, 8 windows, 4,096 tokens, 2 rounds of 64 tokens)")
+    p.add_argument("--ks", type=_ks, default=None, help="experts per token (default: see --full)")
+    p.add_argument("--contiguous-ks", type=_ks, default=None,
+                   help="k of the unclustered baseline (channels in index order; default: see --full)")
+    p.add_argument("--windows", type=positive_int, default=None, help="WikiText-2 test windows (default: see --full)")
+    p.add_argument("--tokens", type=positive_int, default=None, help="calibration tokens (default: see --full)")
     p.add_argument("--no-bench", action="store_true", help="quality only: no engine timing")
-    p.add_argument("--rounds", type=positive_int, default=5, help="interleaved timing rounds (default 5)")
-    p.add_argument("--new-tokens", type=positive_int, default=128, help="decoded tokens per timing (default 128)")
+    p.add_argument("--rounds", type=positive_int, default=None, help="interleaved timing rounds (default: see --full)")
+    p.add_argument("--new-tokens", type=positive_int, default=None, help="decoded tokens per timing (default: see --full)")
     p.add_argument("--threads", type=positive_int, default=2, help="engine threads (default 2)")
     p.add_argument("--out", default="moefy", metavar="DIR", help="output folder (default ./moefy)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -139,6 +148,9 @@ def cmd_moefy(args) -> None:
     from sparsen.io import write_json
     from sparsen.models import load_model
 
+    for key, value in (FULL if args.full else SMALL).items():  # what the command line left unset
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if any(k > args.experts for k in args.ks + args.contiguous_ks):
         raise SparsenError(f"--ks and --contiguous-ks take experts per token from 1 to {args.experts} (--experts)")
     out = Path(args.out)

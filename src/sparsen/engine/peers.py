@@ -165,6 +165,7 @@ class PeerProcess:
         if not self.conn.poll(self.timeout):
             self.proc.kill()
             self.proc.join()
+            self.conn.close()
             raise PeerFailed(f"no answer within {self.timeout:g} s while {doing} (hung): stopped")
         try:
             kind, value = self.conn.recv()
