@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from sparsen.io import save_figure  # noqa: E402
-from sparsen.measure.profile import SITE_LABELS, SITES  # noqa: E402
+from sparsen.io import pyplot, save_figure
+from sparsen.measure.profile import SITE_LABELS, SITES
 
 
 def plot_profile(profile: dict, out_dir: str | Path) -> list[Path]:
+    plt = pyplot()  # the Agg backend chosen here, not as a side effect of importing this module
     out_dir = Path(out_dir)
     layers = profile["layers"]
     x = [lay["layer"] for lay in layers]
