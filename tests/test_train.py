@@ -173,3 +173,15 @@ def test_the_clis_experiments_are_the_runners():
     from sparsen.train.routing import RUNNERS as ROUTING
 
     assert set(EXPERIMENTS) == set(RUNNERS) | set(ROUTING) | set(GATING)
+
+
+def test_a_classifier_fits_a_handful_of_random_labels():
+    from sparsen.train.trainer import ClassifyTask
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(256, (24, 16), generator=g), torch.randint(4, (24,), generator=g)
+    task = ClassifyTask(x[:16], y[:16], x[16:], y[16:], "random bytes x random labels")
+    r = train(build_model(LMConfig(**TINY, classes=4), 0), task, _tcfg(steps=150, batch=16, lr=1e-2, warmup=5, evals=3),
+              None, progress=False)
+    assert r["history"][0]["train_accuracy"] < 0.6 and r["final"]["train_accuracy"] == 1.0
+    assert 0 <= r["final"]["heldout_accuracy"] <= 1

@@ -149,7 +149,7 @@ class ClassifyTask:
     def loss(logits, y):
         return F.cross_entropy(logits, y)
 
-    accuracy = LMTask.accuracy
+    accuracy = staticmethod(LMTask.accuracy)
 
 
 @torch.no_grad()
