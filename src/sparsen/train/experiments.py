@@ -243,7 +243,7 @@ def random_labels(out, full: bool = False, seeds: int | None = None, steps: int 
             y_all = torch.randint(classes, (n + 256,), generator=g)
             task = ClassifyTask(x_all[:n], y_all[:n], x_all[n:], y_all[n:], f"{variant} x random labels (seed {seed})")
             cfg = LMConfig(ctx=ctx, classes=classes)
-            tcfg = TrainConfig(steps=n_steps, batch=BATCH, lr=2e-3, warmup=50, seed=seed, evals=14, weight_decay=0.0,
+            tcfg = TrainConfig(steps=n_steps, batch=BATCH, lr=5e-4, warmup=50, seed=seed, evals=14, weight_decay=0.0,
                                min_lr_share=0.5)
             r = run_cached(out, cfg, tcfg, task, progress, f"classify-{variant}-s{seed}")
             model = load_trained(r["folder"])
