@@ -47,7 +47,7 @@ def test_a_hung_a_raising_and_an_unstartable_peer_are_notes():
         PeerProcess("x", SPEC, timeout=20, target="peer_fakes:FailsToStart")
 
 
-def test_llamacpp_on_a_model_without_a_gguf_is_a_note(tmp_path):
+def test_llamacpp_on_a_model_without_a_gguf_is_a_note():
     with pytest.raises(PeerFailed, match="llama.cpp needs a .gguf model; 'tiny-llama' was loaded from random init"):
         PeerProcess("llamacpp", SPEC, timeout=60)
 

@@ -113,7 +113,7 @@ def open_kernels(path: str | Path, abi_version: int = ABI_VERSION) -> ctypes.CDL
         raise SparsenError(f"the engine's C kernels are a stale build (ABI {version}, this sparsen needs "
                            f"{abi_version}): {REBUILD}")
     lib.sp_isa.restype = ctypes.c_char_p
-    isa = [f for f in lib.sp_isa().decode().split(",") if f]
+    isa = _isa(lib)
     flags = cpu_flags()
     missing = [f for f in isa if f not in flags] if flags else []
     if missing:
@@ -143,9 +143,13 @@ def open_kernels(path: str | Path, abi_version: int = ABI_VERSION) -> ctypes.CDL
     return lib
 
 
+def _isa(lib: ctypes.CDLL) -> list[str]:
+    return [f for f in lib.sp_isa().decode().split(",") if f]
+
+
 def kernel_isa() -> list[str]:
     """The instruction-set extensions the loaded kernels were compiled with (cpuinfo names)."""
-    return [f for f in kernels().sp_isa().decode().split(",") if f]
+    return _isa(kernels())
 
 
 def library_path() -> Path | None:

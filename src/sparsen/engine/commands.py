@@ -130,7 +130,6 @@ def cmd_bench(args) -> None:
     kv = args.kv_dtype
     dense = Engine(lm, None, dtype=args.dtype, threads=args.threads, max_seq=max_seq, kv_dtype=kv)
     sparse = Engine(lm, plan, dtype=args.dtype, threads=args.threads, max_seq=max_seq, kv_dtype=kv) if plan else None
-    peers = Peers(systems, PeerSpec(lm.spec, str(lm.source), args.threads, max_seq + 8), args.peer_timeout)
     floor = None
     if args.profile:  # the same engine with every block-linear input skipped: what a token costs besides them
         from sparsen.core.plan import Plan
@@ -138,6 +137,7 @@ def cmd_bench(args) -> None:
         skip_all = Plan(method="skip-all", target_sparsity=0.0, model=lm.spec, fingerprint=lm.fingerprint,
                         sites={site: {"rule": "threshold", "threshold": float("inf")} for site in dense.params})
         floor = Engine(lm, skip_all, dtype=args.dtype, threads=args.threads, max_seq=max_seq)
+    peers = Peers(systems, PeerSpec(lm.spec, str(lm.source), args.threads, max_seq + 8), args.peer_timeout)
     runs = {"engine_dense": [], "engine_sparse": [], "hf": [], "llamacpp": [], "engine_no_block_linears": []}
     try:
         for r in range(args.rounds):  # interleaved: every system once per round

@@ -149,7 +149,7 @@ class PeerProcess:
     """One peer in a child process (spawned: no forked torch or OpenMP state). Raises PeerFailed with the note."""
 
     def __init__(self, name: str, spec: PeerSpec, timeout: float = TIMEOUT, target: str | None = None):
-        self.name, self.timeout = name, timeout
+        self.timeout = timeout
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_serve, args=(target or PEERS[name], spec, child), daemon=True)
