@@ -185,3 +185,22 @@ def test_a_classifier_fits_a_handful_of_random_labels():
               None, progress=False)
     assert r["history"][0]["train_accuracy"] < 0.6 and r["final"]["train_accuracy"] == 1.0
     assert 0 <= r["final"]["heldout_accuracy"] <= 1
+
+
+def test_distillation_arms_are_paired_and_the_kl_weight_ramps(tmp_path):
+    from sparsen.train.experiments import _distill_run, kl_weight
+
+    assert [kl_weight(s, 10, 2.0, 0.5) for s in (0, 1, 5, 9)] == [0.0, 0.4, 2.0, 2.0]
+    assert kl_weight(0, 10, 2.0, 0.0) == 2.0
+    data, tcfg = _data(), _tcfg(steps=5)
+    student = LMConfig(**TINY, attention="topk", attn_k=4)
+    teacher = LMConfig(**{**TINY, "d_model": 32, "d_ff": 64})
+    # weight 0: the jointly trained student is the student trained alone (same init, batches and optimizer)
+    joint = _distill_run(tmp_path, {"s": student}, teacher, data, tcfg, 0.0, 0.0, False, "w0")
+    alone = build_model(student, tcfg.seed)
+    train(alone, LMTask(data), tcfg, None, progress=False)
+    assert joint["s"]["loss"] == pytest.approx(lm_quality(alone, data.heldout(128), corruptions=())["loss"], abs=1e-5)
+    distilled = _distill_run(tmp_path, {"s": student}, teacher, data, tcfg, 1.0, 0.0, False, "w1")
+    assert abs(distilled["s"]["loss"] - joint["s"]["loss"]) > 1e-4
+    assert distilled["teacher"] == joint["teacher"]  # the teacher never sees the students
+    assert _distill_run(tmp_path, {"s": student}, teacher, data, tcfg, 1.0, 0.0, False, "w1") == distilled  # cached

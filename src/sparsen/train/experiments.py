@@ -503,87 +503,113 @@ def stat_topk_bench(out, full: bool = False, progress: bool = True, model: str =
 
 
 # --- LightSUAN-style online distillation ---------------------------------------------------------------------------------
-def _distill_run(out: Path, student_cfg: LMConfig, teacher_cfg: LMConfig, data: TokenData, tcfg: TrainConfig,
-                 weight: float, progress: bool, tag: str) -> dict:
-    """Teacher and student trained together on the same batches; the student's loss is CE + weight * KL(teacher ||
-    student) with the teacher detached. Cached as OUT/runs/TAG/distill.json."""
+TEACHER = LMConfig(d_model=256, n_heads=8, d_ff=1024)
+"""LightSUAN's teacher is a dense model one grade larger than its sparse student: here 4x the parameters"""
+STUDENTS = {"topk-8": LMConfig(attention="topk", attn_k=8),
+            "local8-dilated32": LMConfig(attention="local-dilated", attn_window=8, attn_stride=32)}
+
+
+def kl_weight(step: int, steps: int, weight: float, ramp: float) -> float:
+    """The distillation term's weight: linear from 0 over the first ``ramp`` share of the steps, then ``weight``
+    (a teacher trained alongside is poor at first)."""
+    return weight if ramp <= 0 else weight * min(1.0, step / (ramp * steps))
+
+
+def _distill_run(out: Path, students: dict, teacher_cfg: LMConfig, data: TokenData, tcfg: TrainConfig,
+                 weight: float, ramp: float, progress: bool, tag: str) -> dict:
+    """One teacher and every student trained together on the same batches; each student's loss is CE + w(step) *
+    KL(teacher || student) with the teacher detached. Cached as OUT/runs/TAG-HASH/distill.json."""
     from tqdm.auto import tqdm
 
-    key = _run_key(student=student_cfg, teacher=teacher_cfg, train=tcfg, weight=weight, data=LMTask(data).identity())
+    key = _run_key(students=sorted((n, c.to_json()) for n, c in students.items()), teacher=teacher_cfg, train=tcfg,
+                   weight=weight, ramp=ramp, data=LMTask(data).identity())
     folder = out / "runs" / f"{tag}-{key}"
     done = folder / "distill.json"
     if done.is_file():
         return json.loads(done.read_text())
     task = LMTask(data)
     task.check(tcfg)
-    # the student starts where the student trained alone starts (same seed, same batches): the arms are paired
-    teacher, student = build_model(teacher_cfg, tcfg.seed + 10_000), build_model(student_cfg, tcfg.seed)
-    opts = [torch.optim.AdamW(m.parameters(), lr=tcfg.lr, betas=(0.9, 0.95), weight_decay=0.0) for m in (teacher, student)]
+    # each student starts where it starts trained alone (same seed, same batches): the arms are paired
+    teacher = build_model(teacher_cfg, tcfg.seed + 10_000)
+    models = {"teacher": teacher} | {n: build_model(c, tcfg.seed) for n, c in students.items()}
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=tcfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+            for n, m in models.items()}
     t0 = time.perf_counter()
     for step in tqdm(range(tcfg.steps), desc=tag, disable=not progress):
         x, y = task.batch(step, tcfg)
-        for o in opts:
-            for grp in o.param_groups:
+        w = kl_weight(step, tcfg.steps, weight, ramp)
+        target = None
+        for n, m in models.items():
+            for grp in opts[n].param_groups:
                 grp["lr"] = tcfg.lr_at(step)
-        lt = teacher(x)
-        ls = student(x)
-        loss_t = LMTask.loss(lt, y)
-        kl = F.kl_div(ls.log_softmax(-1), lt.detach().log_softmax(-1), log_target=True, reduction="batchmean") / x.shape[1]
-        loss_s = LMTask.loss(ls, y) + weight * kl
-        for o, loss, m in ((opts[0], loss_t, teacher), (opts[1], loss_s, student)):
-            o.zero_grad(set_to_none=True)
+            logits = m(x)
+            loss = LMTask.loss(logits, y)
+            if target is None:
+                target = logits.detach().log_softmax(-1)
+            elif w > 0:
+                kl = F.kl_div(logits.log_softmax(-1), target, log_target=True, reduction="batchmean") / x.shape[1]
+                loss = loss + w * kl
+            opts[n].zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), tcfg.grad_clip)
-            o.step()
+            opts[n].step()
     held = data.heldout(128)
-    res = {"teacher": lm_quality(teacher, held, corruptions=()), "student": lm_quality(student, held, corruptions=()),
-           "seconds": round(time.perf_counter() - t0, 1), "weight": weight, "steps": tcfg.steps}
+    res = {n: lm_quality(m, held, corruptions=()) for n, m in models.items()} | {
+        "seconds": round(time.perf_counter() - t0, 1), "weight": weight, "ramp": ramp, "steps": tcfg.steps}
     folder.mkdir(parents=True, exist_ok=True)
     write_json(done, res)
     return res
 
 
 def distill(out, full: bool = False, seeds: int | None = None, steps: int | None = None, text: str | None = None,
-            weight: float = 1.0, progress: bool = True) -> dict:
-    """A sparse-attention student (top-k keys, and local window + dilated) trained alone vs with online distillation
-    from a dense teacher trained alongside, at equal student steps: the share of the gap to the teacher recovered."""
+            weight: float = 1.0, ramp: float = 0.5, progress: bool = True) -> dict:
+    """Sparse-attention students (top-k keys, and local window + dilated) trained alone vs with online distillation
+    from a larger dense teacher trained alongside, at equal student steps: the share of the gap between the student
+    alone and the teacher that distillation recovers. The same-size dense model, trained alone, is reported beside."""
     out = Path(out)
     s = setting(full, seeds or (2 if full else 1), steps or (600 if full else None), text)
     data = _data(s.text, 128)
-    teacher_cfg = LMConfig()
-    students = {"topk-8": LMConfig(attention="topk", attn_k=8),
-                "local8-dilated32": LMConfig(attention="local-dilated", attn_window=8, attn_stride=32)}
     held = data.heldout(128)
-    rows = {}
-    for name, scfg in students.items():
-        per = []
-        for seed in s.seeds:
-            tcfg = TrainConfig(steps=s.steps, batch=BATCH, seed=seed, warmup=min(100, s.steps // 10), evals=4)
+    per = {name: [] for name in STUDENTS}
+    joint_runs = []
+    for seed in s.seeds:
+        tcfg = TrainConfig(steps=s.steps, batch=BATCH, seed=seed, warmup=min(100, s.steps // 10), evals=4)
+        same = run_cached(out, LMConfig(), tcfg, LMTask(data), progress, f"dense-s{seed}")
+        same_q = lm_quality(load_trained(same["folder"]), held, corruptions=())
+        joint = _distill_run(out, STUDENTS, TEACHER, data, tcfg, weight, ramp, progress, f"distill-s{seed}")
+        joint_runs.append(joint["seconds"])
+        for name, scfg in STUDENTS.items():
             alone = run_cached(out, scfg, tcfg, LMTask(data), progress, f"student-{name}-s{seed}")
             alone_q = lm_quality(load_trained(alone["folder"]), held, corruptions=())
-            joint = _distill_run(out, scfg, teacher_cfg, data, tcfg, weight, progress,
-                                 f"distill-{name}-s{seed}")
             gap = alone_q["loss"] - joint["teacher"]["loss"]
-            per.append({"seed": seed, "alone": alone_q["loss"], "distilled": joint["student"]["loss"],
-                        "teacher": joint["teacher"]["loss"], "alone_seconds": alone["seconds"],
-                        "joint_seconds": joint["seconds"],
-                        "recovered": (alone_q["loss"] - joint["student"]["loss"]) / gap if gap > 0 else float("nan")})
-        rows[name] = {"seeds": per, **{k: _mean_ci([p[k] for p in per]) for k in ("alone", "distilled", "teacher",
-                                                                                  "recovered")}}
-    result = {"setting": s.__dict__, "weight": weight, "students": rows}
+            per[name].append({"seed": seed, "alone": alone_q["loss"], "distilled": joint[name]["loss"],
+                              "teacher": joint["teacher"]["loss"], "same_size_dense": same_q["loss"],
+                              "alone_seconds": alone["seconds"], "gap": gap,
+                              "recovered": (alone_q["loss"] - joint[name]["loss"]) / gap if gap > 0 else float("nan")})
+    keys = ("alone", "distilled", "teacher", "same_size_dense", "gap", "recovered")
+    rows = {name: {"seeds": p, **{k: _mean_ci([q[k] for q in p]) for k in keys}} for name, p in per.items()}
+    result = {"setting": s.__dict__, "weight": weight, "ramp": ramp, "teacher": TEACHER.to_json(),
+              "joint_seconds": joint_runs, "students": rows}
     md = [f"# Online distillation into sparse-attention students ({len(s.seeds)} seed(s), {s.steps} steps, {s.text}); "
-          "held-out loss in nats/byte", "", "| student | alone | distilled | dense teacher | share of the gap recovered |",
-          "|---|---|---|---|---|"]
+          f"teacher: dense, d_model {TEACHER.d_model}, d_ff {TEACHER.d_ff}; KL weight {weight:g} ramped over the first "
+          f"{ramp:.0%} of steps; held-out loss in nats/byte", "",
+          "| student | alone | distilled | teacher (trained alongside) | same-size dense alone | share of the gap "
+          "recovered |", "|---|---|---|---|---|---|"]
     for name, r in rows.items():
         md.append(f"| {name} | {_fmt(*r['alone'])} | {_fmt(*r['distilled'])} | {_fmt(*r['teacher'])} | "
-                  f"{_fmt(*r['recovered'], digits=2)} |")
+                  f"{_fmt(*r['same_size_dense'])} | {_fmt(*r['recovered'], digits=2)} |")
+    alone_s = ", ".join(f"{q['alone_seconds']:.0f} s" for p in per.values() for q in p)
+    md.append(f"\nJoint runs (teacher and both students): {', '.join(f'{t:.0f} s' for t in joint_runs)}; students "
+              f"alone: {alone_s}.")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     names = list(rows)
-    for j, key in enumerate(("alone", "distilled", "teacher")):
-        ax.bar([i + j * 0.27 for i in range(len(names))], [rows[n][key][0] for n in names], 0.27,
-               yerr=[rows[n][key][1] for n in names], capsize=3, label=key)
-    ax.set_xticks([i + 0.27 for i in range(len(names))], names)
+    bars = ("alone", "distilled", "teacher", "same_size_dense")
+    wdt = 0.8 / len(bars)
+    for j, key in enumerate(bars):
+        ax.bar([i + j * wdt for i in range(len(names))], [rows[n][key][0] for n in names], wdt,
+               yerr=[rows[n][key][1] for n in names], capsize=3, label=key.replace("_", " "))
+    ax.set_xticks([i + 1.5 * wdt for i in range(len(names))], names)
     ax.set_ylabel("held-out loss (nats/byte)")
     ax.set_ylim(min(rows[n]["teacher"][0] for n in names) * 0.95, None)
     ax.legend()
