@@ -22,7 +22,12 @@ VARIANTS = {  # name: (inputs, training fields changed from BASE)
     "steps8000": ("text", dict(steps=8000, evals=16)),
     "wd0.1": ("text", dict(weight_decay=0.1)),
     "bytes-steps8000": ("random-bytes", dict(steps=8000, evals=16)),
+    "lr0.001-warmup500": ("text", dict(lr=1e-3, warmup=500)),
+    "lr0.002-warmup500": ("text", dict(lr=2e-3, warmup=500)),
+    "cls": ("text", {}),  # model field: a CLS token read out instead of the mean over positions
+    "bytes-cls": ("random-bytes", {}),
 }
+MODEL = {"cls": dict(pool="cls"), "bytes-cls": dict(pool="cls")}
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "random_lr")
 names = sys.argv[2:] or ["lr0.001", "lr0.0005"]
@@ -40,7 +45,7 @@ for name in names:
     task = ClassifyTask(x_all[:n], y_all[:n], x_all[n:], y_all[n:], f"{inputs} x random labels")
     tcfg = TrainConfig(**{**BASE, **fields, "seed": seed})
     tag = f"text-lr{tcfg.lr}" if name.startswith("lr") else name  # the lr runs keep their first cache names
-    r = run_cached(out, LMConfig(ctx=ctx, classes=classes), tcfg, task, False, tag)
+    r = run_cached(out, LMConfig(ctx=ctx, classes=classes, **MODEL.get(name, {})), tcfg, task, False, tag)
     f = r["final"]
     print(f"{name}: train accuracy {f['train_accuracy']:.3f}, nonzero per layer "
           f"{[round(v, 3) for v in f['nnz_train']]}, dead per layer {[round(v, 3) for v in f['dead_heldout']]}; "

@@ -35,21 +35,25 @@ def test_any_module_sits_in_any_block():
         assert m(torch.zeros(2, 16, dtype=torch.long)).shape == (2, 16, 256)
 
 
-def test_the_language_model_is_causal_and_the_classifier_sees_every_position():
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_the_language_model_is_causal_and_the_classifier_sees_every_position(pool):
     torch.manual_seed(0)
     lm = TinyLM(LMConfig(**TINY))
     x = torch.randint(256, (1, 16))
     y = x.clone()
     y[0, 10] = (y[0, 10] + 1) % 256
     assert torch.equal(lm(x)[0, :10], lm(y)[0, :10])
-    clf = TinyLM(LMConfig(**TINY, classes=3))
+    clf = TinyLM(LMConfig(**TINY, classes=3, pool=pool))
     emb = clf.embed(x).detach().requires_grad_(True)
-    h = emb
+    h = torch.cat([clf.cls, emb], 1) if pool == "cls" else emb
     for b in clf.blocks:
         h = b(h)
     clf.classifier(clf.norm(h)[:, 0]).sum().backward()  # position 0's output depends on the last position's input
     assert emb.grad[0, -1].abs().sum() > 0
     assert clf(x).shape == (1, 3)
+    if pool == "cls":  # the readout is the prepended token's output
+        with torch.no_grad():
+            assert torch.allclose(clf(x), clf.classifier(clf.norm(h)[:, 0]), atol=1e-6)
 
 
 def test_relu_mlps_start_near_half_nonzero():

@@ -58,7 +58,9 @@ class LMConfig:
     attn_window: int = 16
     attn_stride: int = 16
     classes: int = 0
-    """> 0: a classifier over ``classes`` labels (unmasked attention, mean-pooled), not a language model"""
+    """> 0: a classifier over ``classes`` labels (unmasked attention), not a language model"""
+    pool: str = "mean"
+    """classifier readout: 'mean' over the positions, or 'cls': a learned token prepended and read out (ViT's)"""
 
     def __post_init__(self):
         check(self.vocab > 1 and self.d_model > 0 and self.n_layers > 0 and self.ctx > 1 and self.d_ff > 0,
@@ -73,6 +75,7 @@ class LMConfig:
         if self.mlp == "moe":
             check_k(self.k, self.experts, "k (experts per token)")
         check(self.classes >= 0, "classes must be >= 0")
+        check(self.pool in ("mean", "cls"), f"pool must be 'mean' or 'cls', not '{self.pool}'")
 
     def mlp_config(self, layer: int):
         kind = self.mlp if (not self.sparse_layers or layer in self.sparse_layers) else "dense"
@@ -128,6 +131,8 @@ class TinyLM(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model)
         self.classifier = nn.Linear(cfg.d_model, cfg.classes) if cfg.classes else None
         self.apply(self._init)
+        if cfg.classes and cfg.pool == "cls":
+            self.cls = nn.Parameter(torch.randn(1, 1, cfg.d_model) * 0.02)  # after the others: their init unchanged
 
     @staticmethod
     def _init(m):
@@ -141,11 +146,14 @@ class TinyLM(nn.Module):
         check(tokens.shape[-1] <= self.cfg.ctx, f"sequences of {tokens.shape[-1]} tokens are longer than ctx "
               f"{self.cfg.ctx}")
         x = self.embed(tokens)
+        cls = self.classifier is not None and self.cfg.pool == "cls"
+        if cls:
+            x = torch.cat([self.cls.expand(x.shape[0], 1, -1), x], 1)
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
         if self.classifier is not None:
-            return self.classifier(x.mean(1))
+            return self.classifier(x[:, 0] if cls else x.mean(1))
         return x @ self.embed.weight.T
 
     def aux_loss(self) -> torch.Tensor:

@@ -53,6 +53,31 @@ static double estimate_reads(const sp_attn *A, int n, int hd) {
 KTH_LARGEST(kth_largest_f, float)
 KTH_LARGEST(kth_largest_d, double)
 
+/* The values of v[0:m) at or above t (into vals, when given) and their positions (into idx, when given), in order;
+ * returns their count. Both buffers need room for m (AVX-512 stores 16 lanes past the count, below m). */
+static int keep_at_least(const float *restrict v, int m, float t, float *restrict vals, int *restrict idx) {
+    int c = 0, j = 0;
+#ifdef __AVX512F__ /* register compress, then a plain store: the memory form is microcoded on AMD Zen 4 */
+    const __m512 tt = _mm512_set1_ps(t);
+    const __m512i sixteen = _mm512_set1_epi32(16);
+    __m512i ix = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (; j + 16 <= m; j += 16) {
+        const __m512 x = _mm512_loadu_ps(v + j);
+        const __mmask16 k = _mm512_cmp_ps_mask(x, tt, _CMP_GE_OQ);
+        if (vals) _mm512_storeu_ps(vals + c, _mm512_maskz_compress_ps(k, x));
+        if (idx) _mm512_storeu_si512((void *)(idx + c), _mm512_maskz_compress_epi32(k, ix));
+        c += __builtin_popcount((unsigned)k);
+        ix = _mm512_add_epi32(ix, sixteen);
+    }
+#endif
+    for (; j < m; j++) { /* branch-free */
+        if (vals) vals[c] = v[j];
+        if (idx) idx[c] = j;
+        c += v[j] >= t;
+    }
+    return c;
+}
+
 /* core.attention.top_budget on one row: the positions of v[0:m) at or above its k-th largest (ties included). For
  * a small share of a long row the k-th largest is searched among the values at or above a bound from a sample of
  * 256 (exact whenever k of them reach it: otherwise the whole row), a few times faster than over all of it. */
@@ -66,10 +91,7 @@ static int top_budget(const float *v, int m, int k, float *tmp, int *out) {
             for (int j = 0; j < m; j += step) tmp[ns++] = v[j];
             int ks = (int)(1.5 * k / m * ns) + 8; /* ranked a little lower than k: the bound falls below the answer */
             const float lb = kth_largest_f(tmp, ns, ks < ns ? ks : ns);
-            for (int j = 0; j < m; j++) { /* branch-free compaction */
-                tmp[c] = v[j];
-                c += v[j] >= lb;
-            }
+            c = keep_at_least(v, m, lb, tmp, NULL);
             if (c >= k) thr = kth_largest_f(tmp, c, k);
         }
         if (c < k) {
@@ -77,12 +99,7 @@ static int top_budget(const float *v, int m, int k, float *tmp, int *out) {
             thr = kth_largest_f(tmp, m, k);
         }
     }
-    int c = 0;
-    for (int j = 0; j < m; j++) {
-        out[c] = j;
-        c += v[j] >= thr;
-    }
-    return c;
+    return keep_at_least(v, m, thr, NULL, out);
 }
 
 static int cmp_desc(const void *a, const void *b) {
@@ -202,13 +219,24 @@ void sp_select_append(int ith, int nth, const sp_model *M, int l, int pos, float
     }
 }
 
+/* This thread's share [lo, hi) of the n causal keys an estimate scores: whole tiles of int8 codes. */
+static void est_range(const sp_attn *A, int n, int ith, int nth, int *lo, int *hi) {
+    if (A->codes) {
+        sp_range((n + SP_CODE_TILE - 1) / SP_CODE_TILE, ith, nth, lo, hi);
+        *lo *= SP_CODE_TILE, *hi = *hi * SP_CODE_TILE < n ? *hi * SP_CODE_TILE : n;
+        if (*lo > *hi) *lo = *hi;
+    } else {
+        sp_range(n, ith, nth, lo, hi);
+    }
+}
+
 /* oracle: the exact logits of every causal key [0, n) for every query head (this thread's share of the keys),
  * into scores[h, j], and this thread's maximum per head into tmax. */
 static void est_exact(int ith, int nth, const sp_model *M, int l, const float *q, int n, float *scores, float *tmax,
                       float *tmp) {
     const int hd = M->head_dim, nh = M->n_heads, S = M->max_seq, group = nh / M->n_kv;
     int lo, hi;
-    sp_range(n, ith, nth, &lo, &hi);
+    est_range(M->attn, n, ith, nth, &lo, &hi);
     float *tm = tmax + (size_t)ith * nh;
     for (int h = 0; h < nh; h++) tm[h] = -INFINITY;
     for (int kv = 0; kv < M->n_kv; kv++) {
@@ -280,13 +308,7 @@ static void est_labels(int ith, int nth, const sp_model *M, int l, const float *
             w[(size_t)x * r + c] = sum * A->label_scale;
         }
     int lo, hi;
-    if (A->codes) { /* whole tiles */
-        sp_range((n + EST_KEYS - 1) / EST_KEYS, ith, nth, &lo, &hi);
-        lo *= EST_KEYS, hi = hi * EST_KEYS < n ? hi * EST_KEYS : n;
-        if (lo > hi) lo = hi;
-    } else {
-        sp_range(n, ith, nth, &lo, &hi);
-    }
+    est_range(A, n, ith, nth, &lo, &hi);
     float mx[EST_ROWS];
     for (int lh = 0; lh < A->lab_heads; lh++) {
         const size_t head = (size_t)l * A->lab_heads + lh;
@@ -346,15 +368,17 @@ static void est_labels(int ith, int nth, const sp_model *M, int l, const float *
     }
 }
 
-/* The softmax of scores[h, 0:n) per head, in two ops around a barrier: probs_exp turns this thread's keys into
- * exp(x - max) (max: over the threads' maxima) and sums them per head into tsum; probs_values then writes, per
- * selection head, the probabilities summed over its query heads (mean: divided by their number) into vals. */
-static void probs_exp(int ith, int nth, int nh, int S, int n, float *scores, const float *tmax, float *tsum) {
+/* The softmax of scores[h, 0:n) per head, in two ops around one barrier, each thread on the keys it estimated
+ * (est_range): probs_exp turns them into exp(x - m) with m this thread's maximum (tmax) and sums them per head into
+ * tsum; probs_values then writes, per selection head, the probabilities summed over its query heads (mean: divided
+ * by their number) into vals, each thread's terms scaled by exp(m - max) / (the sum over threads). */
+static void probs_exp(int ith, int nth, const sp_attn *A, int nh, int S, int n, float *scores, const float *tmax,
+                      float *tsum) {
     int lo, hi;
-    sp_range(n, ith, nth, &lo, &hi);
+    est_range(A, n, ith, nth, &lo, &hi);
     for (int h = 0; h < nh; h++) {
-        float mx = -INFINITY, sum = 0.f;
-        for (int t = 0; t < nth; t++) mx = tmax[(size_t)t * nh + h] > mx ? tmax[(size_t)t * nh + h] : mx;
+        const float mx = tmax[(size_t)ith * nh + h];
+        float sum = 0.f;
         float *restrict s = scores + (size_t)h * S;
 #pragma omp simd reduction(+ : sum)
         for (int j = lo; j < hi; j++) {
@@ -365,24 +389,28 @@ static void probs_exp(int ith, int nth, int nh, int S, int n, float *scores, con
     }
 }
 
-static void probs_values(int ith, int nth, int nh, int S, int n, const float *scores, const float *tsum,
-                         int sel_heads, int mean, float *vals) {
+static void probs_values(int ith, int nth, const sp_attn *A, int nh, int S, int n, const float *scores,
+                         const float *tmax, const float *tsum, int sel_heads, int mean, float *vals) {
     const int gs = nh / sel_heads;
     int lo, hi;
-    sp_range(n, ith, nth, &lo, &hi);
+    est_range(A, n, ith, nth, &lo, &hi);
+    if (lo >= hi) return;
     for (int h = 0; h < nh; h++) {
-        float z = 0.f;
-        for (int t = 0; t < nth; t++) z += tsum[(size_t)t * nh + h];
-        const float *s = scores + (size_t)h * S;
-        float *v = vals + (size_t)(h / gs) * S;
-        if (h % gs == 0)
-            for (int j = lo; j < hi; j++) v[j] = s[j] / z;
-        else
-            for (int j = lo; j < hi; j++) v[j] += s[j] / z;
+        float mx = -INFINITY, z = 0.f;
+        for (int t = 0; t < nth; t++) mx = tmax[(size_t)t * nh + h] > mx ? tmax[(size_t)t * nh + h] : mx;
+        for (int t = 0; t < nth; t++)
+            if (tsum[(size_t)t * nh + h] > 0.f) z += tsum[(size_t)t * nh + h] * sp_exp(tmax[(size_t)t * nh + h] - mx);
+        const float f = sp_exp(tmax[(size_t)ith * nh + h] - mx) / (z * (mean ? (float)gs : 1.f));
+        const float *restrict s = scores + (size_t)h * S;
+        float *restrict v = vals + (size_t)(h / gs) * S;
+        if (h % gs == 0) {
+#pragma omp simd
+            for (int j = lo; j < hi; j++) v[j] = s[j] * f;
+        } else {
+#pragma omp simd
+            for (int j = lo; j < hi; j++) v[j] += s[j] * f;
+        }
     }
-    if (mean && gs > 1)
-        for (int s = 0; s < sel_heads; s++)
-            for (int j = lo; j < hi; j++) vals[(size_t)s * S + j] /= (float)gs;
 }
 
 /* quest: the upper bound sum_d max(q_d min_d, q_d max_d) of each complete page [0, n_pages) (this thread's share),
@@ -481,10 +509,10 @@ void sp_select_stage(sp_ctx *c, const sp_model *M, int l, int pos) {
         if (oracle) est_exact(ith, nth, M, l, ws->q, n, ws->scores, ws->tmax, c->t->row);
         else est_labels(ith, nth, M, l, ws->q, n, probs, c->t->qp, ws->scores, ws->tmax, ws->vals, G);
         if (probs) {
-            SP_BARRIER(); /* every thread's maxima */
-            probs_exp(ith, nth, nh, S, n, ws->scores, ws->tmax, ws->tsum);
-            SP_BARRIER(); /* every thread's sums */
-            probs_values(ith, nth, nh, S, n, ws->scores, ws->tsum, G, A->method == SP_ATTN_ORACLE_TOPP, ws->vals);
+            probs_exp(ith, nth, A, nh, S, n, ws->scores, ws->tmax, ws->tsum); /* the keys this thread estimated */
+            SP_BARRIER(); /* every thread's maxima and sums */
+            probs_values(ith, nth, A, nh, S, n, ws->scores, ws->tmax, ws->tsum, G, A->method == SP_ATTN_ORACLE_TOPP,
+                         ws->vals);
         }
         SP_BARRIER(); /* every key's value */
         for (int s = g0; s < g1; s++) {
