@@ -13,7 +13,7 @@ import torch
 
 from sparsen.train.experiments import BATCH, _data, run_cached, setting
 from sparsen.train.model import LMConfig
-from sparsen.train.trainer import ClassifyTask, TrainConfig
+from sparsen.train.trainer import ClassifyTask, LMTask, TrainConfig
 
 BASE = dict(steps=4000, batch=BATCH, lr=5e-4, warmup=50, evals=14, weight_decay=0.0, min_lr_share=0.5)
 VARIANTS = {  # name: (inputs, training fields changed from BASE)
@@ -28,6 +28,11 @@ VARIANTS = {  # name: (inputs, training fields changed from BASE)
     "bytes-cls": ("random-bytes", {}),
 }
 MODEL = {"cls": dict(pool="cls"), "bytes-cls": dict(pool="cls")}
+LM_CONTROLS = {  # the language model of `experiment emergence` (seed 0, 1,000 steps) at the classifier's rates
+    "lm-lr0.0005": dict(lr=5e-4),
+    # the classifier's schedule and bytes per step (16 x 128 = 32 x 64)
+    "lm-as-classifier": dict(lr=5e-4, steps=4000, warmup=50, min_lr_share=0.5, batch=16),
+}
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "random_lr")
 names = sys.argv[2:] or ["lr0.001", "lr0.0005"]
@@ -35,6 +40,15 @@ s = setting(True, 1, None, None)
 n, ctx, classes, seed = 2048, 64, 10, 0
 data = _data(s.text, ctx)
 for name in names:
+    if name in LM_CONTROLS:
+        fields = {"steps": 1000, "warmup": 100, "evals": 16, **LM_CONTROLS[name]}
+        r = run_cached(out, LMConfig(), TrainConfig(**fields, seed=seed), LMTask(_data(s.text, 128)), False, name)
+        f = r["final"]
+        print(f"{name}: held-out loss {f['heldout_loss']:.3f}, nonzero per layer (held-out) "
+              f"{[round(v, 3) for v in f['nnz_heldout']]}, dead per layer {[round(v, 3) for v in f['dead_heldout']]}; "
+              "history " + "; ".join(f"{h['step']}: {[round(v, 2) for v in h['nnz_heldout']]}"
+                                     for h in r["history"][-5:]), flush=True)
+        continue
     inputs, fields = VARIANTS[name]
     g = torch.Generator().manual_seed(1000 + seed)  # as the experiment draws them
     if inputs == "text":

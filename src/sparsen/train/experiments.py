@@ -521,7 +521,7 @@ def _distill_run(out: Path, students: dict, teacher_cfg: LMConfig, data: TokenDa
     KL(teacher || student) with the teacher detached. Cached as OUT/runs/TAG-HASH/distill.json."""
     from tqdm.auto import tqdm
 
-    key = _run_key(students=sorted((n, c.to_json()) for n, c in students.items()), teacher=teacher_cfg, train=tcfg,
+    key = _run_key(students=sorted((n, _non_default(c)) for n, c in students.items()), teacher=teacher_cfg, train=tcfg,
                    weight=weight, ramp=ramp, data=LMTask(data).identity())
     folder = out / "runs" / f"{tag}-{key}"
     done = folder / "distill.json"
@@ -586,18 +586,22 @@ def distill(out, full: bool = False, seeds: int | None = None, steps: int | None
                               "teacher": joint["teacher"]["loss"], "same_size_dense": same_q["loss"],
                               "alone_seconds": alone["seconds"], "gap": gap,
                               "recovered": (alone_q["loss"] - joint[name]["loss"]) / gap if gap > 0 else float("nan")})
-    keys = ("alone", "distilled", "teacher", "same_size_dense", "gap", "recovered")
+    keys = ("alone", "distilled", "teacher", "same_size_dense", "gap")
     rows = {name: {"seeds": p, **{k: _mean_ci([q[k] for q in p]) for k in keys}} for name, p in per.items()}
+    for r in rows.values():  # the share from the means (a seed without a gap has no share of its own)
+        gap = r["alone"][0] - r["teacher"][0]
+        r["recovered"] = (r["alone"][0] - r["distilled"][0]) / gap if gap > 0 else float("nan")
     result = {"setting": s.__dict__, "weight": weight, "ramp": ramp, "teacher": TEACHER.to_json(),
               "joint_seconds": joint_runs, "students": rows}
     md = [f"# Online distillation into sparse-attention students ({len(s.seeds)} seed(s), {s.steps} steps, {s.text}); "
           f"teacher: dense, d_model {TEACHER.d_model}, d_ff {TEACHER.d_ff}; KL weight {weight:g} ramped over the first "
           f"{ramp:.0%} of steps; held-out loss in nats/byte", "",
           "| student | alone | distilled | teacher (trained alongside) | same-size dense alone | share of the gap "
-          "recovered |", "|---|---|---|---|---|---|"]
+          "recovered (of the means; per seed) |", "|---|---|---|---|---|---|"]
     for name, r in rows.items():
+        seeds = ", ".join(f"{q['recovered']:.2f}" for q in r["seeds"])
         md.append(f"| {name} | {_fmt(*r['alone'])} | {_fmt(*r['distilled'])} | {_fmt(*r['teacher'])} | "
-                  f"{_fmt(*r['same_size_dense'])} | {_fmt(*r['recovered'], digits=2)} |")
+                  f"{_fmt(*r['same_size_dense'])} | {r['recovered']:.2f} ({seeds}) |")
     alone_s = ", ".join(f"{q['alone_seconds']:.0f} s" for p in per.values() for q in p)
     md.append(f"\nJoint runs (teacher and both students): {', '.join(f'{t:.0f} s' for t in joint_runs)}; students "
               f"alone: {alone_s}.")

@@ -263,11 +263,13 @@ static void est_exact(int ith, int nth, const sp_model *M, int l, const float *q
 #define EST_KEYS SP_CODE_TILE
 #define EST_ROWS 4
 #if defined(__AVX512F__) && SP_CODE_TILE == 64
-/* One full tile of int8 codes for EST_ROWS rows of weights w[x * r + c] (rows past the real ones zero): the
- * 4 x 4 accumulators stay in registers over the channels, each channel's 64 codes widened once. */
-static void tile_codes_avx512(const int8_t *tile, int r, const float *w, float acc[EST_ROWS][EST_KEYS]) {
+/* One full tile of int8 codes for `rows` (<= EST_ROWS) rows of weights w[x * r + c]: the rows x 4 accumulators
+ * stay in registers over the channels, each channel's 64 codes widened once. Inlined per constant row count, so
+ * SmolLM2's 3 query heads per label head do not pay for a fourth. */
+static inline __attribute__((always_inline)) void tile_codes_rows(const int8_t *tile, int r, const float *w,
+                                                                  float acc[EST_ROWS][EST_KEYS], const int rows) {
     __m512 a[EST_ROWS][4];
-    for (int x = 0; x < EST_ROWS; x++)
+    for (int x = 0; x < rows; x++)
         for (int v = 0; v < 4; v++) a[x][v] = _mm512_setzero_ps();
     for (int c = 0; c < r; c++) {
         const __m512i b = _mm512_loadu_si512((const void *)(tile + (size_t)c * EST_KEYS));
@@ -276,13 +278,22 @@ static void tile_codes_avx512(const int8_t *tile, int r, const float *w, float a
         f[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, 1)));
         f[2] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, 2)));
         f[3] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(b, 3)));
-        for (int x = 0; x < EST_ROWS; x++) {
+        for (int x = 0; x < rows; x++) {
             const __m512 wc = _mm512_set1_ps(w[(size_t)x * r + c]);
             for (int v = 0; v < 4; v++) a[x][v] = _mm512_fmadd_ps(wc, f[v], a[x][v]);
         }
     }
-    for (int x = 0; x < EST_ROWS; x++)
+    for (int x = 0; x < rows; x++)
         for (int v = 0; v < 4; v++) _mm512_storeu_ps(acc[x] + 16 * v, a[x][v]);
+}
+
+static void tile_codes_avx512(const int8_t *tile, int r, const float *w, float acc[EST_ROWS][EST_KEYS], int nr) {
+    switch (nr) {
+    case 1: tile_codes_rows(tile, r, w, acc, 1); break;
+    case 2: tile_codes_rows(tile, r, w, acc, 2); break;
+    case 3: tile_codes_rows(tile, r, w, acc, 3); break;
+    default: tile_codes_rows(tile, r, w, acc, EST_ROWS);
+    }
 }
 #endif
 static void est_labels(int ith, int nth, const sp_model *M, int l, const float *q, int n, int per_head, float *qp,
@@ -326,7 +337,7 @@ static void est_labels(int ith, int nth, const sp_model *M, int l, const float *
                 const int8_t *tile = A->codes ? code_tile(A, S, head, j0) : NULL; /* j0: a tile's first key */
 #if defined(__AVX512F__) && SP_CODE_TILE == 64
                 const int wide = tile && m == EST_KEYS;
-                if (wide) tile_codes_avx512(tile, r, wpad, acc);
+                if (wide) tile_codes_avx512(tile, r, wpad, acc, nr);
 #else
                 const int wide = 0;
 #endif
