@@ -227,7 +227,7 @@ def random_labels(out, full: bool = False, seeds: int | None = None, steps: int 
     """The same blocks as a 10-class classifier (unmasked, mean-pooled) fitting random labels, on real text windows
     and on i.i.d. random bytes: does sparsity still emerge?"""
     out = Path(out)
-    s = setting(full, seeds if seeds else 1, steps, text)
+    s = setting(full, seeds if seeds else (3 if full else 1), steps, text)
     n, ctx, classes = (2048, 64, 10) if full else (512, 64, 10)
     n_steps = steps or (4000 if full else 400)
     data = _data(s.text, ctx)
