@@ -11,11 +11,9 @@ BENCHMARKS.md's table: every variant below (`all`), seed 0 (~1 h 10 min on 2 cor
 import sys
 from pathlib import Path
 
-import torch
-
-from sparsen.train.experiments import BATCH, _data, run_cached, setting
+from sparsen.train.experiments import BATCH, _data, random_label_task, run_cached, setting
 from sparsen.train.model import LMConfig
-from sparsen.train.trainer import ClassifyTask, LMTask, TrainConfig
+from sparsen.train.trainer import LMTask, TrainConfig
 
 BASE = dict(steps=4000, batch=BATCH, lr=5e-4, warmup=50, evals=14, weight_decay=0.0, min_lr_share=0.5)
 VARIANTS = {  # name: (inputs, training fields changed from BASE)
@@ -52,13 +50,7 @@ for name in names:
                                      for h in r["history"][-5:]), flush=True)
         continue
     inputs, fields = VARIANTS[name]
-    g = torch.Generator().manual_seed(1000 + seed)  # as the experiment draws them
-    if inputs == "text":
-        x_all = torch.cat([data.batch(0, n, seed)[:, :ctx], data.heldout(256)[:, :ctx]])
-    else:
-        x_all = torch.randint(256, (n + 256, ctx), generator=g)
-    y_all = torch.randint(classes, (n + 256,), generator=g)
-    task = ClassifyTask(x_all[:n], y_all[:n], x_all[n:], y_all[n:], f"{inputs} x random labels")
+    task = random_label_task(data, inputs, n, ctx, classes, seed, f"{inputs} x random labels")
     tcfg = TrainConfig(**{**BASE, **fields, "seed": seed})
     tag = f"text-lr{tcfg.lr}" if name.startswith("lr") else name  # the lr runs keep their first cache names
     r = run_cached(out, LMConfig(ctx=ctx, classes=classes, **MODEL.get(name, {})), tcfg, task, False, tag)

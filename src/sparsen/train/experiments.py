@@ -222,6 +222,19 @@ def width(out, full: bool = False, seeds: int | None = None, steps: int | None =
 
 
 # --- random labels and random inputs ---------------------------------------------------------------------------------
+def random_label_task(data: TokenData, inputs: str, n: int, ctx: int, classes: int, seed: int,
+                      name: str) -> ClassifyTask:
+    """n training sequences of ctx tokens and 256 held out, each with a uniform random label: text windows of
+    ``data`` (inputs 'text') or i.i.d. uniform bytes ('random-bytes'), drawn from the seed."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    if inputs == "text":
+        x_all = torch.cat([data.batch(0, n, seed)[:, :ctx], data.heldout(256)[:, :ctx]])
+    else:
+        x_all = torch.randint(256, (n + 256, ctx), generator=g)
+    y_all = torch.randint(classes, (n + 256,), generator=g)
+    return ClassifyTask(x_all[:n], y_all[:n], x_all[n:], y_all[n:], name)
+
+
 def random_labels(out, full: bool = False, seeds: int | None = None, steps: int | None = None, text: str | None = None,
                   progress: bool = True) -> dict:
     """The same blocks as a 10-class classifier (unmasked, mean-pooled) fitting random labels, on real text windows
@@ -235,13 +248,7 @@ def random_labels(out, full: bool = False, seeds: int | None = None, steps: int 
     for variant in ("text", "random-bytes"):
         runs = []
         for seed in s.seeds:
-            g = torch.Generator().manual_seed(1000 + seed)
-            if variant == "text":
-                x_all = torch.cat([data.batch(0, n, seed)[:, :ctx], data.heldout(256)[:, :ctx]])
-            else:
-                x_all = torch.randint(256, (n + 256, ctx), generator=g)
-            y_all = torch.randint(classes, (n + 256,), generator=g)
-            task = ClassifyTask(x_all[:n], y_all[:n], x_all[n:], y_all[n:], f"{variant} x random labels (seed {seed})")
+            task = random_label_task(data, variant, n, ctx, classes, seed, f"{variant} x random labels (seed {seed})")
             cfg = LMConfig(ctx=ctx, classes=classes)
             tcfg = TrainConfig(steps=n_steps, batch=BATCH, lr=5e-4, warmup=50, seed=seed, evals=14, weight_decay=0.0,
                                min_lr_share=0.5)
