@@ -22,7 +22,7 @@ from sparsen.errors import SparsenError
 from sparsen.io import pyplot, save_figure, write_json, write_text
 from sparsen.train.data import TokenData, load_data
 from sparsen.train.model import LMConfig, TinyLM
-from sparsen.train.trainer import ClassifyTask, LMTask, TrainConfig, build_model, load_trained, train
+from sparsen.train.trainer import ClassifyTask, LMTask, TrainConfig, build_model, load_trained, optimizer, train
 
 FULL_CORPUS = "/usr/share/doc/python3.11/html"  # apt-get install python3.11-doc (the Makefile does)
 SMALL_CORPUS = "wikitext2-valid"
@@ -536,26 +536,25 @@ def _distill_run(out: Path, students: dict, teacher_cfg: LMConfig, data: TokenDa
         return json.loads(done.read_text())
     task = LMTask(data)
     task.check(tcfg)
-    # each student starts where it starts trained alone (same seed, same batches): the arms are paired
+    # each student starts where it starts trained alone (same seed, batches and optimizer): the arms are paired
     teacher = build_model(teacher_cfg, tcfg.seed + 10_000)
     models = {"teacher": teacher} | {n: build_model(c, tcfg.seed) for n, c in students.items()}
-    opts = {n: torch.optim.AdamW(m.parameters(), lr=tcfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-            for n, m in models.items()}
+    opts = {n: optimizer(m, tcfg) for n, m in models.items()}
     t0 = time.perf_counter()
     for step in tqdm(range(tcfg.steps), desc=tag, disable=not progress):
         x, y = task.batch(step, tcfg)
         w = kl_weight(step, tcfg.steps, weight, ramp)
-        target = None
+        target = None  # the teacher's log-probabilities, once it has run (it runs first)
         for n, m in models.items():
-            for grp in opts[n].param_groups:
-                grp["lr"] = tcfg.lr_at(step)
             logits = m(x)
             loss = LMTask.loss(logits, y)
-            if target is None:
+            if n == "teacher":
                 target = logits.detach().log_softmax(-1)
             elif w > 0:
                 kl = F.kl_div(logits.log_softmax(-1), target, log_target=True, reduction="batchmean") / x.shape[1]
                 loss = loss + w * kl
+            for grp in opts[n].param_groups:
+                grp["lr"] = tcfg.lr_at(step)
             opts[n].zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(m.parameters(), tcfg.grad_clip)

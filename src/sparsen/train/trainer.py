@@ -244,6 +244,14 @@ def _load_checkpoint(path: Path, model, opt, configs: dict):
     return int(meta["step"]), json.loads(meta["history"]), float(meta["seconds"])
 
 
+def optimizer(model: TinyLM, tcfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.95) at tcfg.lr, weight decay on the matrices but the embedding."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
+                              {"params": other, "weight_decay": 0.0}], lr=tcfg.lr, betas=(0.9, 0.95))
+
+
 def train(model: TinyLM, task, tcfg: TrainConfig, out=None, resume: bool = False, progress: bool = True,
           desc: str = "train", stop_at: int | None = None) -> dict:
     """Train ``model`` on ``task``; returns the summary (written to OUT/train.json when ``out`` is given). The model
@@ -257,10 +265,7 @@ def train(model: TinyLM, task, tcfg: TrainConfig, out=None, resume: bool = False
     ckpt = out / "checkpoint.safetensors" if out else None
     if ckpt is not None and ckpt.exists() and not resume:
         raise SparsenError(f"'{out}' already holds a training run: pass --resume to continue it, or another --out")
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
-                            lr=tcfg.lr, betas=(0.9, 0.95))
+    opt = optimizer(model, tcfg)
     configs = _configs(model, task, tcfg)
     step, history, seconds = 0, [], 0.0
     if ckpt is not None and resume and ckpt.exists():
