@@ -12,7 +12,18 @@ import sparsen
 from sparsen import SparsenError, load_model
 from sparsen.cli import main
 from sparsen.core.rules import GaussianTopKRule, RuleKind, ThresholdRule, TopKRule
-from sparsen.engine import ABI_VERSION, STRUCTS, Engine, Model, kernels, library_path, open_kernels, sample, weight_array
+from sparsen.engine import (
+    ABI_VERSION,
+    STRUCTS,
+    Engine,
+    Model,
+    c_weight,
+    kernels,
+    library_path,
+    open_kernels,
+    sample,
+    weight_array,
+)
 from sparsen.methods import calibrate, config_for
 from sparsen.models import LoadedModel, adapter_for
 from sparsen.models.tiny import byte_tokenizer
@@ -62,8 +73,8 @@ def test_axpy_gemv_equals_masked_dense_product(dtype, shape, sparsity):
     expected = (Wref @ torch.from_numpy(xm)).numpy()
     for threads in (1, 2):
         y = np.full(n_out, np.nan, np.float32)
-        assert kernels().sp_test_gemv(ptr(wt), int(dtype == "bf16"), n_in, n_out, ptr(x), ptr(act), len(act), ptr(y),
-                                      threads) == 0
+        cw = c_weight(wt)
+        assert kernels().sp_test_gemv(ctypes.byref(cw), n_in, n_out, ptr(x), ptr(act), len(act), ptr(y), threads) == 0
         np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
     if sparsity == 1.0:
         assert np.all(y == 0)
@@ -78,10 +89,11 @@ def test_row_gemv_on_selected_rows(dtype):
     w = weight_array(W, dtype)
     Wref = (W.to(torch.bfloat16).float() if dtype == "bf16" else W).numpy()
     y = np.zeros(300, np.float32)
-    kernels().sp_test_dot_rows(ptr(w), int(dtype == "bf16"), 70, 300, ptr(x), ptr(rows), len(rows), ptr(y), 2)
+    cw = c_weight(w)
+    kernels().sp_test_dot_rows(ctypes.byref(cw), 70, 300, ptr(x), ptr(rows), len(rows), ptr(y), 2)
     np.testing.assert_allclose(y[rows], Wref[rows] @ x, rtol=1e-4, atol=1e-4)
     assert np.all(np.delete(y, rows) == 0)
-    kernels().sp_test_dot_rows(ptr(w), int(dtype == "bf16"), 70, 300, ptr(x), None, 0, ptr(y), 2)  # all rows
+    kernels().sp_test_dot_rows(ctypes.byref(cw), 70, 300, ptr(x), None, 0, ptr(y), 2)  # all rows
     np.testing.assert_allclose(y, Wref @ x, rtol=1e-4, atol=1e-4)
 
 

@@ -246,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0 (default 1)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (instruct models)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="engine weights dtype (default fp32)")
+    p.add_argument("--weights", "--dtype", default="auto", metavar="KIND",
+                   help="engine weights: gguf (the model file's own quantized weights, exactly), bf16, fp32, or auto "
+                        "(default: gguf for a GGUF model unless the plan rotates or adds weights, then bf16; else fp32)")
     p.add_argument("--threads", type=_positive_int, default=2, help="threads (default 2)")
 
     p = sub.add_parser("bench", help="decode tokens/s: engine dense and sparse vs HF generate and llama.cpp",
@@ -272,7 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-dtype", choices=("fp32", "fp16"), default="fp32", help="engine KV cache dtype (default fp32)")
     p.add_argument("--new-tokens", type=_positive_int, default=128, help="tokens decoded per run (default 128)")
     p.add_argument("--rounds", type=_positive_int, default=3, help="interleaved rounds; medians reported (default 3)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="engine weights dtype (default fp32)")
+    p.add_argument("--weights", "--dtype", default="auto", metavar="LIST",
+                   help="engine weights, comma-separated, each benched dense (and under --plan) in the same rounds: "
+                        "gguf (the model file's own quantized weights), bf16, fp32, auto (default: gguf for a GGUF "
+                        "model unless the plan rotates or adds weights, then bf16; else fp32)")
     p.add_argument("--threads", type=_positive_int, default=2, help="threads for every system (default 2)")
     p.add_argument("--out", default="bench.json", metavar="FILE", help="output JSON (default ./bench.json)")
     p.add_argument("--peer-timeout", type=float, default=900.0, metavar="SECONDS",

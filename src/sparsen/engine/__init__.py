@@ -34,9 +34,9 @@ from sparsen.errors import SparsenError
 from sparsen.models.adapters import LINEAR_NAMES
 from sparsen.models.loading import stop_ids  # noqa: F401  (engine.stop_ids, as before)
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 """must equal SP_ABI_VERSION in kernels/sparsen.h (bumped with any change to the structs below)"""
-DTYPES = ("fp32", "bf16")
+DTYPES = ("fp32", "bf16", "gguf")  # gguf: the model file's own quantized weights (engine.quant)
 KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}  # the KV cache's storage (fp16: IEEE half)
 CODE_TILE = 64  # keys per tile of the int8 label cache (SP_CODE_TILE)
 ATTN_METHODS = {"oracle-topk": 1, "oracle-topp": 2, "sink-window": 3, "h2o": 4, "quest": 5, "double-sparsity": 6,
@@ -53,8 +53,13 @@ class Rule(ctypes.Structure):  # sp_rule
     _fields_ = [("kind", _i), ("same_as_prev", _i), ("param", _f), ("thr", _p)]
 
 
+class Weight(ctypes.Structure):  # sp_weight
+    _fields_ = [("type", _i), ("block", _i), ("scale_f32", _i), ("stride", _i), ("data", _p), ("scale", _p),
+                ("min", _p)]
+
+
 class Layer(ctypes.Structure):  # sp_layer
-    _fields_ = [("w", _p * N_LIN), ("bias", _p * N_LIN), ("attn_norm", _p), ("mlp_norm", _p), ("attn_out_norm", _p),
+    _fields_ = [("w", Weight * N_LIN), ("bias", _p * N_LIN), ("attn_norm", _p), ("mlp_norm", _p), ("attn_out_norm", _p),
                 ("mlp_out_norm", _p), ("q_norm", _p), ("k_norm", _p), ("basis", _p), ("rope_cos", _p),
                 ("rope_sin", _p), ("window", _i), ("attn_select", _i), ("rule", Rule * N_LIN), ("lr_a", _p * N_LIN),
                 ("lr_b", _p * N_LIN), ("lr_rank", _i * N_LIN), ("router", _p), ("router_bias", _p), ("experts", _p),
@@ -65,8 +70,8 @@ class Model(ctypes.Structure):  # sp_model
     _fields_ = [("n_layers", _i), ("d", _i), ("n_heads", _i), ("n_kv", _i), ("head_dim", _i), ("inter", _i),
                 ("vocab", _i), ("max_seq", _i), ("wbf16", _i), ("activation", _i), ("eps", _f), ("attn_scale", _f),
                 ("embed_scale", _f), ("logit_softcap", _f), ("layers", _p), ("embed", _p), ("final_norm", _p),
-                ("lm_head", _p), ("kv_f16", _i), ("k_cache", _p), ("v_cache", _p), ("active", _p), ("seen", _p),
-                ("attn", _p)]
+                ("lm_head", Weight), ("kv_f16", _i), ("k_cache", _p), ("v_cache", _p), ("active", _p), ("seen", _p),
+                ("blocks", _p), ("attn", _p)]
 
 
 class Attn(ctypes.Structure):  # sp_attn
@@ -77,7 +82,8 @@ class Attn(ctypes.Structure):  # sp_attn
                 ("kmin", _p), ("kmax", _p), ("mass", _p), ("held", _p), ("tally", _p)]
 
 
-STRUCTS = {"sp_rule": (0, Rule), "sp_layer": (1, Layer), "sp_model": (2, Model), "sp_attn": (3, Attn)}
+STRUCTS = {"sp_rule": (0, Rule), "sp_layer": (1, Layer), "sp_model": (2, Model), "sp_attn": (3, Attn),
+           "sp_weight": (4, Weight)}
 """name: (SP_STRUCT_*, ctypes)"""
 
 STATUS = {  # enum sp_status
@@ -137,8 +143,8 @@ def open_kernels(path: str | Path, abi_version: int = ABI_VERSION) -> ctypes.CDL
     lib.sp_workspace_create.argtypes, lib.sp_workspace_create.restype = [_p, _i, ctypes.POINTER(_i)], _p
     lib.sp_workspace_free.argtypes, lib.sp_workspace_free.restype = [_p], None
     lib.sp_decode_step.argtypes, lib.sp_decode_step.restype = [_p, _p, _i, _i, _p, _i], _i
-    lib.sp_test_gemv.argtypes, lib.sp_test_gemv.restype = [_p, _i, _i, _i, _p, _p, _i, _p, _i], _i
-    lib.sp_test_dot_rows.argtypes, lib.sp_test_dot_rows.restype = [_p, _i, _i, _i, _p, _p, _i, _p, _i], _i
+    lib.sp_test_gemv.argtypes, lib.sp_test_gemv.restype = [_p, _i, _i, _p, _p, _i, _p, _i], _i
+    lib.sp_test_dot_rows.argtypes, lib.sp_test_dot_rows.restype = [_p, _i, _i, _p, _p, _i, _p, _i], _i
     lib.sp_test_mask.argtypes, lib.sp_test_mask.restype = [_i, _f, _p, _p, _i, _p], _i
     return lib
 
@@ -183,6 +189,66 @@ def weight_array(w: torch.Tensor, dtype: str) -> np.ndarray:
     if dtype == "bf16":
         return w.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).copy()
     return w.to(torch.float32).numpy().copy()
+
+
+def c_weight(w, keep=_ptr) -> Weight:
+    """The sp_weight of a packed quantized weight (``engine.quant.Packed``) or of a plain fp32 / bf16 (uint16) array
+    whose last axis is a stored row; ``keep`` returns an array's address (and keeps it alive)."""
+    from sparsen.engine.quant import Packed
+
+    cw = Weight()
+    if isinstance(w, Packed):
+        cw.type, cw.block, cw.stride, cw.scale_f32 = w.type, w.block, w.stride, int(w.scale.dtype == np.float32)
+        cw.data, cw.scale, cw.min = keep(w.data), keep(w.scale), keep(w.min)
+    else:
+        cw.type, cw.stride, cw.data = (1 if w.dtype == np.uint16 else 0), w.shape[-1], keep(w)
+    return cw
+
+
+def gguf_refusal(lm, plan) -> str | None:
+    """Why the engine cannot run ``plan`` on the quantized weights of ``lm``'s GGUF file, or None if it can."""
+    source = Path(str(getattr(lm, "source", "")))
+    if source.suffix.lower() != ".gguf" or not source.is_file():
+        return f"model '{lm.spec}' was not loaded from a .gguf file"
+    from sparsen.models.gguf_weights import unsupported_tensor
+
+    if (bad := unsupported_tensor(source)) is not None:
+        return f"its tensor '{bad[0]}' is {bad[1]}, which the engine does not run quantized"
+    if plan is not None and (plan.transform is not None or plan.residual_changes()):
+        return f"the {plan.method} plan changes the weights (a rotation), which cannot keep the file's quantization"
+    if plan is not None:
+        for entry in plan.sites.values():
+            if entry.get("rule") == "experts" or "lowrank" in entry:  # R-Sparse's factors, MoEfication's regrouping
+                return (f"the {plan.method} plan adds weights or regroups the MLP's channels, which the file's "
+                        "quantized blocks cannot follow")
+    return None
+
+
+def choose_weights(lm, plan) -> tuple[str, str | None]:
+    """The engine's default weights for ``lm`` under ``plan``: the GGUF file's own ("gguf") when it can run them,
+    else bf16 for a GGUF model (with the reason) and fp32 for any other."""
+    why = gguf_refusal(lm, plan)
+    if why is None:
+        return "gguf", None
+    if Path(str(getattr(lm, "source", ""))).suffix.lower() == ".gguf":
+        return "bf16", why
+    return "fp32", None
+
+
+def _check_file_weight(qt, weight: torch.Tensor, site: str) -> None:
+    """The file's tensor is this model's weight: its first block of every row dequantizes to the model's values."""
+    from sparsen.models.gguf_weights import QuantTensor
+
+    w = weight.detach()
+    if tuple(w.shape) != qt.shape:
+        raise SparsenError(f"the GGUF tensor '{qt.name}' is {qt.shape}, the model's {site} {tuple(w.shape)}: the file "
+                           "is not this model's; use --weights fp32")
+    B = qt.block
+    first = QuantTensor(qt.name, qt.qtype, qt.bits, B, qt.codes[:, :B], qt.scale[:, :1],
+                        None if qt.min is None else qt.min[:, :1]).dequantize()
+    if not np.array_equal(first, w[:, :B].to(torch.float32).numpy()):
+        raise SparsenError(f"the GGUF tensor '{qt.name}' does not dequantize to the model's {site}: the file is not "
+                           "this model's; use --weights fp32")
 
 
 def _f32(t: torch.Tensor) -> np.ndarray:
@@ -271,8 +337,11 @@ class Engine:
     ``lm`` is never changed: if the plan has a weight transform that ``lm`` does not carry, the weights come from a
     transformed deep copy (memory for a second model while the engine is built). The weights are copied: W^T
     [in, out] for every block linear (up as [out, in] rows under a gate-activation rule), lm_head as [vocab, d]
-    rows, in fp32 or bf16 (``dtype``); norms, biases and the embedding stay fp32. ``max_seq``: the context, prompt
-    and generated tokens together. ``kv_dtype``: the KV cache's storage, fp32 or fp16 (IEEE half).
+    rows, in fp32 or bf16 (``dtype``), or, with ``dtype="gguf"``, the model file's own quantized codes, scales and
+    minima (``engine.quant``: never requantized, so the products equal the fp32 model's up to summation order; plans
+    that rotate or add weights cannot use them: ``gguf_refusal``); norms, biases and the embedding stay fp32.
+    ``max_seq``: the context, prompt and generated tokens together. ``kv_dtype``: the KV cache's storage, fp32 or fp16
+    (IEEE half).
 
     A plan with an ``attention`` entry (``sparsen.methods.attention``) selects keys on every generated token in
     its full-attention layers past ``dense_layers``: the kernels estimate, choose the positions and read only those
@@ -304,6 +373,8 @@ class Engine:
         if plan is not None and plan.attention is not None and plan.attention.get("method") not in ATTN_METHODS:
             raise SparsenError(f"the engine cannot run the attention method '{plan.attention.get('method')}' (it runs "
                                f"{', '.join(ATTN_METHODS)}): score it with `sparsen attn-eval`")
+        if dtype == "gguf" and (why := gguf_refusal(lm, plan)) is not None:
+            raise SparsenError(f"the engine cannot run on the GGUF's quantized weights: {why}; use weights bf16 or fp32")
         if plan is not None:
             plan.check_model(lm)
             if not plan.carried_by(lm):
@@ -334,6 +405,14 @@ class Engine:
         """Fill the C structs from ``src`` (lm or its transformed copy), reading it through its adapter only."""
         ad, dtype, keep = src.adapter, self.dtype, self._keep_ptr
         self._src, self._held = src, {}
+        self.packed = None  # gguf: {site: engine.quant.Packed}, "lm_head" included
+        gw = None
+        if dtype == "gguf":
+            from sparsen.engine import quant
+            from sparsen.models.gguf_weights import read_gguf_weights
+
+            gw = read_gguf_weights(src.source, ad.n_layers, ad.n_heads, ad.n_kv_heads)
+            self.packed = {}
         self.d, self.inter, self.n_layers = ad.hidden_size, ad.intermediate_size, ad.n_layers
         self.n_heads, self.n_kv, self.head_dim = ad.n_heads, ad.n_kv_heads, ad.head_dim
         self.vocab = ad.vocab_size
@@ -390,10 +469,15 @@ class Engine:
             for j, n in enumerate(LINEAR_NAMES):
                 lin, site = b.linears[n], f"layers.{b.index}.{n}"
                 rows = (n == "up" and gate_act) or (n in ("gate", "up") and experts)
-                w = lin.weight if rows else lin.weight.T
-                if order is not None and n in ("gate", "up", "down"):
-                    w = w[order]  # gate, up: their rows; down: the rows of W^T (its input channels)
-                L.w[j] = keep(weight_array(w, dtype))
+                if gw is not None:
+                    _check_file_weight(gw.linears[b.index, n], lin.weight, site)
+                    self.packed[site] = quant.pack(gw.linears[b.index, n], transposed=not rows)
+                    L.w[j] = c_weight(self.packed[site], keep)
+                else:
+                    w = lin.weight if rows else lin.weight.T
+                    if order is not None and n in ("gate", "up", "down"):
+                        w = w[order]  # gate, up: their rows; down: the rows of W^T (its input channels)
+                    L.w[j] = c_weight(weight_array(w, dtype), keep)
                 L.bias[j] = keep(_f32(lin.bias)) if lin.bias is not None else None
                 n_in = self.inter if isinstance(rules[n], GateActRule) else lin.in_features
                 kind, param, thr = _c_rule(rules[n], n_in, site)
@@ -436,14 +520,20 @@ class Engine:
         m.embed = keep(embed)
         m.final_norm = keep(_f32(ad.norm_gain(ad.final_norm)))
         tied = ad.lm_head.weight.data_ptr() == ad.embed.weight.data_ptr()
-        m.lm_head = _ptr(embed) if tied and dtype == "fp32" else keep(weight_array(ad.lm_head.weight, dtype))
+        if gw is not None:
+            _check_file_weight(gw.lm_head, ad.lm_head.weight, "lm_head")
+            self.packed["lm_head"] = quant.pack(gw.lm_head, transposed=False)
+            m.lm_head = c_weight(self.packed["lm_head"], keep)
+        else:
+            m.lm_head = c_weight(embed if tied and dtype == "fp32" else weight_array(ad.lm_head.weight, dtype), keep)
         kv = (self.n_layers, self.n_kv, self.max_seq, self.head_dim)
         self.k_cache, self.v_cache = np.zeros(kv, KV_DTYPES[self.kv_dtype]), np.zeros(kv, KV_DTYPES[self.kv_dtype])
         m.kv_f16 = int(self.kv_dtype == "fp16")
         m.k_cache, m.v_cache = keep(self.k_cache), keep(self.v_cache)
         self.active = np.zeros((self.n_layers, N_LIN), np.int64)
         self.seen = np.zeros((self.n_layers, N_LIN), np.int64)
-        m.active, m.seen = keep(self.active), keep(self.seen)
+        self.blocks = np.zeros((self.n_layers, N_LIN), np.int64)  # quantized: blocks whose scales were read
+        m.active, m.seen, m.blocks = keep(self.active), keep(self.seen), keep(self.blocks)
         self._model = m
 
     def _build_attention(self, ad, plan, selectors: dict) -> None:
@@ -518,6 +608,7 @@ class Engine:
         self.pos = 0
         self.active[:] = 0
         self.seen[:] = 0
+        self.blocks[:] = 0
         if self.attn_state is not None:
             self.attn_state["tally"][:] = 0
             if "mass" in self.attn_state:
@@ -744,11 +835,31 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
 def bytes_per_token(engine: Engine, sparsity: float, context: float) -> float:
     """Bytes read per token: block linears at ``sparsity``, lm_head, and the attention's reads at ``context`` cached
     positions (``Engine.attention_bytes``: every position, a sliding layer its window, a selecting layer what it
-    read)."""
-    wbytes = 2 if engine.dtype == "bf16" else 4
-    block = sum(engine.params.values()) * wbytes
-    head = engine.vocab * engine.d * wbytes
-    return block * (1 - sparsity) + head + sum(engine.attention_bytes(context).values())
+    read). On quantized weights (``dtype="gguf"``) the block linears' bytes are ``quantized_block_bytes``."""
+    if engine.packed is not None:
+        block = quantized_block_bytes(engine, sparsity > 0)
+        head = engine.packed["lm_head"].nbytes
+    else:
+        wbytes = 2 if engine.dtype == "bf16" else 4
+        block = sum(engine.params.values()) * wbytes * (1 - sparsity)
+        head = engine.vocab * engine.d * wbytes
+    return block + head + sum(engine.attention_bytes(context).values())
+
+
+def quantized_block_bytes(engine: Engine, sparse: bool) -> float:
+    """Bytes the block linears of a quantized engine read per token: every code, scale and minimum (``sparse``
+    False), or, from the engine's counts over its sparse tokens so far, per linear the codes of its active input
+    channels (of its active rows when read by rows) and the scales and minima of the blocks holding an active
+    channel."""
+    total = 0.0
+    for b in range(engine.n_layers):
+        for j, n in enumerate(LINEAR_NAMES):
+            p, seen = engine.packed[f"layers.{b}.{n}"], engine.seen[b, j]
+            if not sparse or not seen:
+                total += p.read_bytes()
+            else:
+                total += p.read_bytes(engine.active[b, j] / seen, engine.blocks[b, j] * p.block / seen)
+    return total
 
 
 def _label_basis(name: str, sel, n_kv: int, hd: int) -> tuple[np.ndarray, np.ndarray]:

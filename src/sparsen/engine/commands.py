@@ -25,6 +25,26 @@ def _load(args):
     return lm, plan
 
 
+def resolve_weights(spec: str, lm, plan, quiet: bool = False) -> list[str]:
+    """The engine weights a comma-separated ``--weights`` asks for, in order, 'auto' resolved (``choose_weights``:
+    the GGUF file's own quantized weights where the plan allows them, saying why not where it does not)."""
+    from sparsen.engine import DTYPES, choose_weights
+
+    names = [w.strip() for w in spec.split(",") if w.strip()]
+    bad = [w for w in names if w not in ("auto", *DTYPES)]
+    if bad or not names:
+        raise SparsenError(f"--weights {spec!r}: give one or more (comma-separated) of auto, {', '.join(DTYPES)}")
+    out = []
+    for w in names:
+        if w == "auto":
+            w, why = choose_weights(lm, plan)
+            if why and not quiet:
+                print(f"sparsen: {w} weights ({why})", file=sys.stderr)
+        if w not in out:
+            out.append(w)
+    return out
+
+
 class TextStream:
     """Prints decoded text as tokens arrive (re-decodes the tail so multi-byte characters print whole)."""
 
@@ -47,7 +67,10 @@ def cmd_generate(args) -> None:
 
     lm, plan = _load(args)
     ids = prompt_ids(lm, args.prompt, args.chat)
-    engine = Engine(lm, plan, dtype=args.dtype, threads=args.threads, max_seq=len(ids) + args.max_new_tokens + 1)
+    weights = resolve_weights(args.weights, lm, plan)
+    if len(weights) > 1:
+        raise SparsenError("generate runs one engine: give one --weights")
+    engine = Engine(lm, plan, dtype=weights[0], threads=args.threads, max_seq=len(ids) + args.max_new_tokens + 1)
     stream = TextStream(lm.tokenizer)
     t0 = time.perf_counter()
     marks = []
@@ -57,7 +80,7 @@ def cmd_generate(args) -> None:
     sys.stdout.write("\n")
     rate = (len(marks) - 1) / (marks[-1] - marks[0]) if len(marks) > 1 else float("nan")
     extra = f", achieved sparsity {engine.achieved()['overall']:.3f}" if plan is not None else ""
-    print(f"[{len(tokens)} tokens in {time.perf_counter() - t0:.2f} s; decode {rate:.1f} tok/s; {args.dtype}, "
+    print(f"[{len(tokens)} tokens in {time.perf_counter() - t0:.2f} s; decode {rate:.1f} tok/s; {weights[0]} weights, "
           f"{args.threads} threads{extra}]", file=sys.stderr)
 
 
@@ -76,15 +99,17 @@ def _engine_run(engine, ids, n_new, prefix=None) -> float:
 
 def _profile(engine, dense_tok_s, floor_tok_s, context) -> dict:
     """Split a dense token's time into the block linears and the rest, from a run that skips every block linear."""
-    from sparsen.engine import bytes_per_token
+    from sparsen.engine import bytes_per_token, quantized_block_bytes
 
     dense_ms, rest_ms = 1000 / dense_tok_s, 1000 / floor_tok_s
-    wbytes = 2 if engine.dtype == "bf16" else 4
-    block_mb = sum(engine.params.values()) * wbytes / 1e6
+    if engine.packed is not None:
+        block_mb, head_mb = quantized_block_bytes(engine, False) / 1e6, engine.packed["lm_head"].nbytes / 1e6
+    else:
+        wbytes = 2 if engine.dtype == "bf16" else 4
+        block_mb, head_mb = sum(engine.params.values()) * wbytes / 1e6, engine.vocab * engine.d * wbytes / 1e6
     block_ms = dense_ms - rest_ms
     return {"dense_ms": dense_ms, "rest_ms": rest_ms, "block_linears_ms": block_ms, "block_linear_mb": block_mb,
-            "block_linears_gb_s": block_mb / block_ms if block_ms > 0 else None,
-            "lm_head_mb": engine.vocab * engine.d * wbytes / 1e6,
+            "block_linears_gb_s": block_mb / block_ms if block_ms > 0 else None, "lm_head_mb": head_mb,
             "bytes_per_dense_token_mb": bytes_per_token(engine, 0.0, context) / 1e6}
 
 
@@ -123,73 +148,108 @@ def cmd_bench(args) -> None:
     if args.attn and args.context is None:
         raise SparsenError("--attn times attention methods at a long context: give --context N too")
     lm, plan = _load(args)
+    weights = resolve_weights(args.weights, lm, plan, args.quiet)
     if args.context is not None:
-        return _bench_context(args, lm, plan, systems)
+        if len(weights) > 1:
+            raise SparsenError("--context benches one kind of weights: give one --weights")
+        return _bench_context(args, lm, plan, systems, weights[0])
     ids = corpus_windows(lm.tokenizer, "wikitext2-test", args.prompt_tokens, 1, bos=lm.window_bos)[0].tolist()
     max_seq = len(ids) + args.new_tokens + 2
     kv = args.kv_dtype
-    dense = Engine(lm, None, dtype=args.dtype, threads=args.threads, max_seq=max_seq, kv_dtype=kv)
-    sparse = Engine(lm, plan, dtype=args.dtype, threads=args.threads, max_seq=max_seq, kv_dtype=kv) if plan else None
-    floor = None
+    skip_all = None
     if args.profile:  # the same engine with every block-linear input skipped: what a token costs besides them
         from sparsen.core.plan import Plan
+        from sparsen.core.sites import SiteKind, model_sites
 
         skip_all = Plan(method="skip-all", target_sparsity=0.0, model=lm.spec, fingerprint=lm.fingerprint,
-                        sites={site: {"rule": "threshold", "threshold": float("inf")} for site in dense.params})
-        floor = Engine(lm, skip_all, dtype=args.dtype, threads=args.threads, max_seq=max_seq)
+                        sites={name: {"rule": "threshold", "threshold": float("inf")}
+                               for name, site in model_sites(lm.adapter).items() if site.kind is SiteKind.LINEAR_INPUT})
+    engines = {}  # weights -> {"dense", "sparse", "floor"}: Engine or None
+    for w in weights:
+        opts = {"dtype": w, "threads": args.threads, "max_seq": max_seq, "kv_dtype": kv}
+        engines[w] = {"dense": Engine(lm, None, **opts), "sparse": Engine(lm, plan, **opts) if plan else None,
+                      "floor": Engine(lm, skip_all, **opts) if skip_all else None}
     peers = Peers(systems, PeerSpec(lm.spec, str(lm.source), args.threads, max_seq + 8), args.peer_timeout)
-    runs = {"engine_dense": [], "engine_sparse": [], "hf": [], "llamacpp": [], "engine_no_block_linears": []}
+    runs = {f"{w}_{role}": [] for w in weights for role in ("dense", "sparse", "no_block_linears")}
+    runs.update({"hf": [], "llamacpp": []})
     try:
         for r in range(args.rounds):  # interleaved: every system once per round
-            runs["engine_dense"].append(_engine_run(dense, ids, args.new_tokens))
-            if sparse is not None:
-                sparse.reset()
-                runs["engine_sparse"].append(_engine_run(sparse, ids, args.new_tokens))
+            for w, e in engines.items():
+                runs[f"{w}_dense"].append(_engine_run(e["dense"], ids, args.new_tokens))
+                if e["sparse"] is not None:
+                    e["sparse"].reset()
+                    runs[f"{w}_sparse"].append(_engine_run(e["sparse"], ids, args.new_tokens))
             peers.run_round(runs, ids, args.new_tokens)
-            if floor is not None:
-                runs["engine_no_block_linears"].append(_engine_run(floor, ids, args.new_tokens))
+            for w, e in engines.items():
+                if e["floor"] is not None:
+                    runs[f"{w}_no_block_linears"].append(_engine_run(e["floor"], ids, args.new_tokens))
             _round_line(args, r, runs)
     finally:
         peers.close()
 
     def med(k):
-        return statistics.median(runs[k]) if runs[k] else None
+        return statistics.median(runs[k]) if runs.get(k) else None
 
     context = len(ids) + args.new_tokens / 2
-    achieved = sparse.achieved()["overall"] if sparse is not None else 0.0
+    llama = med("llamacpp")
+    by_weights = {}
+    for w, e in engines.items():
+        sparse = e["sparse"]
+        achieved = sparse.achieved()["overall"] if sparse is not None else 0.0
+        d, sp = med(f"{w}_dense"), med(f"{w}_sparse")
+        by_weights[w] = {
+            "engine_dense_tok_s": d, "engine_sparse_tok_s": sp, "achieved_sparsity": achieved,
+            "speedup_vs_dense": sp / d if sp else None,
+            "bound_speedup": (bytes_per_token(e["dense"], 0.0, context) / bytes_per_token(sparse, achieved, context)
+                              if sparse is not None else None),
+            "dense_mb_per_token": bytes_per_token(e["dense"], 0.0, context) / 1e6,
+            "sparse_mb_per_token": bytes_per_token(sparse, achieved, context) / 1e6 if sparse is not None else None,
+            "dense_vs_llamacpp": d / llama if llama else None, "sparse_vs_llamacpp": sp / llama if llama and sp else None,
+            "profile": (_profile(e["dense"], d, med(f"{w}_no_block_linears"), context) if e["floor"] is not None
+                        else None),
+        }
+    first = by_weights[weights[0]]
     res = {
-        "model": lm.spec, "plan": args.plan, "weights_dtype": args.dtype, "threads": args.threads,
+        "model": lm.spec, "plan": args.plan, "weights_dtype": weights[0], "weights": weights, "threads": args.threads,
         "prompt_tokens": len(ids), "new_tokens": args.new_tokens, "rounds": args.rounds,
-        "engine_dense_tok_s": med("engine_dense"), "engine_sparse_tok_s": med("engine_sparse"),
-        "hf_tok_s": med("hf"), "llamacpp_tok_s": med("llamacpp"),
-        "achieved_sparsity": achieved,
-        "speedup_vs_dense": med("engine_sparse") / med("engine_dense") if sparse is not None else None,
-        "bound_speedup": bytes_per_token(dense, 0.0, context) / bytes_per_token(dense, achieved, context),
-        "engine_dense_vs_hf": med("engine_dense") / med("hf") if runs["hf"] else None,
-        "engine_best_vs_llamacpp": (max(filter(None, [med("engine_dense"), med("engine_sparse")])) / med("llamacpp")
-                                    if runs["llamacpp"] else None),
+        **{k: first[k] for k in ("engine_dense_tok_s", "engine_sparse_tok_s", "achieved_sparsity", "speedup_vs_dense",
+                                 "bound_speedup", "profile")},
+        "hf_tok_s": med("hf"), "llamacpp_tok_s": llama,
+        "engine_dense_vs_hf": first["engine_dense_tok_s"] / med("hf") if runs["hf"] else None,
+        "engine_best_vs_llamacpp": (max(filter(None, [first["engine_dense_tok_s"], first["engine_sparse_tok_s"]]))
+                                    / llama if llama else None),
+        "by_weights": by_weights,
         "raw_tok_s": runs,
-        "profile": _profile(dense, med("engine_dense"), med("engine_no_block_linears"), context) if floor else None,
         "machine": machine(args.threads, peers),
-        "notes": {**peers.notes(), "engine": "prompt prefilled dense (not timed), then new_tokens greedy steps timed"},
+        "notes": {**peers.notes(), "engine": "prompt prefilled dense (not timed), then new_tokens greedy steps timed",
+                  "bytes": "per token: block linears (quantized: the active channels' codes, the scales and minima of "
+                           "the blocks holding one), lm_head, K and V rows"},
     }
     write_json(args.out, res)
-    print(f"{lm.spec}, {args.dtype} weights, {args.threads} threads, prompt {len(ids)} + {args.new_tokens} new tokens, "
-          f"median of {args.rounds} interleaved rounds ({res['machine']['cpu']})")
-    for name, v in (("engine dense", res["engine_dense_tok_s"]), ("engine sparse", res["engine_sparse_tok_s"])):
-        print(f"  {name:<22}{'n/a' if v is None else f'{v:8.1f} tok/s'}")
-    _peer_lines(res, peers)
-    if sparse is not None:
-        print(f"  sparse / dense {res['speedup_vs_dense']:.2f}x at achieved sparsity {achieved:.3f} "
-              f"(bytes bound {res['bound_speedup']:.2f}x)")
+    print(f"{lm.spec}, {args.threads} threads, prompt {len(ids)} + {args.new_tokens} new tokens, median of "
+          f"{args.rounds} interleaved rounds ({res['machine']['cpu']})")
+    print(f"  {'system':<26}{'tok/s':>8}{'MB/token':>10}{'vs llama.cpp':>14}")
+    for w, b in by_weights.items():
+        rows = [("dense", b["engine_dense_tok_s"], b["dense_mb_per_token"], b["dense_vs_llamacpp"])]
+        if b["engine_sparse_tok_s"] is not None:
+            rows.append((f"sparse {b['achieved_sparsity']:.3f}", b["engine_sparse_tok_s"], b["sparse_mb_per_token"],
+                         b["sparse_vs_llamacpp"]))
+        for role, v, mb, vs in rows:
+            print(f"  {'engine ' + w + ' ' + role:<26}{v:8.1f}{mb:10.1f}" + (f"{vs:13.2f}x" if vs else ""))
+    _peer_lines(res, peers, width=26)
+    for w, b in by_weights.items():
+        if b["engine_sparse_tok_s"] is not None:
+            print(f"  {w}: sparse / dense {b['speedup_vs_dense']:.2f}x at achieved sparsity {b['achieved_sparsity']:.3f}"
+                  f" (bytes bound {b['bound_speedup']:.2f}x)")
     if res["engine_dense_vs_hf"]:
-        print(f"  engine dense / HF generate {res['engine_dense_vs_hf']:.2f}x")
-    if res["profile"]:
-        print(profile_line(res["profile"], context))
+        print(f"  engine {weights[0]} dense / HF generate {res['engine_dense_vs_hf']:.2f}x")
+    for w, b in by_weights.items():
+        if b["profile"]:
+            print(f"  {w}:" + profile_line(b["profile"], context)[1:])
     print(f"wrote {args.out}")
 
 
-def _bench_context(args, lm, plan, systems) -> None:
+def _bench_context(args, lm, plan, systems, weights: str) -> None:
     """`bench --context N [--attn LIST]`: decode speed after an N-token WikiText-2 prompt, the engine dense and one
     engine per attention method (on --plan's rules if given), each with its bytes read per token: the bound."""
     from sparsen.data import corpus_windows
@@ -201,7 +261,7 @@ def _bench_context(args, lm, plan, systems) -> None:
     configs = [parse_attention_spec(s) for s in specs]  # a bad spec fails before any model work
     ids = corpus_windows(lm.tokenizer, "wikitext2-test", args.context, 1, bos=lm.window_bos)[0].tolist()
     max_seq = len(ids) + args.new_tokens + 2
-    opts = {"dtype": args.dtype, "threads": args.threads, "max_seq": max_seq, "kv_dtype": args.kv_dtype}
+    opts = {"dtype": weights, "threads": args.threads, "max_seq": max_seq, "kv_dtype": args.kv_dtype}
     engines = {"engine dense": Engine(lm, None, **opts)}
     for spec, cfg in zip(specs, configs):  # calibrated once per spec
         engines[spec] = Engine(lm, attention_plan(lm, cfg, base=plan, progress=not args.quiet), **opts)
@@ -241,7 +301,7 @@ def _bench_context(args, lm, plan, systems) -> None:
                         "density": a["attention"]["density"], "read_density": a["attention"]["read_density"],
                         "attention": a["attention"]})
     res = {
-        "model": lm.spec, "plan": args.plan, "weights_dtype": args.dtype, "kv_dtype": args.kv_dtype,
+        "model": lm.spec, "plan": args.plan, "weights_dtype": weights, "kv_dtype": args.kv_dtype,
         "threads": args.threads, "context": len(ids), "new_tokens": args.new_tokens, "rounds": args.rounds,
         "engine_dense_tok_s": med("engine dense"), "dense_bytes_per_token": dense_bytes,
         "dense_attention_bytes": dense.attention_bytes(context), "attention": methods,
@@ -255,7 +315,7 @@ def _bench_context(args, lm, plan, systems) -> None:
         "machine": machine(args.threads, peers),
     }
     write_json(args.out, res)
-    print(f"{lm.spec}, {args.dtype} weights, {args.kv_dtype} KV cache, {args.threads} threads, context {len(ids)} + "
+    print(f"{lm.spec}, {weights} weights, {args.kv_dtype} KV cache, {args.threads} threads, context {len(ids)} + "
           f"{args.new_tokens} new tokens, median of {args.rounds} interleaved rounds ({res['machine']['cpu']})")
     print(f"  {'system':<32}{'tok/s':>8}{'speedup':>9}{'MB/token':>10}{'bytes bound':>13}{'share':>7}")
     print(f"  {'engine dense':<32}{med('engine dense'):8.1f}{1.0:8.2f}x{dense_bytes / 1e6:10.1f}{1.0:12.2f}x")

@@ -64,6 +64,7 @@ long sp_struct_size(int which) {
     case SP_STRUCT_LAYER: return (long)sizeof(sp_layer);
     case SP_STRUCT_MODEL: return (long)sizeof(sp_model);
     case SP_STRUCT_ATTN: return (long)sizeof(sp_attn);
+    case SP_STRUCT_WEIGHT: return (long)sizeof(sp_weight);
     default: return -1;
     }
 }
@@ -138,6 +139,24 @@ static int max_rank(const sp_model *M) {
     return r;
 }
 
+/* A weight's type and storage for an [out, in] matrix kept transposed (W^T rows of `out`) or as rows (of `in`). */
+static int check_weight(const sp_weight *w, int in, int out, int as_rows) {
+    if (!w->data) return SP_ERR_SHAPE;
+    if (w->type == SP_W_F32 || w->type == SP_W_BF16) return w->stride == (as_rows ? in : out) ? SP_OK : SP_ERR_SHAPE;
+    if (w->type != SP_W_Q4 && w->type != SP_W_Q8) return SP_ERR_SHAPE;
+    if ((w->block != 16 && w->block != 32) || in % w->block || !w->scale) return SP_ERR_SHAPE;
+    if (as_rows) return w->stride == in ? SP_OK : SP_ERR_SHAPE;
+    return w->stride >= out && w->stride % 16 == 0 ? SP_OK : SP_ERR_SHAPE;
+}
+
+/* (in, out) of block linear j (enum SP_Q ...). */
+static void linear_dims(const sp_model *M, int j, int *in, int *out) {
+    const int dq = M->n_heads * M->head_dim, dkv = M->n_kv * M->head_dim;
+    static const int ins[SP_N_LIN] = {0, 0, 0, 1, 0, 0, 2}, outs[SP_N_LIN] = {1, 3, 3, 0, 2, 2, 0};
+    const int dims[4] = {M->d, dq, M->inter, dkv};
+    *in = dims[ins[j]], *out = dims[outs[j]];
+}
+
 /* Everything the ops assume about a model, checked once (the ops only assert it). */
 int sp_check_model(const sp_model *M) {
     if (!M) return SP_ERR_SHAPE;
@@ -146,15 +165,20 @@ int sp_check_model(const sp_model *M) {
         return SP_ERR_SHAPE;
     if (M->n_heads % M->n_kv) return SP_ERR_HEADS;
     if (M->activation != SP_ACT_SILU && M->activation != SP_ACT_GELU_TANH) return SP_ERR_SHAPE;
-    if (!M->layers || !M->embed || !M->final_norm || !M->lm_head || !M->k_cache || !M->v_cache || !M->active ||
-        !M->seen)
+    if (!M->layers || !M->embed || !M->final_norm || !M->k_cache || !M->v_cache || !M->active || !M->seen ||
+        check_weight(&M->lm_head, M->d, M->vocab, 1) != SP_OK)
         return SP_ERR_SHAPE;
     for (int l = 0; l < M->n_layers; l++) {
         const sp_layer *L = &M->layers[l];
         if (!L->attn_norm || !L->mlp_norm || !L->rope_cos || !L->rope_sin || L->window < 0) return SP_ERR_SHAPE;
         for (int j = 0; j < SP_N_LIN; j++) {
             const sp_rule *r = &L->rule[j];
-            if (!L->w[j]) return SP_ERR_SHAPE;
+            int in, out;
+            linear_dims(M, j, &in, &out);
+            const int down_kind = L->rule[SP_DOWN].kind;
+            const int as_rows = (j == SP_UP && (down_kind == SP_RULE_GATE_ACT || down_kind == SP_RULE_EXPERTS)) ||
+                                (j == SP_GATE && down_kind == SP_RULE_EXPERTS);
+            if (check_weight(&L->w[j], in, out, as_rows) != SP_OK) return SP_ERR_SHAPE;
             if (r->kind < SP_RULE_DENSE || r->kind > SP_RULE_EXPERTS) return SP_ERR_RULE;
             if ((r->kind == SP_RULE_GATE_ACT || r->kind == SP_RULE_EXPERTS) && j != SP_DOWN) return SP_ERR_RULE;
             if ((r->kind == SP_RULE_THRESHOLD || r->kind == SP_RULE_GATE_ACT) && !r->thr) return SP_ERR_RULE;
@@ -290,7 +314,8 @@ int sp_decode_step(const sp_model *M, sp_workspace *ws, int pos, int token, floa
             const sp_layer *L = &M->layers[l];
             if (L->basis) { /* change of basis of the residual stream, h <- h R, in place: every partial sum has
                              * read h before the GEMV's barrier, and only then are the shares of h written */
-                sp_gemv(&c, L->basis, 0, d, ws->h, ws->iota, d, ws->h);
+                const sp_weight R = {SP_W_F32, 0, 0, d, L->basis, NULL, NULL};
+                sp_gemv(&c, &R, d, ws->h, ws->iota, d, ws->h);
                 SP_BARRIER();
             }
             sp_attn_stage(&c, M, l, pos, dense);
@@ -299,7 +324,7 @@ int sp_decode_step(const sp_model *M, sp_workspace *ws, int pos, int token, floa
         sp_rmsnorm(ws->h, M->final_norm, d, M->eps, c.t->x);
         int lo, hi;
         sp_split(M->vocab, c.ith, c.nth, &lo, &hi);
-        sp_dot_rows(M->lm_head, M->wbf16, d, c.t->x, NULL, lo, hi, logits);
+        sp_dot_rows(&M->lm_head, d, c.t->x, NULL, lo, hi, logits);
         if (M->logit_softcap > 0.f) {
             const float cap = M->logit_softcap;
             for (int j = lo; j < hi; j++) logits[j] = cap * tanhf(logits[j] / cap);

@@ -38,20 +38,28 @@ void sp_split(int n, int ith, int nth, int *lo, int *hi) {
     }
 #define AS_FLOAT(v) (v)
 
-static void axpy_rows(const void *w, int wbf16, int out, const float *x, const int *act, int n_act,
-                      float *restrict y) {
+static void axpy_rows(const sp_weight *wt, int out, const float *x, const int *act, int n_act, float *restrict y) {
+    SP_ASSERT(wt->stride == out);
+    const void *w = wt->data;
     for (int j = 0; j < out; j++) y[j] = 0.f;
-    if (wbf16) AXPY_PASS(uint16_t, sp_bf16)
+    if (wt->type == SP_W_BF16) AXPY_PASS(uint16_t, sp_bf16)
     else AXPY_PASS(float, AS_FLOAT)
 }
 
 /* The threads split the ACTIVE ROWS: each streams whole contiguous rows (sequential memory, which the prefetchers
- * like far better than every thread reading part of each row) into a full-width partial sum at part + ith*stride. */
-void sp_gemv_partial(int ith, int nth, const void *w, int wbf16, int out, const float *x, const int *act, int n_act,
+ * like far better than every thread reading part of each row) into a full-width partial sum at part + ith*stride.
+ * Quantized weights split at block boundaries (a block's scales applied once). */
+void sp_gemv_partial(int ith, int nth, const sp_weight *w, int out, const float *x, const int *act, int n_act,
                      float *part, int stride) {
     SP_ASSERT(out >= 0 && out <= stride && n_act >= 0 && 0 <= ith && ith < nth);
+    if (w->type == SP_W_Q4 || w->type == SP_W_Q8) {
+        SP_ASSERT(w->stride <= stride);
+        const int a0 = sp_q_split(w, act, n_act, ith, nth), a1 = sp_q_split(w, act, n_act, ith + 1, nth);
+        sp_q_axpy(w, out, x, act + a0, a1 - a0, part + (size_t)ith * stride);
+        return;
+    }
     const int a0 = (int)((long)n_act * ith / nth), a1 = (int)((long)n_act * (ith + 1) / nth);
-    axpy_rows(w, wbf16, out, x, act + a0, a1 - a0, part + (size_t)ith * stride);
+    axpy_rows(w, out, x, act + a0, a1 - a0, part + (size_t)ith * stride);
 }
 
 /* y[lo:hi] = the sum of the nth partials, for this thread's split share [lo, hi) of the outputs. */
@@ -69,9 +77,16 @@ void sp_gemv_reduce(int ith, int nth, int out, const float *part, int stride, fl
 /* y[r] = dot(W[r, :], x) for the rows r listed in rows[r0:r1] (or r in [r0, r1) when rows is NULL). Four rows at
  * a time: one row's sum is a single chain of dependent FMAs (latency-bound, ~4x below the FMA throughput at d = 576),
  * four rows give four independent chains and read x once for them. */
-void sp_dot_rows(const void *w, int wbf16, int in, const float *restrict x, const int *rows, int r0, int r1,
+void sp_dot_rows(const sp_weight *wt, int in, const float *restrict x, const int *rows, int r0, int r1,
                  float *restrict y) {
     SP_ASSERT(in > 0 && r0 <= r1);
+    if (wt->type == SP_W_Q4 || wt->type == SP_W_Q8) {
+        sp_q_dot_rows(wt, in, x, rows, r0, r1, y);
+        return;
+    }
+    SP_ASSERT(wt->stride == in);
+    const void *w = wt->data;
+    const int wbf16 = wt->type == SP_W_BF16;
     int a = r0;
     for (; a + 4 <= r1; a += 4) {
         int r[4];
@@ -115,11 +130,11 @@ void sp_dot_rows(const void *w, int wbf16, int in, const float *restrict x, cons
 /* y = W x over the active rows, every thread calling: partial sums, a barrier, this thread's share of the sum.
  * The partials alternate between two sets, so a thread that moves on to the next GEMV never overwrites a
  * partial another thread is still adding up (the barrier of that next GEMV orders the one after it). */
-void sp_gemv(sp_ctx *c, const void *w, int wbf16, int out, const float *x, const int *act, int n_act, float *y) {
+void sp_gemv(sp_ctx *c, const sp_weight *w, int out, const float *x, const int *act, int n_act, float *y) {
     sp_workspace *ws = c->ws;
     float *part = ws->part + (size_t)(c->phase & 1) * ws->n_threads * ws->stride;
     c->phase += 1;
-    sp_gemv_partial(c->ith, c->nth, w, wbf16, out, x, act, n_act, part, ws->stride);
+    sp_gemv_partial(c->ith, c->nth, w, out, x, act, n_act, part, ws->stride);
     SP_BARRIER();
     sp_gemv_reduce(c->ith, c->nth, out, part, ws->stride, y);
 }
@@ -136,9 +151,11 @@ static void lowrank_add(sp_ctx *c, const sp_model *M, const sp_layer *L, int j, 
         if (a < n_act && act[a] == i) a++;
         else drop[nd++] = i;
     }
-    sp_gemv(c, L->lr_a[j], M->wbf16, r, x, drop, nd, ws->lr_t);
+    const int type = M->wbf16 ? SP_W_BF16 : SP_W_F32;
+    const sp_weight A = {type, 0, 0, r, L->lr_a[j], NULL, NULL}, B = {type, 0, 0, out, L->lr_b[j], NULL, NULL};
+    sp_gemv(c, &A, r, x, drop, nd, ws->lr_t);
     SP_BARRIER(); /* lr_t is complete */
-    sp_gemv(c, L->lr_b[j], M->wbf16, out, ws->lr_t, ws->iota, r, ws->lr_y);
+    sp_gemv(c, &B, out, ws->lr_t, ws->iota, r, ws->lr_y);
     int lo, hi;
     sp_split(out, c->ith, c->nth, &lo, &hi);
     for (int o = lo; o < hi; o++) y[o] += ws->lr_y[o];
@@ -150,7 +167,7 @@ void sp_linear(sp_ctx *c, const sp_model *M, int l, int j, const float *x, int n
                int out, float *y, int dense) {
     const sp_layer *L = &M->layers[l];
     SP_ASSERT(n_act >= 0 && n_act <= n_in && n_in <= c->ws->wide && out <= c->ws->wide);
-    sp_gemv(c, L->w[j], M->wbf16, out, x, act, n_act, y);
+    sp_gemv(c, &L->w[j], out, x, act, n_act, y);
     if (!dense && L->lr_a[j]) lowrank_add(c, M, L, j, x, n_in, act, n_act, out, y);
     if (L->bias[j]) {
         int lo, hi;
@@ -160,21 +177,27 @@ void sp_linear(sp_ctx *c, const sp_model *M, int l, int j, const float *x, int n
     if (c->ith == 0 && !dense) {
         M->active[(size_t)l * SP_N_LIN + j] += n_act;
         M->seen[(size_t)l * SP_N_LIN + j] += n_in;
+        const sp_weight *w = &L->w[j];
+        if (M->blocks && (w->type == SP_W_Q4 || w->type == SP_W_Q8)) {
+            int64_t nb = 0;
+            for (int a = 0; a < n_act; a++) nb += a == 0 || act[a] / w->block != act[a - 1] / w->block;
+            M->blocks[(size_t)l * SP_N_LIN + j] += nb;
+        }
     }
 }
 
 /* Test entry points: the ops above on their own, with their own scratch. */
-int sp_test_gemv(const void *w, int wbf16, int in, int out, const float *x, const int *act, int n_act, float *y,
+int sp_test_gemv(const sp_weight *w, int in, int out, const float *x, const int *act, int n_act, float *y,
                  int threads) {
     (void)in;
-    if (threads < 1 || out < 0) return SP_ERR_SHAPE;
-    const int stride = (out + 15) / 16 * 16;
+    if (threads < 1 || out < 0 || !w || w->stride < out) return SP_ERR_SHAPE;
+    const int stride = (w->stride + 15) / 16 * 16;
     float *part = malloc(sizeof(float) * (size_t)threads * (stride ? stride : 1));
     if (!part) return SP_ERR_NOMEM;
 #pragma omp parallel num_threads(threads)
     {
         const int ith = omp_get_thread_num(), nth = omp_get_num_threads();
-        sp_gemv_partial(ith, nth, w, wbf16, out, x, act, n_act, part, stride);
+        sp_gemv_partial(ith, nth, w, out, x, act, n_act, part, stride);
         SP_BARRIER();
         sp_gemv_reduce(ith, nth, out, part, stride, y);
     }
@@ -182,14 +205,14 @@ int sp_test_gemv(const void *w, int wbf16, int in, int out, const float *x, cons
     return SP_OK;
 }
 
-int sp_test_dot_rows(const void *w, int wbf16, int in, int n_rows, const float *x, const int *rows, int n_sel,
-                     float *y, int threads) {
-    if (threads < 1 || in < 1) return SP_ERR_SHAPE;
+int sp_test_dot_rows(const sp_weight *w, int in, int n_rows, const float *x, const int *rows, int n_sel, float *y,
+                     int threads) {
+    if (threads < 1 || in < 1 || !w || w->stride != in) return SP_ERR_SHAPE;
 #pragma omp parallel num_threads(threads)
     {
         const int ith = omp_get_thread_num(), nth = omp_get_num_threads();
         const int total = rows ? n_sel : n_rows;
-        sp_dot_rows(w, wbf16, in, x, rows, (int)((long)total * ith / nth), (int)((long)total * (ith + 1) / nth), y);
+        sp_dot_rows(w, in, x, rows, (int)((long)total * ith / nth), (int)((long)total * (ith + 1) / nth), y);
     }
     return SP_OK;
 }

@@ -50,8 +50,8 @@ void sp_mlp_stage(sp_ctx *c, const sp_model *M, int l, int dense) {
             n = ws->n_gate_act, rows = ws->gate_act;
         }
         sp_split(n, c->ith, c->nth, &lo, &hi);
-        sp_dot_rows(L->w[SP_GATE], M->wbf16, d, t->x, rows, lo, hi, ws->g);
-        sp_dot_rows(L->w[SP_UP], M->wbf16, d, t->x, rows, lo, hi, ws->u);
+        sp_dot_rows(&L->w[SP_GATE], d, t->x, rows, lo, hi, ws->g);
+        sp_dot_rows(&L->w[SP_UP], d, t->x, rows, lo, hi, ws->u);
         for (int a = lo; a < hi; a++) {
             const int j = rows ? rows[a] : a;
             ws->mid[j] = sp_act(act_kind, ws->g[j]) * ws->u[j];
@@ -71,7 +71,7 @@ void sp_mlp_stage(sp_ctx *c, const sp_model *M, int l, int dense) {
     int lo, hi;
     sp_split(I, c->ith, c->nth, &lo, &hi); /* the share of g (and of u) this thread holds */
     if (dense && up_rows) { /* the dense prompt under a gate-activation plan: every row of up */
-        sp_dot_rows(L->w[SP_UP], M->wbf16, d, t->x, NULL, lo, hi, ws->u);
+        sp_dot_rows(&L->w[SP_UP], d, t->x, NULL, lo, hi, ws->u);
         for (int j = lo; j < hi; j++) ws->mid[j] = sp_act(act_kind, ws->g[j]) * ws->u[j];
     } else if (!gate_rule) {
         const int *up_act = t->act;
@@ -100,7 +100,7 @@ void sp_mlp_stage(sp_ctx *c, const sp_model *M, int l, int dense) {
         SP_BARRIER(); /* the active list is complete */
         const int n = ws->n_gate_act;
         const int r0 = (int)((long)n * c->ith / c->nth), r1 = (int)((long)n * (c->ith + 1) / c->nth);
-        sp_dot_rows(L->w[SP_UP], M->wbf16, d, t->x, ws->gate_act, r0, r1, ws->u);
+        sp_dot_rows(&L->w[SP_UP], d, t->x, ws->gate_act, r0, r1, ws->u);
         for (int a = r0; a < r1; a++) ws->mid[ws->gate_act[a]] *= ws->u[ws->gate_act[a]];
         SP_BARRIER(); /* mid complete on the active channels */
         sp_linear(c, M, l, SP_DOWN, ws->mid, I, ws->gate_act, n, d, ws->proj, 0);

@@ -141,13 +141,18 @@ static inline float sp_act(int kind, float g) {
 
 /* gemv.c */
 void sp_split(int n, int ith, int nth, int *lo, int *hi);
-void sp_gemv_partial(int ith, int nth, const void *w, int wbf16, int out, const float *x, const int *act, int n_act,
+void sp_gemv_partial(int ith, int nth, const sp_weight *w, int out, const float *x, const int *act, int n_act,
                      float *part, int stride);
 void sp_gemv_reduce(int ith, int nth, int out, const float *part, int stride, float *y);
-void sp_dot_rows(const void *w, int wbf16, int in, const float *x, const int *rows, int r0, int r1, float *y);
-void sp_gemv(sp_ctx *c, const void *w, int wbf16, int out, const float *x, const int *act, int n_act, float *y);
+void sp_dot_rows(const sp_weight *w, int in, const float *x, const int *rows, int r0, int r1, float *y);
+void sp_gemv(sp_ctx *c, const sp_weight *w, int out, const float *x, const int *act, int n_act, float *y);
 void sp_linear(sp_ctx *c, const sp_model *M, int l, int j, const float *x, int n_in, const int *act,
                int n_act, int out, float *y, int dense);
+
+/* quant.c */
+void sp_q_axpy(const sp_weight *w, int out, const float *x, const int *act, int n_act, float *y);
+int sp_q_split(const sp_weight *w, const int *act, int n_act, int ith, int nth);
+void sp_q_dot_rows(const sp_weight *w, int in, const float *x, const int *rows, int r0, int r1, float *y);
 
 /* mask.c */
 int sp_mask(const sp_rule *r, const float *x, int n, int *act, float *scratch);

@@ -7,8 +7,9 @@
  * Layouts: every block linear is stored transposed, W^T [in, out], so input channel i is one contiguous row and
  * skipping it skips its bytes (never a gather + matmul). Under a gate-activation rule up is kept as [out, in]
  * rows and only the active rows are dotted; under an experts rule gate and up both are. lm_head is [vocab, d] rows, dotted, split over the vocabulary.
- * Weights are fp32 or bf16 (uint16, widened in the kernel). Norm gains, biases, embeddings: fp32. The KV cache is
- * fp32 or IEEE half (converted in the kernels).
+ * Weights (sp_weight) are fp32, bf16 (uint16, widened in the kernel) or a GGUF file's own quantization (quant.c:
+ * codes with a scale and minimum per block of inputs, never requantized). Norm gains, biases, embeddings: fp32. The
+ * KV cache is fp32 or IEEE half (converted in the kernels).
  *
  * Any change to a struct below or to the meaning of a field bumps SP_ABI_VERSION; Python refuses a library
  * whose version or struct sizes differ from its own (a stale build: `pip install -e .` rebuilds it).
@@ -19,7 +20,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define SP_ABI_VERSION 6
+#define SP_ABI_VERSION 7
 #define SP_CODE_TILE 64 /* keys per tile of the int8 label cache (sp_attn.codes) */
 
 /* Rule kinds, numbered as sparsen.core.rules.RuleKind (checked at load time through sp_rule_kinds()). */
@@ -55,6 +56,20 @@ enum sp_status {
     SP_ERR_ATTN = -8,      /* an attention selection with an unknown method, bad sizes or a missing state buffer */
 };
 
+/* How a weight is stored (sparsen.engine.quant numbers them the same way). */
+enum sp_wtype { SP_W_F32 = 0, SP_W_BF16 = 1, SP_W_Q4 = 2, SP_W_Q8 = 3 };
+
+/* One weight matrix, in the transposed layout W^T [in, out] or as rows W [out, in] (sp_layer.w says which). */
+typedef struct {
+    int type;          /* enum sp_wtype */
+    int block;         /* Q4, Q8: inputs per scale and minimum (32, or 16) */
+    int scale_f32;     /* Q4, Q8: scales and minima are fp32, else IEEE half */
+    int stride;        /* elements per stored row: transposed, >= out (Q4, Q8: a multiple of 16); rows: in */
+    const void *data;  /* the fp32 or bf16 values, or the codes (Q4: 4-bit unsigned, two per byte; Q8: int8) */
+    const void *scale; /* Q4, Q8: [in / block, stride] transposed, [rows, in / block] as rows */
+    const void *min;   /* Q4, Q8: as scale, or NULL (no minimum) */
+} sp_weight;
+
 typedef struct {
     int kind;          /* enum rule_kind, on this linear's input (SP_RULE_GATE_ACT, SP_RULE_EXPERTS only on down) */
     int same_as_prev;  /* this linear's input mask equals the previous linear's (k after q, v after k, up after gate) */
@@ -63,7 +78,7 @@ typedef struct {
 } sp_rule;
 
 typedef struct {
-    const void *w[SP_N_LIN];      /* W^T [in, out]; up under a gate_act rule on down, gate and up under an experts
+    sp_weight w[SP_N_LIN];        /* W^T [in, out]; up under a gate_act rule on down, gate and up under an experts
                                    * rule: W [out, in] */
     const float *bias[SP_N_LIN];  /* [out] or NULL */
     const float *attn_norm;       /* gain [d] of the norm before attention */
@@ -78,7 +93,7 @@ typedef struct {
     int attn_select;              /* 1: the model's KV selection (sp_model.attn) runs here (window 0 only) */
     sp_rule rule[SP_N_LIN];
     /* R-Sparse: NULL, or the low-rank term of the dropped inputs, y += B A x_dropped, stored as A^T [in, rank]
-     * (rows of dropped channels are read) and B^T [rank, out], in the weights' dtype */
+     * (rows of dropped channels are read) and B^T [rank, out], fp32 or bf16 (sp_model.wbf16) */
     const void *lr_a[SP_N_LIN], *lr_b[SP_N_LIN];
     int lr_rank[SP_N_LIN];
     /* MoEfication (an SP_RULE_EXPERTS rule on down): the router R [n_experts, d] fp32 and its bias [n_experts] (or
@@ -126,7 +141,7 @@ typedef struct {
 
 typedef struct {
     int n_layers, d, n_heads, n_kv, head_dim, inter, vocab, max_seq;
-    int wbf16;                /* block linears, low-rank factors and lm_head are bf16 (else fp32) */
+    int wbf16;                /* the low-rank factors are bf16 (else fp32) */
     int activation;           /* enum sp_activation */
     float eps;                /* RMSNorm epsilon */
     float attn_scale;         /* factor on q.k */
@@ -135,18 +150,20 @@ typedef struct {
     const sp_layer *layers;
     const float *embed;       /* [vocab, d] fp32 */
     const float *final_norm;  /* gain [d] */
-    const void *lm_head;      /* [vocab, d] */
+    sp_weight lm_head;        /* rows [vocab, d] */
     int kv_f16;               /* the KV cache (and Quest's page summaries) hold IEEE half, else fp32 */
     void *k_cache, *v_cache;  /* [n_layers, n_kv, max_seq, head_dim] */
     int64_t *active;          /* [n_layers, SP_N_LIN] active input channels (rows for gate_act up), summed */
     int64_t *seen;            /* [n_layers, SP_N_LIN] input channels offered, summed */
+    int64_t *blocks;          /* NULL, or [n_layers, SP_N_LIN] blocks of inputs with an active channel (quantized
+                               * transposed weights: the blocks whose scales are read), summed */
     const sp_attn *attn;      /* NULL: every layer attends densely */
 } sp_model;
 
 /* Buffers of one engine, allocated once (sp_workspace_create) for a model and a thread count. Opaque to Python. */
 typedef struct sp_workspace sp_workspace;
 
-enum { SP_STRUCT_RULE = 0, SP_STRUCT_LAYER = 1, SP_STRUCT_MODEL = 2, SP_STRUCT_ATTN = 3 };
+enum { SP_STRUCT_RULE = 0, SP_STRUCT_LAYER = 1, SP_STRUCT_MODEL = 2, SP_STRUCT_ATTN = 3, SP_STRUCT_WEIGHT = 4 };
 
 int sp_abi_version(void);
 const char *sp_isa(void);        /* "avx,avx2,fma,...": the extensions compiled in (cpuinfo names) */
@@ -161,10 +178,10 @@ void sp_workspace_free(sp_workspace *ws);
 int sp_decode_step(const sp_model *M, sp_workspace *ws, int pos, int token, float *logits, int dense);
 
 /* The ops alone, for tests (same code as the decode step; these allocate their own scratch). */
-int sp_test_gemv(const void *w, int wbf16, int in, int out, const float *x, const int *act, int n_act, float *y,
+int sp_test_gemv(const sp_weight *w, int in, int out, const float *x, const int *act, int n_act, float *y,
                  int threads);
-int sp_test_dot_rows(const void *w, int wbf16, int in, int n_rows, const float *x, const int *rows, int n_sel,
-                     float *y, int threads);
+int sp_test_dot_rows(const sp_weight *w, int in, int n_rows, const float *x, const int *rows, int n_sel, float *y,
+                     int threads);
 int sp_test_mask(int kind, float param, const float *thr, const float *x, int n, int *act);
 
 #endif

@@ -1,0 +1,230 @@
+/* Quantized weights as a GGUF file stores them (sparsen.engine.quant packs them): w = scale * code + min per
+ * (output, block of `block` inputs), codes 4-bit unsigned (SP_W_Q4) or int8 (SP_W_Q8), scales and minima IEEE
+ * half or fp32. Nothing is requantized: a product sums x * code over a block in fp32 and applies the block's scale
+ * and minimum once, so it equals the product with the dequantized weights up to summation order.
+ *
+ *   y[o] = sum over blocks b of  scale[b, o] * sum_{i in b, active} x_i code[i, o]  +  min[b, o] * sum_{i in b, active} x_i
+ *
+ * Two layouts. Transposed (the block linears): codes [in, stride], input channel i one row, so an inactive channel's
+ * row is never read; scales and minima [in / block, stride]. A Q4 row packs 16 outputs in 8 bytes: byte j of chunk
+ * c holds output 16c + j in its low nibble and 16c + 8 + j in its high one (one zero-extension gives both halves).
+ * Rows (lm_head, up or gate read by rows): the file's own order, codes [rows, in] (Q4: ggml's block of 32, byte j
+ * holding inputs j and j + 16), scales and minima [rows, in / block].
+ */
+#include <string.h>
+
+#include "ops.h"
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+static inline float sp_half(uint16_t h) {
+    _Float16 f;
+    memcpy(&f, &h, 2);
+    return (float)f;
+}
+
+/* scale or minimum number k of a weight's scale / min array */
+static inline float q_param(const sp_weight *w, const void *a, size_t k) {
+    return w->scale_f32 ? ((const float *)a)[k] : sp_half(((const uint16_t *)a)[k]);
+}
+
+/* code (as float) of input i, output o in the transposed layout */
+static inline float q_code_t(const sp_weight *w, int i, int o) {
+    if (w->type == SP_W_Q4) {
+        const uint8_t b = ((const uint8_t *)w->data)[(size_t)i * (w->stride / 2) + (o / 16) * 8 + (o % 8)];
+        return (float)((o % 16) < 8 ? b & 15 : b >> 4);
+    }
+    return (float)((const int8_t *)w->data)[(size_t)i * w->stride + o];
+}
+
+#ifdef __AVX2__
+/* 8 scales (or minima) from index k on, as fp32 */
+static inline __m256 q_param8(const sp_weight *w, const void *a, size_t k) {
+    if (w->scale_f32) return _mm256_loadu_ps((const float *)a + k);
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)a + k)));
+}
+
+/* acc[0:32) += sum_t xs[t] * codes of row ch[t] over outputs [o, o + 32) */
+static inline void q_axpy32(const sp_weight *w, int o, const int *ch, const float *xs, int k, __m256 acc[4]) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    if (w->type == SP_W_Q4) {
+        const __m256i lo4 = _mm256_set1_epi32(15);
+        const size_t rb = (size_t)w->stride / 2;
+        const uint8_t *base = (const uint8_t *)w->data + o / 2;
+        for (int t = 0; t < k; t++) {
+            const uint8_t *p = base + (size_t)ch[t] * rb;
+            const __m256 xv = _mm256_broadcast_ss(xs + t);
+            const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+            const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+            a0 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_and_si256(b0, lo4)), a0);
+            a1 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), a1);
+            a2 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_and_si256(b1, lo4)), a2);
+            a3 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), a3);
+        }
+    } else {
+        const int8_t *base = (const int8_t *)w->data + o;
+        for (int t = 0; t < k; t++) {
+            const int8_t *p = base + (size_t)ch[t] * w->stride;
+            const __m256 xv = _mm256_broadcast_ss(xs + t);
+            a0 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))), a0);
+            a1 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)))), a1);
+            a2 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 16)))), a2);
+            a3 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 24)))), a3);
+        }
+    }
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+}
+
+/* the same over 16 outputs [o, o + 16) */
+static inline void q_axpy16(const sp_weight *w, int o, const int *ch, const float *xs, int k, __m256 acc[2]) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    for (int t = 0; t < k; t++) {
+        const __m256 xv = _mm256_broadcast_ss(xs + t);
+        if (w->type == SP_W_Q4) {
+            const uint8_t *p = (const uint8_t *)w->data + (size_t)ch[t] * (w->stride / 2) + o / 2;
+            const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+            a0 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_and_si256(b0, _mm256_set1_epi32(15))), a0);
+            a1 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), a1);
+        } else {
+            const int8_t *p = (const int8_t *)w->data + (size_t)ch[t] * w->stride + o;
+            a0 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))), a0);
+            a1 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)))), a1);
+        }
+    }
+    acc[0] = a0, acc[1] = a1;
+}
+#endif
+
+/* y[0:stride) += the block's term for the k active channels ch (their inputs xs, summing to sx) of block b. */
+static void q_axpy_block(const sp_weight *w, int b, const int *ch, const float *xs, int k, float sx,
+                         float *restrict y) {
+    const size_t sb = (size_t)b * w->stride;
+    int o = 0;
+#ifdef __AVX2__
+    const __m256 sxv = _mm256_set1_ps(sx);
+    for (; o + 32 <= w->stride; o += 32) {
+        __m256 acc[4];
+        q_axpy32(w, o, ch, xs, k, acc);
+        for (int h = 0; h < 4; h++) {
+            __m256 t = _mm256_mul_ps(q_param8(w, w->scale, sb + o + 8 * h), acc[h]);
+            if (w->min) t = _mm256_fmadd_ps(q_param8(w, w->min, sb + o + 8 * h), sxv, t);
+            _mm256_storeu_ps(y + o + 8 * h, _mm256_add_ps(_mm256_loadu_ps(y + o + 8 * h), t));
+        }
+    }
+    for (; o + 16 <= w->stride; o += 16) {
+        __m256 acc[2];
+        q_axpy16(w, o, ch, xs, k, acc);
+        for (int h = 0; h < 2; h++) {
+            __m256 t = _mm256_mul_ps(q_param8(w, w->scale, sb + o + 8 * h), acc[h]);
+            if (w->min) t = _mm256_fmadd_ps(q_param8(w, w->min, sb + o + 8 * h), sxv, t);
+            _mm256_storeu_ps(y + o + 8 * h, _mm256_add_ps(_mm256_loadu_ps(y + o + 8 * h), t));
+        }
+    }
+#endif
+    for (; o < w->stride; o++) {
+        float s = 0.f;
+        for (int t = 0; t < k; t++) s += xs[t] * q_code_t(w, ch[t], o);
+        y[o] += q_param(w, w->scale, sb + o) * s + (w->min ? q_param(w, w->min, sb + o) * sx : 0.f);
+    }
+}
+
+/* y[0:out) = sum over the active i of x[i] * W^T[i, :] (transposed layout; act ascending). The active channels are
+ * taken a block at a time; y has room for w->stride outputs (the padding is written, with zeros). */
+void sp_q_axpy(const sp_weight *w, int out, const float *x, const int *act, int n_act, float *restrict y) {
+    SP_ASSERT((w->type == SP_W_Q4 || w->type == SP_W_Q8) && w->block > 0 && w->stride >= out && w->stride % 16 == 0);
+    memset(y, 0, sizeof(float) * (size_t)w->stride);
+    float xs[64];
+    SP_ASSERT(w->block <= 64);
+    for (int a = 0; a < n_act;) {
+        const int b = act[a] / w->block;
+        int k = 0;
+        float sx = 0.f;
+        while (a + k < n_act && act[a + k] / w->block == b) {
+            xs[k] = x[act[a + k]];
+            sx += xs[k];
+            k++;
+        }
+        q_axpy_block(w, b, act + a, xs, k, sx, y);
+        a += k;
+    }
+}
+
+/* The start, in act, of thread ith's share of the active channels: the even split moved forward to the next block
+ * boundary, so a block's scales are applied by one thread only. */
+int sp_q_split(const sp_weight *w, const int *act, int n_act, int ith, int nth) {
+    int s = (int)((long)n_act * ith / nth);
+    while (s > 0 && s < n_act && act[s] / w->block == act[s - 1] / w->block) s++;
+    return s;
+}
+
+/* Rows layout: the dot of row r with x, the block sums of x (sxb, for the minima) given. */
+static float q_dot_row(const sp_weight *w, int in, const float *restrict x, const float *sxb, int r) {
+    const int B = w->block, nb = in / B;
+    const size_t sr = (size_t)r * nb;
+    float s = 0.f;
+    int b = 0;
+#ifdef __AVX2__
+    if (B == 32) {
+        __m256 acc = _mm256_setzero_ps();
+        for (; b < nb; b++) {
+            const float *xb = x + b * 32;
+            __m256 t;
+            if (w->type == SP_W_Q4) { /* byte j: input j (low nibble) and j + 16 (high) */
+                const uint8_t *p = (const uint8_t *)w->data + (size_t)r * (in / 2) + b * 16;
+                const __m256i c0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+                const __m256i c1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+                const __m256i m = _mm256_set1_epi32(15);
+                t = _mm256_mul_ps(_mm256_loadu_ps(xb), _mm256_cvtepi32_ps(_mm256_and_si256(c0, m)));
+                t = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8), _mm256_cvtepi32_ps(_mm256_and_si256(c1, m)), t);
+                t = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 16), _mm256_cvtepi32_ps(_mm256_srli_epi32(c0, 4)), t);
+                t = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 24), _mm256_cvtepi32_ps(_mm256_srli_epi32(c1, 4)), t);
+            } else {
+                const int8_t *p = (const int8_t *)w->data + (size_t)r * in + b * 32;
+                t = _mm256_mul_ps(_mm256_loadu_ps(xb), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))));
+                for (int h = 1; h < 4; h++)
+                    t = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8 * h),
+                                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * h)))), t);
+            }
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(q_param(w, w->scale, sr + b)), t, acc);
+        }
+        const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        s = _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+    }
+#endif
+    for (; b < nb; b++) {
+        float t = 0.f;
+        for (int j = 0; j < B; j++) {
+            float c;
+            if (w->type == SP_W_Q4) {
+                const uint8_t byte = ((const uint8_t *)w->data)[(size_t)r * (in / 2) + b * (B / 2) + j % (B / 2)];
+                c = (float)(j < B / 2 ? byte & 15 : byte >> 4);
+            } else {
+                c = (float)((const int8_t *)w->data)[(size_t)r * in + b * B + j];
+            }
+            t += x[b * B + j] * c;
+        }
+        s += q_param(w, w->scale, sr + b) * t;
+    }
+    if (w->min)
+        for (b = 0; b < nb; b++) s += q_param(w, w->min, sr + b) * sxb[b];
+    return s;
+}
+
+/* y[r] = dot(W[r, :], x) for the rows r listed in rows[r0:r1] (or r in [r0, r1) when rows is NULL). */
+void sp_q_dot_rows(const sp_weight *w, int in, const float *x, const int *rows, int r0, int r1, float *y) {
+    SP_ASSERT((w->type == SP_W_Q4 || w->type == SP_W_Q8) && w->block > 0 && in % w->block == 0 && w->stride == in);
+    const int B = w->block, nb = in / B;
+    float sxb[nb]; /* the block sums of x, for the minima */
+    if (w->min)
+        for (int b = 0; b < nb; b++) {
+            float s = 0.f;
+            for (int j = 0; j < B; j++) s += x[b * B + j];
+            sxb[b] = s;
+        }
+    for (int a = r0; a < r1; a++) {
+        const int r = rows ? rows[a] : a;
+        y[r] = q_dot_row(w, in, x, sxb, r);
+    }
+}

@@ -1,0 +1,218 @@
+"""A GGUF file's block linears and lm_head as the file stores them: codes, scales and minima, never requantized.
+
+Every type read here is affine per (output row, block of inputs): ``w[o, i] = scale[o, b] * codes[o, i] + min[o, b]``
+with ``b = i // block``, the scale and minimum computed in fp32 exactly as gguf-py's dequantization computes them,
+so ``QuantTensor.dequantize()`` equals the fp32 model sparsen loads from the same file (``load_model``). The engine
+(``sparsen.engine.quant``) packs these into its kernels' layouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sparsen.errors import SparsenError
+from sparsen.models.adapters import LINEAR_NAMES
+
+# sparsen's linear names -> the GGUF's (blk.{i}.{name}.weight)
+GGUF_LINEARS = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up",
+                "down": "ffn_down"}
+
+
+@dataclass
+class QuantTensor:
+    """One weight of a GGUF file: ``w = scale * codes + min`` per (row, block of ``block`` inputs)."""
+
+    name: str  # the file's tensor name
+    qtype: str  # the GGML type (Q4_1, Q8_0, ...)
+    bits: int  # storage of a code: 4 (unsigned 0..15) or 8 (int8)
+    block: int  # inputs per scale and minimum
+    codes: np.ndarray  # [rows, in] uint8 (bits 4) or int8 (bits 8)
+    scale: np.ndarray  # [rows, in // block] float16 or float32
+    min: np.ndarray | None  # as scale, or None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def take_rows(self, rows) -> QuantTensor:
+        """The tensor with its rows reordered (or selected)."""
+        return QuantTensor(self.name, self.qtype, self.bits, self.block, self.codes[rows], self.scale[rows],
+                           None if self.min is None else self.min[rows])
+
+    def dequantize(self) -> np.ndarray:
+        """[rows, in] fp32, computed as gguf-py computes it: scale * code (+ min), in fp32."""
+        rows, n = self.codes.shape
+        s = np.repeat(self.scale.astype(np.float32), self.block, axis=1)
+        w = s * self.codes.astype(np.float32)
+        if self.min is not None:
+            w = w + np.repeat(self.min.astype(np.float32), self.block, axis=1)
+        return w.reshape(rows, n)
+
+
+def _blocks(raw: np.ndarray, rows: int, nbytes: int) -> np.ndarray:
+    """A tensor's raw bytes as [rows, blocks per row, bytes per block]."""
+    return np.ascontiguousarray(raw).reshape(rows, -1, nbytes)
+
+
+def _half(b: np.ndarray) -> np.ndarray:
+    """[..., 2] uint8 -> [...] float16 (little-endian)."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0]
+
+
+def _q4_1(raw, rows):  # d (f16), m (f16), 16 bytes: byte j holds input j (low nibble) and j + 16 (high)
+    b = _blocks(raw, rows, 20)
+    qs = b[..., 4:]
+    codes = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(rows, -1)
+    return 4, 32, codes, _half(b[..., 0:2]), _half(b[..., 2:4])
+
+
+def _q4_0(raw, rows):  # d (f16), 16 bytes; w = d * (q - 8)
+    b = _blocks(raw, rows, 18)
+    qs = b[..., 2:]
+    codes = np.concatenate([qs & 15, qs >> 4], axis=-1).astype(np.int8) - 8
+    return 8, 32, codes.reshape(rows, -1), _half(b[..., 0:2]), None
+
+
+def _q8_0(raw, rows):  # d (f16), 32 int8
+    b = _blocks(raw, rows, 34)
+    return 8, 32, np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(rows, -1), _half(b[..., 0:2]), None
+
+
+def _q5(raw, rows, with_min: bool):  # d (f16), [m (f16)], qh (4 bytes: bit j = 5th bit of input j), 16 bytes
+    nb = 24 if with_min else 22
+    b = _blocks(raw, rows, nb)
+    off = 4 if with_min else 2
+    qh = np.ascontiguousarray(b[..., off:off + 4]).view(np.uint32)[..., 0]
+    qs = b[..., off + 4:]
+    high = ((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
+    codes = np.concatenate([qs & 15, qs >> 4], axis=-1) | high
+    if with_min:
+        return 8, 32, codes.reshape(rows, -1).astype(np.int8), _half(b[..., 0:2]), _half(b[..., 2:4])
+    return 8, 32, (codes.astype(np.int16) - 16).astype(np.int8).reshape(rows, -1), _half(b[..., 0:2]), None
+
+
+def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit minima (ggml's get_scale_min_k4)."""
+    s = s.astype(np.uint8)
+    sc = np.empty(s.shape[:-1] + (8,), np.uint8)
+    mn = np.empty_like(sc)
+    sc[..., :4] = s[..., 0:4] & 63
+    mn[..., :4] = s[..., 4:8] & 63
+    sc[..., 4:] = (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)
+    mn[..., 4:] = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    return sc, mn
+
+
+def _q4_k(raw, rows):  # per 256: d, dmin (f16), 12 bytes of scales, 128 bytes (4 x 32 bytes: 2 sub-blocks each)
+    b = _blocks(raw, rows, 144)
+    d = _half(b[..., 0:2]).astype(np.float32)[..., None]
+    dmin = _half(b[..., 2:4]).astype(np.float32)[..., None]
+    sc, mn = _k_scales(b[..., 4:16])
+    qs = b[..., 16:].reshape(rows, -1, 4, 32)
+    codes = np.stack([qs & 15, qs >> 4], axis=3).reshape(rows, -1)  # sub-block 2g: low nibbles, 2g + 1: high
+    scale = (d * sc.astype(np.float32)).reshape(rows, -1)
+    mins = -(dmin * mn.astype(np.float32)).reshape(rows, -1)
+    return 4, 32, codes, scale, mins
+
+
+def _q6_k(raw, rows):  # per 256: ql 128, qh 64, 16 int8 scales, d (f16); w = d * sc * (q - 32), sub-blocks of 16
+    b = _blocks(raw, rows, 210)
+    ql = b[..., :128].reshape(rows, -1, 2, 64)
+    qh = b[..., 128:192].reshape(rows, -1, 2, 32)
+    sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.float32)
+    d = _half(b[..., 208:210]).astype(np.float32)[..., None]
+    q = np.empty(ql.shape[:-2] + (2, 4, 32), np.int16)  # [rows, n, half, quarter, 32]
+    q[..., 0, :] = (ql[..., :32] & 15) | (((qh >> 0) & 3) << 4)
+    q[..., 1, :] = (ql[..., 32:] & 15) | (((qh >> 2) & 3) << 4)
+    q[..., 2, :] = (ql[..., :32] >> 4) | (((qh >> 4) & 3) << 4)
+    q[..., 3, :] = (ql[..., 32:] >> 4) | (((qh >> 6) & 3) << 4)
+    codes = (q - 32).astype(np.int8).reshape(rows, -1)
+    return 8, 16, codes, (d * sc).reshape(rows, -1), None
+
+
+DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": lambda r, n: _q5(r, n, False), "Q5_1": lambda r, n: _q5(r, n, True),
+            "Q8_0": _q8_0, "Q4_K": _q4_k, "Q6_K": _q6_k}
+"""the GGML types the engine runs exactly, by name"""
+
+
+def _field(reader, key: str):
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    v = f.parts[f.data[0]]
+    return bytes(v).decode() if v.dtype == np.uint8 else v[0].item()
+
+
+def _llama_rows(out: int, heads: int) -> np.ndarray:
+    """The row order Hugging Face's GGUF loader gives a Llama q or k weight (it undoes llama.cpp's RoPE permute)."""
+    idx = np.arange(out)
+    return idx.reshape(heads, out // heads // 2, 2).swapaxes(2, 1).reshape(out)
+
+
+def _is_block_linear(name: str) -> bool:
+    parts = name.split(".")
+    return (len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_LINEARS.values()) or name == "output.weight"
+
+
+def unsupported_tensor(path: str | Path) -> tuple[str, str] | None:
+    """(name, type) of the first block linear or lm_head of a GGUF file whose type the engine cannot run, or None."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    names = {t.name for t in reader.tensors}
+    for t in reader.tensors:
+        lm_head = t.name == "token_embd.weight" and "output.weight" not in names
+        if (_is_block_linear(t.name) or lm_head) and t.tensor_type.name not in DECODERS:
+            return t.name, t.tensor_type.name
+    return None
+
+
+@dataclass
+class GGUFWeights:
+    """The quantized block linears ({(layer, name): QuantTensor}, rows in Hugging Face's order) and lm_head."""
+
+    path: Path
+    linears: dict
+    lm_head: QuantTensor
+
+
+def read_gguf_weights(path: str | Path, n_layers: int, n_heads: int, n_kv_heads: int) -> GGUFWeights:
+    """The block linears and lm_head of a GGUF file, as stored. A tensor of a type the engine cannot run exactly is
+    refused with its name and type."""
+    import gguf
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (OSError, ValueError) as e:
+        raise SparsenError(f"could not read GGUF file '{path}': {str(e).splitlines()[0]}") from None
+    tensors = {t.name: t for t in reader.tensors}
+    arch = _field(reader, "general.architecture")
+
+    def load(name: str) -> QuantTensor:
+        t = tensors.get(name)
+        if t is None:
+            raise SparsenError(f"the GGUF file '{path.name}' has no tensor '{name}': it is not the model's file; "
+                               "use --weights fp32")
+        qtype = t.tensor_type.name
+        if qtype not in DECODERS:
+            raise SparsenError(f"tensor '{name}' of '{path.name}' is {qtype}, which the engine cannot run on its "
+                               f"quantized weights (it runs {', '.join(DECODERS)}): use --weights fp32")
+        n_in, rows = int(t.shape[0]), int(np.prod(t.shape[1:]))
+        bits, block, codes, scale, mins = DECODERS[qtype](np.asarray(t.data), rows)
+        if codes.shape != (rows, n_in):
+            raise SparsenError(f"tensor '{name}' of '{path.name}' decodes to {codes.shape}, not {(rows, n_in)}")
+        return QuantTensor(name, qtype, bits, block, codes, scale, mins)
+
+    linears = {}
+    for layer in range(n_layers):
+        for n in LINEAR_NAMES:
+            qt = load(f"blk.{layer}.{GGUF_LINEARS[n]}.weight")
+            if arch == "llama" and n in ("q", "k"):
+                qt = qt.take_rows(_llama_rows(qt.shape[0], n_heads if n == "q" else n_kv_heads))
+            linears[layer, n] = qt
+    head = load("output.weight" if "output.weight" in tensors else "token_embd.weight")
+    return GGUFWeights(path, linears, head)

@@ -1,0 +1,218 @@
+"""The engine on a GGUF file's own quantized weights (models/gguf_weights.py, engine/quant.py, kernels/quant.c)."""
+
+import ctypes
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sparsen import SparsenError, load_model
+from sparsen.cli import main
+from sparsen.engine import Engine, c_weight, choose_weights, kernels
+from sparsen.engine.quant import pack
+from sparsen.models.gguf_weights import DECODERS, QuantTensor, read_gguf_weights
+
+TINY_TYPES = {"q": "Q4_0", "k": "Q5_0", "v": "Q5_1", "o": "Q8_0", "gate": "Q4_K", "up": "Q4_1", "down": "Q6_K"}
+# random fp16 scales of this size give weights of roughly 0.05 (K-quants multiply them by sub-block scales)
+WEIGHT_SCALE = {"IQ4_NL": 0.005, "Q4_0": 0.01, "Q4_1": 0.005, "Q5_0": 0.005, "Q5_1": 0.003, "Q8_0": 4e-4, "Q4_K": 5e-5,
+                "Q6_K": 2e-5}
+HALF_FIELDS = {"IQ4_NL": (0,), "Q4_0": (0,), "Q8_0": (0,), "Q5_0": (0,), "Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2),
+               "Q6_K": (208,)}  # byte offsets of a block's fp16 fields
+
+
+def ptr(a):
+    return a.ctypes.data
+
+
+def random_raw(qtype: str, rows: int, n_in: int, rng, scale: float = 0.01) -> np.ndarray:
+    """A tensor's bytes as a GGUF stores them: random codes, random (finite) fp16 scales and minima."""
+    import gguf
+
+    block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    nb = n_in // block
+    raw = rng.integers(0, 256, (rows, nb, nbytes), dtype=np.uint8)
+    for k in HALF_FIELDS[qtype]:
+        half = (rng.standard_normal((rows, nb)) * scale).astype(np.float16)
+        raw[:, :, k:k + 2] = half.view(np.uint8).reshape(rows, nb, 2)
+    return raw.reshape(rows, nb * nbytes)
+
+
+def random_tensor(qtype, rows, n_in, seed=0) -> QuantTensor:
+    rng = np.random.default_rng(seed)
+    return QuantTensor("t", qtype, *DECODERS[qtype](random_raw(qtype, rows, n_in, rng), rows))
+
+
+# --- decoding and kernels ------------------------------------------------------------------------------
+@pytest.mark.parametrize("qtype", sorted(DECODERS))
+def test_decoding_equals_gguf_py_dequantization(qtype):
+    import gguf
+
+    rng = np.random.default_rng(7)
+    raw = random_raw(qtype, 9, 512, rng)
+    qt = QuantTensor("t", qtype, *DECODERS[qtype](raw, 9))
+    ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
+    assert np.array_equal(qt.dequantize(), ref)  # bit for bit: the fp32 model sparsen loads is this
+
+
+@pytest.mark.parametrize("qtype", sorted(DECODERS))
+@pytest.mark.parametrize("n_out", [37, 70, 576])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_quantized_gemv_equals_the_dequantized_product(qtype, n_out, sparsity):
+    n_in = 512
+    qt = random_tensor(qtype, n_out, n_in, seed=n_out)
+    W = qt.dequantize().astype(np.float64)
+    rng = np.random.default_rng(int(sparsity * 10) + n_out)
+    x = rng.standard_normal(n_in).astype(np.float32)
+    act = np.sort(rng.permutation(n_in)[: n_in - int(round(sparsity * n_in))]).astype(np.int32)
+    xm = np.zeros_like(x)
+    xm[act] = x[act]
+    expected = W @ xm
+    p = pack(qt, transposed=True)
+    cw = c_weight(p)
+    scale = np.abs(W).max() * np.abs(xm).sum() + 1e-30
+    for threads in (1, 2):
+        y = np.full(p.stride, np.nan, np.float32)
+        assert kernels().sp_test_gemv(ctypes.byref(cw), n_in, n_out, ptr(x), ptr(act), len(act), ptr(y), threads) == 0
+        assert np.abs(y[:n_out] - expected).max() <= 1e-6 * scale
+    if sparsity == 1.0:
+        assert np.all(y[:n_out] == 0)
+
+
+@pytest.mark.parametrize("qtype", sorted(DECODERS))
+def test_quantized_rows_equal_the_dequantized_product(qtype):
+    n_out, n_in = 300, 256
+    qt = random_tensor(qtype, n_out, n_in, seed=3)
+    W = qt.dequantize().astype(np.float64)
+    x = np.random.default_rng(4).standard_normal(n_in).astype(np.float32)
+    p = pack(qt, transposed=False)  # held: the struct points into its arrays
+    cw = c_weight(p)
+    rows = np.array([0, 5, 6, 100, 299], np.int32)
+    y = np.zeros(n_out, np.float32)
+    kernels().sp_test_dot_rows(ctypes.byref(cw), n_in, n_out, ptr(x), ptr(rows), len(rows), ptr(y), 2)
+    scale = np.abs(W).max() * np.abs(x).sum()
+    assert np.abs(y[rows] - W[rows] @ x).max() <= 1e-6 * scale and np.all(np.delete(y, rows) == 0)
+    kernels().sp_test_dot_rows(ctypes.byref(cw), n_in, n_out, ptr(x), None, 0, ptr(y), 2)  # every row
+    assert np.abs(y - W @ x).max() <= 1e-6 * scale
+
+
+# --- a tiny Llama written as a GGUF ----------------------------------------------------------------------
+def write_tiny_llama_gguf(path, types: dict, seed: int = 0):
+    """A random 2-layer Llama (hidden 256, 4 heads, 2 KV heads, MLP 512: the K-quants' blocks of 256 fit) with
+    SmolLM2's tokenizer, its block linears of the GGML types ``types`` ({linear name: type}; Q4_1 otherwise), the
+    tied embedding Q8_0."""
+    import gguf
+
+    from sparsen.models.gguf_weights import GGUF_LINEARS
+    from sparsen.models.loading import _bundled_gguf
+
+    src = gguf.GGUFReader(_bundled_gguf("smollm2"))
+    rng = np.random.default_rng(seed)
+    d, inter, heads, kv, layers, vocab = 256, 512, 4, 2, 2, 49152
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(256)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(d // heads)
+    w.add_vocab_size(vocab)
+    f = src.fields
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(f["tokenizer.ggml.tokens"].contents())
+    w.add_token_types(f["tokenizer.ggml.token_type"].contents())
+    w.add_token_merges(f["tokenizer.ggml.merges"].contents())
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+
+    def quantized(name, qtype, rows, n_in, scale=None):
+        t = gguf.GGMLQuantizationType[qtype]
+        w.add_tensor(name, random_raw(qtype, rows, n_in, rng, scale or WEIGHT_SCALE[qtype]),
+                     raw_shape=(rows, gguf.quant_shape_to_byte_shape((n_in,), t)[0]), raw_dtype=t)
+
+    quantized("token_embd.weight", "Q8_0", vocab, d, 0.004)
+    w.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(d)).astype(np.float32))
+    dims = {"q": (d, d), "k": (kv * d // heads, d), "v": (kv * d // heads, d), "o": (d, d), "gate": (inter, d),
+            "up": (inter, d), "down": (d, inter)}
+    for b in range(layers):
+        for name in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{b}.{name}.weight", (1 + 0.1 * rng.standard_normal(d)).astype(np.float32))
+        for n, (rows, n_in) in dims.items():
+            quantized(f"blk.{b}.{GGUF_LINEARS[n]}.weight", types.get(n, "Q4_1"), rows, n_in)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """Every type the engine runs, one per linear."""
+    path = write_tiny_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf", TINY_TYPES)
+    return load_model(str(path))
+
+
+def test_a_gguf_of_another_shape_loads_and_matches_its_dequantized_reference(tiny_gguf):
+    lm = tiny_gguf
+    ad = lm.adapter
+    gw = read_gguf_weights(lm.source, ad.n_layers, ad.n_heads, ad.n_kv_heads)
+    types = {n: gw.linears[0, n].qtype for n in ("q", "k", "v", "o", "gate", "up", "down")}
+    assert types == TINY_TYPES
+    for b in ad.blocks:  # the file's tensors, rows in HF's order (q and k un-permuted), are the model's weights
+        for n, lin in b.linears.items():
+            assert np.array_equal(gw.linears[b.index, n].dequantize(), lin.weight.numpy()), (b.index, n)
+    assert np.array_equal(gw.lm_head.dequantize(), ad.lm_head.weight.numpy())
+    ids = lm.tokenizer("The history of the city begins", add_special_tokens=False)["input_ids"]
+    engine = Engine(lm, dtype="gguf", max_seq=64)
+    with torch.no_grad():
+        hf = lm.model.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+        ref = lm.model(hf[:, :-1]).logits[0].numpy()
+    assert engine.generate(ids, 16) == hf[0, len(ids):].tolist()
+    engine.reset()
+    for i, t in enumerate(hf[0, :-1].tolist()):
+        got = engine.step(t, dense=True)
+        assert np.abs(got - ref[i]).max() <= 1e-4 * np.abs(ref[i]).max()
+
+
+def test_gguf_weights_refuse_what_they_cannot_run(tiny_gguf, tiny_llama, tmp_path):
+    with pytest.raises(SparsenError, match="not loaded from a .gguf file.*use weights bf16 or fp32"):
+        Engine(tiny_llama, dtype="gguf")
+    assert choose_weights(tiny_llama, None) == ("fp32", None)
+    assert choose_weights(tiny_gguf, None) == ("gguf", None)
+    from sparsen.methods import calibrate, config_for
+
+    rot = calibrate(tiny_gguf, config_for("rotate", sparsity=0.5, tokens=1024, ctx=128), progress=False)
+    with pytest.raises(SparsenError, match="changes the weights \\(a rotation\\)"):
+        Engine(tiny_gguf, rot, dtype="gguf")
+    assert choose_weights(tiny_gguf, rot)[0] == "bf16"
+    # an unsupported tensor type: one line naming the tensor and the type, suggesting --weights fp32
+    path = write_tiny_llama_gguf(tmp_path / "iq.gguf", {"up": "IQ4_NL"})
+    with pytest.raises(SparsenError) as e:
+        read_gguf_weights(path, 2, 4, 2)  # blk.0.ffn_up comes first in the file
+    msg = str(e.value)
+    assert "\n" not in msg and "'blk.0.ffn_up.weight'" in msg and "IQ4_NL" in msg and "--weights fp32" in msg
+    lm = load_model(str(path))
+    assert choose_weights(lm, None)[0] == "bf16"  # auto falls back, saying why
+
+
+def test_bench_rows_for_several_weights(tiny_gguf, tmp_path):
+    out = tmp_path / "bench.json"
+    plan = tmp_path / "plan.json"
+    assert main(["calibrate", "--model", tiny_gguf.source, "--method", "teal", "--sparsity", "0.5", "--tokens", "1024",
+                 "--ctx", "128", "--out", str(plan), "--quiet"]) == 0
+    assert main(["bench", "--model", tiny_gguf.source, "--plan", str(plan), "--weights", "gguf,bf16,fp32", "--vs", "",
+                 "--profile", "--prompt-tokens", "16", "--new-tokens", "8", "--rounds", "1", "--out", str(out),
+                 "--quiet"]) == 0
+    d = json.loads(out.read_text())
+    assert d["weights"] == ["gguf", "bf16", "fp32"] and d["weights_dtype"] == "gguf"
+    g, f = d["by_weights"]["gguf"], d["by_weights"]["fp32"]
+    assert g["engine_dense_tok_s"] > 0 and g["engine_sparse_tok_s"] > 0 and g["profile"]["dense_ms"] > 0
+    assert g["achieved_sparsity"] == pytest.approx(f["achieved_sparsity"], abs=0.02)  # the same masks, near enough
+    # bytes: Q4_1 codes are 1/8 of fp32's; the blocks' scales come on top
+    assert g["dense_mb_per_token"] < f["dense_mb_per_token"] / 3 and g["bound_speedup"] > 1
