@@ -216,3 +216,47 @@ def test_bench_rows_for_several_weights(tiny_gguf, tmp_path):
     assert g["achieved_sparsity"] == pytest.approx(f["achieved_sparsity"], abs=0.02)  # the same masks, near enough
     # bytes: Q4_1 codes are 1/8 of fp32's; the blocks' scales come on top
     assert g["dense_mb_per_token"] < f["dense_mb_per_token"] / 3 and g["bound_speedup"] > 1
+
+
+# --- the bundled model -------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_gguf_engine_matches_hf_generate(smollm2):
+    ids = smollm2.tokenizer("The history of the city begins", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        hf = smollm2.model.generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False)
+        ref = smollm2.model(hf[:, :-1]).logits[0].numpy()
+    engine = Engine(smollm2, dtype="gguf", max_seq=128)
+    assert engine.packed["layers.0.q"].type == 2 and engine.packed["lm_head"].type == 3  # Q4_1 codes, Q8_0 rows
+    assert engine.generate(ids, 64) == hf[0, len(ids):].tolist()
+    engine.reset()
+    for i, t in enumerate(hf[0, :-1].tolist()):
+        got = engine.step(t, dense=True)
+        assert np.abs(got - ref[i]).max() <= 1e-4 * np.abs(ref[i]).max()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["teal", "wina", "cats", "chess", "stat-topk", "topk"])
+def test_smollm2_gguf_engine_under_activation_only_plans(smollm2, method):
+    """Each sparse step from the same dense prefix: where the GGUF engine chose the fp32 engine's masks (its inputs
+    differ by float rounding, so a channel within ~1e-6 of its threshold may flip), its logits are the fp32 ones
+    within 1e-4."""
+    from sparsen.methods import calibrate, config_for
+
+    plan = calibrate(smollm2, config_for(method, sparsity=0.4 if method == "cats" else 0.5, tokens=2048, ctx=256),
+                     progress=False)
+    engines = [Engine(smollm2, plan, dtype=w, max_seq=64) for w in ("gguf", "fp32")]
+    sums = [e.record_masks() for e in engines]
+    text = "The history of the city begins with a small settlement on the river, where traders from the north met"
+    ids = smollm2.tokenizer(text, add_special_tokens=False)["input_ids"]
+    same = 0
+    for n in range(8, len(ids)):
+        before = [s.copy() for s in sums]
+        logits = []
+        for e in engines:
+            e.prefill(ids[:n])
+            logits.append(e.step(ids[n]).copy())
+        if np.array_equal(sums[0] - before[0], sums[1] - before[1]):
+            same += 1
+            assert np.abs(logits[0] - logits[1]).max() <= 1e-4 * np.abs(logits[1]).max(), n
+    assert same >= (len(ids) - 8) // 2, same  # most steps choose the same masks
+    assert engines[0].achieved()["overall"] > 0.3

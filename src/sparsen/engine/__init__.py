@@ -71,7 +71,7 @@ class Model(ctypes.Structure):  # sp_model
                 ("vocab", _i), ("max_seq", _i), ("wbf16", _i), ("activation", _i), ("eps", _f), ("attn_scale", _f),
                 ("embed_scale", _f), ("logit_softcap", _f), ("layers", _p), ("embed", _p), ("final_norm", _p),
                 ("lm_head", Weight), ("kv_f16", _i), ("k_cache", _p), ("v_cache", _p), ("active", _p), ("seen", _p),
-                ("blocks", _p), ("attn", _p)]
+                ("blocks", _p), ("mask_sum", _p), ("attn", _p)]
 
 
 class Attn(ctypes.Structure):  # sp_attn
@@ -601,6 +601,14 @@ class Engine:
             self._layers[layer].attn_select = 1
         self._attn, self.attn_state, self.attn_method = A, state, name
         self._model.attn = ctypes.addressof(A)
+
+    def record_masks(self) -> np.ndarray:
+        """Turn on a checksum of the masks: [n_layers, 7] uint64, each sparse token adding a hash of every linear's
+        active channels (gate-activation rules: of down's), so two engines that chose the same masks agree on it."""
+        if getattr(self, "mask_sum", None) is None:
+            self.mask_sum = np.zeros((self.n_layers, N_LIN), np.uint64)
+            self._model.mask_sum = self._keep_ptr(self.mask_sum)
+        return self.mask_sum
 
     # --- decoding -----------------------------------------------------------------------------
     def reset(self) -> None:

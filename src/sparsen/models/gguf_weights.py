@@ -138,12 +138,92 @@ DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": lambda r, n: _q5(r, n, False),
 """the GGML types the engine runs exactly, by name"""
 
 
-def _field(reader, key: str):
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    v = f.parts[f.data[0]]
-    return bytes(v).decode() if v.dtype == np.uint8 else v[0].item()
+@dataclass
+class TensorInfo:
+    name: str
+    qtype: str  # GGML type name
+    shape: tuple  # ggml order: (in, rows...)
+    offset: int  # of its data, from the file's start
+
+
+# GGUF metadata value types: fixed sizes (8: string, 9: array are read apart)
+_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_index(path: str | Path) -> tuple[dict, dict]:
+    """(string metadata, {name: TensorInfo}) of a GGUF file, reading only its header: gguf-py's reader parses every
+    metadata array (a tokenizer's 50k tokens: seconds) where this skips them."""
+    import struct
+
+    import gguf
+
+    with open(path, "rb") as f:
+        buf = f.read(1 << 16)
+        pos = 0
+
+        def need(n):
+            nonlocal buf
+            while pos + n > len(buf):
+                more = f.read(max(1 << 20, n))
+                if not more:
+                    raise SparsenError(f"'{path}' ends inside its GGUF header: the file is truncated")
+                buf += more
+
+        def take(fmt):
+            nonlocal pos
+            n = struct.calcsize(fmt)
+            need(n)
+            v = struct.unpack_from(fmt, buf, pos)
+            pos += n
+            return v if len(v) > 1 else v[0]
+
+        def string():
+            nonlocal pos
+            n = take("<Q")
+            need(n)
+            v = bytes(buf[pos:pos + n]).decode("utf-8", "replace")
+            pos += n
+            return v
+
+        def skip(vtype):
+            nonlocal pos
+            if vtype == 8:
+                string()
+            elif vtype == 9:
+                etype, count = take("<IQ")
+                if etype in _SCALAR:
+                    need(_SCALAR[etype] * count)
+                    pos += _SCALAR[etype] * count
+                else:
+                    for _ in range(count):
+                        skip(etype)
+            else:
+                need(_SCALAR[vtype])
+                pos += _SCALAR[vtype]
+
+        if take("<4s") != b"GGUF":
+            raise SparsenError(f"'{path}' is not a GGUF file (no GGUF magic)")
+        version, n_tensors, n_kv = take("<IQQ")
+        meta = {}
+        for _ in range(n_kv):
+            key, vtype = string(), take("<I")
+            if vtype == 8:
+                meta[key] = string()
+            elif vtype in (4, 5):
+                meta[key] = take("<I" if vtype == 4 else "<i")
+            else:
+                skip(vtype)
+        infos = []
+        for _ in range(n_tensors):
+            name = string()
+            dims = take("<I")
+            shape = tuple(take("<" + "Q" * dims)) if dims > 1 else (take("<Q"),)
+            qtype, offset = take("<IQ")
+            infos.append((name, shape, qtype, offset))
+    align = int(meta.get("general.alignment", 32))
+    start = -(-pos // align) * align
+    tensors = {n: TensorInfo(n, gguf.GGMLQuantizationType(t).name, sh, start + off) for n, sh, t, off in infos}
+    return meta, tensors
 
 
 def _llama_rows(out: int, heads: int) -> np.ndarray:
@@ -159,14 +239,11 @@ def _is_block_linear(name: str) -> bool:
 
 def unsupported_tensor(path: str | Path) -> tuple[str, str] | None:
     """(name, type) of the first block linear or lm_head of a GGUF file whose type the engine cannot run, or None."""
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    names = {t.name for t in reader.tensors}
-    for t in reader.tensors:
-        lm_head = t.name == "token_embd.weight" and "output.weight" not in names
-        if (_is_block_linear(t.name) or lm_head) and t.tensor_type.name not in DECODERS:
-            return t.name, t.tensor_type.name
+    _, tensors = gguf_index(path)
+    for t in tensors.values():
+        lm_head = t.name == "token_embd.weight" and "output.weight" not in tensors
+        if (_is_block_linear(t.name) or lm_head) and t.qtype not in DECODERS:
+            return t.name, t.qtype
     return None
 
 
@@ -186,23 +263,25 @@ def read_gguf_weights(path: str | Path, n_layers: int, n_heads: int, n_kv_heads:
 
     path = Path(path)
     try:
-        reader = gguf.GGUFReader(path)
-    except (OSError, ValueError) as e:
+        meta, tensors = gguf_index(path)
+    except (OSError, ValueError, KeyError) as e:
         raise SparsenError(f"could not read GGUF file '{path}': {str(e).splitlines()[0]}") from None
-    tensors = {t.name: t for t in reader.tensors}
-    arch = _field(reader, "general.architecture")
+    arch = meta.get("general.architecture")
+    data = np.memmap(path, np.uint8, mode="r")
 
     def load(name: str) -> QuantTensor:
         t = tensors.get(name)
         if t is None:
             raise SparsenError(f"the GGUF file '{path.name}' has no tensor '{name}': it is not the model's file; "
                                "use --weights fp32")
-        qtype = t.tensor_type.name
+        qtype = t.qtype
         if qtype not in DECODERS:
             raise SparsenError(f"tensor '{name}' of '{path.name}' is {qtype}, which the engine cannot run on its "
                                f"quantized weights (it runs {', '.join(DECODERS)}): use --weights fp32")
         n_in, rows = int(t.shape[0]), int(np.prod(t.shape[1:]))
-        bits, block, codes, scale, mins = DECODERS[qtype](np.asarray(t.data), rows)
+        block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+        raw = np.asarray(data[t.offset:t.offset + rows * (n_in // block) * nbytes]).reshape(rows, -1)
+        bits, block, codes, scale, mins = DECODERS[qtype](raw, rows)
         if codes.shape != (rows, n_in):
             raise SparsenError(f"tensor '{name}' of '{path.name}' decodes to {codes.shape}, not {(rows, n_in)}")
         return QuantTensor(name, qtype, bits, block, codes, scale, mins)

@@ -183,6 +183,16 @@ void sp_linear(sp_ctx *c, const sp_model *M, int l, int j, const float *x, int n
             for (int a = 0; a < n_act; a++) nb += a == 0 || act[a] / w->block != act[a - 1] / w->block;
             M->blocks[(size_t)l * SP_N_LIN + j] += nb;
         }
+        if (M->mask_sum) {
+            uint64_t h = 0;
+            for (int a = 0; a < n_act; a++) { /* splitmix64 of the index */
+                uint64_t z = (uint64_t)act[a] + 0x9E3779B97F4A7C15ull;
+                z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+                z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+                h += z ^ (z >> 31);
+            }
+            M->mask_sum[(size_t)l * SP_N_LIN + j] += h;
+        }
     }
 }
 

@@ -157,6 +157,8 @@ typedef struct {
     int64_t *seen;            /* [n_layers, SP_N_LIN] input channels offered, summed */
     int64_t *blocks;          /* NULL, or [n_layers, SP_N_LIN] blocks of inputs with an active channel (quantized
                                * transposed weights: the blocks whose scales are read), summed */
+    uint64_t *mask_sum;       /* NULL, or [n_layers, SP_N_LIN] a checksum of each sparse token's active channels (a
+                               * sum of hashed indices), summed: two engines that chose the same masks agree on it */
     const sp_attn *attn;      /* NULL: every layer attends densely */
 } sp_model;
 
