@@ -180,7 +180,8 @@ void sp_linear(sp_ctx *c, const sp_model *M, int l, int j, const float *x, int n
         const sp_weight *w = &L->w[j];
         if (M->blocks && (w->type == SP_W_Q4 || w->type == SP_W_Q8)) {
             int64_t nb = 0;
-            for (int a = 0; a < n_act; a++) nb += a == 0 || act[a] / w->block != act[a - 1] / w->block;
+            const int sh = __builtin_ctz((unsigned)w->block);
+            for (int a = 0; a < n_act; a++) nb += a == 0 || (act[a] >> sh) != (act[a - 1] >> sh);
             M->blocks[(size_t)l * SP_N_LIN + j] += nb;
         }
         if (M->mask_sum) {

@@ -2,6 +2,9 @@
 #include <string.h>
 
 #include "ops.h"
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 static int cmp_float(const void *a, const void *b) {
     const float x = *(const float *)a, y = *(const float *)b;
@@ -14,11 +17,25 @@ int sp_mask(const sp_rule *r, const float *x, int n, int *act, float *scratch) {
     SP_ASSERT(n > 0);
     int m = 0;
     switch (r->kind) {
-    case SP_RULE_THRESHOLD:
+    case SP_RULE_THRESHOLD: {
         SP_ASSERT(r->thr != NULL);
-        for (int i = 0; i < n; i++)
+        int i = 0;
+#ifdef __AVX2__
+        /* 8 compares, then the set bits' indices: a branchy scalar loop cost ~6% of a sparse token here */
+        const __m256 sign = _mm256_set1_ps(-0.f);
+        for (; i + 8 <= n; i += 8) {
+            const __m256 ax = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i));
+            unsigned bits = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(ax, _mm256_loadu_ps(r->thr + i), _CMP_GT_OQ));
+            while (bits) {
+                act[m++] = i + __builtin_ctz(bits);
+                bits &= bits - 1;
+            }
+        }
+#endif
+        for (; i < n; i++)
             if (fabsf(x[i]) > r->thr[i]) act[m++] = i;
         return m;
+    }
     case SP_RULE_TOPK: {
         const int k = (int)lrintf(r->param * n); /* the k smallest |x| are dropped */
         if (k <= 0) break;

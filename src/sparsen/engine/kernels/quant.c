@@ -76,6 +76,31 @@ static inline void q_axpy32(const sp_weight *w, int o, const int *ch, const floa
     acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
 }
 
+/* Q4: acc[0:64) += sum_t xs[t] * codes of row ch[t] over outputs [o, o + 64) */
+static inline void q4_axpy64(const sp_weight *w, int o, const int *ch, const float *xs, int k, __m256 acc[8]) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    const __m256i lo4 = _mm256_set1_epi32(15);
+    const size_t rb = (size_t)w->stride / 2;
+    const uint8_t *base = (const uint8_t *)w->data + o / 2;
+    for (int t = 0; t < k; t++) {
+        const uint8_t *p = base + (size_t)ch[t] * rb;
+        const __m256 xv = _mm256_broadcast_ss(xs + t);
+        const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+        const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+        const __m256i b2 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 16)));
+        const __m256i b3 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 24)));
+        a0 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_and_si256(b0, lo4)), a0);
+        a1 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), a1);
+        a2 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_and_si256(b1, lo4)), a2);
+        a3 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), a3);
+        a4 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_and_si256(b2, lo4)), a4);
+        a5 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_srli_epi32(b2, 4)), a5);
+        a6 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_and_si256(b3, lo4)), a6);
+        a7 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_srli_epi32(b3, 4)), a7);
+    }
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4, acc[5] = a5, acc[6] = a6, acc[7] = a7;
+}
+
 /* the same over 16 outputs [o, o + 16) */
 static inline void q_axpy16(const sp_weight *w, int o, const int *ch, const float *xs, int k, __m256 acc[2]) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0;
@@ -103,6 +128,15 @@ static void q_axpy_block(const sp_weight *w, int b, const int *ch, const float *
     int o = 0;
 #ifdef __AVX2__
     const __m256 sxv = _mm256_set1_ps(sx);
+    for (; w->type == SP_W_Q4 && o + 64 <= w->stride; o += 64) {
+        __m256 acc[8];
+        q4_axpy64(w, o, ch, xs, k, acc);
+        for (int h = 0; h < 8; h++) {
+            __m256 t = _mm256_mul_ps(q_param8(w, w->scale, sb + o + 8 * h), acc[h]);
+            if (w->min) t = _mm256_fmadd_ps(q_param8(w, w->min, sb + o + 8 * h), sxv, t);
+            _mm256_storeu_ps(y + o + 8 * h, _mm256_add_ps(_mm256_loadu_ps(y + o + 8 * h), t));
+        }
+    }
     for (; o + 32 <= w->stride; o += 32) {
         __m256 acc[4];
         q_axpy32(w, o, ch, xs, k, acc);
@@ -135,12 +169,13 @@ void sp_q_axpy(const sp_weight *w, int out, const float *x, const int *act, int 
     SP_ASSERT((w->type == SP_W_Q4 || w->type == SP_W_Q8) && w->block > 0 && w->stride >= out && w->stride % 16 == 0);
     memset(y, 0, sizeof(float) * (size_t)w->stride);
     float xs[64];
-    SP_ASSERT(w->block <= 64);
+    SP_ASSERT(w->block <= 64 && (w->block & (w->block - 1)) == 0);
+    const int sh = __builtin_ctz((unsigned)w->block); /* a shift, not a division per channel */
     for (int a = 0; a < n_act;) {
-        const int b = act[a] / w->block;
+        const int b = act[a] >> sh;
         int k = 0;
         float sx = 0.f;
-        while (a + k < n_act && act[a + k] / w->block == b) {
+        while (a + k < n_act && (act[a + k] >> sh) == b) {
             xs[k] = x[act[a + k]];
             sx += xs[k];
             k++;
@@ -154,7 +189,8 @@ void sp_q_axpy(const sp_weight *w, int out, const float *x, const int *act, int 
  * boundary, so a block's scales are applied by one thread only. */
 int sp_q_split(const sp_weight *w, const int *act, int n_act, int ith, int nth) {
     int s = (int)((long)n_act * ith / nth);
-    while (s > 0 && s < n_act && act[s] / w->block == act[s - 1] / w->block) s++;
+    const int sh = __builtin_ctz((unsigned)w->block);
+    while (s > 0 && s < n_act && (act[s] >> sh) == (act[s - 1] >> sh)) s++;
     return s;
 }
 
@@ -167,7 +203,13 @@ static float q_dot_row(const sp_weight *w, int in, const float *restrict x, cons
 #ifdef __AVX2__
     if (B == 32) {
         __m256 acc = _mm256_setzero_ps();
+        float sc[8]; /* the scales of blocks b0 .. b0 + 7, widened 8 at a time */
         for (; b < nb; b++) {
+            if (b % 8 == 0) {
+                if (b + 8 <= nb) _mm256_storeu_ps(sc, q_param8(w, w->scale, sr + b));
+                else
+                    for (int k = 0; k < nb - b; k++) sc[k] = q_param(w, w->scale, sr + b + k);
+            }
             const float *xb = x + b * 32;
             __m256 t;
             if (w->type == SP_W_Q4) { /* byte j: input j (low nibble) and j + 16 (high) */
@@ -186,7 +228,7 @@ static float q_dot_row(const sp_weight *w, int in, const float *restrict x, cons
                     t = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8 * h),
                                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * h)))), t);
             }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(q_param(w, w->scale, sr + b)), t, acc);
+            acc = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + b % 8), t, acc);
         }
         const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
         const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));

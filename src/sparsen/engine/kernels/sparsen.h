@@ -62,7 +62,7 @@ enum sp_wtype { SP_W_F32 = 0, SP_W_BF16 = 1, SP_W_Q4 = 2, SP_W_Q8 = 3 };
 /* One weight matrix, in the transposed layout W^T [in, out] or as rows W [out, in] (sp_layer.w says which). */
 typedef struct {
     int type;          /* enum sp_wtype */
-    int block;         /* Q4, Q8: inputs per scale and minimum (32, or 16) */
+    int block;         /* Q4, Q8: inputs per scale and minimum (32, or 16: a power of two) */
     int scale_f32;     /* Q4, Q8: scales and minima are fp32, else IEEE half */
     int stride;        /* elements per stored row: transposed, >= out (Q4, Q8: a multiple of 16); rows: in */
     const void *data;  /* the fp32 or bf16 values, or the codes (Q4: 4-bit unsigned, two per byte; Q8: int8) */
