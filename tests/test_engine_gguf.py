@@ -260,3 +260,22 @@ def test_smollm2_gguf_engine_under_activation_only_plans(smollm2, method):
             assert np.abs(logits[0] - logits[1]).max() <= 1e-4 * np.abs(logits[1]).max(), n
     assert same >= (len(ids) - 8) // 2, same  # most steps choose the same masks
     assert engines[0].achieved()["overall"] > 0.3
+
+
+@pytest.mark.slow
+def test_gemma3_engine_on_its_q5_0_q4_k_q6_k_q8_0_weights_equals_hf_generate():
+    from sparsen.engine import prompt_ids
+
+    lm = load_model("gemma3")
+    engine = Engine(lm, dtype="gguf", max_seq=96)
+    assert {p.type for p in engine.packed.values()} == {2, 3}  # 4-bit codes (Q4_K) and int8 codes (Q5_0, Q6_K, Q8_0)
+    assert any(p.block == 16 for p in engine.packed.values()) and any(p.scale.dtype == np.float32 for p in engine.packed.values())
+    ids = prompt_ids(lm, "The history of the city begins", chat=False)
+    with torch.no_grad():
+        hf = lm.model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        ref = lm.model(hf[:, :-1]).logits[0].numpy()
+    assert engine.generate(ids, 32) == hf[0, len(ids):].tolist()
+    engine.reset()
+    for i, t in enumerate(hf[0, :-1].tolist()):
+        got = engine.step(t, dense=True)
+        assert np.abs(got - ref[i]).max() <= 1e-4 * np.abs(ref[i]).max()
