@@ -181,7 +181,7 @@ def test_a_gguf_of_another_shape_loads_and_matches_its_dequantized_reference(tin
 
 
 def test_gguf_weights_refuse_what_they_cannot_run(tiny_gguf, tiny_llama, tmp_path):
-    with pytest.raises(SparsenError, match="not loaded from a .gguf file.*use weights bf16 or fp32"):
+    with pytest.raises(SparsenError, match="not loaded from a .gguf file.*use --weights bf16 or fp32"):
         Engine(tiny_llama, dtype="gguf")
     assert choose_weights(tiny_llama, None) == ("fp32", None)
     assert choose_weights(tiny_gguf, None) == ("gguf", None)

@@ -374,7 +374,8 @@ class Engine:
             raise SparsenError(f"the engine cannot run the attention method '{plan.attention.get('method')}' (it runs "
                                f"{', '.join(ATTN_METHODS)}): score it with `sparsen attn-eval`")
         if dtype == "gguf" and (why := gguf_refusal(lm, plan)) is not None:
-            raise SparsenError(f"the engine cannot run on the GGUF's quantized weights: {why}; use weights bf16 or fp32")
+            raise SparsenError(f"the engine cannot run on the GGUF's quantized weights: {why}; use --weights bf16 "
+                               "or fp32")
         if plan is not None:
             plan.check_model(lm)
             if not plan.carried_by(lm):
@@ -406,6 +407,7 @@ class Engine:
         ad, dtype, keep = src.adapter, self.dtype, self._keep_ptr
         self._src, self._held = src, {}
         self.packed = None  # gguf: {site: engine.quant.Packed}, "lm_head" included
+        self.mask_sum = None  # record_masks()
         gw = None
         if dtype == "gguf":
             from sparsen.engine import quant
@@ -605,7 +607,7 @@ class Engine:
     def record_masks(self) -> np.ndarray:
         """Turn on a checksum of the masks: [n_layers, 7] uint64, each sparse token adding a hash of every linear's
         active channels (gate-activation rules: of down's), so two engines that chose the same masks agree on it."""
-        if getattr(self, "mask_sum", None) is None:
+        if self.mask_sum is None:
             self.mask_sum = np.zeros((self.n_layers, N_LIN), np.uint64)
             self._model.mask_sum = self._keep_ptr(self.mask_sum)
         return self.mask_sum

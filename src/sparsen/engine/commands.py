@@ -170,19 +170,22 @@ def cmd_bench(args) -> None:
         engines[w] = {"dense": Engine(lm, None, **opts), "sparse": Engine(lm, plan, **opts) if plan else None,
                       "floor": Engine(lm, skip_all, **opts) if skip_all else None}
     peers = Peers(systems, PeerSpec(lm.spec, str(lm.source), args.threads, max_seq + 8), args.peer_timeout)
-    runs = {f"{w}_{role}": [] for w in weights for role in ("dense", "sparse", "no_block_linears")}
+    def key(w, role):  # raw_tok_s keys: the first weights keep the names of a one-weights bench
+        return f"engine_{role}" if w == weights[0] else f"engine_{role}_{w}"
+
+    runs = {key(w, role): [] for w in weights for role in ("dense", "sparse", "no_block_linears")}
     runs.update({"hf": [], "llamacpp": []})
     try:
         for r in range(args.rounds):  # interleaved: every system once per round
             for w, e in engines.items():
-                runs[f"{w}_dense"].append(_engine_run(e["dense"], ids, args.new_tokens))
+                runs[key(w, "dense")].append(_engine_run(e["dense"], ids, args.new_tokens))
                 if e["sparse"] is not None:
                     e["sparse"].reset()
-                    runs[f"{w}_sparse"].append(_engine_run(e["sparse"], ids, args.new_tokens))
+                    runs[key(w, "sparse")].append(_engine_run(e["sparse"], ids, args.new_tokens))
             peers.run_round(runs, ids, args.new_tokens)
             for w, e in engines.items():
                 if e["floor"] is not None:
-                    runs[f"{w}_no_block_linears"].append(_engine_run(e["floor"], ids, args.new_tokens))
+                    runs[key(w, "no_block_linears")].append(_engine_run(e["floor"], ids, args.new_tokens))
             _round_line(args, r, runs)
     finally:
         peers.close()
@@ -196,7 +199,7 @@ def cmd_bench(args) -> None:
     for w, e in engines.items():
         sparse = e["sparse"]
         achieved = sparse.achieved()["overall"] if sparse is not None else 0.0
-        d, sp = med(f"{w}_dense"), med(f"{w}_sparse")
+        d, sp = med(key(w, "dense")), med(key(w, "sparse"))
         by_weights[w] = {
             "engine_dense_tok_s": d, "engine_sparse_tok_s": sp, "achieved_sparsity": achieved,
             "speedup_vs_dense": sp / d if sp else None,
@@ -205,7 +208,7 @@ def cmd_bench(args) -> None:
             "dense_mb_per_token": bytes_per_token(e["dense"], 0.0, context) / 1e6,
             "sparse_mb_per_token": bytes_per_token(sparse, achieved, context) / 1e6 if sparse is not None else None,
             "dense_vs_llamacpp": d / llama if llama else None, "sparse_vs_llamacpp": sp / llama if llama and sp else None,
-            "profile": (_profile(e["dense"], d, med(f"{w}_no_block_linears"), context) if e["floor"] is not None
+            "profile": (_profile(e["dense"], d, med(key(w, "no_block_linears")), context) if e["floor"] is not None
                         else None),
         }
     first = by_weights[weights[0]]
