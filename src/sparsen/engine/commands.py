@@ -193,6 +193,10 @@ def cmd_bench(args) -> None:
     def med(k):
         return statistics.median(runs[k]) if runs.get(k) else None
 
+    def per_round(a, b):  # the median over rounds of a's rate / b's in the same round: the machine drifts between rounds
+        pairs = list(zip(runs.get(a) or [], runs.get(b) or []))
+        return statistics.median(x / y for x, y in pairs) if pairs else None
+
     context = len(ids) + args.new_tokens / 2
     llama = med("llamacpp")
     by_weights = {}
@@ -207,7 +211,9 @@ def cmd_bench(args) -> None:
                               if sparse is not None else None),
             "dense_mb_per_token": bytes_per_token(e["dense"], 0.0, context) / 1e6,
             "sparse_mb_per_token": bytes_per_token(sparse, achieved, context) / 1e6 if sparse is not None else None,
-            "dense_vs_llamacpp": d / llama if llama else None, "sparse_vs_llamacpp": sp / llama if llama and sp else None,
+            "dense_vs_llamacpp": per_round(key(w, "dense"), "llamacpp"),
+            "sparse_vs_llamacpp": per_round(key(w, "sparse"), "llamacpp"),
+            "sparse_vs_dense_per_round": per_round(key(w, "sparse"), key(w, "dense")),
             "profile": (_profile(e["dense"], d, med(key(w, "no_block_linears")), context) if e["floor"] is not None
                         else None),
         }
@@ -226,12 +232,14 @@ def cmd_bench(args) -> None:
         "machine": machine(args.threads, peers),
         "notes": {**peers.notes(), "engine": "prompt prefilled dense (not timed), then new_tokens greedy steps timed",
                   "bytes": "per token: block linears (quantized: the active channels' codes, the scales and minima of "
-                           "the blocks holding one), lm_head, K and V rows"},
+                           "the blocks holding one), lm_head, K and V rows",
+                  "ratios": "by_weights' *_vs_llamacpp and sparse_vs_dense_per_round: the median over rounds of the "
+                            "two rates of the same round; speedup_vs_dense: the ratio of the medians"},
     }
     write_json(args.out, res)
     print(f"{lm.spec}, {args.threads} threads, prompt {len(ids)} + {args.new_tokens} new tokens, median of "
           f"{args.rounds} interleaved rounds ({res['machine']['cpu']})")
-    print(f"  {'system':<26}{'tok/s':>8}{'MB/token':>10}{'vs llama.cpp':>14}")
+    print(f"  {'system':<26}{'tok/s':>8}{'MB/token':>10}{'vs llama.cpp':>14}  (median over rounds of the same round's ratio)")
     for w, b in by_weights.items():
         rows = [("dense", b["engine_dense_tok_s"], b["dense_mb_per_token"], b["dense_vs_llamacpp"])]
         if b["engine_sparse_tok_s"] is not None:
@@ -242,8 +250,8 @@ def cmd_bench(args) -> None:
     _peer_lines(res, peers, width=26)
     for w, b in by_weights.items():
         if b["engine_sparse_tok_s"] is not None:
-            print(f"  {w}: sparse / dense {b['speedup_vs_dense']:.2f}x at achieved sparsity {b['achieved_sparsity']:.3f}"
-                  f" (bytes bound {b['bound_speedup']:.2f}x)")
+            print(f"  {w}: sparse / dense {b['speedup_vs_dense']:.2f}x (per round {b['sparse_vs_dense_per_round']:.2f}x) at "
+                  f"achieved sparsity {b['achieved_sparsity']:.3f} (bytes bound {b['bound_speedup']:.2f}x)")
     if res["engine_dense_vs_hf"]:
         print(f"  engine {weights[0]} dense / HF generate {res['engine_dense_vs_hf']:.2f}x")
     for w, b in by_weights.items():
