@@ -38,6 +38,18 @@ def random_raw(qtype: str, rows: int, n_in: int, rng, scale: float = 0.01) -> np
     return raw.reshape(rows, nb * nbytes)
 
 
+def check_against_hf(lm, engine, ids, n_new: int) -> None:
+    """The engine's greedy tokens are HF `generate`'s, and its logits along them HF's within 1e-4 relative."""
+    with torch.no_grad():
+        hf = lm.model.generate(torch.tensor([ids]), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+        ref = lm.model(hf[:, :-1]).logits[0].numpy()
+    assert engine.generate(ids, n_new) == hf[0, len(ids):].tolist()
+    engine.reset()
+    for i, t in enumerate(hf[0, :-1].tolist()):
+        got = engine.step(t, dense=True)
+        assert np.abs(got - ref[i]).max() <= 1e-4 * np.abs(ref[i]).max(), i
+
+
 def random_tensor(qtype, rows, n_in, seed=0) -> QuantTensor:
     rng = np.random.default_rng(seed)
     return QuantTensor("t", qtype, *DECODERS[qtype](random_raw(qtype, rows, n_in, rng), rows))
@@ -169,15 +181,7 @@ def test_a_gguf_of_another_shape_loads_and_matches_its_dequantized_reference(tin
             assert np.array_equal(gw.linears[b.index, n].dequantize(), lin.weight.numpy()), (b.index, n)
     assert np.array_equal(gw.lm_head.dequantize(), ad.lm_head.weight.numpy())
     ids = lm.tokenizer("The history of the city begins", add_special_tokens=False)["input_ids"]
-    engine = Engine(lm, dtype="gguf", max_seq=64)
-    with torch.no_grad():
-        hf = lm.model.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
-        ref = lm.model(hf[:, :-1]).logits[0].numpy()
-    assert engine.generate(ids, 16) == hf[0, len(ids):].tolist()
-    engine.reset()
-    for i, t in enumerate(hf[0, :-1].tolist()):
-        got = engine.step(t, dense=True)
-        assert np.abs(got - ref[i]).max() <= 1e-4 * np.abs(ref[i]).max()
+    check_against_hf(lm, Engine(lm, dtype="gguf", max_seq=64), ids, 16)
 
 
 def test_gguf_weights_refuse_what_they_cannot_run(tiny_gguf, tiny_llama, tmp_path):
@@ -222,16 +226,9 @@ def test_bench_rows_for_several_weights(tiny_gguf, tmp_path):
 @pytest.mark.slow
 def test_smollm2_gguf_engine_matches_hf_generate(smollm2):
     ids = smollm2.tokenizer("The history of the city begins", add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        hf = smollm2.model.generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False)
-        ref = smollm2.model(hf[:, :-1]).logits[0].numpy()
     engine = Engine(smollm2, dtype="gguf", max_seq=128)
     assert engine.packed["layers.0.q"].type == 2 and engine.packed["lm_head"].type == 3  # Q4_1 codes, Q8_0 rows
-    assert engine.generate(ids, 64) == hf[0, len(ids):].tolist()
-    engine.reset()
-    for i, t in enumerate(hf[0, :-1].tolist()):
-        got = engine.step(t, dense=True)
-        assert np.abs(got - ref[i]).max() <= 1e-4 * np.abs(ref[i]).max()
+    check_against_hf(smollm2, engine, ids, 64)
 
 
 @pytest.mark.slow
@@ -270,12 +267,45 @@ def test_gemma3_engine_on_its_q5_0_q4_k_q6_k_q8_0_weights_equals_hf_generate():
     engine = Engine(lm, dtype="gguf", max_seq=96)
     assert {p.type for p in engine.packed.values()} == {2, 3}  # 4-bit codes (Q4_K) and int8 codes (Q5_0, Q6_K, Q8_0)
     assert any(p.block == 16 for p in engine.packed.values()) and any(p.scale.dtype == np.float32 for p in engine.packed.values())
-    ids = prompt_ids(lm, "The history of the city begins", chat=False)
-    with torch.no_grad():
-        hf = lm.model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
-        ref = lm.model(hf[:, :-1]).logits[0].numpy()
-    assert engine.generate(ids, 32) == hf[0, len(ids):].tolist()
-    engine.reset()
-    for i, t in enumerate(hf[0, :-1].tolist()):
-        got = engine.step(t, dense=True)
-        assert np.abs(got - ref[i]).max() <= 1e-4 * np.abs(ref[i]).max()
+    check_against_hf(lm, engine, prompt_ids(lm, "The history of the city begins", chat=False), 32)
+
+
+@pytest.fixture(scope="module")
+def scalar_kernels(tmp_path_factory):
+    """The kernels built for plain x86-64 (no AVX): the scalar fallback a machine without AVX2 runs."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from sparsen.engine import open_kernels
+
+    cc = shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no gcc to build the scalar kernels")
+    src = Path(__file__).parents[1] / "src" / "sparsen" / "engine" / "kernels"
+    out = tmp_path_factory.mktemp("scalar") / "kernels.so"
+    subprocess.run([cc, "-O2", "-march=x86-64", "-fopenmp", "-std=c11", "-shared", "-fPIC", f"-I{src}",
+                    *sorted(str(p) for p in src.glob("*.c")), "-o", str(out), "-lm"], check=True)
+    lib = open_kernels(out)
+    assert "avx2" not in lib.sp_isa().decode()
+    return lib
+
+
+@pytest.mark.parametrize("qtype", sorted(DECODERS))
+def test_scalar_fallback_equals_the_dequantized_product(qtype, scalar_kernels):
+    n_out, n_in = 70, 512
+    qt = random_tensor(qtype, n_out, n_in, seed=5)
+    W = qt.dequantize().astype(np.float64)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal(n_in).astype(np.float32)
+    act = np.sort(rng.permutation(n_in)[: n_in // 2]).astype(np.int32)
+    xm = np.zeros_like(x)
+    xm[act] = x[act]
+    t, r = pack(qt, transposed=True), pack(qt, transposed=False)
+    ct, cr = c_weight(t), c_weight(r)
+    y = np.full(t.stride, np.nan, np.float32)
+    assert scalar_kernels.sp_test_gemv(ctypes.byref(ct), n_in, n_out, ptr(x), ptr(act), len(act), ptr(y), 2) == 0
+    assert np.abs(y[:n_out] - W @ xm).max() <= 1e-6 * np.abs(W).max() * np.abs(xm).sum()
+    z = np.zeros(n_out, np.float32)
+    scalar_kernels.sp_test_dot_rows(ctypes.byref(cr), n_in, n_out, ptr(x), None, 0, ptr(z), 2)
+    assert np.abs(z - W @ x).max() <= 1e-6 * np.abs(W).max() * np.abs(x).sum()

@@ -45,79 +45,32 @@ static inline __m256 q_param8(const sp_weight *w, const void *a, size_t k) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)a + k)));
 }
 
-/* acc[0:32) += sum_t xs[t] * codes of row ch[t] over outputs [o, o + 32) */
-static inline void q_axpy32(const sp_weight *w, int o, const int *ch, const float *xs, int k, __m256 acc[4]) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    if (w->type == SP_W_Q4) {
+/* acc[0 : 2 n16) += sum_t xs[t] * codes of row ch[t] over the 16 n16 outputs from o (a register tile: n16 is a
+ * constant at every call, so the loops unroll and acc stays in registers). */
+static inline __attribute__((always_inline)) void q_axpy_tile(const sp_weight *w, int o, const int *ch,
+                                                              const float *xs, int k, __m256 *acc, const int n16) {
+    for (int h = 0; h < 2 * n16; h++) acc[h] = _mm256_setzero_ps();
+    if (w->type == SP_W_Q4) { /* 8 bytes hold 16 outputs: the low nibbles 8, the high ones the next 8 */
         const __m256i lo4 = _mm256_set1_epi32(15);
-        const size_t rb = (size_t)w->stride / 2;
         const uint8_t *base = (const uint8_t *)w->data + o / 2;
         for (int t = 0; t < k; t++) {
-            const uint8_t *p = base + (size_t)ch[t] * rb;
+            const uint8_t *p = base + (size_t)ch[t] * (w->stride / 2);
             const __m256 xv = _mm256_broadcast_ss(xs + t);
-            const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-            const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
-            a0 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_and_si256(b0, lo4)), a0);
-            a1 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), a1);
-            a2 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_and_si256(b1, lo4)), a2);
-            a3 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), a3);
+            for (int c = 0; c < n16; c++) {
+                const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * c)));
+                acc[2 * c] = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_and_si256(b, lo4)), acc[2 * c]);
+                acc[2 * c + 1] = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), acc[2 * c + 1]);
+            }
         }
-    } else {
-        const int8_t *base = (const int8_t *)w->data + o;
-        for (int t = 0; t < k; t++) {
-            const int8_t *p = base + (size_t)ch[t] * w->stride;
-            const __m256 xv = _mm256_broadcast_ss(xs + t);
-            a0 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))), a0);
-            a1 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)))), a1);
-            a2 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 16)))), a2);
-            a3 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 24)))), a3);
-        }
+        return;
     }
-    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
-}
-
-/* Q4: acc[0:64) += sum_t xs[t] * codes of row ch[t] over outputs [o, o + 64) */
-static inline void q4_axpy64(const sp_weight *w, int o, const int *ch, const float *xs, int k, __m256 acc[8]) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    const __m256i lo4 = _mm256_set1_epi32(15);
-    const size_t rb = (size_t)w->stride / 2;
-    const uint8_t *base = (const uint8_t *)w->data + o / 2;
+    const int8_t *base = (const int8_t *)w->data + o;
     for (int t = 0; t < k; t++) {
-        const uint8_t *p = base + (size_t)ch[t] * rb;
+        const int8_t *p = base + (size_t)ch[t] * w->stride;
         const __m256 xv = _mm256_broadcast_ss(xs + t);
-        const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-        const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
-        const __m256i b2 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 16)));
-        const __m256i b3 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 24)));
-        a0 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_and_si256(b0, lo4)), a0);
-        a1 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), a1);
-        a2 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_and_si256(b1, lo4)), a2);
-        a3 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), a3);
-        a4 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_and_si256(b2, lo4)), a4);
-        a5 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_srli_epi32(b2, 4)), a5);
-        a6 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_and_si256(b3, lo4)), a6);
-        a7 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_srli_epi32(b3, 4)), a7);
+        for (int h = 0; h < 2 * n16; h++)
+            acc[h] = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * h)))), acc[h]);
     }
-    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4, acc[5] = a5, acc[6] = a6, acc[7] = a7;
-}
-
-/* the same over 16 outputs [o, o + 16) */
-static inline void q_axpy16(const sp_weight *w, int o, const int *ch, const float *xs, int k, __m256 acc[2]) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-    for (int t = 0; t < k; t++) {
-        const __m256 xv = _mm256_broadcast_ss(xs + t);
-        if (w->type == SP_W_Q4) {
-            const uint8_t *p = (const uint8_t *)w->data + (size_t)ch[t] * (w->stride / 2) + o / 2;
-            const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
-            a0 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_and_si256(b0, _mm256_set1_epi32(15))), a0);
-            a1 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), a1);
-        } else {
-            const int8_t *p = (const int8_t *)w->data + (size_t)ch[t] * w->stride + o;
-            a0 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))), a0);
-            a1 = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)))), a1);
-        }
-    }
-    acc[0] = a0, acc[1] = a1;
 }
 #endif
 
@@ -133,6 +86,18 @@ static inline void q_prefetch_next(const sp_weight *w, const int *next, int n_ne
 }
 #endif
 
+#ifdef __AVX2__
+/* y[o + 8h ...] += scale * acc[h] (+ min * sx) for h < n: a tile's block sums, scaled once. */
+static inline void q_scale_tile(const sp_weight *w, size_t sb, int o, const __m256 *acc, int n, __m256 sxv,
+                                float *restrict y) {
+    for (int h = 0; h < n; h++) {
+        __m256 t = _mm256_mul_ps(q_param8(w, w->scale, sb + o + 8 * h), acc[h]);
+        if (w->min) t = _mm256_fmadd_ps(q_param8(w, w->min, sb + o + 8 * h), sxv, t);
+        _mm256_storeu_ps(y + o + 8 * h, _mm256_add_ps(_mm256_loadu_ps(y + o + 8 * h), t));
+    }
+}
+#endif
+
 /* y[0:stride) += the block's term for the k active channels ch (their inputs xs, summing to sx) of block b; next:
  * the n_next active channels of the next block with any, whose rows are requested meanwhile. */
 static void q_axpy_block(const sp_weight *w, int b, const int *ch, const float *xs, int k, float sx,
@@ -144,31 +109,19 @@ static void q_axpy_block(const sp_weight *w, int b, const int *ch, const float *
     for (; w->type == SP_W_Q4 && o + 64 <= w->stride; o += 64) {
         q_prefetch_next(w, next, n_next, o);
         __m256 acc[8];
-        q4_axpy64(w, o, ch, xs, k, acc);
-        for (int h = 0; h < 8; h++) {
-            __m256 t = _mm256_mul_ps(q_param8(w, w->scale, sb + o + 8 * h), acc[h]);
-            if (w->min) t = _mm256_fmadd_ps(q_param8(w, w->min, sb + o + 8 * h), sxv, t);
-            _mm256_storeu_ps(y + o + 8 * h, _mm256_add_ps(_mm256_loadu_ps(y + o + 8 * h), t));
-        }
+        q_axpy_tile(w, o, ch, xs, k, acc, 4);
+        q_scale_tile(w, sb, o, acc, 8, sxv, y);
     }
     for (; o + 32 <= w->stride; o += 32) {
         q_prefetch_next(w, next, n_next, o);
         __m256 acc[4];
-        q_axpy32(w, o, ch, xs, k, acc);
-        for (int h = 0; h < 4; h++) {
-            __m256 t = _mm256_mul_ps(q_param8(w, w->scale, sb + o + 8 * h), acc[h]);
-            if (w->min) t = _mm256_fmadd_ps(q_param8(w, w->min, sb + o + 8 * h), sxv, t);
-            _mm256_storeu_ps(y + o + 8 * h, _mm256_add_ps(_mm256_loadu_ps(y + o + 8 * h), t));
-        }
+        q_axpy_tile(w, o, ch, xs, k, acc, 2);
+        q_scale_tile(w, sb, o, acc, 4, sxv, y);
     }
     for (; o + 16 <= w->stride; o += 16) {
         __m256 acc[2];
-        q_axpy16(w, o, ch, xs, k, acc);
-        for (int h = 0; h < 2; h++) {
-            __m256 t = _mm256_mul_ps(q_param8(w, w->scale, sb + o + 8 * h), acc[h]);
-            if (w->min) t = _mm256_fmadd_ps(q_param8(w, w->min, sb + o + 8 * h), sxv, t);
-            _mm256_storeu_ps(y + o + 8 * h, _mm256_add_ps(_mm256_loadu_ps(y + o + 8 * h), t));
-        }
+        q_axpy_tile(w, o, ch, xs, k, acc, 1);
+        q_scale_tile(w, sb, o, acc, 2, sxv, y);
     }
 #else
     (void)next, (void)n_next;
