@@ -191,7 +191,7 @@ def test_gguf_weights_refuse_what_they_cannot_run(tiny_gguf, tiny_llama, tmp_pat
     assert choose_weights(tiny_gguf, None) == ("gguf", None)
     from sparsen.methods import calibrate, config_for
 
-    rot = calibrate(tiny_gguf, config_for("rotate", sparsity=0.5, tokens=1024, ctx=128), progress=False)
+    rot = calibrate(tiny_gguf, config_for("rotate", sparsity=0.5, tokens=512, ctx=64), progress=False)
     with pytest.raises(SparsenError, match="changes the weights \\(a rotation\\)"):
         Engine(tiny_gguf, rot, dtype="gguf")
     assert choose_weights(tiny_gguf, rot)[0] == "bf16"
@@ -239,7 +239,7 @@ def test_smollm2_gguf_engine_under_activation_only_plans(smollm2, method):
     within 1e-4."""
     from sparsen.methods import calibrate, config_for
 
-    plan = calibrate(smollm2, config_for(method, sparsity=0.4 if method == "cats" else 0.5, tokens=2048, ctx=256),
+    plan = calibrate(smollm2, config_for(method, sparsity=0.4 if method == "cats" else 0.5, tokens=1024, ctx=128),
                      progress=False)
     engines = [Engine(smollm2, plan, dtype=w, max_seq=64) for w in ("gguf", "fp32")]
     sums = [e.record_masks() for e in engines]
