@@ -10,7 +10,7 @@ import torch
 from sparsen import SparsenError, load_model
 from sparsen.cli import main
 from sparsen.engine import Engine, c_weight, choose_weights, kernels
-from sparsen.engine.quant import pack
+from sparsen.engine.quant import W_Q4, W_Q8, pack
 from sparsen.models.gguf_weights import DECODERS, QuantTensor, read_gguf_weights
 
 TINY_TYPES = {"q": "Q4_0", "k": "Q5_0", "v": "Q5_1", "o": "Q8_0", "gate": "Q4_K", "up": "Q4_1", "down": "Q6_K"}
@@ -227,7 +227,7 @@ def test_bench_rows_for_several_weights(tiny_gguf, tmp_path):
 def test_smollm2_gguf_engine_matches_hf_generate(smollm2):
     ids = smollm2.tokenizer("The history of the city begins", add_special_tokens=False)["input_ids"]
     engine = Engine(smollm2, dtype="gguf", max_seq=128)
-    assert engine.packed["layers.0.q"].type == 2 and engine.packed["lm_head"].type == 3  # Q4_1 codes, Q8_0 rows
+    assert engine.packed["layers.0.q"].type == W_Q4 and engine.packed["lm_head"].type == W_Q8  # Q4_1, Q8_0
     check_against_hf(smollm2, engine, ids, 64)
 
 
@@ -265,7 +265,7 @@ def test_gemma3_engine_on_its_q5_0_q4_k_q6_k_q8_0_weights_equals_hf_generate():
 
     lm = load_model("gemma3")
     engine = Engine(lm, dtype="gguf", max_seq=96)
-    assert {p.type for p in engine.packed.values()} == {2, 3}  # 4-bit codes (Q4_K) and int8 codes (Q5_0, Q6_K, Q8_0)
+    assert {p.type for p in engine.packed.values()} == {W_Q4, W_Q8}  # Q4_K; Q5_0, Q6_K, Q8_0
     assert any(p.block == 16 for p in engine.packed.values()) and any(p.scale.dtype == np.float32 for p in engine.packed.values())
     check_against_hf(lm, engine, prompt_ids(lm, "The history of the city begins", chat=False), 32)
 

@@ -30,8 +30,10 @@ from sparsen.core.rules import (
 )
 from sparsen.core.sites import Site, SiteKind, model_sites
 from sparsen.engine.cpu import cpu_flags
+from sparsen.engine.quant import W_BF16, W_F32, Packed, pack
 from sparsen.errors import SparsenError
 from sparsen.models.adapters import LINEAR_NAMES
+from sparsen.models.gguf_weights import QuantTensor, read_gguf_weights, unsupported_tensor
 from sparsen.models.loading import stop_ids  # noqa: F401  (engine.stop_ids, as before)
 
 ABI_VERSION = 7
@@ -194,24 +196,26 @@ def weight_array(w: torch.Tensor, dtype: str) -> np.ndarray:
 def c_weight(w, keep=_ptr) -> Weight:
     """The sp_weight of a packed quantized weight (``engine.quant.Packed``) or of a plain fp32 / bf16 (uint16) array
     whose last axis is a stored row; ``keep`` returns an array's address (and keeps it alive)."""
-    from sparsen.engine.quant import Packed
-
     cw = Weight()
     if isinstance(w, Packed):
         cw.type, cw.block, cw.stride, cw.scale_f32 = w.type, w.block, w.stride, int(w.scale.dtype == np.float32)
         cw.data, cw.scale, cw.min = keep(w.data), keep(w.scale), keep(w.min)
     else:
-        cw.type, cw.stride, cw.data = (1 if w.dtype == np.uint16 else 0), w.shape[-1], keep(w)
+        cw.type, cw.stride, cw.data = (W_BF16 if w.dtype == np.uint16 else W_F32), w.shape[-1], keep(w)
     return cw
+
+
+def _gguf_source(lm) -> Path | None:
+    """The .gguf file ``lm`` was loaded from, if it was."""
+    source = Path(str(getattr(lm, "source", "")))
+    return source if source.suffix.lower() == ".gguf" and source.is_file() else None
 
 
 def gguf_refusal(lm, plan) -> str | None:
     """Why the engine cannot run ``plan`` on the quantized weights of ``lm``'s GGUF file, or None if it can."""
-    source = Path(str(getattr(lm, "source", "")))
-    if source.suffix.lower() != ".gguf" or not source.is_file():
+    source = _gguf_source(lm)
+    if source is None:
         return f"model '{lm.spec}' was not loaded from a .gguf file"
-    from sparsen.models.gguf_weights import unsupported_tensor
-
     if (bad := unsupported_tensor(source)) is not None:
         return f"its tensor '{bad[0]}' is {bad[1]}, which the engine does not run quantized"
     if plan is not None and (plan.transform is not None or plan.residual_changes()):
@@ -230,15 +234,11 @@ def choose_weights(lm, plan) -> tuple[str, str | None]:
     why = gguf_refusal(lm, plan)
     if why is None:
         return "gguf", None
-    if Path(str(getattr(lm, "source", ""))).suffix.lower() == ".gguf":
-        return "bf16", why
-    return "fp32", None
+    return ("bf16", why) if _gguf_source(lm) is not None else ("fp32", None)
 
 
 def _check_file_weight(qt, weight: torch.Tensor, site: str) -> None:
     """The file's tensor is this model's weight: its first block of every row dequantizes to the model's values."""
-    from sparsen.models.gguf_weights import QuantTensor
-
     w = weight.detach()
     if tuple(w.shape) != qt.shape:
         raise SparsenError(f"the GGUF tensor '{qt.name}' is {qt.shape}, the model's {site} {tuple(w.shape)}: the file "
@@ -410,9 +410,6 @@ class Engine:
         self.mask_sum = None  # record_masks()
         gw = None
         if dtype == "gguf":
-            from sparsen.engine import quant
-            from sparsen.models.gguf_weights import read_gguf_weights
-
             gw = read_gguf_weights(src.source, ad.n_layers, ad.n_heads, ad.n_kv_heads)
             self.packed = {}
         self.d, self.inter, self.n_layers = ad.hidden_size, ad.intermediate_size, ad.n_layers
@@ -473,7 +470,7 @@ class Engine:
                 rows = (n == "up" and gate_act) or (n in ("gate", "up") and experts)
                 if gw is not None:
                     _check_file_weight(gw.linears[b.index, n], lin.weight, site)
-                    self.packed[site] = quant.pack(gw.linears[b.index, n], transposed=not rows)
+                    self.packed[site] = pack(gw.linears[b.index, n], transposed=not rows)
                     L.w[j] = c_weight(self.packed[site], keep)
                 else:
                     w = lin.weight if rows else lin.weight.T
@@ -524,7 +521,7 @@ class Engine:
         tied = ad.lm_head.weight.data_ptr() == ad.embed.weight.data_ptr()
         if gw is not None:
             _check_file_weight(gw.lm_head, ad.lm_head.weight, "lm_head")
-            self.packed["lm_head"] = quant.pack(gw.lm_head, transposed=False)
+            self.packed["lm_head"] = pack(gw.lm_head, transposed=False)
             m.lm_head = c_weight(self.packed["lm_head"], keep)
         else:
             m.lm_head = c_weight(embed if tied and dtype == "fp32" else weight_array(ad.lm_head.weight, dtype), keep)
@@ -845,15 +842,18 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, rng) -> int:
 def bytes_per_token(engine: Engine, sparsity: float, context: float) -> float:
     """Bytes read per token: block linears at ``sparsity``, lm_head, and the attention's reads at ``context`` cached
     positions (``Engine.attention_bytes``: every position, a sliding layer its window, a selecting layer what it
-    read). On quantized weights (``dtype="gguf"``) the block linears' bytes are ``quantized_block_bytes``."""
-    if engine.packed is not None:
-        block = quantized_block_bytes(engine, sparsity > 0)
-        head = engine.packed["lm_head"].nbytes
-    else:
-        wbytes = 2 if engine.dtype == "bf16" else 4
-        block = sum(engine.params.values()) * wbytes * (1 - sparsity)
-        head = engine.vocab * engine.d * wbytes
+    read)."""
+    block, head = weight_bytes(engine, sparsity)
     return block + head + sum(engine.attention_bytes(context).values())
+
+
+def weight_bytes(engine: Engine, sparsity: float) -> tuple[float, float]:
+    """(block linears, lm_head): the weight bytes a token reads with the block linears at ``sparsity``; on quantized
+    weights (``dtype="gguf"``) the block linears' are ``quantized_block_bytes`` (dense at sparsity 0)."""
+    if engine.packed is not None:
+        return quantized_block_bytes(engine, sparsity > 0), engine.packed["lm_head"].nbytes
+    wbytes = 2 if engine.dtype == "bf16" else 4
+    return sum(engine.params.values()) * wbytes * (1 - sparsity), engine.vocab * engine.d * wbytes
 
 
 def quantized_block_bytes(engine: Engine, sparse: bool) -> float:

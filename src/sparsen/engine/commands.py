@@ -99,14 +99,10 @@ def _engine_run(engine, ids, n_new, prefix=None) -> float:
 
 def _profile(engine, dense_tok_s, floor_tok_s, context) -> dict:
     """Split a dense token's time into the block linears and the rest, from a run that skips every block linear."""
-    from sparsen.engine import bytes_per_token, quantized_block_bytes
+    from sparsen.engine import bytes_per_token, weight_bytes
 
     dense_ms, rest_ms = 1000 / dense_tok_s, 1000 / floor_tok_s
-    if engine.packed is not None:
-        block_mb, head_mb = quantized_block_bytes(engine, False) / 1e6, engine.packed["lm_head"].nbytes / 1e6
-    else:
-        wbytes = 2 if engine.dtype == "bf16" else 4
-        block_mb, head_mb = sum(engine.params.values()) * wbytes / 1e6, engine.vocab * engine.d * wbytes / 1e6
+    block_mb, head_mb = (b / 1e6 for b in weight_bytes(engine, 0.0))
     block_ms = dense_ms - rest_ms
     return {"dense_ms": dense_ms, "rest_ms": rest_ms, "block_linears_ms": block_ms, "block_linear_mb": block_mb,
             "block_linears_gb_s": block_mb / block_ms if block_ms > 0 else None, "lm_head_mb": head_mb,

@@ -8,6 +8,7 @@ so ``QuantTensor.dequantize()`` equals the fp32 model sparsen loads from the sam
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,7 +139,7 @@ DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": lambda r, n: _q5(r, n, False),
 """the GGML types the engine runs exactly, by name"""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TensorInfo:
     name: str
     qtype: str  # GGML type name
@@ -152,7 +153,14 @@ _SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 
 def gguf_index(path: str | Path) -> tuple[dict, dict]:
     """(string metadata, {name: TensorInfo}) of a GGUF file, reading only its header: gguf-py's reader parses every
-    metadata array (a tokenizer's 50k tokens: seconds) where this skips them."""
+    metadata array (a tokenizer's 50k tokens: seconds) where this skips them. Read once per file version (the
+    engine's checks and its loading both ask; treat the result as read-only)."""
+    st = Path(path).stat()
+    return _gguf_index(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_index(path: str, size: int, mtime_ns: int) -> tuple[dict, dict]:
     import struct
 
     import gguf

@@ -72,9 +72,7 @@ static inline __attribute__((always_inline)) void q_axpy_tile(const sp_weight *w
             acc[h] = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * h)))), acc[h]);
     }
 }
-#endif
 
-#ifdef __AVX2__
 /* Requests the codes at outputs [o, ...) of the next block's active rows into L1, a tile at a time (spread over
  * this block's work). A block's rows are short (out / 2 bytes) and, in a sparse block, scattered: the hardware
  * prefetchers do not follow them, and without this a sparse product ran from memory little faster than the dense
@@ -84,9 +82,7 @@ static inline void q_prefetch_next(const sp_weight *w, const int *next, int n_ne
     const size_t rb = q4 ? (size_t)w->stride / 2 : (size_t)w->stride, off = q4 ? (size_t)o / 2 : (size_t)o;
     for (int t = 0; t < n_next; t++) _mm_prefetch((const char *)w->data + (size_t)next[t] * rb + off, _MM_HINT_T0);
 }
-#endif
 
-#ifdef __AVX2__
 /* y[o + 8h ...] += scale * acc[h] (+ min * sx) for h < n: a tile's block sums, scaled once. */
 static inline void q_scale_tile(const sp_weight *w, size_t sb, int o, const __m256 *acc, int n, __m256 sxv,
                                 float *restrict y) {
