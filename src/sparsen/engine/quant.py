@@ -1,8 +1,8 @@
 """The kernels' layouts of a GGUF file's quantized weights (``kernels/quant.c`` says how they are read).
 
-Transposed (block linears): codes [in, stride] (4-bit: 16 outputs per 8 bytes, byte j of chunk c holding output
-16c + j in its low nibble and 16c + 8 + j in its high one), scales and minima [in / block, stride]; stride is the
-output count padded to a multiple of 16 (padding codes and scales are zero). Rows (lm_head, rows read by a
+Transposed (block linears): codes [in, stride] (4-bit: 64 outputs per 32 bytes, nibble j of the chunk's 32-bit lane
+l holding output 64c + 8j + l), scales and minima [in / block, stride]; stride is the output count padded to a
+multiple of 64 (4-bit) or 16 (int8) (padding codes and scales are zero). Rows (lm_head, rows read by a
 gate-activation or experts rule): codes [rows, in] (4-bit: ggml's order, byte j of a block holding inputs j and
 j + block / 2), scales and minima [rows, in / block].
 """
@@ -69,11 +69,12 @@ def pack(qt: QuantTensor, transposed: bool) -> Packed:
             data = qt.codes
         return Packed(kind, qt.block, n_in, np.ascontiguousarray(data), _params(qt.scale, out, n_in, False),
                       _params(qt.min, out, n_in, False), (out, n_in), False)
-    stride = -(-out // 16) * 16
+    multiple = 64 if kind == W_Q4 else 16
+    stride = -(-out // multiple) * multiple
     codes = np.zeros((n_in, stride), qt.codes.dtype)
     codes[:, :out] = qt.codes.T
-    if kind == W_Q4:
-        c = codes.reshape(n_in, stride // 16, 2, 8)
-        codes = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n_in, stride // 2)
+    if kind == W_Q4:  # [in, chunk, j, lane] -> bytes [in, chunk, lane, j // 2], j even in the low nibble
+        c = codes.reshape(n_in, stride // 64, 8, 8).transpose(0, 1, 3, 2).reshape(n_in, stride // 64, 8, 4, 2)
+        codes = (c[..., 0] | (c[..., 1] << 4)).reshape(n_in, stride // 2)
     return Packed(kind, qt.block, stride, np.ascontiguousarray(codes), _params(qt.scale, out, stride, True),
                   _params(qt.min, out, stride, True), (out, n_in), True)

@@ -146,7 +146,7 @@ static int check_weight(const sp_weight *w, int in, int out, int as_rows) {
     if (w->type != SP_W_Q4 && w->type != SP_W_Q8) return SP_ERR_SHAPE;
     if ((w->block != 16 && w->block != 32) || in % w->block || !w->scale) return SP_ERR_SHAPE;
     if (as_rows) return w->stride == in ? SP_OK : SP_ERR_SHAPE;
-    return w->stride >= out && w->stride % 16 == 0 ? SP_OK : SP_ERR_SHAPE;
+    return w->stride >= out && w->stride % (w->type == SP_W_Q4 ? 64 : 16) == 0 ? SP_OK : SP_ERR_SHAPE;
 }
 
 /* (in, out) of block linear j (enum SP_Q ...). */
@@ -268,7 +268,7 @@ sp_workspace *sp_workspace_create(const sp_model *M, int n_threads, int *status)
     const int dq = M->n_heads * M->head_dim;
     ws->wide = M->d > M->inter ? M->d : M->inter;
     if (dq > ws->wide) ws->wide = dq;
-    ws->stride = (ws->wide + 15) / 16 * 16;
+    ws->stride = (ws->wide + 63) / 64 * 64; /* room for a Q4 weight's padded outputs */
     ws->max_rank = max_rank(M);
     ws->max_experts = max_experts(M);
     if (M->attn) ws->sel_heads = M->attn->sel_heads, ws->rank = M->attn->rank, ws->max_pages = M->attn->max_pages;

@@ -6,8 +6,9 @@
  *   y[o] = sum over blocks b of  scale[b, o] * sum_{i in b, active} x_i code[i, o]  +  min[b, o] * sum_{i in b, active} x_i
  *
  * Two layouts. Transposed (the block linears): codes [in, stride], input channel i one row, so an inactive channel's
- * row is never read; scales and minima [in / block, stride]. A Q4 row packs 16 outputs in 8 bytes: byte j of chunk
- * c holds output 16c + j in its low nibble and 16c + 8 + j in its high one (one zero-extension gives both halves).
+ * row is never read; scales and minima [in / block, stride]. A Q4 row packs 64 outputs in 32 bytes (stride a
+ * multiple of 64): nibble j (bits 4j .. 4j + 3) of the chunk's 32-bit lane l is output 64c + 8j + l, so one AND
+ * and one conversion give 8 outputs' codes scaled by 16^j (exact; the tile's sums are scaled back once).
  * Rows (lm_head, up or gate read by rows): the file's own order, codes [rows, in] (Q4: ggml's block of 32, byte j
  * holding inputs j and j + 16), scales and minima [rows, in / block].
  */
@@ -31,9 +32,10 @@ static inline float q_param(const sp_weight *w, const void *a, size_t k) {
 
 /* code (as float) of input i, output o in the transposed layout */
 static inline float q_code_t(const sp_weight *w, int i, int o) {
-    if (w->type == SP_W_Q4) {
-        const uint8_t b = ((const uint8_t *)w->data)[(size_t)i * (w->stride / 2) + (o / 16) * 8 + (o % 8)];
-        return (float)((o % 16) < 8 ? b & 15 : b >> 4);
+    if (w->type == SP_W_Q4) { /* chunk o / 64, lane o % 8, nibble j = o % 64 / 8 */
+        const int j = o % 64 / 8;
+        const uint8_t b = ((const uint8_t *)w->data)[(size_t)i * (w->stride / 2) + (o / 64) * 32 + (o % 8) * 4 + j / 2];
+        return (float)(j % 2 ? b >> 4 : b & 15);
     }
     return (float)((const int8_t *)w->data)[(size_t)i * w->stride + o];
 }
@@ -46,22 +48,22 @@ static inline __m256 q_param8(const sp_weight *w, const void *a, size_t k) {
 }
 
 /* acc[0 : 2 n16) += sum_t xs[t] * codes of row ch[t] over the 16 n16 outputs from o (a register tile: n16 is a
- * constant at every call, so the loops unroll and acc stays in registers). */
+ * constant at every call, so the loops unroll and acc stays in registers). Q4 tiles are 64 wide (n16 = 4). */
 static inline __attribute__((always_inline)) void q_axpy_tile(const sp_weight *w, int o, const int *ch,
                                                               const float *xs, int k, __m256 *acc, const int n16) {
     for (int h = 0; h < 2 * n16; h++) acc[h] = _mm256_setzero_ps();
-    if (w->type == SP_W_Q4) { /* 8 bytes hold 16 outputs: the low nibbles 8, the high ones the next 8 */
-        const __m256i lo4 = _mm256_set1_epi32(15);
+    if (w->type == SP_W_Q4) { /* acc[j] sums x * code * 16^j (nibble 7 is shifted to 6's place: int32 is signed) */
         const uint8_t *base = (const uint8_t *)w->data + o / 2;
         for (int t = 0; t < k; t++) {
-            const uint8_t *p = base + (size_t)ch[t] * (w->stride / 2);
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(base + (size_t)ch[t] * (w->stride / 2)));
+            const __m256i v7 = _mm256_srli_epi32(v, 4);
             const __m256 xv = _mm256_broadcast_ss(xs + t);
-            for (int c = 0; c < n16; c++) {
-                const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * c)));
-                acc[2 * c] = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_and_si256(b, lo4)), acc[2 * c]);
-                acc[2 * c + 1] = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4)), acc[2 * c + 1]);
+            for (int j = 0; j < 8; j++) {
+                const __m256i m = _mm256_set1_epi32(15 << 4 * (j < 7 ? j : 6));
+                acc[j] = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_and_si256(j < 7 ? v : v7, m)), acc[j]);
             }
         }
+        for (int j = 1; j < 8; j++) acc[j] = _mm256_mul_ps(acc[j], _mm256_set1_ps(1.f / (float)(1 << 4 * (j < 7 ? j : 6))));
         return;
     }
     const int8_t *base = (const int8_t *)w->data + o;
@@ -102,19 +104,19 @@ static void q_axpy_block(const sp_weight *w, int b, const int *ch, const float *
     int o = 0;
 #ifdef __AVX2__
     const __m256 sxv = _mm256_set1_ps(sx);
-    for (; w->type == SP_W_Q4 && o + 64 <= w->stride; o += 64) {
+    for (; w->type == SP_W_Q4 && o + 64 <= w->stride; o += 64) { /* Q4: the stride is a multiple of 64 */
         q_prefetch_next(w, next, n_next, o);
         __m256 acc[8];
         q_axpy_tile(w, o, ch, xs, k, acc, 4);
         q_scale_tile(w, sb, o, acc, 8, sxv, y);
     }
-    for (; o + 32 <= w->stride; o += 32) {
+    for (; w->type == SP_W_Q8 && o + 32 <= w->stride; o += 32) {
         q_prefetch_next(w, next, n_next, o);
         __m256 acc[4];
         q_axpy_tile(w, o, ch, xs, k, acc, 2);
         q_scale_tile(w, sb, o, acc, 4, sxv, y);
     }
-    for (; o + 16 <= w->stride; o += 16) {
+    for (; w->type == SP_W_Q8 && o + 16 <= w->stride; o += 16) {
         __m256 acc[2];
         q_axpy_tile(w, o, ch, xs, k, acc, 1);
         q_scale_tile(w, sb, o, acc, 2, sxv, y);
@@ -132,7 +134,8 @@ static void q_axpy_block(const sp_weight *w, int b, const int *ch, const float *
 /* y[0:out) = sum over the active i of x[i] * W^T[i, :] (transposed layout; act ascending). The active channels are
  * taken a block at a time; y has room for w->stride outputs (the padding is written, with zeros). */
 void sp_q_axpy(const sp_weight *w, int out, const float *x, const int *act, int n_act, float *restrict y) {
-    SP_ASSERT((w->type == SP_W_Q4 || w->type == SP_W_Q8) && w->block > 0 && w->stride >= out && w->stride % 16 == 0);
+    SP_ASSERT((w->type == SP_W_Q4 || w->type == SP_W_Q8) && w->block > 0 && w->stride >= out &&
+              w->stride % (w->type == SP_W_Q4 ? 64 : 16) == 0);
     memset(y, 0, sizeof(float) * (size_t)w->stride);
     float xs[64];
     SP_ASSERT(w->block <= 64 && (w->block & (w->block - 1)) == 0);

@@ -64,7 +64,7 @@ typedef struct {
     int type;          /* enum sp_wtype */
     int block;         /* Q4, Q8: inputs per scale and minimum (32, or 16: a power of two) */
     int scale_f32;     /* Q4, Q8: scales and minima are fp32, else IEEE half */
-    int stride;        /* elements per stored row: transposed, >= out (Q4, Q8: a multiple of 16); rows: in */
+    int stride;        /* elements per stored row: transposed, >= out (Q4: a multiple of 64, Q8: of 16); rows: in */
     const void *data;  /* the fp32 or bf16 values, or the codes (Q4: 4-bit unsigned, two per byte; Q8: int8) */
     const void *scale; /* Q4, Q8: [in / block, stride] transposed, [rows, in / block] as rows */
     const void *min;   /* Q4, Q8: as scale, or NULL (no minimum) */
