@@ -426,3 +426,24 @@ def test_a_transcoders_start_spreads_the_first_batch_over_its_latents():
     tc.initialize(x, torch.randn(512, 16, generator=g), torch.Generator().manual_seed(0))
     fired = (tc.encode(x) != 0).any(0).float().mean()
     assert fired > 0.8, float(fired)
+
+
+def test_a_transcoder_starts_on_sampled_tokens():
+    """Latent i's encoder column is a distinct sampled token's centred input and its decoder row that token's
+    centred output; the token's own pre-activation is its input's distance from the mean."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(200, 8, generator=g) + 3.0
+    y = x[:, :4] * 2 - 1
+    tc = build_sae(sae_config("topk", d_in=8, d_sae=50, k=2, d_out=4))
+    tc.initialize(x, y, torch.Generator().manual_seed(0))
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    enc = tc.W_enc.T  # [d_sae, d_in]
+    match = (enc @ (xc / xc.norm(dim=1, keepdim=True)).T).argmax(1)  # the sample each latent starts on
+    assert len(set(match.tolist())) == 50
+    torch.testing.assert_close(enc, xc[match] / xc[match].norm(dim=1, keepdim=True))
+    torch.testing.assert_close(tc.W_dec, yc[match] / yc[match].norm(dim=1, keepdim=True))
+    torch.testing.assert_close(tc.pre_acts(x[match]).diagonal(), xc[match].norm(dim=1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tc.b_dec, y.mean(0))
+    few = build_sae(sae_config("topk", d_in=8, d_sae=50, k=2, d_out=4))  # fewer tokens than latents: jittered
+    few.initialize(x[:20], y[:20], torch.Generator().manual_seed(0))
+    assert torch.linalg.matrix_rank(few.W_enc.T) == 8 and len(torch.unique(few.W_enc.T, dim=0)) == 50

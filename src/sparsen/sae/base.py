@@ -176,24 +176,39 @@ class SparseCoder(nn.Module):
     # --- training ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def initialize(self, sample_in: torch.Tensor, sample_out: torch.Tensor, generator: torch.Generator) -> None:
-        """A seeded start: random decoder rows of norm ``decoder_init_norm`` (unit norm for a unit-norm decoder),
-        W_enc = W_dec.T for an SAE (b_enc 0), random unit directions for a transcoder (b_enc centring the first
-        batch's pre-activations), b_dec = the target's mean over the first batch, W_skip 0."""
+        """A seeded start. An SAE: random decoder rows of norm ``decoder_init_norm`` (unit norm for a unit-norm
+        decoder), W_enc = W_dec.T, b_enc 0. A transcoder: latent i starts on sample token t_i (distinct tokens
+        while the sample has enough), its encoder column the token's centred input and its decoder row the same
+        token's centred output, unit norm (norm ``decoder_init_norm`` for a decoder that is not kept at unit norm),
+        b_enc centring the pre-activations on the input's mean. b_dec = the target's mean over the sample; W_skip 0.
+
+        Why a transcoder starts from data: its encoder and decoder live in different spaces, so W_enc = W_dec.T
+        means nothing, and from random directions the latents that lose the first top-k get no gradient: on
+        SmolLM2's layer-15 MLP half of 4,608 latents were still dead after 600K tokens (FVU 0.61), none from
+        sampled tokens (FVU 0.51)."""
         d_sae, d_out = self.W_dec.shape
-        w = torch.randn(d_sae, d_out, generator=generator)
-        w /= w.norm(dim=1, keepdim=True)
-        w *= 1.0 if self.unit_norm_decoder else getattr(self.cfg, "decoder_init_norm", 0.1)
-        self.W_dec.copy_(w)
+        norm = 1.0 if self.unit_norm_decoder else getattr(self.cfg, "decoder_init_norm", 0.1)
+        x = sample_in.reshape(-1, self.cfg.d_in)
+        y = sample_out.reshape(-1, d_out)
         self.b_enc.zero_()
         if not self.cfg.is_transcoder:
-            self.W_enc.copy_(w.T)
+            w = torch.randn(d_sae, d_out, generator=generator)
+            self.W_dec.copy_(w / w.norm(dim=1, keepdim=True) * norm)
+            self.W_enc.copy_(self.W_dec.T)
         else:
-            e = torch.randn(self.cfg.d_in, d_sae, generator=generator)
-            self.W_enc.copy_(e / e.norm(dim=0, keepdim=True) * w.norm(dim=1))
-            # Centre the pre-activations on the input's mean (as sparsify does): an MLP input has a large mean
-            # component, and uncentred the same few latents win every top-k while the rest never fire.
-            self.b_enc.copy_(-(sample_in.reshape(-1, self.cfg.d_in).mean(0) @ self.W_enc))
-        self.b_dec.copy_(sample_out.reshape(-1, d_out).mean(0))
+            n = x.shape[0]
+            pick = torch.randperm(n, generator=generator)[:d_sae]
+            if n < d_sae:  # too few tokens: the rest drawn again, each with a little noise to tell them apart
+                pick = torch.cat([pick, torch.randint(0, n, (d_sae - n,), generator=generator)])
+            xc, yc = x[pick] - x.mean(0), y[pick] - y.mean(0)
+            if n < d_sae:
+                jitter = torch.randn(d_sae - n, self.cfg.d_in, generator=generator)
+                xc[n:] += 0.05 * xc[n:].norm(dim=1, keepdim=True) * jitter / self.cfg.d_in ** 0.5
+            e = xc / xc.norm(dim=1, keepdim=True).clamp_min(1e-8)
+            self.W_enc.copy_(e.T)
+            self.W_dec.copy_(yc / yc.norm(dim=1, keepdim=True).clamp_min(1e-8) * norm)
+            self.b_enc.copy_(-(x.mean(0) @ self.W_enc))
+        self.b_dec.copy_(y.mean(0))
         if self.W_skip is not None:
             self.W_skip.zero_()
 

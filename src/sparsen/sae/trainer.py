@@ -111,9 +111,14 @@ def train(sae, cache, tcfg: TrainConfig, out, resume: bool = False, progress: bo
         step, history, seconds = _load_checkpoint(ckpt, sae, opt, since_fired, meta_cfg)
     torch.manual_seed(tcfg.seed)
     stream = cache.batches(hook_in, tcfg.batch, seed=tcfg.seed, hook_out=hook_out, skip=step)
-    if step == 0:
-        first = next(cache.batches(hook_in, tcfg.batch, seed=tcfg.seed, hook_out=hook_out))
-        x0, y0 = first if hook_out else (first, first)
+    if step == 0:  # the start sees the first batch (a transcoder's: enough batches for a token per latent)
+        first, rows, limit = [], 0, min(cfg.d_sae, cache.tokens) if cfg.is_transcoder else 1
+        for b in cache.batches(hook_in, tcfg.batch, seed=tcfg.seed, hook_out=hook_out):
+            first.append(b if hook_out else (b, b))
+            rows += first[-1][0].shape[0]
+            if rows >= limit:
+                break
+        x0, y0 = (torch.cat([b[i] for b in first]) for i in (0, 1))
         sae.initialize(x0, y0, torch.Generator().manual_seed(tcfg.seed))
     bar = tqdm(total=tcfg.steps, initial=step, desc=f"train {cfg.architecture}", unit="step", disable=not progress)
     run = {"loss": 0.0, "fvu": 0.0, "l0": 0.0, "n": 0}
