@@ -179,13 +179,12 @@ class SparseCoder(nn.Module):
         """A seeded start. An SAE: random decoder rows of norm ``decoder_init_norm`` (unit norm for a unit-norm
         decoder), W_enc = W_dec.T, b_enc 0. A transcoder: latent i starts on sample token t_i (distinct tokens
         while the sample has enough), its encoder column the token's centred input and its decoder row the same
-        token's centred output, unit norm (norm ``decoder_init_norm`` for a decoder that is not kept at unit norm),
+        token's centred output, both of unit norm (``decoder_init_norm`` for a decoder not kept at unit norm),
         b_enc centring the pre-activations on the input's mean. b_dec = the target's mean over the sample; W_skip 0.
 
         Why a transcoder starts from data: its encoder and decoder live in different spaces, so W_enc = W_dec.T
-        means nothing, and from random directions the latents that lose the first top-k get no gradient: on
-        SmolLM2's layer-15 MLP half of 4,608 latents were still dead after 600K tokens (FVU 0.61), none from
-        sampled tokens (FVU 0.51)."""
+        means nothing, and from random directions the latents that lose the first top-k never get a gradient
+        (most stayed dead: BENCHMARKS.md, "Sparse dictionaries")."""
         d_sae, d_out = self.W_dec.shape
         norm = 1.0 if self.unit_norm_decoder else getattr(self.cfg, "decoder_init_norm", 0.1)
         x = sample_in.reshape(-1, self.cfg.d_in)
@@ -205,7 +204,7 @@ class SparseCoder(nn.Module):
                 jitter = torch.randn(d_sae - n, self.cfg.d_in, generator=generator)
                 xc[n:] += 0.05 * xc[n:].norm(dim=1, keepdim=True) * jitter / self.cfg.d_in ** 0.5
             e = xc / xc.norm(dim=1, keepdim=True).clamp_min(1e-8)
-            self.W_enc.copy_(e.T)
+            self.W_enc.copy_(e.T * norm)
             self.W_dec.copy_(yc / yc.norm(dim=1, keepdim=True).clamp_min(1e-8) * norm)
             self.b_enc.copy_(-(x.mean(0) @ self.W_enc))
         self.b_dec.copy_(y.mean(0))
