@@ -1,0 +1,100 @@
+"""Decode-step time of this checkout's engine kernels against another commit's, alternated in one process.
+
+    .venv/bin/python scripts/kernel_ab.py REV [--plans dense,teal50.json] [--weights gguf] [--rounds 15] [--steps 64]
+
+REV's kernels (src/sparsen/engine/kernels) are compiled as setup.py compiles them, and REV's engine/quant.py packs
+the weights for them (the layouts may differ); the engine's Python is this checkout's, so REV must share its kernel
+ABI. Each round builds one engine per (plan, build) and times --steps greedy steps after 8 warm-up steps; the
+result is the median over rounds of the per-round ratio (REV's ms / this checkout's ms: > 1 means this one is
+faster). For kernel changes only: the machine is shared, so only same-round ratios mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import sparsen.engine as E
+import sparsen.engine.quant as quant_now
+from sparsen.core.plan import Plan
+from sparsen.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = "src/sparsen/engine/kernels"
+
+
+def build_rev(rev: str, into: Path):
+    """(the kernel library, the pack function) of commit ``rev``."""
+    src = into / "kernels"
+    src.mkdir()
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{rev}:{KERNELS}"], check=True,
+                           capture_output=True, text=True).stdout.split()
+    for f in files:
+        (src / f).write_bytes(subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{KERNELS}/{f}"], check=True,
+                                             capture_output=True).stdout)
+    lib = into / "kernels.so"
+    subprocess.run(["gcc", "-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-std=c11", "-shared", "-fPIC",
+                    f"-I{src}", *[str(p) for p in sorted(src.glob("*.c"))], "-o", str(lib)], check=True)
+    quant_py = into / "quant_rev.py"
+    quant_py.write_bytes(subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:src/sparsen/engine/quant.py"],
+                                        check=True, capture_output=True).stdout)
+    spec = importlib.util.spec_from_file_location("quant_rev", quant_py)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["quant_rev"] = mod
+    spec.loader.exec_module(mod)
+    mod.Packed = quant_now.Packed  # the engine checks its own class
+    return E.open_kernels(lib), mod.pack
+
+
+def step_ms(lm, plan, weights: str, ids, steps: int) -> float:
+    engine = E.Engine(lm, plan, dtype=weights, threads=2, max_seq=len(ids) + steps + 16)
+    tok = int(np.argmax(engine.prefill(ids)))
+    for _ in range(8):
+        tok = int(np.argmax(engine.step(tok)))
+    gc.collect()
+    gc.disable()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tok = int(np.argmax(engine.step(tok)))
+    ms = (time.perf_counter() - t0) / steps * 1e3
+    gc.enable()
+    return ms
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("rev")
+    p.add_argument("--plans", default="dense", help="comma-separated plan files, or 'dense'")
+    p.add_argument("--weights", default="gguf")
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--steps", type=int, default=64)
+    a = p.parse_args()
+    lm = load_model("smollm2")
+    ids = lm.tokenizer("The history of the city begins in the early", add_special_tokens=False)["input_ids"]
+    plans = {name: None if name == "dense" else Plan.load(name) for name in a.plans.split(",")}
+    with tempfile.TemporaryDirectory() as tmp:
+        builds = {a.rev: build_rev(a.rev, Path(tmp)), "this checkout": (E.kernels(), quant_now.pack)}
+        ms = {(b, name): [] for b in builds for name in plans}
+        for r in range(a.rounds):
+            for name, plan in plans.items():
+                for b, (lib, pack) in builds.items():
+                    E._LIB, E.pack = lib, pack
+                    ms[(b, name)].append(step_ms(lm, plan, a.weights, ids, a.steps))
+            print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{b} {n} {v[-1]:.2f} ms" for (b, n), v in ms.items()),
+                  flush=True)
+    for name in plans:
+        old, new = np.array(ms[(a.rev, name)]), np.array(ms[("this checkout", name)])
+        print(f"{name}: {a.rev} {np.median(old):.2f} ms, this checkout {np.median(new):.2f} ms per step (medians); "
+              f"per-round speed ratio this / {a.rev}: median {np.median(old / new):.3f}")
+
+
+if __name__ == "__main__":
+    main()
