@@ -1,10 +1,14 @@
 """Decode-step time of this checkout's engine kernels against another commit's, alternated in one process.
 
     .venv/bin/python scripts/kernel_ab.py REV [--plans dense,teal50.json] [--weights gguf] [--rounds 15] [--steps 64]
+    .venv/bin/python scripts/kernel_ab.py REV --plans dense,sketch@1/8 --weights fp32 --context 8192 --rounds 5
 
 REV's kernels (src/sparsen/engine/kernels) are compiled as setup.py compiles them, and REV's engine/quant.py packs
 the weights for them (the layouts may differ); the engine's Python is this checkout's, so REV must share its kernel
-ABI. Each round builds one engine per (plan, build) and times --steps greedy steps after 8 warm-up steps; the
+ABI. A plan is a plan file, 'dense', or an attention spec (e.g. sketch@1/8: calibrated once); --context N prefills
+the first N tokens of WikiText-2 test through torch instead of a short prompt (for the attention methods, whose
+work grows with the context). Each round builds one engine per (plan, build) and times --steps greedy steps after
+8 warm-up steps; the
 result is the median over rounds of the per-round ratio (REV's ms / this checkout's ms: > 1 means this one is
 faster). For kernel changes only: the machine is shared, so only same-round ratios mean anything.
 """
@@ -25,6 +29,8 @@ import numpy as np
 import sparsen.engine as E
 import sparsen.engine.quant as quant_now
 from sparsen.core.plan import Plan
+from sparsen.data import corpus_windows
+from sparsen.methods.attention import attention_plan, parse_attention_spec
 from sparsen.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,9 +60,15 @@ def build_rev(rev: str, into: Path):
     return E.open_kernels(lib), mod.pack
 
 
-def step_ms(lm, plan, weights: str, ids, steps: int) -> float:
+def step_ms(lm, plan, weights: str, ids, steps: int, prefixes: dict | None, name: str) -> float:
+    """``prefixes``: None (the engine steps the prompt) or {plan name: its torch prefix, computed once}."""
     engine = E.Engine(lm, plan, dtype=weights, threads=2, max_seq=len(ids) + steps + 16)
-    tok = int(np.argmax(engine.prefill(ids)))
+    if prefixes is None:
+        tok = int(np.argmax(engine.prefill(ids)))
+    else:
+        if name not in prefixes:
+            prefixes[name] = engine.torch_prefix(ids)
+        tok = int(np.argmax(engine.prefill(ids, via="torch", prefix=prefixes[name])))
     for _ in range(8):
         tok = int(np.argmax(engine.step(tok)))
     gc.collect()
@@ -72,14 +84,27 @@ def step_ms(lm, plan, weights: str, ids, steps: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("rev")
-    p.add_argument("--plans", default="dense", help="comma-separated plan files, or 'dense'")
+    p.add_argument("--plans", default="dense", help="comma-separated plan files, attention specs, or 'dense'")
     p.add_argument("--weights", default="gguf")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--context", type=int, default=0, help="prefill this many WikiText-2 test tokens (torch)")
     a = p.parse_args()
     lm = load_model("smollm2")
-    ids = lm.tokenizer("The history of the city begins in the early", add_special_tokens=False)["input_ids"]
-    plans = {name: None if name == "dense" else Plan.load(name) for name in a.plans.split(",")}
+    if a.context:
+        ids = corpus_windows(lm.tokenizer, "wikitext2-test", a.context, 1, bos=lm.window_bos)[0].tolist()
+    else:
+        ids = lm.tokenizer("The history of the city begins in the early", add_special_tokens=False)["input_ids"]
+    prefixes = {} if a.context else None
+
+    def plan_of(name):
+        if name == "dense":
+            return None
+        if "@" in name:
+            return attention_plan(lm, parse_attention_spec(name), progress=False)
+        return Plan.load(name)
+
+    plans = {name: plan_of(name) for name in a.plans.split(",")}
     with tempfile.TemporaryDirectory() as tmp:
         builds = {a.rev: build_rev(a.rev, Path(tmp)), "this checkout": (E.kernels(), quant_now.pack)}
         ms = {(b, name): [] for b in builds for name in plans}
@@ -87,7 +112,7 @@ def main() -> None:
             for name, plan in plans.items():
                 for b, (lib, pack) in builds.items():
                     E._LIB, E.pack = lib, pack
-                    ms[(b, name)].append(step_ms(lm, plan, a.weights, ids, a.steps))
+                    ms[(b, name)].append(step_ms(lm, plan, a.weights, ids, a.steps, prefixes, name))
             print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{b} {n} {v[-1]:.2f} ms" for (b, n), v in ms.items()),
                   flush=True)
     for name in plans:

@@ -155,7 +155,7 @@ def test_vectorized_rows_of_real_head_shapes(ids, shape):
     assert_close(dense, hf)
     half = engine_path(Engine(lm, threads=2, max_seq=128, kv_dtype="fp16"), ids, PROMPT)
     assert 0 < np.abs(half - dense).max() < 1e-2 * np.abs(dense).max()
-    for spec in ("quest@0.25+page_size=4", "h2o@0.25+shared=false"):
+    for spec in ("quest@0.25+page_size=4", "h2o@0.25+shared=false", "sketch@0.25" + CALIB):  # sketch: int8 tiles
         plan = attention_plan(lm, parse_attention_spec(spec), progress=False)
         want, achieved = torch_path(lm, plan, ids, PROMPT)
         engine = Engine(lm, plan, threads=2, max_seq=128)

@@ -53,10 +53,32 @@ static double estimate_reads(const sp_attn *A, int n, int hd) {
 KTH_LARGEST(kth_largest_f, float)
 KTH_LARGEST(kth_largest_d, double)
 
+#if !defined(__AVX512F__) && defined(__AVX2__)
+/* AVX2 has no compress: lane order of each 8-bit mask's set lanes, first (keep_at_least) */
+static uint8_t compress_lanes[256][8];
+__attribute__((constructor)) static void init_compress_lanes(void) {
+    for (int mask = 0; mask < 256; mask++)
+        for (int i = 0, c = 0; i < 8; i++)
+            if (mask >> i & 1) compress_lanes[mask][c++] = (uint8_t)i;
+}
+#endif
+
 /* The values of v[0:m) at or above t (into vals, when given) and their positions (into idx, when given), in order;
- * returns their count. Both buffers need room for m (AVX-512 stores 16 lanes past the count, below m). */
+ * returns their count. Both buffers need room for m (the SIMD loops store a vector's lanes past the count, below
+ * m). */
 static int keep_at_least(const float *restrict v, int m, float t, float *restrict vals, int *restrict idx) {
     int c = 0, j = 0;
+#if !defined(__AVX512F__) && defined(__AVX2__)
+    const __m256 tt = _mm256_set1_ps(t);
+    for (; j + 8 <= m; j += 8) {
+        const __m256 x = _mm256_loadu_ps(v + j);
+        const int k = _mm256_movemask_ps(_mm256_cmp_ps(x, tt, _CMP_GE_OQ));
+        const __m256i lanes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)compress_lanes[k]));
+        if (vals) _mm256_storeu_ps(vals + c, _mm256_permutevar8x32_ps(x, lanes));
+        if (idx) _mm256_storeu_si256((__m256i *)(idx + c), _mm256_add_epi32(lanes, _mm256_set1_epi32(j)));
+        c += __builtin_popcount((unsigned)k);
+    }
+#endif
 #ifdef __AVX512F__ /* register compress, then a plain store: the memory form is microcoded on AMD Zen 4 */
     const __m512 tt = _mm512_set1_ps(t);
     const __m512i sixteen = _mm512_set1_epi32(16);
@@ -295,6 +317,37 @@ static void tile_codes_avx512(const int8_t *tile, int r, const float *w, float a
     default: tile_codes_rows(tile, r, w, acc, EST_ROWS);
     }
 }
+#elif defined(__AVX2__) && defined(__FMA__) && SP_CODE_TILE == 64
+/* The same with 16 ymm registers: the tile in passes of `keys` (32 for up to 3 rows, 16 for 4), rows x keys / 8
+ * accumulators held over the channels; the same fma per channel in the same order as the AVX-512 and plain loops. */
+static inline __attribute__((always_inline)) void tile_codes_pass(const int8_t *tile, int r, const float *w,
+                                                                  float acc[EST_ROWS][EST_KEYS], const int rows,
+                                                                  const int keys, int t0) {
+    __m256 a[EST_ROWS][4];
+    for (int x = 0; x < rows; x++)
+        for (int v = 0; v < keys / 8; v++) a[x][v] = _mm256_setzero_ps();
+    for (int c = 0; c < r; c++) {
+        const int8_t *cc = tile + (size_t)c * EST_KEYS + t0;
+        __m256 f[4];
+        for (int v = 0; v < keys / 8; v++)
+            f[v] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(cc + 8 * v))));
+        for (int x = 0; x < rows; x++) {
+            const __m256 wc = _mm256_set1_ps(w[(size_t)x * r + c]);
+            for (int v = 0; v < keys / 8; v++) a[x][v] = _mm256_fmadd_ps(wc, f[v], a[x][v]);
+        }
+    }
+    for (int x = 0; x < rows; x++)
+        for (int v = 0; v < keys / 8; v++) _mm256_storeu_ps(acc[x] + t0 + 8 * v, a[x][v]);
+}
+
+static void tile_codes_avx2(const int8_t *tile, int r, const float *w, float acc[EST_ROWS][EST_KEYS], int nr) {
+    switch (nr) {
+    case 1: for (int t0 = 0; t0 < EST_KEYS; t0 += 32) tile_codes_pass(tile, r, w, acc, 1, 32, t0); break;
+    case 2: for (int t0 = 0; t0 < EST_KEYS; t0 += 32) tile_codes_pass(tile, r, w, acc, 2, 32, t0); break;
+    case 3: for (int t0 = 0; t0 < EST_KEYS; t0 += 32) tile_codes_pass(tile, r, w, acc, 3, 32, t0); break;
+    default: for (int t0 = 0; t0 < EST_KEYS; t0 += 16) tile_codes_pass(tile, r, w, acc, EST_ROWS, 16, t0);
+    }
+}
 #endif
 static void est_labels(int ith, int nth, const sp_model *M, int l, const float *q, int n, int per_head, float *qp,
                        float *scores, float *tmax, float *vals, int sel_heads) {
@@ -338,10 +391,13 @@ static void est_labels(int ith, int nth, const sp_model *M, int l, const float *
 #if defined(__AVX512F__) && SP_CODE_TILE == 64
                 const int wide = tile && m == EST_KEYS;
                 if (wide) tile_codes_avx512(tile, r, wpad, acc, nr);
+#elif defined(__AVX2__) && defined(__FMA__) && SP_CODE_TILE == 64
+                const int wide = tile && m == EST_KEYS;
+                if (wide) tile_codes_avx2(tile, r, wpad, acc, nr);
 #else
                 const int wide = 0;
 #endif
-                if (!wide) { /* fp32 labels, a partial last tile, or no AVX-512 */
+                if (!wide) { /* fp32 labels, a partial last tile, or no SIMD tile kernel */
                     for (int x = 0; x < nr; x++)
                         for (int t = 0; t < EST_KEYS; t++) acc[x][t] = 0.f;
                     for (int c = 0; c < r; c++) {
