@@ -8,9 +8,8 @@ the weights for them (the layouts may differ); the engine's Python is this check
 ABI. A plan is a plan file, 'dense', or an attention spec (e.g. sketch@1/8: calibrated once); --context N prefills
 the first N tokens of WikiText-2 test through torch instead of a short prompt (for the attention methods, whose
 work grows with the context). Each round builds one engine per (plan, build) and times --steps greedy steps after
-8 warm-up steps; the
-result is the median over rounds of the per-round ratio (REV's ms / this checkout's ms: > 1 means this one is
-faster). For kernel changes only: the machine is shared, so only same-round ratios mean anything.
+8 warm-up steps; the result is the median over rounds of the per-round ratio (REV's ms / this checkout's ms: > 1
+means this one is faster). For kernel changes only: the machine is shared, so only same-round ratios mean anything.
 """
 
 from __future__ import annotations
