@@ -309,7 +309,8 @@ static inline __attribute__((always_inline)) void tile_codes_rows(const int8_t *
         for (int v = 0; v < 4; v++) _mm512_storeu_ps(acc[x] + 16 * v, a[x][v]);
 }
 
-static void tile_codes_avx512(const int8_t *tile, int r, const float *w, float acc[EST_ROWS][EST_KEYS], int nr) {
+#define TILE_CODES_SIMD /* tile_codes: one full tile of codes for nr rows */
+static void tile_codes(const int8_t *tile, int r, const float *w, float acc[EST_ROWS][EST_KEYS], int nr) {
     switch (nr) {
     case 1: tile_codes_rows(tile, r, w, acc, 1); break;
     case 2: tile_codes_rows(tile, r, w, acc, 2); break;
@@ -340,7 +341,8 @@ static inline __attribute__((always_inline)) void tile_codes_pass(const int8_t *
         for (int v = 0; v < keys / 8; v++) _mm256_storeu_ps(acc[x] + t0 + 8 * v, a[x][v]);
 }
 
-static void tile_codes_avx2(const int8_t *tile, int r, const float *w, float acc[EST_ROWS][EST_KEYS], int nr) {
+#define TILE_CODES_SIMD
+static void tile_codes(const int8_t *tile, int r, const float *w, float acc[EST_ROWS][EST_KEYS], int nr) {
     switch (nr) {
     case 1: for (int t0 = 0; t0 < EST_KEYS; t0 += 32) tile_codes_pass(tile, r, w, acc, 1, 32, t0); break;
     case 2: for (int t0 = 0; t0 < EST_KEYS; t0 += 32) tile_codes_pass(tile, r, w, acc, 2, 32, t0); break;
@@ -388,12 +390,9 @@ static void est_labels(int ith, int nth, const sp_model *M, int l, const float *
                 const int m = hi - j0 < EST_KEYS ? hi - j0 : EST_KEYS;
                 float acc[EST_ROWS][EST_KEYS], val[EST_KEYS];
                 const int8_t *tile = A->codes ? code_tile(A, S, head, j0) : NULL; /* j0: a tile's first key */
-#if defined(__AVX512F__) && SP_CODE_TILE == 64
+#ifdef TILE_CODES_SIMD
                 const int wide = tile && m == EST_KEYS;
-                if (wide) tile_codes_avx512(tile, r, wpad, acc, nr);
-#elif defined(__AVX2__) && defined(__FMA__) && SP_CODE_TILE == 64
-                const int wide = tile && m == EST_KEYS;
-                if (wide) tile_codes_avx2(tile, r, wpad, acc, nr);
+                if (wide) tile_codes(tile, r, wpad, acc, nr);
 #else
                 const int wide = 0;
 #endif
