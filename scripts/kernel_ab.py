@@ -3,7 +3,7 @@
     .venv/bin/python scripts/kernel_ab.py REV [--plans dense,teal50.json] [--weights gguf] [--rounds 15] [--steps 64]
     .venv/bin/python scripts/kernel_ab.py REV --plans dense,sketch@1/8 --weights fp32 --context 8192 --rounds 5
 
-REV's kernels (src/sparsen/engine/kernels) are compiled as setup.py compiles them, and REV's engine/quant.py packs
+REV's kernels (src/sparsen/engine/kernels) are built by REV's own setup.py, and REV's engine/quant.py packs
 the weights for them (the layouts may differ); the engine's Python is this checkout's, so REV must share its kernel
 ABI. A plan is a plan file, 'dense', or an attention spec (e.g. sketch@1/8: calibrated once); --context N prefills
 the first N tokens of WikiText-2 test through torch instead of a short prompt (for the attention methods, whose
@@ -38,16 +38,17 @@ KERNELS = "src/sparsen/engine/kernels"
 
 def build_rev(rev: str, into: Path):
     """(the kernel library, the pack function) of commit ``rev``."""
-    src = into / "kernels"
-    src.mkdir()
-    files = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{rev}:{KERNELS}"], check=True,
-                           capture_output=True, text=True).stdout.split()
-    for f in files:
-        (src / f).write_bytes(subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{KERNELS}/{f}"], check=True,
-                                             capture_output=True).stdout)
-    lib = into / "kernels.so"
-    subprocess.run(["gcc", "-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-std=c11", "-shared", "-fPIC",
-                    f"-I{src}", *[str(p) for p in sorted(src.glob("*.c"))], "-o", str(lib)], check=True)
+    tree = into / "tree"  # REV's setup.py builds REV's kernels with REV's flags
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "setup.py", "pyproject.toml", KERNELS],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(into / "build")], cwd=tree,
+                   check=True, capture_output=True)
+    libs = sorted((into / "build").rglob("_kernels*.so"))
+    if not libs:
+        raise SystemExit(f"{rev}'s kernels did not build: run its setup.py build_ext in a checkout to see why")
+    lib = libs[0]
     quant_py = into / "quant_rev.py"
     quant_py.write_bytes(subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:src/sparsen/engine/quant.py"],
                                         check=True, capture_output=True).stdout)
