@@ -56,7 +56,8 @@ setup(
             sources=sorted(str(p) for p in KERNELS.glob("*.c")),
             depends=sorted(str(p) for p in KERNELS.glob("*.h")),
             include_dirs=[str(KERNELS)],
-            extra_compile_args=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-std=c11"],
+            extra_compile_args=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-std=c11",
+                                "-Werror=implicit-function-declaration"],
             extra_link_args=["-fopenmp"],
         )
     ],

@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--kv-dtype", default="fp32", choices=["fp32", "fp16"])
+    ap.add_argument("--weights", default="fp32", choices=["fp32", "bf16", "gguf"])
     ap.add_argument("--wait-for-perf", action="store_true", help="write --ready before the timed steps")
     ap.add_argument("--ready", default="/tmp/decode_ready")
     args = ap.parse_args()
@@ -37,7 +38,8 @@ def main() -> None:
     ids = corpus_windows(lm.tokenizer, "wikitext2-test", args.context, 1, bos=lm.window_bos)[0].tolist()
     for spec in args.spec.split(","):
         plan = None if spec == "dense" else attention_plan(lm, parse_attention_spec(spec), progress=False)
-        engine = Engine(lm, plan, max_seq=len(ids) + args.steps + 1, threads=2, kv_dtype=args.kv_dtype)
+        engine = Engine(lm, plan, max_seq=len(ids) + args.steps + 1, threads=2, kv_dtype=args.kv_dtype,
+                        dtype=args.weights)
         tok = int(engine.prefill(ids, via="torch").argmax())
         gc.collect()
         gc.disable()
@@ -48,7 +50,7 @@ def main() -> None:
             tok = int(engine.step(tok).argmax())
         ms = (time.perf_counter() - t0) / args.steps * 1e3
         gc.enable()
-        print(f"{spec}: {ms:.2f} ms/token ({args.context} context, {args.kv_dtype} KV)", flush=True)
+        print(f"{spec}: {ms:.2f} ms/token ({args.context} context, {args.weights} weights, {args.kv_dtype} KV)", flush=True)
     if args.wait_for_perf:
         os._exit(0)  # no interpreter teardown (its collection of the torch objects) inside the profile
 

@@ -65,13 +65,7 @@ static inline void prefetch_row(const char *p, size_t bytes) {
 /* sc[j S + i] <- exp(sc[j S + i] - tm[j]) over the slots [lo, hi) of gs heads; their sums into tl (if not NULL). */
 static void exp_slots(float *sc, int S, int gs, int lo, int hi, const float *tm, float *tl) {
     for (int j = 0; j < gs; j++) {
-        float *restrict x = sc + (size_t)j * S, sum = 0.f;
-        const float mx = tm[j];
-#pragma omp simd reduction(+ : sum)
-        for (int i = lo; i < hi; i++) {
-            x[i] = sp_exp(x[i] - mx);
-            sum += x[i];
-        }
+        const float sum = sp_exp_shift_sum(sc + (size_t)j * S, lo, hi, tm[j]);
         if (tl) tl[j] = sum;
     }
 }

@@ -1,6 +1,6 @@
 /* Block-sparse causal prefill attention (flash style), for the HF forward's prefill (sparsen.engine.prefill).
  *
- * Self-contained: plain functions on plain arrays, no engine struct. For every (query head, query block) the kept
+ * Self-contained: plain functions on plain arrays, no engine struct (ops.h for its vector exp). For every (query head, query block) the kept
  * key blocks are read in ascending order with an online softmax (running max and sum per query row), then the
  * head's extra key columns outside the kept blocks (MInference's vertical lines), gathered 32 at a time. Only kept
  * entries are computed; the diagonal block is computed whole and masked causally (as flash kernels do). The mask
@@ -18,34 +18,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ops.h"
+
 #ifdef __AVX512F__
 #define SP_PF_ROWS 8 /* query rows per micro-tile: 8 x 32 floats = 16 of the 32 zmm registers (98 vs 83 GFLOP/s) */
 #else
 #define SP_PF_ROWS 4 /* 4 x 32 floats = 16 ymm registers */
 #endif
 #define SP_PF_COLS 32 /* keys per micro-tile */
-
-/* exp(x) for x <= 0 (softmax terms after the max is subtracted): 2^(x log2 e) with the exponent split into an
- * integer and a part in [-0.5, 0.5] (Cephes' exp2f polynomial, relative error ~2e-7); vectorisable. */
-static inline float sp_pf_exp(float x) {
-    x = x < -87.f ? -87.f : x;
-    const float t = x * 1.44269504088896341f;
-    const float fi = floorf(t + 0.5f);
-    const float f = t - fi;
-    float p = 1.535336188319500e-4f;
-    p = p * f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
-    p = p * f + 1.0f;
-    union {
-        int32_t i;
-        float f;
-    } s;
-    s.i = ((int32_t)fi + 127) << 23;
-    return p * s.f;
-}
 
 typedef struct {
     float *qs;  /* [rows_p, d] the query block, pre-scaled, zero rows past the end */
@@ -96,13 +76,8 @@ static void sp_pf_tile(sp_pf_thread *t, int r0, int d, const float *kt, int ldk,
 #pragma omp simd reduction(max : mx)
         for (int j = 0; j < valid; j++) mx = sr[j] > mx ? sr[j] : mx;
         const float mold = t->m[r0 + r], mnew = mold > mx ? mold : mx;
-        const float corr = sp_pf_exp(mold - mnew); /* 0 when mold is -inf */
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int j = 0; j < valid; j++) {
-            sr[j] = sp_pf_exp(sr[j] - mnew);
-            sum += sr[j];
-        }
+        const float corr = sp_exp(mold - mnew); /* 0 when mold is -inf */
+        const float sum = sp_exp_shift_sum(sr, 0, valid, mnew);
         for (int j = valid; j < nk; j++) sr[j] = 0.f;
         t->m[r0 + r] = mnew;
         t->l[r0 + r] = t->l[r0 + r] * corr + sum;

@@ -327,14 +327,13 @@ static inline __attribute__((always_inline)) void tile_codes_pass(const int8_t *
     __m256 a[EST_ROWS][4];
     for (int x = 0; x < rows; x++)
         for (int v = 0; v < keys / 8; v++) a[x][v] = _mm256_setzero_ps();
-    for (int c = 0; c < r; c++) {
+    for (int c = 0; c < r; c++) { /* one widened vector live at a time: rows x 4 sums + rows weights + 1 fit 16 */
         const int8_t *cc = tile + (size_t)c * EST_KEYS + t0;
-        __m256 f[4];
-        for (int v = 0; v < keys / 8; v++)
-            f[v] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(cc + 8 * v))));
-        for (int x = 0; x < rows; x++) {
-            const __m256 wc = _mm256_set1_ps(w[(size_t)x * r + c]);
-            for (int v = 0; v < keys / 8; v++) a[x][v] = _mm256_fmadd_ps(wc, f[v], a[x][v]);
+        __m256 wc[EST_ROWS];
+        for (int x = 0; x < rows; x++) wc[x] = _mm256_set1_ps(w[(size_t)x * r + c]);
+        for (int v = 0; v < keys / 8; v++) {
+            const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(cc + 8 * v))));
+            for (int x = 0; x < rows; x++) a[x][v] = _mm256_fmadd_ps(wc[x], f, a[x][v]);
         }
     }
     for (int x = 0; x < rows; x++)
@@ -443,15 +442,7 @@ static void probs_exp(int ith, int nth, const sp_attn *A, int nh, int S, int n, 
     int lo, hi;
     est_range(A, n, ith, nth, &lo, &hi);
     for (int h = 0; h < nh; h++) {
-        const float mx = tmax[(size_t)ith * nh + h];
-        float sum = 0.f;
-        float *restrict s = scores + (size_t)h * S;
-#pragma omp simd reduction(+ : sum)
-        for (int j = lo; j < hi; j++) {
-            s[j] = sp_exp(s[j] - mx);
-            sum += s[j];
-        }
-        tsum[(size_t)ith * nh + h] = sum;
+        tsum[(size_t)ith * nh + h] = sp_exp_shift_sum(scores + (size_t)h * S, lo, hi, tmax[(size_t)ith * nh + h]);
     }
 }
 
