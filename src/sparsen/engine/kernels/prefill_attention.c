@@ -23,9 +23,14 @@
 #ifdef __AVX512F__
 #define SP_PF_ROWS 8 /* query rows per micro-tile: 8 x 32 floats = 16 of the 32 zmm registers (98 vs 83 GFLOP/s) */
 #else
-#define SP_PF_ROWS 4 /* 4 x 32 floats = 16 ymm registers */
+#define SP_PF_ROWS 4 /* query rows per micro-tile */
 #endif
-#define SP_PF_COLS 32 /* keys per micro-tile */
+#define SP_PF_COLS 32 /* keys per gathered tile */
+#ifdef __AVX512F__
+#define SP_PF_REG 32 /* keys (or output channels) per register tile: SP_PF_ROWS x 2 vectors of sums */
+#else
+#define SP_PF_REG 16 /* 4 x 2 ymm sums, 2 loads and a broadcast: 11 of 16 (4 x 32 spilled 2 sums per step) */
+#endif
 
 typedef struct {
     float *qs;  /* [rows_p, d] the query block, pre-scaled, zero rows past the end */
@@ -40,14 +45,14 @@ typedef struct {
 /* Scores of SP_PF_ROWS query rows against one key tile: s[r][j] = q_r . k_j, for j < nk (kt: [d, ldk], zero
  * padded to a multiple of SP_PF_COLS). */
 static void sp_pf_scores(const float *qs, int d, const float *kt, int ldk, int nk, float *s, int lds) {
-    for (int j0 = 0; j0 < nk; j0 += SP_PF_COLS) {
-        float acc[SP_PF_ROWS][SP_PF_COLS] = {{0}};
+    for (int j0 = 0; j0 < nk; j0 += SP_PF_REG) {
+        float acc[SP_PF_ROWS][SP_PF_REG] = {{0}};
         for (int c = 0; c < d; c++) {
             const float *kr = kt + (size_t)c * ldk + j0;
             for (int r = 0; r < SP_PF_ROWS; r++) {
                 const float qv = qs[(size_t)r * d + c];
 #pragma omp simd
-                for (int j = 0; j < SP_PF_COLS; j++) acc[r][j] += qv * kr[j];
+                for (int j = 0; j < SP_PF_REG; j++) acc[r][j] += qv * kr[j];
             }
         }
         for (int r = 0; r < SP_PF_ROWS; r++) memcpy(s + (size_t)r * lds + j0, acc[r], sizeof(acc[r]));
@@ -87,23 +92,23 @@ static void sp_pf_tile(sp_pf_thread *t, int r0, int d, const float *kt, int ldk,
             for (int i = 0; i < d; i++) o[i] *= corr;
         }
     }
-    /* o[r] += sum_j p[r][j] v[j], 32 output channels at a time held in registers across the keys */
+    /* o[r] += sum_j p[r][j] v[j], SP_PF_REG output channels at a time held in registers across the keys */
     float *o = t->o + (size_t)r0 * d;
     int i0 = 0;
-    for (; i0 + SP_PF_COLS <= d; i0 += SP_PF_COLS) {
-        float acc[SP_PF_ROWS][SP_PF_COLS];
+    for (; i0 + SP_PF_REG <= d; i0 += SP_PF_REG) {
+        float acc[SP_PF_ROWS][SP_PF_REG];
         for (int r = 0; r < SP_PF_ROWS; r++) memcpy(acc[r], o + (size_t)r * d + i0, sizeof(acc[r]));
         for (int j = 0; j < nk; j++) {
             const float *vr = vt + (size_t)j * d + i0;
             for (int r = 0; r < SP_PF_ROWS; r++) {
                 const float pr = s[(size_t)r * lds + j];
 #pragma omp simd
-                for (int i = 0; i < SP_PF_COLS; i++) acc[r][i] += pr * vr[i];
+                for (int i = 0; i < SP_PF_REG; i++) acc[r][i] += pr * vr[i];
             }
         }
         for (int r = 0; r < SP_PF_ROWS; r++) memcpy(o + (size_t)r * d + i0, acc[r], sizeof(acc[r]));
     }
-    for (int j = 0; j < nk && i0 < d; j++) { /* channels past the last multiple of 32 */
+    for (int j = 0; j < nk && i0 < d; j++) { /* channels past the last multiple of SP_PF_REG */
         const float *vr = vt + (size_t)j * d;
         for (int r = 0; r < SP_PF_ROWS; r++) {
             const float pr = s[(size_t)r * lds + j];
