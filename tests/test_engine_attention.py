@@ -12,7 +12,8 @@ from sparsen import SparsenError
 from sparsen.core.plan import Plan
 from sparsen.engine import Engine
 from sparsen.methods.attention import attention_plan, parse_attention_spec
-from test_engine import plan_for, tiny_gemma3
+from sparsen.engine import kernels
+from test_engine import plan_for, ptr, tiny_gemma3
 
 CALIB = "+calib_tokens=256+calib_ctx=128"
 SPECS = {  # budgets that really select on 60-120 keys, the first layer dense
@@ -29,6 +30,21 @@ FULL = {"oracle-topp": "oracle-topp@p1.0"}  # density 1 of the others: '@1'
 N, PROMPT = 120, 60
 _PLANS: dict = {}
 
+
+
+@pytest.mark.parametrize("m", [40, 300, 2048, 8192])
+def test_top_budget_kernel_keeps_every_value_at_or_above_the_kth_largest(m):
+    rng = np.random.default_rng(m)
+    for k in sorted({1, 2, m // 16, m // 8, m // 2, m - 1, m} - {0}):
+        for ties in (False, True):
+            v = rng.random(m, dtype=np.float32) ** 4  # skewed, as probabilities are
+            if ties:  # few distinct values, and sinks and a window forced above everything
+                v = np.round(v * 8).astype(np.float32) / 8
+                v[:4] = v[-16:] = 1e30
+            out = np.zeros(m, dtype=np.int32)
+            c = kernels().sp_test_top_budget(ptr(v), m, k, ptr(out))
+            kth = np.sort(v)[::-1][k - 1]
+            assert np.array_equal(out[:c], np.flatnonzero(v >= kth)), (m, k, ties)
 
 def _plan(lm, spec):
     key = (lm.spec, spec)

@@ -244,7 +244,7 @@ static size_t layout(sp_workspace *ws, char *base) {
         th.drop = carve(base, &off, N * wide);
         th.row = carve(base, &off, F * ws->head_dim);
         th.qp = carve(base, &off, F * (size_t)ws->n_heads * ws->rank);
-        th.sel = carve(base, &off, sizeof(double) * sel);
+        th.sel = carve(base, &off, 3 * F * sel); /* h2o: sel doubles; top_budget: 3 sel floats */
         th.mark = carve(base, &off, sel);
         if (base) ws->thr[t] = th;
     }

@@ -37,7 +37,7 @@ typedef struct {
     float *row;     /* [head_dim] a half-precision K or V row widened to fp32 */
     /* KV selection only (NULL without sp_model.attn): */
     float *qp;      /* [n_heads, rank] the query projected on the label basis */
-    double *sel;    /* [max_seq] a copy of one head's values for the k-th-largest search */
+    double *sel;    /* [3 max_seq] floats: the k-th-largest search's buffers (h2o: max_seq doubles) */
     uint8_t *mark;  /* [max_seq] zero between uses: the union of a KV head's lists */
 } sp_thread;
 

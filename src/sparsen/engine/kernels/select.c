@@ -63,47 +63,87 @@ __attribute__((constructor)) static void init_compress_lanes(void) {
 }
 #endif
 
-/* The values of v[0:m) at or above t (into vals, when given) and their positions (into idx, when given), in order;
- * returns their count. Both buffers need room for m (the SIMD loops store a vector's lanes past the count, below
- * m). */
-static int keep_at_least(const float *restrict v, int m, float t, float *restrict vals, int *restrict idx) {
-    int c = 0, j = 0;
+/* The values of v[0:m) that compare CMP against t (into vals, when given) and their positions (into idx, when
+ * given), in order; returns their count. Both buffers need room for m (the SIMD loops store a vector's lanes past
+ * the count, below m). One loop per comparison (the vector compare takes an immediate). */
+enum { KEEP_GE, KEEP_GT, KEEP_LT };
 #if !defined(__AVX512F__) && defined(__AVX2__)
-    const __m256 tt = _mm256_set1_ps(t);
-    for (; j + 8 <= m; j += 8) {
-        const __m256 x = _mm256_loadu_ps(v + j);
-        const int k = _mm256_movemask_ps(_mm256_cmp_ps(x, tt, _CMP_GE_OQ));
-        const __m256i lanes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)compress_lanes[k]));
-        if (vals) _mm256_storeu_ps(vals + c, _mm256_permutevar8x32_ps(x, lanes));
-        if (idx) _mm256_storeu_si256((__m256i *)(idx + c), _mm256_add_epi32(lanes, _mm256_set1_epi32(j)));
-        c += __builtin_popcount((unsigned)k);
+#define KEEP_SIMD(CMP)                                                                                          \
+    const __m256 tt = _mm256_set1_ps(t);                                                                        \
+    for (; j + 8 <= m; j += 8) {                                                                                \
+        const __m256 x = _mm256_loadu_ps(v + j);                                                                \
+        const int k = _mm256_movemask_ps(_mm256_cmp_ps(x, tt, CMP));                                            \
+        const __m256i lanes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)compress_lanes[k]));        \
+        if (vals) _mm256_storeu_ps(vals + c, _mm256_permutevar8x32_ps(x, lanes));                               \
+        if (idx) _mm256_storeu_si256((__m256i *)(idx + c), _mm256_add_epi32(lanes, _mm256_set1_epi32(j)));      \
+        c += __builtin_popcount((unsigned)k);                                                                   \
     }
+#elif defined(__AVX512F__) /* register compress, then a plain store: the memory form is microcoded on AMD Zen 4 */
+#define KEEP_SIMD(CMP)                                                                                          \
+    const __m512 tt = _mm512_set1_ps(t);                                                                        \
+    const __m512i sixteen = _mm512_set1_epi32(16);                                                              \
+    __m512i ix = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);                      \
+    for (; j + 16 <= m; j += 16) {                                                                              \
+        const __m512 x = _mm512_loadu_ps(v + j);                                                                \
+        const __mmask16 k = _mm512_cmp_ps_mask(x, tt, CMP);                                                     \
+        if (vals) _mm512_storeu_ps(vals + c, _mm512_maskz_compress_ps(k, x));                                   \
+        if (idx) _mm512_storeu_si512((void *)(idx + c), _mm512_maskz_compress_epi32(k, ix));                    \
+        c += __builtin_popcount((unsigned)k);                                                                   \
+        ix = _mm512_add_epi32(ix, sixteen);                                                                     \
+    }
+#else
+#define KEEP_SIMD(CMP)
 #endif
-#ifdef __AVX512F__ /* register compress, then a plain store: the memory form is microcoded on AMD Zen 4 */
-    const __m512 tt = _mm512_set1_ps(t);
-    const __m512i sixteen = _mm512_set1_epi32(16);
-    __m512i ix = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for (; j + 16 <= m; j += 16) {
-        const __m512 x = _mm512_loadu_ps(v + j);
-        const __mmask16 k = _mm512_cmp_ps_mask(x, tt, _CMP_GE_OQ);
-        if (vals) _mm512_storeu_ps(vals + c, _mm512_maskz_compress_ps(k, x));
-        if (idx) _mm512_storeu_si512((void *)(idx + c), _mm512_maskz_compress_epi32(k, ix));
-        c += __builtin_popcount((unsigned)k);
-        ix = _mm512_add_epi32(ix, sixteen);
+#define KEEP_LOOP(CMP, TEST)                                                                                    \
+    {                                                                                                           \
+        KEEP_SIMD(CMP)                                                                                          \
+        for (; j < m; j++) { /* branch-free */                                                                  \
+            if (vals) vals[c] = v[j];                                                                           \
+            if (idx) idx[c] = j;                                                                                \
+            c += (TEST);                                                                                        \
+        }                                                                                                       \
+        return c;                                                                                               \
     }
-#endif
-    for (; j < m; j++) { /* branch-free */
-        if (vals) vals[c] = v[j];
-        if (idx) idx[c] = j;
-        c += v[j] >= t;
+static int keep_cmp(const float *restrict v, int m, float t, int op, float *restrict vals, int *restrict idx) {
+    int c = 0, j = 0;
+    switch (op) {
+    case KEEP_GE: KEEP_LOOP(_CMP_GE_OQ, v[j] >= t)
+    case KEEP_GT: KEEP_LOOP(_CMP_GT_OQ, v[j] > t)
+    default: KEEP_LOOP(_CMP_LT_OQ, v[j] < t)
     }
-    return c;
+}
+
+static int keep_at_least(const float *restrict v, int m, float t, float *restrict vals, int *restrict idx) {
+    return keep_cmp(v, m, t, KEEP_GE, vals, idx);
+}
+
+/* kth_largest_f by passes that split a around a pivot with the vector compress (into buf, then swapping the
+ * two): quickselect's partition branches on every value, half of them mispredicted on scores. a and buf (room
+ * for n each) are both overwritten. */
+static float kth_largest_split(float *a, int n, int k, float *buf) {
+    while (n > 64) {
+        const float x = a[0], y = a[n / 2], z = a[n - 1];
+        const float pv = x > y ? (y > z ? y : (x > z ? z : x)) : (x > z ? x : (y > z ? z : y));
+        const int gt = keep_cmp(a, n, pv, KEEP_GT, buf, NULL);
+        if (k <= gt) { /* among the values above the pivot */
+            float *t = a;
+            a = buf, buf = t, n = gt;
+            continue;
+        }
+        const int ge = keep_cmp(a, n, pv, KEEP_GE, NULL, NULL);
+        if (k <= ge) return pv;
+        n = keep_cmp(a, n, pv, KEEP_LT, buf, NULL), k -= ge; /* among the values below it */
+        float *t = a;
+        a = buf, buf = t;
+    }
+    return kth_largest_f(a, n, k);
 }
 
 /* core.attention.top_budget on one row: the positions of v[0:m) at or above its k-th largest (ties included). For
  * a small share of a long row the k-th largest is searched among the values at or above a bound from a sample of
- * 256 (exact whenever k of them reach it: otherwise the whole row), a few times faster than over all of it. */
-static int top_budget(const float *v, int m, int k, float *tmp, int *out) {
+ * 256 (exact whenever k of them reach it: otherwise the whole row), a few times faster than over all of it. tmp and
+ * buf: room for m floats each. */
+static int top_budget(const float *v, int m, int k, float *tmp, float *buf, int *out) {
     float thr = -INFINITY;
     if (k < m) {
         int c = 0;
@@ -112,16 +152,25 @@ static int top_budget(const float *v, int m, int k, float *tmp, int *out) {
             int ns = 0;
             for (int j = 0; j < m; j += step) tmp[ns++] = v[j];
             int ks = (int)(1.5 * k / m * ns) + 8; /* ranked a little lower than k: the bound falls below the answer */
-            const float lb = kth_largest_f(tmp, ns, ks < ns ? ks : ns);
+            const float lb = kth_largest_split(tmp, ns, ks < ns ? ks : ns, buf);
             c = keep_at_least(v, m, lb, tmp, NULL);
-            if (c >= k) thr = kth_largest_f(tmp, c, k);
+            if (c >= k) thr = kth_largest_split(tmp, c, k, buf);
         }
         if (c < k) {
             memcpy(tmp, v, sizeof(float) * m);
-            thr = kth_largest_f(tmp, m, k);
+            thr = kth_largest_split(tmp, m, k, buf);
         }
     }
     return keep_at_least(v, m, thr, NULL, out);
+}
+
+int sp_test_top_budget(const float *v, int m, int k, int *out) {
+    if (m < 1 || k < 1 || k > m) return SP_ERR_SHAPE;
+    float *tmp = malloc(sizeof(float) * 2 * (size_t)m);
+    if (!tmp) return SP_ERR_NOMEM;
+    const int c = top_budget(v, m, k, tmp, tmp + m, out);
+    free(tmp);
+    return c;
 }
 
 static int cmp_desc(const void *a, const void *b) {
@@ -515,7 +564,7 @@ void sp_select_stage(sp_ctx *c, const sp_model *M, int l, int pos) {
     const int ith = c->ith, nth = c->nth, n = pos + 1, b = budget(A, n), S = M->max_seq, nh = M->n_heads;
     const int G = A->sel_heads;
     SP_ASSERT(G == ws->sel_heads && (G == M->n_kv || G == nh) && 0 <= pos && pos < S);
-    float *tmp = (float *)c->t->sel; /* [max_seq] doubles: room for max_seq floats */
+    float *tmp = (float *)c->t->sel; /* room for 3 max_seq floats */
     int g0, g1;
     sp_range(G, ith, nth, &g0, &g1);
     switch (A->method) {
@@ -547,8 +596,8 @@ void sp_select_stage(sp_ctx *c, const sp_model *M, int l, int pos) {
         for (int s = g0; s < g1; s++) {
             int *out = ws->sel_idx + (size_t)s * S, m = 0;
             if (take > 0) {
-                int *chosen = (int *)(tmp + A->max_pages); /* sel holds 2 max_seq floats: room for both */
-                const int k = top_budget(ws->vals + (size_t)s * S, cur, take, tmp, chosen);
+                int *chosen = (int *)(tmp + A->max_pages); /* max_pages <= max_seq: room for all three */
+                const int k = top_budget(ws->vals + (size_t)s * S, cur, take, tmp, tmp + 2 * A->max_pages, chosen);
                 for (int i = 0; i < k; i++)
                     for (int j = chosen[i] * A->page; j < (chosen[i] + 1) * A->page; j++) out[m++] = j;
             }
@@ -580,7 +629,7 @@ void sp_select_stage(sp_ctx *c, const sp_model *M, int l, int pos) {
                 for (int j = pos - A->local + 1 > 0 ? pos - A->local + 1 : 0; j < n; j++) v[j] = 1e30f;
             }
             ws->sel_cnt[s] = A->method == SP_ATTN_ORACLE_TOPP ? top_p(v, n, A->p, tmp, out)
-                                                              : top_budget(v, n, b, tmp, out);
+                                                              : top_budget(v, n, b, tmp, tmp + S, out);
         }
         break;
     }

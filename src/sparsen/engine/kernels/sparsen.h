@@ -185,5 +185,7 @@ int sp_test_gemv(const sp_weight *w, int in, int out, const float *x, const int 
 int sp_test_dot_rows(const sp_weight *w, int in, int n_rows, const float *x, const int *rows, int n_sel, float *y,
                      int threads);
 int sp_test_mask(int kind, float param, const float *thr, const float *x, int n, int *act);
+/* The positions of v[0:m) at or above its k-th largest (the selections' top-k, ties included); their count. */
+int sp_test_top_budget(const float *v, int m, int k, int *out);
 
 #endif
