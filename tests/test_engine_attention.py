@@ -10,9 +10,8 @@ import torch
 
 from sparsen import SparsenError
 from sparsen.core.plan import Plan
-from sparsen.engine import Engine
+from sparsen.engine import Engine, kernels
 from sparsen.methods.attention import attention_plan, parse_attention_spec
-from sparsen.engine import kernels
 from test_engine import plan_for, ptr, tiny_gemma3
 
 CALIB = "+calib_tokens=256+calib_ctx=128"
@@ -246,6 +245,9 @@ def test_bench_at_a_context_with_attention_methods(tmp_path, capsys):
     assert [m["spec"] for m in d["attention"]] == ["quest@1/4+page_size=4", "sink-window@1/4"]
     for m in d["attention"]:
         assert m["tok_s"] > 0 and m["speedup_vs_dense"] > 0 and m["bound_speedup"] > 1
+        # one round: the median of the per-round ratios is that round's ratio, which is the ratio of the medians
+        assert m["speedup_per_round"] == pytest.approx(m["speedup_vs_dense"])
+        assert m["share_of_bound_per_round"] == pytest.approx(m["speedup_per_round"] / m["bound_speedup"])
         assert m["bytes_per_token"] < d["dense_bytes_per_token"] and 0 < m["density"] < 0.5
     text = capsys.readouterr().out
     assert "quest@1/4+page_size=4" in text and "bytes bound" in text

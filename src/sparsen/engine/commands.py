@@ -302,9 +302,11 @@ def _bench_context(args, lm, plan, systems, weights: str) -> None:
         linear = a["overall"] if e.plan.sites else 0.0
         nbytes = bytes_per_token(e, linear, context)
         speedup, bound = med(spec) / med("engine dense"), dense_bytes / nbytes
+        per_round = statistics.median(x / y for x, y in zip(runs[spec], runs["engine dense"]))
         methods.append({"spec": spec, "tok_s": med(spec), "speedup_vs_dense": speedup, "bytes_per_token": nbytes,
                         "attention_bytes": e.attention_bytes(context), "bound_speedup": bound,
-                        "share_of_bound": speedup / bound, "linear_sparsity": linear,
+                        "share_of_bound": speedup / bound, "speedup_per_round": per_round,
+                        "share_of_bound_per_round": per_round / bound, "linear_sparsity": linear,
                         "density": a["attention"]["density"], "read_density": a["attention"]["read_density"],
                         "attention": a["attention"]})
     res = {
@@ -315,6 +317,9 @@ def _bench_context(args, lm, plan, systems, weights: str) -> None:
         "hf_tok_s": med("hf"), "llamacpp_tok_s": med("llamacpp"), "raw_tok_s": runs,
         "notes": {"engine": "prompt prefilled through the torch model (one forward, its KV cache copied in; not "
                             "timed), then new_tokens greedy steps timed",
+                  "ratios": "speedup_vs_dense: the ratio of the medians; speedup_per_round: the median over rounds of "
+                            "the two rates of the same round (the machine drifts between rounds); share_of_bound*: "
+                            "each over bound_speedup",
                   "bytes": "per token: block linears and lm_head, K and V rows read, and the estimate's reads "
                            "(Quest's page summaries, the label cache (fp32, int8 for the sketch), the oracle's K rows) "
                            "from the engine's own tally; H2O's per-key bookkeeping (held flags, masses) is not counted",
@@ -324,11 +329,15 @@ def _bench_context(args, lm, plan, systems, weights: str) -> None:
     write_json(args.out, res)
     print(f"{lm.spec}, {weights} weights, {args.kv_dtype} KV cache, {args.threads} threads, context {len(ids)} + "
           f"{args.new_tokens} new tokens, median of {args.rounds} interleaved rounds ({res['machine']['cpu']})")
-    print(f"  {'system':<32}{'tok/s':>8}{'speedup':>9}{'MB/token':>10}{'bytes bound':>13}{'share':>7}")
+    print(f"  {'system':<32}{'tok/s':>8}{'speedup':>9}{'MB/token':>10}{'bytes bound':>13}{'share':>7}"
+          f"{'per round':>11}")
     print(f"  {'engine dense':<32}{med('engine dense'):8.1f}{1.0:8.2f}x{dense_bytes / 1e6:10.1f}{1.0:12.2f}x")
     for m in methods:
         print(f"  {m['spec']:<32}{m['tok_s']:8.1f}{m['speedup_vs_dense']:8.2f}x{m['bytes_per_token'] / 1e6:10.1f}"
-              f"{m['bound_speedup']:12.2f}x{m['share_of_bound']:7.0%}  (keys read {m['density']:.3f}, with the "
-              f"estimate {m['read_density']:.3f})")
+              f"{m['bound_speedup']:12.2f}x{m['share_of_bound']:7.0%}{m['speedup_per_round']:6.2f}x"
+              f"{m['share_of_bound_per_round']:4.0%}  (keys read {m['density']:.3f}, with the estimate "
+              f"{m['read_density']:.3f})")
+    print("  speedup and share: the ratio of the medians; per round: the median over rounds of the same round's "
+          "ratio, and its share of the bound")
     _peer_lines(res, peers)
     print(f"wrote {args.out}")
