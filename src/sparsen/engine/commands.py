@@ -335,7 +335,7 @@ def _bench_context(args, lm, plan, systems, weights: str) -> None:
     for m in methods:
         print(f"  {m['spec']:<32}{m['tok_s']:8.1f}{m['speedup_vs_dense']:8.2f}x{m['bytes_per_token'] / 1e6:10.1f}"
               f"{m['bound_speedup']:12.2f}x{m['share_of_bound']:7.0%}{m['speedup_per_round']:6.2f}x"
-              f"{m['share_of_bound_per_round']:4.0%}  (keys read {m['density']:.3f}, with the estimate "
+              f"{m['share_of_bound_per_round']:5.0%}  (keys read {m['density']:.3f}, with the estimate "
               f"{m['read_density']:.3f})")
     print("  speedup and share: the ratio of the medians; per round: the median over rounds of the same round's "
           "ratio, and its share of the bound")
