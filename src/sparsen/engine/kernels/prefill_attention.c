@@ -1,10 +1,11 @@
 /* Block-sparse causal prefill attention (flash style), for the HF forward's prefill (sparsen.engine.prefill).
  *
- * Self-contained: plain functions on plain arrays, no engine struct (ops.h for its vector exp). For every (query head, query block) the kept
- * key blocks are read in ascending order with an online softmax (running max and sum per query row), then the
- * head's extra key columns outside the kept blocks (MInference's vertical lines), gathered 32 at a time. Only kept
- * entries are computed; the diagonal block is computed whole and masked causally (as flash kernels do). The mask
- * is taken as given (the caller forces the sink block and the diagonal; a row that reads nothing outputs 0).
+ * Plain functions on plain arrays, no engine struct (ops.h only for the vector exp). For every (query head, query
+ * block) the kept key blocks are read in ascending order with an online softmax (running max and sum per query
+ * row), then the head's extra key columns outside the kept blocks (MInference's vertical lines), gathered 32 at a
+ * time. Only kept entries are computed; the diagonal block is computed whole and masked causally (as flash kernels
+ * do). The mask is taken as given (the caller forces the sink block and the diagonal; a row that reads nothing
+ * outputs 0).
  *
  * Layouts (float32, contiguous): q and out [n_heads, n, d]; k, v [n_kv, n, d]; mask uint8 [mask_heads, nb, nb]
  * (nb = ceil(n / block)) with mask_heads = n_kv (one mask per KV group) or n_heads; cols (optional) the extra
