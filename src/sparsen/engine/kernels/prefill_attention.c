@@ -24,13 +24,13 @@
 #ifdef __AVX512F__
 #define SP_PF_ROWS 8 /* query rows per micro-tile: 8 x 32 floats = 16 of the 32 zmm registers (98 vs 83 GFLOP/s) */
 #else
-#define SP_PF_ROWS 4 /* query rows per micro-tile */
+#define SP_PF_ROWS 6 /* query rows per micro-tile: 6 x 2 ymm sums, 2 loads and a broadcast: 15 of 16 */
 #endif
 #define SP_PF_COLS 32 /* keys per gathered tile */
 #ifdef __AVX512F__
 #define SP_PF_REG 32 /* keys (or output channels) per register tile: SP_PF_ROWS x 2 vectors of sums */
 #else
-#define SP_PF_REG 16 /* 4 x 2 ymm sums, 2 loads and a broadcast: 11 of 16 (4 x 32 spilled 2 sums per step) */
+#define SP_PF_REG 16 /* keys (or output channels) per register tile: SP_PF_ROWS x 2 ymm of sums */
 #endif
 
 typedef struct {
@@ -38,40 +38,60 @@ typedef struct {
     float *o;   /* [rows_p, d] running output */
     float *m;   /* [rows_p] running max */
     float *l;   /* [rows_p] running sum */
-    float *s;   /* [SP_PF_ROWS, kp] scores of one row tile against one key tile */
+    float *s;   /* [rows_p, ld] scores of the query block against one key tile */
     float *kt;  /* [d, SP_PF_COLS] gathered columns' keys, transposed */
     float *vc;  /* [SP_PF_COLS, d] gathered columns' values */
 } sp_pf_thread;
 
-/* Scores of SP_PF_ROWS query rows against one key tile: s[r][j] = q_r . k_j, for j < nk (kt: [d, ldk], zero
- * padded to a multiple of SP_PF_COLS). */
-static void sp_pf_scores(const float *qs, int d, const float *kt, int ldk, int nk, float *s, int lds) {
-    for (int j0 = 0; j0 < nk; j0 += SP_PF_REG) {
-        float acc[SP_PF_ROWS][SP_PF_REG] = {{0}};
-        for (int c = 0; c < d; c++) {
-            const float *kr = kt + (size_t)c * ldk + j0;
-            for (int r = 0; r < SP_PF_ROWS; r++) {
-                const float qv = qs[(size_t)r * d + c];
-#pragma omp simd
-                for (int j = 0; j < SP_PF_REG; j++) acc[r][j] += qv * kr[j];
+/* Scores of rp (a multiple of SP_PF_ROWS) query rows against one key tile: s[r][j] = q_r . k_j, for j < nk (kt:
+ * [d, ldk], zero padded to a multiple of SP_PF_COLS). Keys outer, row tiles inner: a slice of SP_PF_REG keys of
+ * kt stays in L1 while every row tile reads it (rows outer re-read the whole tile from L2 per row tile). */
+static void sp_pf_scores(const float *qs, int rp, int d, const float *kt, int ldk, int nk, float *s, int lds) {
+    for (int j0 = 0; j0 < nk; j0 += SP_PF_REG)
+        for (int r0 = 0; r0 < rp; r0 += SP_PF_ROWS) {
+#if defined(__AVX2__) && !defined(__AVX512F__) /* GCC re-loaded the key vectors once per row (FMAs from memory) */
+            __m256 a[SP_PF_ROWS][2];
+            for (int r = 0; r < SP_PF_ROWS; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+            for (int c = 0; c < d; c++) {
+                const float *kr = kt + (size_t)c * ldk + j0;
+                const __m256 k0 = _mm256_loadu_ps(kr), k1 = _mm256_loadu_ps(kr + 8);
+                for (int r = 0; r < SP_PF_ROWS; r++) {
+                    const __m256 qv = _mm256_broadcast_ss(qs + (size_t)(r0 + r) * d + c);
+                    a[r][0] = _mm256_fmadd_ps(qv, k0, a[r][0]), a[r][1] = _mm256_fmadd_ps(qv, k1, a[r][1]);
+                }
             }
+            for (int r = 0; r < SP_PF_ROWS; r++) {
+                _mm256_storeu_ps(s + (size_t)(r0 + r) * lds + j0, a[r][0]);
+                _mm256_storeu_ps(s + (size_t)(r0 + r) * lds + j0 + 8, a[r][1]);
+            }
+#else
+            float acc[SP_PF_ROWS][SP_PF_REG] = {{0}};
+            for (int c = 0; c < d; c++) {
+                const float *kr = kt + (size_t)c * ldk + j0;
+                for (int r = 0; r < SP_PF_ROWS; r++) {
+                    const float qv = qs[(size_t)(r0 + r) * d + c];
+#pragma omp simd
+                    for (int j = 0; j < SP_PF_REG; j++) acc[r][j] += qv * kr[j];
+                }
+            }
+            for (int r = 0; r < SP_PF_ROWS; r++) memcpy(s + (size_t)(r0 + r) * lds + j0, acc[r], sizeof(acc[r]));
+#endif
         }
-        for (int r = 0; r < SP_PF_ROWS; r++) memcpy(s + (size_t)r * lds + j0, acc[r], sizeof(acc[r]));
-    }
 }
 
-/* One row tile against nk keys (values vt rows of stride d): masks key j of row r when key_pos(j) > q_pos(r)
- * (causal; only on the diagonal) or j is padding, then updates the online softmax and the output. */
-static void sp_pf_tile(sp_pf_thread *t, int r0, int d, const float *kt, int ldk, int nk, const float *vt,
+/* The rp rows of the query block against nk keys (values vt rows of stride d): masks key j of row r when
+ * key_pos(j) > q_pos(r) (causal; only on the diagonal) or j is padding, then updates the online softmax and the
+ * output. */
+static void sp_pf_tile(sp_pf_thread *t, int rp, int d, const float *kt, int ldk, int nk, const float *vt,
                        int key0, int qpos0, int causal) {
     float *s = t->s;
     const int lds = ldk;
-    sp_pf_scores(t->qs + (size_t)r0 * d, d, kt, ldk, nk, s, lds);
-    for (int r = 0; r < SP_PF_ROWS; r++) {
+    sp_pf_scores(t->qs, rp, d, kt, ldk, nk, s, lds);
+    for (int r = 0; r < rp; r++) {
         float *sr = s + (size_t)r * lds;
         int valid = nk;
         if (causal) {
-            const int lim = qpos0 + r0 + r - key0 + 1; /* keys key0 .. qpos read */
+            const int lim = qpos0 + r - key0 + 1; /* keys key0 .. qpos read */
             valid = lim < nk ? (lim > 0 ? lim : 0) : nk;
         }
         if (valid == 0) {
@@ -81,39 +101,61 @@ static void sp_pf_tile(sp_pf_thread *t, int r0, int d, const float *kt, int ldk,
         float mx = -INFINITY;
 #pragma omp simd reduction(max : mx)
         for (int j = 0; j < valid; j++) mx = sr[j] > mx ? sr[j] : mx;
-        const float mold = t->m[r0 + r], mnew = mold > mx ? mold : mx;
+        const float mold = t->m[r], mnew = mold > mx ? mold : mx;
         const float corr = sp_exp(mold - mnew); /* 0 when mold is -inf */
         const float sum = sp_exp_shift_sum(sr, 0, valid, mnew);
         for (int j = valid; j < nk; j++) sr[j] = 0.f;
-        t->m[r0 + r] = mnew;
-        t->l[r0 + r] = t->l[r0 + r] * corr + sum;
-        float *o = t->o + (size_t)(r0 + r) * d;
+        t->m[r] = mnew;
+        t->l[r] = t->l[r] * corr + sum;
+        float *o = t->o + (size_t)r * d;
         if (corr != 1.f) {
 #pragma omp simd
             for (int i = 0; i < d; i++) o[i] *= corr;
         }
     }
-    /* o[r] += sum_j p[r][j] v[j], SP_PF_REG output channels at a time held in registers across the keys */
-    float *o = t->o + (size_t)r0 * d;
+    /* o[r] += sum_j p[r][j] v[j], SP_PF_REG output channels of SP_PF_ROWS rows held in registers across the keys;
+     * channels outer, so a slice of V stays in L1 over the row tiles */
     int i0 = 0;
-    for (; i0 + SP_PF_REG <= d; i0 += SP_PF_REG) {
-        float acc[SP_PF_ROWS][SP_PF_REG];
-        for (int r = 0; r < SP_PF_ROWS; r++) memcpy(acc[r], o + (size_t)r * d + i0, sizeof(acc[r]));
-        for (int j = 0; j < nk; j++) {
-            const float *vr = vt + (size_t)j * d + i0;
+    for (; i0 + SP_PF_REG <= d; i0 += SP_PF_REG)
+        for (int r0 = 0; r0 < rp; r0 += SP_PF_ROWS) {
+            float *o = t->o + (size_t)r0 * d;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+            __m256 a[SP_PF_ROWS][2];
             for (int r = 0; r < SP_PF_ROWS; r++) {
-                const float pr = s[(size_t)r * lds + j];
-#pragma omp simd
-                for (int i = 0; i < SP_PF_REG; i++) acc[r][i] += pr * vr[i];
+                a[r][0] = _mm256_loadu_ps(o + (size_t)r * d + i0);
+                a[r][1] = _mm256_loadu_ps(o + (size_t)r * d + i0 + 8);
             }
+            for (int j = 0; j < nk; j++) {
+                const float *vr = vt + (size_t)j * d + i0;
+                const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8);
+                for (int r = 0; r < SP_PF_ROWS; r++) {
+                    const __m256 pr = _mm256_broadcast_ss(s + (size_t)(r0 + r) * lds + j);
+                    a[r][0] = _mm256_fmadd_ps(pr, v0, a[r][0]), a[r][1] = _mm256_fmadd_ps(pr, v1, a[r][1]);
+                }
+            }
+            for (int r = 0; r < SP_PF_ROWS; r++) {
+                _mm256_storeu_ps(o + (size_t)r * d + i0, a[r][0]);
+                _mm256_storeu_ps(o + (size_t)r * d + i0 + 8, a[r][1]);
+            }
+#else
+            float acc[SP_PF_ROWS][SP_PF_REG];
+            for (int r = 0; r < SP_PF_ROWS; r++) memcpy(acc[r], o + (size_t)r * d + i0, sizeof(acc[r]));
+            for (int j = 0; j < nk; j++) {
+                const float *vr = vt + (size_t)j * d + i0;
+                for (int r = 0; r < SP_PF_ROWS; r++) {
+                    const float pr = s[(size_t)(r0 + r) * lds + j];
+#pragma omp simd
+                    for (int i = 0; i < SP_PF_REG; i++) acc[r][i] += pr * vr[i];
+                }
+            }
+            for (int r = 0; r < SP_PF_ROWS; r++) memcpy(o + (size_t)r * d + i0, acc[r], sizeof(acc[r]));
+#endif
         }
-        for (int r = 0; r < SP_PF_ROWS; r++) memcpy(o + (size_t)r * d + i0, acc[r], sizeof(acc[r]));
-    }
     for (int j = 0; j < nk && i0 < d; j++) { /* channels past the last multiple of SP_PF_REG */
         const float *vr = vt + (size_t)j * d;
-        for (int r = 0; r < SP_PF_ROWS; r++) {
+        for (int r = 0; r < rp; r++) {
             const float pr = s[(size_t)r * lds + j];
-            float *orow = o + (size_t)r * d;
+            float *orow = t->o + (size_t)r * d;
 #pragma omp simd
             for (int i = i0; i < d; i++) orow[i] += pr * vr[i];
         }
@@ -153,7 +195,7 @@ int sp_prefill_attention(const float *q, const float *k, const float *v, float *
         t.o = malloc(sizeof(float) * rows_p * d);
         t.m = malloc(sizeof(float) * rows_p);
         t.l = malloc(sizeof(float) * rows_p);
-        t.s = malloc(sizeof(float) * SP_PF_ROWS * ld);
+        t.s = malloc(sizeof(float) * rows_p * ld);
         t.kt = calloc((size_t)d * SP_PF_COLS, sizeof(float));
         t.vc = calloc((size_t)SP_PF_COLS * d, sizeof(float));
         const int ok = t.qs && t.o && t.m && t.l && t.s && t.kt && t.vc;
@@ -186,8 +228,7 @@ int sp_prefill_attention(const float *q, const float *k, const float *v, float *
                     const int k0 = kb * block, nk = n - k0 < block ? n - k0 : block;
                     const float *kt = kt_all + ((size_t)kv * nb + kb) * d * kp;
                     const float *vt = v + ((size_t)kv * n + k0) * d;
-                    for (int r0 = 0; r0 < rp; r0 += SP_PF_ROWS)
-                        sp_pf_tile(&t, r0, d, kt, kp, nk, vt, k0, q0, kb == qb);
+                    sp_pf_tile(&t, rp, d, kt, kp, nk, vt, k0, q0, kb == qb);
                 }
                 if (cols && col_start) {
                     int g = 0;
@@ -202,8 +243,7 @@ int sp_prefill_attention(const float *q, const float *k, const float *v, float *
                             g++;
                         }
                         if (g == SP_PF_COLS || (last && g > 0)) {
-                            for (int r0 = 0; r0 < rp; r0 += SP_PF_ROWS)
-                                sp_pf_tile(&t, r0, d, t.kt, SP_PF_COLS, g, t.vc, 0, 0, 0);
+                            sp_pf_tile(&t, rp, d, t.kt, SP_PF_COLS, g, t.vc, 0, 0, 0);
                             g = 0;
                         }
                     }
