@@ -43,40 +43,51 @@ typedef struct {
     float *vc;  /* [SP_PF_COLS, d] gathered columns' values */
 } sp_pf_thread;
 
+/* The register tile of both products: c[r][0:SP_PF_REG) (+)= sum_t a[r lda + t] b[t ldb + 0:SP_PF_REG) for the
+ * SP_PF_ROWS rows r, from zero or (accumulate) from c. Each b vector is loaded once for the rows. */
+static inline __attribute__((always_inline)) void sp_pf_micro(const float *a, int lda, const float *b, int ldb, int T,
+                                                              float *c, int ldc, const int accumulate) {
+#if defined(__AVX2__) && !defined(__AVX512F__) /* GCC re-loaded the b vectors once per row (FMAs from memory) */
+    __m256 acc[SP_PF_ROWS][2];
+    for (int r = 0; r < SP_PF_ROWS; r++) {
+        acc[r][0] = accumulate ? _mm256_loadu_ps(c + (size_t)r * ldc) : _mm256_setzero_ps();
+        acc[r][1] = accumulate ? _mm256_loadu_ps(c + (size_t)r * ldc + 8) : _mm256_setzero_ps();
+    }
+    for (int t = 0; t < T; t++) {
+        const float *bt = b + (size_t)t * ldb;
+        const __m256 b0 = _mm256_loadu_ps(bt), b1 = _mm256_loadu_ps(bt + 8);
+        for (int r = 0; r < SP_PF_ROWS; r++) {
+            const __m256 ar = _mm256_broadcast_ss(a + (size_t)r * lda + t);
+            acc[r][0] = _mm256_fmadd_ps(ar, b0, acc[r][0]), acc[r][1] = _mm256_fmadd_ps(ar, b1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < SP_PF_ROWS; r++) {
+        _mm256_storeu_ps(c + (size_t)r * ldc, acc[r][0]);
+        _mm256_storeu_ps(c + (size_t)r * ldc + 8, acc[r][1]);
+    }
+#else
+    float acc[SP_PF_ROWS][SP_PF_REG];
+    for (int r = 0; r < SP_PF_ROWS; r++)
+        for (int j = 0; j < SP_PF_REG; j++) acc[r][j] = accumulate ? c[(size_t)r * ldc + j] : 0.f;
+    for (int t = 0; t < T; t++) {
+        const float *bt = b + (size_t)t * ldb;
+        for (int r = 0; r < SP_PF_ROWS; r++) {
+            const float ar = a[(size_t)r * lda + t];
+#pragma omp simd
+            for (int j = 0; j < SP_PF_REG; j++) acc[r][j] += ar * bt[j];
+        }
+    }
+    for (int r = 0; r < SP_PF_ROWS; r++) memcpy(c + (size_t)r * ldc, acc[r], sizeof(acc[r]));
+#endif
+}
+
 /* Scores of rp (a multiple of SP_PF_ROWS) query rows against one key tile: s[r][j] = q_r . k_j, for j < nk (kt:
  * [d, ldk], zero padded to a multiple of SP_PF_COLS). Keys outer, row tiles inner: a slice of SP_PF_REG keys of
  * kt stays in L1 while every row tile reads it (rows outer re-read the whole tile from L2 per row tile). */
 static void sp_pf_scores(const float *qs, int rp, int d, const float *kt, int ldk, int nk, float *s, int lds) {
     for (int j0 = 0; j0 < nk; j0 += SP_PF_REG)
-        for (int r0 = 0; r0 < rp; r0 += SP_PF_ROWS) {
-#if defined(__AVX2__) && !defined(__AVX512F__) /* GCC re-loaded the key vectors once per row (FMAs from memory) */
-            __m256 a[SP_PF_ROWS][2];
-            for (int r = 0; r < SP_PF_ROWS; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
-            for (int c = 0; c < d; c++) {
-                const float *kr = kt + (size_t)c * ldk + j0;
-                const __m256 k0 = _mm256_loadu_ps(kr), k1 = _mm256_loadu_ps(kr + 8);
-                for (int r = 0; r < SP_PF_ROWS; r++) {
-                    const __m256 qv = _mm256_broadcast_ss(qs + (size_t)(r0 + r) * d + c);
-                    a[r][0] = _mm256_fmadd_ps(qv, k0, a[r][0]), a[r][1] = _mm256_fmadd_ps(qv, k1, a[r][1]);
-                }
-            }
-            for (int r = 0; r < SP_PF_ROWS; r++) {
-                _mm256_storeu_ps(s + (size_t)(r0 + r) * lds + j0, a[r][0]);
-                _mm256_storeu_ps(s + (size_t)(r0 + r) * lds + j0 + 8, a[r][1]);
-            }
-#else
-            float acc[SP_PF_ROWS][SP_PF_REG] = {{0}};
-            for (int c = 0; c < d; c++) {
-                const float *kr = kt + (size_t)c * ldk + j0;
-                for (int r = 0; r < SP_PF_ROWS; r++) {
-                    const float qv = qs[(size_t)(r0 + r) * d + c];
-#pragma omp simd
-                    for (int j = 0; j < SP_PF_REG; j++) acc[r][j] += qv * kr[j];
-                }
-            }
-            for (int r = 0; r < SP_PF_ROWS; r++) memcpy(s + (size_t)(r0 + r) * lds + j0, acc[r], sizeof(acc[r]));
-#endif
-        }
+        for (int r0 = 0; r0 < rp; r0 += SP_PF_ROWS)
+            sp_pf_micro(qs + (size_t)r0 * d, d, kt + j0, ldk, d, s + (size_t)r0 * lds + j0, lds, 0);
 }
 
 /* The rp rows of the query block against nk keys (values vt rows of stride d): masks key j of row r when
@@ -117,40 +128,8 @@ static void sp_pf_tile(sp_pf_thread *t, int rp, int d, const float *kt, int ldk,
      * channels outer, so a slice of V stays in L1 over the row tiles */
     int i0 = 0;
     for (; i0 + SP_PF_REG <= d; i0 += SP_PF_REG)
-        for (int r0 = 0; r0 < rp; r0 += SP_PF_ROWS) {
-            float *o = t->o + (size_t)r0 * d;
-#if defined(__AVX2__) && !defined(__AVX512F__)
-            __m256 a[SP_PF_ROWS][2];
-            for (int r = 0; r < SP_PF_ROWS; r++) {
-                a[r][0] = _mm256_loadu_ps(o + (size_t)r * d + i0);
-                a[r][1] = _mm256_loadu_ps(o + (size_t)r * d + i0 + 8);
-            }
-            for (int j = 0; j < nk; j++) {
-                const float *vr = vt + (size_t)j * d + i0;
-                const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8);
-                for (int r = 0; r < SP_PF_ROWS; r++) {
-                    const __m256 pr = _mm256_broadcast_ss(s + (size_t)(r0 + r) * lds + j);
-                    a[r][0] = _mm256_fmadd_ps(pr, v0, a[r][0]), a[r][1] = _mm256_fmadd_ps(pr, v1, a[r][1]);
-                }
-            }
-            for (int r = 0; r < SP_PF_ROWS; r++) {
-                _mm256_storeu_ps(o + (size_t)r * d + i0, a[r][0]);
-                _mm256_storeu_ps(o + (size_t)r * d + i0 + 8, a[r][1]);
-            }
-#else
-            float acc[SP_PF_ROWS][SP_PF_REG];
-            for (int r = 0; r < SP_PF_ROWS; r++) memcpy(acc[r], o + (size_t)r * d + i0, sizeof(acc[r]));
-            for (int j = 0; j < nk; j++) {
-                const float *vr = vt + (size_t)j * d + i0;
-                for (int r = 0; r < SP_PF_ROWS; r++) {
-                    const float pr = s[(size_t)(r0 + r) * lds + j];
-#pragma omp simd
-                    for (int i = 0; i < SP_PF_REG; i++) acc[r][i] += pr * vr[i];
-                }
-            }
-            for (int r = 0; r < SP_PF_ROWS; r++) memcpy(o + (size_t)r * d + i0, acc[r], sizeof(acc[r]));
-#endif
-        }
+        for (int r0 = 0; r0 < rp; r0 += SP_PF_ROWS)
+            sp_pf_micro(s + (size_t)r0 * lds, lds, vt + i0, d, nk, t->o + (size_t)r0 * d + i0, d, 1);
     for (int j = 0; j < nk && i0 < d; j++) { /* channels past the last multiple of SP_PF_REG */
         const float *vr = vt + (size_t)j * d;
         for (int r = 0; r < rp; r++) {
