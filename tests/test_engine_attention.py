@@ -30,7 +30,6 @@ N, PROMPT = 120, 60
 _PLANS: dict = {}
 
 
-
 @pytest.mark.parametrize("m", [40, 300, 2048, 8192])
 def test_top_budget_kernel_keeps_every_value_at_or_above_the_kth_largest(m):
     rng = np.random.default_rng(m)
@@ -44,6 +43,7 @@ def test_top_budget_kernel_keeps_every_value_at_or_above_the_kth_largest(m):
             c = kernels().sp_test_top_budget(ptr(v), m, k, ptr(out))
             kth = np.sort(v)[::-1][k - 1]
             assert np.array_equal(out[:c], np.flatnonzero(v >= kth)), (m, k, ties)
+
 
 def _plan(lm, spec):
     key = (lm.spec, spec)

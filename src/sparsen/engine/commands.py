@@ -133,6 +133,17 @@ def _peer_lines(res: dict, peers, width: int = 22) -> None:
         print(f"  {LABELS[name]:<{width}}" + ("n/a" if v is None else f"{v:8.1f} tok/s") + (f"  ({note})" if note else ""))
 
 
+def _median_rate(runs: dict, k: str):
+    """The median of system k's tok/s over the rounds (None when it never ran)."""
+    return statistics.median(runs[k]) if runs.get(k) else None
+
+
+def _per_round(runs: dict, a: str, b: str):
+    """The median over rounds of a's rate / b's in the same round: the machine drifts between rounds."""
+    pairs = list(zip(runs.get(a) or [], runs.get(b) or []))
+    return statistics.median(x / y for x, y in pairs) if pairs else None
+
+
 def cmd_bench(args) -> None:
     from sparsen.data import corpus_windows
     from sparsen.engine import Engine, bytes_per_token
@@ -187,11 +198,7 @@ def cmd_bench(args) -> None:
         peers.close()
 
     def med(k):
-        return statistics.median(runs[k]) if runs.get(k) else None
-
-    def per_round(a, b):  # the median over rounds of a's rate / b's in the same round: the machine drifts between rounds
-        pairs = list(zip(runs.get(a) or [], runs.get(b) or []))
-        return statistics.median(x / y for x, y in pairs) if pairs else None
+        return _median_rate(runs, k)
 
     context = len(ids) + args.new_tokens / 2
     llama = med("llamacpp")
@@ -207,9 +214,9 @@ def cmd_bench(args) -> None:
                               if sparse is not None else None),
             "dense_mb_per_token": bytes_per_token(e["dense"], 0.0, context) / 1e6,
             "sparse_mb_per_token": bytes_per_token(sparse, achieved, context) / 1e6 if sparse is not None else None,
-            "dense_vs_llamacpp": per_round(key(w, "dense"), "llamacpp"),
-            "sparse_vs_llamacpp": per_round(key(w, "sparse"), "llamacpp"),
-            "sparse_vs_dense_per_round": per_round(key(w, "sparse"), key(w, "dense")),
+            "dense_vs_llamacpp": _per_round(runs, key(w, "dense"), "llamacpp"),
+            "sparse_vs_llamacpp": _per_round(runs, key(w, "sparse"), "llamacpp"),
+            "sparse_vs_dense_per_round": _per_round(runs, key(w, "sparse"), key(w, "dense")),
             "profile": (_profile(e["dense"], d, med(key(w, "no_block_linears")), context) if e["floor"] is not None
                         else None),
         }
@@ -290,7 +297,7 @@ def _bench_context(args, lm, plan, systems, weights: str) -> None:
         peers.close()
 
     def med(k):
-        return statistics.median(runs[k]) if runs[k] else None
+        return _median_rate(runs, k)
 
     context = len(ids) + args.new_tokens / 2  # the mean cached positions of a timed step (dense layers' reads)
     dense = engines["engine dense"]
@@ -302,7 +309,7 @@ def _bench_context(args, lm, plan, systems, weights: str) -> None:
         linear = a["overall"] if e.plan.sites else 0.0
         nbytes = bytes_per_token(e, linear, context)
         speedup, bound = med(spec) / med("engine dense"), dense_bytes / nbytes
-        per_round = statistics.median(x / y for x, y in zip(runs[spec], runs["engine dense"]))
+        per_round = _per_round(runs, spec, "engine dense")
         methods.append({"spec": spec, "tok_s": med(spec), "speedup_vs_dense": speedup, "bytes_per_token": nbytes,
                         "attention_bytes": e.attention_bytes(context), "bound_speedup": bound,
                         "share_of_bound": speedup / bound, "speedup_per_round": per_round,
