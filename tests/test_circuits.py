@@ -11,7 +11,7 @@ import torch
 
 import sparsen
 from sparsen.circuits import CircuitConfig, run_circuits, summary_markdown
-from sparsen.circuits.codes import code_run, node_scores, pair_counts, pair_scores
+from sparsen.circuits.codes import code_run, flip_scores, node_scores, pair_counts, pair_scores
 from sparsen.circuits.heads import Heads, Recorded
 from sparsen.circuits.run import average_ranks, permutation_null, roc_auc
 from sparsen.circuits.tasks import GENERATORS, TASKS, Task, build_task, pad_batch
@@ -116,6 +116,9 @@ def test_node_and_pair_scores_by_hand():
     pos = np.array([[5, 0, 1], [4, 0, 2]])
     neg = np.array([[4, 0, 3], [4, 0, 3]])
     assert node_scores(pos, neg, 8).tolist() == [1.0, 0.0, 2.0]
+    assert flip_scores(pos, neg).tolist() == [0.5, 0.0, 1.0]  # pair 0: 5 vs 4, 0 vs 0, 1 vs 3; pair 1: 4 vs 4, ...
+    with pytest.raises(ValueError, match="paired"):
+        flip_scores(pos, neg[:1])
     c = pair_counts(pos, neg, 8)
     # pairs (0,1): (5,0) new, (4,0) seen -> 1; (0,2): (5,1), (4,2) -> 2; (1,2): (0,1), (0,2) -> 2; symmetric
     assert c.tolist() == [[0, 1, 2], [1, 0, 2], [2, 2, 0]]
@@ -245,6 +248,7 @@ def test_a_planted_circuit_is_recovered(planted):
     labels[PLANTED] = True
     node = np.array(res["scores"]["node"])
     assert np.mean([roc_auc(s, labels) for s in node]) >= 0.95
+    assert res["auc"]["threshold"]["flip"]["mean"] >= 0.95
     assert res["auc"]["threshold"]["node"]["mean"] >= 0.95 and res["auc"]["threshold"]["node"]["above_null"]
     assert np.abs(np.array(res["scores"]["attribution"])[outside]).max() < 1e-6
     assert set(res["runtime_seconds"]) >= {"prompts", "behaviour", "outputs", "truth_patching", "codes", "auc"}

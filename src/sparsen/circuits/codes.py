@@ -18,6 +18,10 @@ softmaxes it over heads, a monotone map: the AUC is unchanged). Pair score: head
 distinct code pairs seen on positives only; a head scores by how often it appears in the top n^2/2 head entries of
 that ranking (n^2/4 ordered pairs). Ties at the cut get fractional credit (the expected score under a random order
 of the tied pairs) instead of the paper's order-dependent cut.
+
+Flip score (ours, not the paper's): the share of prompt pairs whose code at h differs between the positive and its
+paired negative. The tasks' pairs differ in one token span, so a head whose code moves with it is one the change
+reaches; counting distinct codes instead rewards heads whose codes vary from prompt to prompt for any reason.
 """
 
 from __future__ import annotations
@@ -95,6 +99,13 @@ def node_scores(codes_pos: np.ndarray, codes_neg: np.ndarray, k: int | None = No
     return (pos & ~neg).sum(1).astype(float)
 
 
+def flip_scores(codes_pos: np.ndarray, codes_neg: np.ndarray) -> np.ndarray:
+    """Per head: the share of pairs (row i of each) whose codes differ. codes [N, n_heads] -> [n_heads]."""
+    if codes_pos.shape != codes_neg.shape:
+        raise ValueError(f"flip scores need paired codes: shapes {codes_pos.shape} and {codes_neg.shape}")
+    return (codes_pos != codes_neg).mean(0)
+
+
 def pair_counts(codes_pos: np.ndarray, codes_neg: np.ndarray, k: int | None = None) -> np.ndarray:
     """[n_heads, n_heads]: for each head pair, the distinct code pairs (c1, c2) seen on positives and never on
     negatives (the diagonal is 0)."""
@@ -151,6 +162,7 @@ def code_run(outputs_pos: torch.Tensor, outputs_neg: torch.Tensor, seed: int, d_
     cp = codes_of(sae, scale, outputs_pos)
     cn = codes_of(sae, scale, outputs_neg)
     node = node_scores(cp, cn, d_sae)
+    flip = flip_scores(cp, cn)
     t_node = time.perf_counter() - t0
     counts = pair_counts(cp, cn, d_sae)
     pair = pair_scores(counts)
@@ -160,6 +172,6 @@ def code_run(outputs_pos: torch.Tensor, outputs_neg: torch.Tensor, seed: int, d_
         f = sae.encode(xs)
         fvu = float((sae.decode(f) - xs).pow(2).sum() / (xs - xs.mean(0)).pow(2).sum())
         l0 = float((f > 0).float().sum(1).mean())
-    return {"seed": seed, "codes_pos": cp, "codes_neg": cn, "node": node, "pair": pair,
+    return {"seed": seed, "codes_pos": cp, "codes_neg": cn, "node": node, "flip": flip, "pair": pair,
             "train_prompts": pick.tolist(), "fvu": fvu, "l0": l0, "codes_used": int(len(np.unique(np.concatenate([cp, cn])))),
             "seconds": {"train": t_train, "codes_and_node": t_node - t_train, "pair": t_all - t_node, "total": t_all}}

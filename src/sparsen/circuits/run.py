@@ -8,7 +8,7 @@ Stages (each timed):
   truth        per-head patching of the first ``pairs`` kept pairs, both sets, halves; the mean-ablation check on
                every kept positive
   attribution  attribution patching of the same pairs (baseline)
-  codes        per seed: the shared SAE, the codes, node and pair scores
+  codes        per seed: the shared SAE, the codes, node, flip and pair scores
   auc          ROC AUC of every score against the ground-truth sets, and a label-permutation null
 Everything returned is JSON-able.
 """
@@ -214,6 +214,7 @@ def run_circuits(lm, config: CircuitConfig, progress: bool = True, task: Task | 
     lap("codes")
 
     node = np.stack([r["node"] for r in runs])
+    flip = np.stack([r["flip"] for r in runs])
     pair = np.stack([r["pair"] for r in runs])
     auc = {}
     for set_name, members in sets.items():
@@ -221,6 +222,7 @@ def run_circuits(lm, config: CircuitConfig, progress: bool = True, task: Task | 
         labels[members] = True
         auc[set_name] = {
             "node": _auc_block(node, labels, cfg.permutations, cfg.seed),
+            "flip": _auc_block(flip, labels, cfg.permutations, cfg.seed),
             "pair": _auc_block(pair, labels, cfg.permutations, cfg.seed),
             "mean_difference": _auc_block(mdiff[None], labels, cfg.permutations, cfg.seed),
             "attribution": _auc_block(np.abs(attr)[None], labels, cfg.permutations, cfg.seed),
@@ -277,7 +279,8 @@ def run_circuits(lm, config: CircuitConfig, progress: bool = True, task: Task | 
             "effect_sum": float(np.nansum(effect)), "effect_abs_sum": float(np.nansum(np.abs(effect))),
         },
         "scores": {
-            "node": node.tolist(), "pair": pair.tolist(), "mean_difference": mdiff.tolist(), "attribution": attr.tolist(),
+            "node": node.tolist(), "flip": flip.tolist(), "pair": pair.tolist(), "mean_difference": mdiff.tolist(),
+            "attribution": attr.tolist(),
         },
         "sae": [{"seed": r["seed"], "fvu": r["fvu"], "l0": r["l0"], "codes_used": r["codes_used"], "seconds": r["seconds"]}
                 for r in runs],
@@ -324,7 +327,7 @@ def summary_markdown(res: dict) -> str:
                      f"({ab['retained_vs_ablated']:.2f} of the gap to all-ablated): {', '.join(tr['sets'][k])}")
     lines += ["", "## ROC AUC against the ground truth (mean over seeds; permutation-null 95th percentile)", "",
               "| score | vs threshold set | null 95% | vs cover set | null 95% |", "|---|---|---|---|---|"]
-    for s in ("node", "pair", "mean_difference", "attribution"):
+    for s in ("node", "flip", "pair", "mean_difference", "attribution"):
         a, c = res["auc"]["threshold"][s], res["auc"]["cover"][s]
         lines.append(f"| {s} | {a['mean']:.3f} ± {a['std']:.3f} | {a['null_95']:.3f} | {c['mean']:.3f} | {c['null_95']:.3f} |")
     lines += ["", "## Acceptance", "", "| check | value | gate | pass |", "|---|---|---|---|"]
