@@ -20,8 +20,9 @@ that ranking (n^2/4 ordered pairs). Ties at the cut get fractional credit (the e
 of the tied pairs) instead of the paper's order-dependent cut.
 
 Flip score (ours, not the paper's): the share of prompt pairs whose code at h differs between the positive and its
-paired negative. The tasks' pairs differ in one token span, so a head whose code moves with it is one the change
-reaches; counting distinct codes instead rewards heads whose codes vary from prompt to prompt for any reason.
+paired negative. A pair's prompts share everything but what the task hinges on (a name, a year's digits, the
+parameter names), so a head whose code moves with it is one that change reaches; counting distinct codes instead
+rewards heads whose codes vary from prompt to prompt for any reason.
 """
 
 from __future__ import annotations
