@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(VENV)/bin/sparsen demo --out report
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
