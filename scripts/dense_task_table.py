@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 
-from sparsen.evaluation.attention import wilson
+from sparsen.evaluation.attention import group_results, wilson
 
 
 def samples_of(path: str) -> list[dict]:
@@ -27,23 +26,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="+", help="attn_eval.json or attn_frontier.json files")
     args = ap.parse_args()
-    scores: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for path in args.files:
-        for s in samples_of(path):
-            scores[s["length"]][s["task"]].append(s["results"]["dense"]["score"])
-    tasks = sorted({t for by_task in scores.values() for t in by_task})
+    rows = [s for path in args.files for s in samples_of(path)]
+    groups = {(g["length"], g["task"]): g for g in group_results(rows, ["dense"])}
+    tasks = sorted({task for _, task in groups})
     print("| length | " + " | ".join(tasks) + " | mean |")
     print("|---|" + "---|" * (len(tasks) + 1))
-    for length in sorted(scores):
-        cells, pooled = [], []
-        for t in tasks:
-            v = scores[length].get(t, [])
-            pooled += v
-            lo, hi = wilson(sum(v), len(v)) if v else (float("nan"), float("nan"))
-            cells.append(f"{100 * sum(v) / len(v):.0f} [{100 * lo:.0f}, {100 * hi:.0f}] (n {len(v)})" if v else "")
-        means = [sum(scores[length][t]) / len(scores[length][t]) for t in tasks if scores[length].get(t)]
+    for length in sorted({length for length, _ in groups}):
+        cells, accs = [], []
+        for task in tasks:
+            g = groups.get((length, task))
+            if g is None:
+                cells.append("")
+                continue
+            accs.append(g["accuracy"])
+            cells.append(f"{100 * g['accuracy']:.0f} [{100 * g['ci95'][0]:.0f}, {100 * g['ci95'][1]:.0f}] (n {g['n']})")
+        pooled = [r["results"]["dense"]["score"] for r in rows if r["length"] == length]
         lo, hi = wilson(sum(pooled), len(pooled))
-        cells.append(f"**{100 * sum(means) / len(means):.1f}** [{100 * lo:.0f}, {100 * hi:.0f}]")
+        cells.append(f"**{100 * sum(accs) / len(accs):.1f}** [{100 * lo:.0f}, {100 * hi:.0f}]")
         print(f"| {length} | " + " | ".join(cells) + " |")
 
 
