@@ -38,6 +38,10 @@ LAMBDA = {"docstring": 0.05}
 """the paper's L1 weight per task (0.02 for the others)"""
 
 
+CODE_SCORES = ("node", "flip", "pair")
+"""the per-head scores ``code_run`` reads from the codes, one row per seed in a circuits run"""
+
+
 def default_lambda(task: str) -> float:
     return LAMBDA.get(task, 0.02)
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from sparsen.circuits.codes import code_run, default_lambda
+from sparsen.circuits.codes import CODE_SCORES, code_run, default_lambda
 from sparsen.circuits.heads import Heads
 from sparsen.circuits.tasks import TASKS, Task, build_task, check_task
 from sparsen.circuits.truth import (
@@ -213,20 +213,13 @@ def run_circuits(lm, config: CircuitConfig, progress: bool = True, task: Task | 
     bar.close()
     lap("codes")
 
-    node = np.stack([r["node"] for r in runs])
-    flip = np.stack([r["flip"] for r in runs])
-    pair = np.stack([r["pair"] for r in runs])
+    per_seed = {name: np.stack([r[name] for r in runs]) for name in CODE_SCORES}
+    ranked = {**per_seed, "mean_difference": mdiff[None], "attribution": np.abs(attr)[None]}  # rows: seeds
     auc = {}
     for set_name, members in sets.items():
         labels = np.zeros(heads.n, dtype=bool)
         labels[members] = True
-        auc[set_name] = {
-            "node": _auc_block(node, labels, cfg.permutations, cfg.seed),
-            "flip": _auc_block(flip, labels, cfg.permutations, cfg.seed),
-            "pair": _auc_block(pair, labels, cfg.permutations, cfg.seed),
-            "mean_difference": _auc_block(mdiff[None], labels, cfg.permutations, cfg.seed),
-            "attribution": _auc_block(np.abs(attr)[None], labels, cfg.permutations, cfg.seed),
-        }
+        auc[set_name] = {name: _auc_block(rows, labels, cfg.permutations, cfg.seed) for name, rows in ranked.items()}
     lap("auc")
 
     sae_stage = [r["seconds"]["train"] + r["seconds"]["codes_and_node"] for r in runs]
@@ -278,10 +271,8 @@ def run_circuits(lm, config: CircuitConfig, progress: bool = True, task: Task | 
             "mean_ablation": ablation,
             "effect_sum": float(np.nansum(effect)), "effect_abs_sum": float(np.nansum(np.abs(effect))),
         },
-        "scores": {
-            "node": node.tolist(), "flip": flip.tolist(), "pair": pair.tolist(), "mean_difference": mdiff.tolist(),
-            "attribution": attr.tolist(),
-        },
+        "scores": {**{name: rows.tolist() for name, rows in per_seed.items()}, "mean_difference": mdiff.tolist(),
+                   "attribution": attr.tolist()},
         "sae": [{"seed": r["seed"], "fvu": r["fvu"], "l0": r["l0"], "codes_used": r["codes_used"], "seconds": r["seconds"]}
                 for r in runs],
         "auc": auc,
@@ -327,7 +318,7 @@ def summary_markdown(res: dict) -> str:
                      f"({ab['retained_vs_ablated']:.2f} of the gap to all-ablated): {', '.join(tr['sets'][k])}")
     lines += ["", "## ROC AUC against the ground truth (mean over seeds; permutation-null 95th percentile)", "",
               "| score | vs threshold set | null 95% | vs cover set | null 95% |", "|---|---|---|---|---|"]
-    for s in ("node", "flip", "pair", "mean_difference", "attribution"):
+    for s in res["auc"]["threshold"]:
         a, c = res["auc"]["threshold"][s], res["auc"]["cover"][s]
         lines.append(f"| {s} | {a['mean']:.3f} ± {a['std']:.3f} | {a['null_95']:.3f} | {c['mean']:.3f} | {c['null_95']:.3f} |")
     lines += ["", "## Acceptance", "", "| check | value | gate | pass |", "|---|---|---|---|"]
