@@ -206,7 +206,7 @@ def plot_attention_frontier(record: dict, out_dir) -> list:
         lengths = sorted({g["length"] for g in groups}, key=lambda x: x or 0)
         acc = mean_accuracy(record)
         fig, axes = plt.subplots(len(lengths), len(tasks), figsize=(3.6 * len(tasks), 3.2 * len(lengths)),
-                                 squeeze=False)
+                                 squeeze=False, layout="constrained")
         for i, length in enumerate(lengths):
             for j, task in enumerate(tasks):
                 ax = axes[i, j]
@@ -241,7 +241,7 @@ def plot_attention_frontier(record: dict, out_dir) -> list:
         paths.append(save_figure(fig, out_dir / "attn_frontier_tasks.png"))
     if record.get("perplexity"):
         panels = [(ctx, p) for ctx, by in record["perplexity"].items() for p in by]
-        fig, axes = plt.subplots(2, len(panels), figsize=(6 * len(panels), 8), squeeze=False)
+        fig, axes = plt.subplots(2, len(panels), figsize=(6 * len(panels), 8), squeeze=False, layout="constrained")
         for j, (ctx, protocol) in enumerate(panels):
             res = record["perplexity"][ctx][protocol]
             curves = {}
