@@ -183,3 +183,25 @@ def test_bad_requests_are_errors(tok):
         generate_suite(tok, (1024,), n=1, tasks=["nope"])
     with pytest.raises(SparsenError, match="too short"):
         generate_suite(tok, (64,), n=1, tasks="niah")
+
+
+def test_sign_test_matches_the_binomial_by_hand():
+    from sparsen.evaluation.attention import sign_test
+
+    assert sign_test(0, 0) == 1.0
+    assert sign_test(3, 3) == 1.0
+    assert sign_test(5, 0) == pytest.approx(2 / 32)
+    assert sign_test(1, 4) == pytest.approx(2 * (1 + 5) / 32)
+    assert sign_test(13, 0) == pytest.approx(2 / 2**13)
+
+
+def test_paired_table_counts_wins_and_losses_on_the_same_samples():
+    from sparsen.evaluation.attention import paired_table
+
+    def row(task, dense, sparse):
+        return {"task": task, "length": 1024, "results": {"dense": {"score": dense}, "m": {"score": sparse}}}
+
+    rows = [row("a", 1, 1), row("a", 0, 1), row("a", 0, 1), row("b", 1, 0), row("b", 0, 0)]
+    md = paired_table({"labels": ["dense", "m"], "samples": rows})
+    assert "| m | 1024 | +2 -0 | +0 -1 | +2 -1 | 1 |" in md
+    assert paired_table({"labels": ["m"], "samples": rows}) == ""  # no reference, no table

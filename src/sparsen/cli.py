@@ -453,7 +453,7 @@ def cmd_frontier(args) -> None:
 def cmd_attn_eval(args) -> None:
     import sparsen.engine.prefill  # noqa: F401  (block-sparse prefill on the C kernel when it is built)
     from sparsen import load_model
-    from sparsen.evaluation.attention import markdown_table, run_tasks
+    from sparsen.evaluation.attention import markdown_table, paired_table, run_tasks
     from sparsen.evaluation.tasks import generate_suite, load_tasks
     from sparsen.io import check_writable, write_json, write_text
     from sparsen.methods.attention import attention_plan, parse_attention_spec
@@ -473,7 +473,7 @@ def cmd_attn_eval(args) -> None:
     res = run_tasks(lm, samples, plans, sparse_from=args.sparse_from, progress=not args.quiet,
                     checkpoint=_checkpoint(out, args.resume))
     res["argv"] = sys.argv[1:]
-    md = markdown_table(res)
+    md = markdown_table(res) + paired_table(res)
     prefill = [label for label, kind in res["kinds"].items() if kind == "prefill"]
     print(f"{lm.spec}: {len(samples)} samples, sparse from the {args.sparse_from}"
           + (f" (prefill methods {', '.join(prefill)}: the whole prompt sparse, the answer dense)" if prefill else "")

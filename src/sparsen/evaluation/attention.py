@@ -259,3 +259,39 @@ def markdown_table(result: dict) -> str:
             means.append(f"**{100 * sum(accs) / len(accs):.1f}**{d}")
         lines.append(f"| {length or 'any'} | mean | " + " | ".join(means) + " |")
     return "\n".join(lines) + "\n"
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test (McNemar's exact test on the discordant pairs): the p-value of ``wins`` against
+    ``losses`` when either is equally likely."""
+    n = wins + losses
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_table(result: dict, reference: str = "dense") -> str:
+    """Each configuration against ``reference`` on the same samples: per (length, task) ``+w -l``, the samples it
+    scores above the reference and below it, then the pooled counts and their sign-test p-value. Intervals on two
+    accuracies overlap long before a paired difference stops being noise; this is the test for "above dense"."""
+    rows, labels = result["samples"], [x for x in result["labels"] if x != reference]
+    if reference not in result["labels"] or not labels:
+        return ""
+    tasks = sorted({r["task"] for r in rows})
+    lengths = sorted({r["length"] for r in rows}, key=lambda x: x or 0)
+    lines = ["", f"Against {reference} on the same samples: how many each configuration scores above {reference} (+) and "
+             "below it (-):", "", "| configuration | length | " + " | ".join(tasks) + " | all | p (sign test) |",
+             "|---|---|" + "---|" * (len(tasks) + 2)]
+    for label in labels:
+        for length in lengths:
+            cells, total = [], [0, 0]
+            for task in tasks:
+                diffs = [r["results"][label]["score"] - r["results"][reference]["score"]
+                         for r in rows if r["task"] == task and r["length"] == length]
+                w, lo = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+                total[0] += w
+                total[1] += lo
+                cells.append(f"+{w} -{lo}" if diffs else "")
+            p = sign_test(*total)
+            lines.append(f"| {label} | {length or 'any'} | " + " | ".join(cells)
+                         + f" | +{total[0]} -{total[1]} | {p:.2g} |")
+    return "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ from sparsen.core.attention import capturing_prefix_mass, prime
 from sparsen.data import EVAL_CORPUS
 from sparsen.errors import SparsenError
 from sparsen.evaluation import evaluate_many
-from sparsen.evaluation.attention import markdown_table, run_tasks, wilson
+from sparsen.evaluation.attention import markdown_table, paired_table, run_tasks, wilson
 from sparsen.methods.attention import attention_plan, get_attention_method, parse_attention_spec
 
 DEFAULT_DENSITIES = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
@@ -163,7 +163,8 @@ def format_markdown(record: dict) -> str:
                 cells += [f"{100 * a:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]",
                           "dense" if d is None else f"{d:.3f}" + ("" if r is None else f" / {r:.3f}")]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines += ["", "Per task, % [95% Wilson interval]:", "", markdown_table(record["tasks"])]
+        lines += ["", "Per task, % [95% Wilson interval]:", "",
+                  markdown_table(record["tasks"]) + paired_table(record["tasks"])]
     for ctx, by_protocol in record.get("perplexity", {}).items():
         for protocol, res in by_protocol.items():
             dense = res["dense"]
