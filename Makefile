@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PEERS := $(VENV)/.peers
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean peers
 
 $(STAMP): pyproject.toml setup.py Makefile $(wildcard src/sparsen/engine/kernels/*.c src/sparsen/engine/kernels/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,9 +13,6 @@ $(STAMP): pyproject.toml setup.py Makefile $(wildcard src/sparsen/engine/kernels
 	# torch first, pinned: 2.13.0 is the CPU build available locally; a looser spec pulls a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
-	# llama.cpp, the bench's peer: rebuilt for this CPU's own extensions, without the AMX path that crashes on some of
-	# our machines, then checked in a child process (src/sparsen/engine/llamacpp_build.py; skipped once done)
-	$(PY) -m sparsen.engine.llamacpp_build || echo "warning: the llama.cpp build failed; \`sparsen bench --vs llamacpp\` will say so"
 	# headless Chromium and its WebDriver for the browser tests (Debian's packages; need root, as here and in CI):
 	# installed when either is missing
 	{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || \
@@ -26,7 +24,16 @@ $(STAMP): pyproject.toml setup.py Makefile $(wildcard src/sparsen/engine/kernels
 		echo "warning: could not install python3.11-doc; \`sparsen experiment --full\` trains on it"
 	touch $(STAMP)
 
-demo: $(STAMP)
+# llama.cpp, `sparsen bench`'s peer (no test uses it, so `make test` skips its ~5-minute build): llama-cpp-python
+# rebuilt for this CPU's own extensions, without the AMX path that crashes on some of our machines, then checked in a
+# child process (src/sparsen/engine/llamacpp_build.py; skipped once done)
+$(PEERS): $(STAMP)
+	$(PY) -m sparsen.engine.llamacpp_build || echo "warning: the llama.cpp build failed; \`sparsen bench --vs llamacpp\` will say so"
+	touch $(PEERS)
+
+peers: $(PEERS)
+
+demo: $(STAMP) $(PEERS)
 	$(VENV)/bin/sparsen demo --out report
 
 test: $(STAMP)

@@ -95,8 +95,7 @@ class LlamaCpp:
         try:
             import llama_cpp
         except ImportError:
-            raise SparsenError("llama-cpp-python is not installed (`make` builds it: "
-                               "python -m sparsen.engine.llamacpp_build)") from None
+            raise SparsenError("llama-cpp-python is not installed (`make peers` builds it for this CPU)") from None
         self.llama_cpp = llama_cpp
         self.llm = llama_cpp.Llama(model_path=spec.source, n_threads=spec.threads, n_threads_batch=spec.threads,
                                    n_ctx=spec.n_ctx, verbose=False)
@@ -106,7 +105,8 @@ class LlamaCpp:
 
         from sparsen.engine.llamacpp_build import RECORD
 
-        build = json.loads(RECORD.read_text()) if RECORD.exists() else "not built by sparsen (no llamacpp-build.json)"
+        build = (json.loads(RECORD.read_text()) if RECORD.exists()
+                 else "pip's own build, not sparsen's (no llamacpp-build.json: `make peers` builds it for this CPU)")
         return {"version": self.llama_cpp.__version__, "build": build,
                 "system_info": self.llama_cpp.llama_print_system_info().decode().strip()}
 
