@@ -59,6 +59,7 @@ def test_record_tables(tiny_llama, tmp_path):
     assert "| quest@1/4 |" in md and "| sink-window@1/2 |" in md and "windows of 128 (decode" in md
     assert "| block-topk@1/2+block=16 |" in md and "windows of 128 (full" in md
     assert "| 1024 | passkey | " in md and "| 1024 | mean | " in md  # the per-task table
+    assert "Against dense on the same samples" in md and "| quest@1/4 | 1024 | +" in md  # the paired table
     ppl = rec["perplexity"]["128"]
     assert set(ppl) == {"decode", "full"} and "block-topk@1/4+block=16" in ppl["full"]
     assert all(not math.isnan(r["ppl"]) for by in ppl.values() for r in by.values())

@@ -287,10 +287,10 @@ def paired_table(result: dict, reference: str = "dense") -> str:
             for task in tasks:
                 diffs = [r["results"][label]["score"] - r["results"][reference]["score"]
                          for r in rows if r["task"] == task and r["length"] == length]
-                w, lo = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-                total[0] += w
-                total[1] += lo
-                cells.append(f"+{w} -{lo}" if diffs else "")
+                wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+                total[0] += wins
+                total[1] += losses
+                cells.append(f"+{wins} -{losses}" if diffs else "")
             p = sign_test(*total)
             lines.append(f"| {label} | {length or 'any'} | " + " | ".join(cells)
                          + f" | +{total[0]} -{total[1]} | {p:.2g} |")
