@@ -216,14 +216,18 @@ def _check_budgets(sparsifiers: dict, context: int, sample_id: str) -> None:
                                "budget no larger than the context, or a density")
 
 
-def group_results(rows: list[dict], labels: list[str]) -> list[dict]:
-    """Accuracy per (label, task, length) with a 95% Wilson interval, and the mean density of the sparse tokens.
-    The length is the generated suite's (a user's samples without ``meta.length`` group as one, length None)."""
+def _by_task_and_length(rows: list[dict]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["task"], row["length"]), []).append(row)
+    return groups
+
+
+def group_results(rows: list[dict], labels: list[str]) -> list[dict]:
+    """Accuracy per (label, task, length) with a 95% Wilson interval, and the mean density of the sparse tokens.
+    The length is the generated suite's (a user's samples without ``meta.length`` group as one, length None)."""
     out = []
-    for (task, length), rs in sorted(groups.items(), key=lambda kv: (kv[0][1] or 0, kv[0][0])):
+    for (task, length), rs in sorted(_by_task_and_length(rows).items(), key=lambda kv: (kv[0][1] or 0, kv[0][0])):
         for label in labels:
             scores = [r["results"][label]["score"] for r in rs]
             dens = [r["results"][label]["density"] for r in rs if "density" in r["results"][label]]
@@ -276,8 +280,9 @@ def paired_table(result: dict, reference: str = "dense") -> str:
     rows, labels = result["samples"], [x for x in result["labels"] if x != reference]
     if reference not in result["labels"] or not labels:
         return ""
-    tasks = sorted({r["task"] for r in rows})
-    lengths = sorted({r["length"] for r in rows}, key=lambda x: x or 0)
+    groups = _by_task_and_length(rows)
+    tasks = sorted({task for task, _ in groups})
+    lengths = sorted({length for _, length in groups}, key=lambda x: x or 0)
     lines = ["", f"Against {reference} on the same samples: how many each configuration scores above {reference} (+) and "
              "below it (-):", "", "| configuration | length | " + " | ".join(tasks) + " | all | p (sign test) |",
              "|---|---|" + "---|" * (len(tasks) + 2)]
@@ -286,7 +291,7 @@ def paired_table(result: dict, reference: str = "dense") -> str:
             cells, total = [], [0, 0]
             for task in tasks:
                 diffs = [r["results"][label]["score"] - r["results"][reference]["score"]
-                         for r in rows if r["task"] == task and r["length"] == length]
+                         for r in groups.get((task, length), [])]
                 wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
                 total[0] += wins
                 total[1] += losses
