@@ -5,15 +5,18 @@ layer and the dead units at the end. Runs are cached in OUT/runs.
     .venv/bin/python benchmarks/random_labels_lr.py OUT                   # lr 1e-3 and 5e-4, text, seed 0 (~5 min each)
     .venv/bin/python benchmarks/random_labels_lr.py OUT steps8000 wd0.1   # named variants below
 
-BENCHMARKS.md's table: every variant below (`all`), seed 0 (~1 h 10 min on 2 cores; cached runs print at once).
+BENCHMARKS.md's table: every variant below (`all`), seed 0 (~1 h 30 min on 2 cores; cached runs print at once).
+The `tokens-*` variants are not the classifier: the language model itself fits a random label per position.
 """
 
 import sys
 from pathlib import Path
 
+import torch
+
 from sparsen.train.experiments import BATCH, _data, random_label_task, run_cached, setting
 from sparsen.train.model import LMConfig
-from sparsen.train.trainer import LMTask, TrainConfig
+from sparsen.train.trainer import LMTask, TrainConfig, load_trained
 
 BASE = dict(steps=4000, batch=BATCH, lr=5e-4, warmup=50, evals=14, weight_decay=0.0, min_lr_share=0.5)
 VARIANTS = {  # name: (inputs, training fields changed from BASE)
@@ -24,12 +27,20 @@ VARIANTS = {  # name: (inputs, training fields changed from BASE)
     "bytes-steps8000": ("random-bytes", dict(steps=8000, evals=16)),
     "lr0.002-warmup500": ("text", dict(lr=2e-3, warmup=500)),
     "cls": ("text", {}),  # model field: a CLS token read out instead of the mean over positions
+    # the language model itself (causal, its own loss over every position) fitting a random label (of 10) per
+    # position of 256 fixed windows, at its own rate: random labels without a pooled head
+    "tokens-text": ("text", dict(steps=2000, lr=3e-3, warmup=100, evals=12, min_lr_share=0.1)),
+    "tokens-bytes": ("random-bytes", dict(steps=2000, lr=3e-3, warmup=100, evals=12, min_lr_share=0.1)),
+    "tokens-text-lr0.006": ("text", dict(steps=2000, lr=6e-3, warmup=100, evals=12, min_lr_share=0.1)),
+    "tokens-bytes-lr0.006": ("random-bytes", dict(steps=2000, lr=6e-3, warmup=100, evals=12, min_lr_share=0.1)),
 }
+PER_TOKEN = {name for name in VARIANTS if name.startswith("tokens-")}
 MODEL = {"cls": dict(pool="cls")}
 LM_CONTROLS = {  # the language model of `experiment emergence` (seed 0, 1,000 steps) at the classifier's rates
     "lm-lr0.0005": dict(lr=5e-4),
     # the classifier's schedule and bytes per step (16 x 128 = 32 x 64)
     "lm-as-classifier": dict(lr=5e-4, steps=4000, warmup=50, min_lr_share=0.5, batch=16),
+    "lm-lr0.006": dict(lr=6e-3),  # twice its own rate
 }
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "random_lr")
@@ -50,11 +61,17 @@ for name in names:
                                      for h in r["history"][-5:]), flush=True)
         continue
     inputs, fields = VARIANTS[name]
-    task = random_label_task(data, inputs, n, ctx, classes, seed, f"{inputs} x random labels")
+    per_token = name in PER_TOKEN
+    task = random_label_task(data, inputs, 256 if per_token else n, ctx, classes, seed, f"{inputs} x random labels",
+                             per_token=per_token)
     tcfg = TrainConfig(**{**BASE, **fields, "seed": seed})
     tag = f"text-lr{tcfg.lr}" if name.startswith("lr") else name  # the lr runs keep their first cache names
-    r = run_cached(out, LMConfig(ctx=ctx, classes=classes, **MODEL.get(name, {})), tcfg, task, False, tag)
+    cfg = LMConfig(ctx=ctx) if per_token else LMConfig(ctx=ctx, classes=classes, **MODEL.get(name, {}))
+    r = run_cached(out, cfg, tcfg, task, False, tag)
     f = r["final"]
+    if per_token:  # the trainer's sample is 32 windows; every training window here
+        with torch.no_grad():
+            f = {**f, "train_accuracy": LMTask.accuracy(load_trained(r["folder"])(task.x), task.y)}
     print(f"{name}: train accuracy {f['train_accuracy']:.3f}, nonzero per layer (training inputs) "
           f"{[round(v, 3) for v in f['nnz_train']]}, dead per layer {[round(v, 3) for v in f['dead_heldout']]}; "
           "history (step: nonzero per layer) " +

@@ -191,6 +191,20 @@ def test_a_classifier_fits_a_handful_of_random_labels():
     assert 0 <= r["final"]["heldout_accuracy"] <= 1
 
 
+def test_a_language_model_fits_a_random_label_per_position():
+    from sparsen.train.experiments import random_label_task
+    from sparsen.train.trainer import ClassifyTask
+
+    task = random_label_task(None, "random-bytes", 8, 16, 4, 0, "per position", per_token=True)
+    assert task.y.shape == task.x.shape == (8, 16) and int(task.y.max()) < 4
+    logits = torch.randn(2, 16, 256)
+    assert ClassifyTask.loss(logits, task.y[:2]) == pytest.approx(float(LMTask.loss(logits, task.y[:2])))
+    r = train(build_model(LMConfig(**TINY), 0), task, _tcfg(steps=150, batch=8, lr=1e-2, warmup=5, evals=3), None,
+              progress=False)
+    assert r["history"][0]["train_accuracy"] < 0.5 and r["final"]["train_accuracy"] > 0.9
+    assert len(r["final"]["nnz_train"]) == TINY["n_layers"]
+
+
 def test_distillation_arms_are_paired_and_the_kl_weight_ramps(tmp_path):
     from sparsen.train.experiments import _distill_run, kl_weight
 

@@ -223,15 +223,16 @@ def width(out, full: bool = False, seeds: int | None = None, steps: int | None =
 
 # --- random labels and random inputs ---------------------------------------------------------------------------------
 def random_label_task(data: TokenData, inputs: str, n: int, ctx: int, classes: int, seed: int,
-                      name: str) -> ClassifyTask:
-    """n training sequences of ctx tokens and 256 held out, each with a uniform random label: text windows of
-    ``data`` (inputs 'text') or i.i.d. uniform bytes ('random-bytes'), drawn from the seed."""
+                      name: str, per_token: bool = False) -> ClassifyTask:
+    """n training sequences of ctx tokens and 256 held out, each with a uniform random label (``per_token``: one per
+    position, for a language model): text windows of ``data`` (inputs 'text') or i.i.d. uniform bytes
+    ('random-bytes'), drawn from the seed."""
     g = torch.Generator().manual_seed(1000 + seed)
     if inputs == "text":
         x_all = torch.cat([data.batch(0, n, seed)[:, :ctx], data.heldout(256)[:, :ctx]])
     else:
         x_all = torch.randint(256, (n + 256, ctx), generator=g)
-    y_all = torch.randint(classes, (n + 256,), generator=g)
+    y_all = torch.randint(classes, (n + 256, ctx) if per_token else (n + 256,), generator=g)
     return ClassifyTask(x_all[:n], y_all[:n], x_all[n:], y_all[n:], name)
 
 

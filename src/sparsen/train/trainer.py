@@ -118,8 +118,9 @@ class LMTask:
 
 
 class ClassifyTask:
-    """Fixed sequences ``x`` [n, T] with labels ``y`` [n], read epoch after epoch in seeded orders; the held-out
-    sequences are apart."""
+    """Fixed sequences ``x`` [n, T] with labels ``y`` [n] (a classifier's, one per sequence) or [n, T] (one per
+    position, for a language model: its loss over every position), read epoch after epoch in seeded orders; the
+    held-out sequences are apart."""
     kind = "classify"
 
     def __init__(self, x, y, x_held, y_held, name: str):
@@ -142,12 +143,12 @@ class ClassifyTask:
         return self.x[:n], self.y[:n]
 
     def identity(self) -> dict:
-        h = torch.cat([self.x.flatten(), self.y]).numpy().tobytes()
+        h = torch.cat([self.x.flatten(), self.y.flatten()]).numpy().tobytes()
         return {"task": "classify", "data": self.name, "fingerprint": hashlib.sha256(h).hexdigest()[:16]}
 
     @staticmethod
     def loss(logits, y):
-        return F.cross_entropy(logits, y)
+        return F.cross_entropy(logits, y) if y.dim() == 1 else LMTask.loss(logits, y)
 
     accuracy = staticmethod(LMTask.accuracy)
 
