@@ -5,7 +5,7 @@ layer and the dead units at the end. Runs are cached in OUT/runs.
     .venv/bin/python benchmarks/random_labels_lr.py OUT                   # lr 1e-3 and 5e-4, text, seed 0 (~5 min each)
     .venv/bin/python benchmarks/random_labels_lr.py OUT steps8000 wd0.1   # named variants below
 
-BENCHMARKS.md's table: every variant below (`all`), seed 0 (~1 h 30 min on 2 cores; cached runs print at once).
+BENCHMARKS.md's table: every variant below (`all`), seed 0 (~1 h 45 min on 2 cores; cached runs print at once).
 The `tokens-*` variants are not the classifier: the language model itself fits a random label per position.
 """
 
@@ -36,11 +36,14 @@ VARIANTS = {  # name: (inputs, training fields changed from BASE)
 }
 PER_TOKEN = {name for name in VARIANTS if name.startswith("tokens-")}
 MODEL = {"cls": dict(pool="cls")}
-LM_CONTROLS = {  # the language model of `experiment emergence` (seed 0, 1,000 steps) at the classifier's rates
+LM_CONTROLS = {  # the language model of `experiment emergence` (seed 0 unless said, 1,000 steps) at other rates
     "lm-lr0.0005": dict(lr=5e-4),
     # the classifier's schedule and bytes per step (16 x 128 = 32 x 64)
     "lm-as-classifier": dict(lr=5e-4, steps=4000, warmup=50, min_lr_share=0.5, batch=16),
     "lm-lr0.006": dict(lr=6e-3),  # twice its own rate
+    "lm-lr0.006-s1": dict(lr=6e-3, seed=1),
+    "lm-lr0.006-s2": dict(lr=6e-3, seed=2),
+    "lm-lr0.0045": dict(lr=4.5e-3),
 }
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "random_lr")
@@ -52,8 +55,8 @@ n, ctx, classes, seed = 2048, 64, 10, 0
 data = _data(s.text, ctx)
 for name in names:
     if name in LM_CONTROLS:
-        fields = {"steps": 1000, "warmup": 100, "evals": 16, **LM_CONTROLS[name]}
-        r = run_cached(out, LMConfig(), TrainConfig(**fields, seed=seed), LMTask(_data(s.text, 128)), False, name)
+        fields = {"steps": 1000, "warmup": 100, "evals": 16, "seed": seed, **LM_CONTROLS[name]}
+        r = run_cached(out, LMConfig(), TrainConfig(**fields), LMTask(_data(s.text, 128)), False, name)
         f = r["final"]
         print(f"{name}: held-out loss {f['heldout_loss']:.3f}, nonzero per layer (held-out) "
               f"{[round(v, 3) for v in f['nnz_heldout']]}, dead per layer {[round(v, 3) for v in f['dead_heldout']]}; "

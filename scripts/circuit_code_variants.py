@@ -2,7 +2,10 @@
 prompt gets a code of its own instead of latent 0), against the ground truth committed in
 benchmarks/results/circuits/TASK.json (no patching: the head outputs are recomputed, ~1 min per task).
 
-    .venv/bin/python scripts/circuit_code_variants.py ioi,greater-than,docstring
+    .venv/bin/python scripts/circuit_code_variants.py ioi,greater-than,docstring [3:null,10:null]
+
+(the optional second argument: the variants to run, L1 multiple and "null" or "argmax"; default all four below,
+~4.5 min each per task on 2 cores).
 
 Asks whether a code that can say "this head is quiet" sees the output magnitude the mean-difference baseline uses.
 Each line: task, variant, node AUC and flip AUC (means of 10 seeds), the share of (prompt, head) rows coded null.
@@ -36,7 +39,7 @@ def codes(sae, scale, x, null):
     return c.numpy().reshape(n, h), float(quiet.float().mean())
 
 
-def main(tasks):
+def main(tasks, variants=VARIANTS):
     lm = load_model("smollm2")
     for name in tasks:
         cfg = CircuitConfig(task=name)
@@ -52,7 +55,7 @@ def main(tasks):
         print(name, "ground truth", int(labels.sum()), "heads; mean-difference AUC",
               round(roc_auc(mean_difference(op, on), labels), 3), flush=True)
         both = torch.cat([op, on])
-        for v in VARIANTS:
+        for v in variants:
             node, flip, quiet = [], [], []
             for seed in range(cfg.seeds):  # the seeds and training prompts of code_run
                 g = torch.Generator().manual_seed(10_000 + seed)
@@ -69,4 +72,8 @@ def main(tasks):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1].split(",") if len(sys.argv) > 1 else ["ioi", "greater-than", "docstring"])
+    chosen = VARIANTS
+    if len(sys.argv) > 2:
+        chosen = [dict(l1_times=float(m), null=kind == "null")
+                  for m, kind in (v.split(":") for v in sys.argv[2].split(","))]
+    main(sys.argv[1].split(",") if len(sys.argv) > 1 else ["ioi", "greater-than", "docstring"], chosen)
