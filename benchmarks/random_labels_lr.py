@@ -44,6 +44,8 @@ LM_CONTROLS = {  # the language model of `experiment emergence` (seed 0 unless s
     "lm-lr0.006-s1": dict(lr=6e-3, seed=1),
     "lm-lr0.006-s2": dict(lr=6e-3, seed=2),
     "lm-lr0.0045": dict(lr=4.5e-3),
+    "lm-lr0.0045-s1": dict(lr=4.5e-3, seed=1),
+    "lm-lr0.0045-s2": dict(lr=4.5e-3, seed=2),
 }
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "random_lr")

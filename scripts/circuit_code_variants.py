@@ -4,8 +4,8 @@ benchmarks/results/circuits/TASK.json (no patching: the head outputs are recompu
 
     .venv/bin/python scripts/circuit_code_variants.py ioi,greater-than,docstring [3:null,10:null]
 
-(the optional second argument: the variants to run, L1 multiple and "null" or "argmax"; default all four below,
-~4.5 min each per task on 2 cores).
+(the optional second argument: the variants to run, L1 multiple and "null" or "argmax"; default the four in VARIANTS,
+~3-5 min each per task on 2 cores).
 
 Asks whether a code that can say "this head is quiet" sees the output magnitude the mean-difference baseline uses.
 Each line: task, variant, node AUC and flip AUC (means of 10 seeds), the share of (prompt, head) rows coded null.
