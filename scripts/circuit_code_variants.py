@@ -15,9 +15,8 @@ import json
 import sys
 
 import numpy as np
-import torch
 
-from sparsen.circuits.codes import default_lambda, flip_scores, node_scores, train_code_sae
+from sparsen.circuits.codes import code_run, default_lambda
 from sparsen.circuits.heads import Heads
 from sparsen.circuits.run import CircuitConfig, _behaviour, roc_auc
 from sparsen.circuits.tasks import build_task
@@ -26,17 +25,6 @@ from sparsen.models import load_model
 
 VARIANTS = [dict(l1_times=1, null=False), dict(l1_times=1, null=True), dict(l1_times=3, null=True),
             dict(l1_times=10, null=True)]
-
-
-@torch.no_grad()
-def codes(sae, scale, x, null):
-    n, h, d = x.shape
-    f = sae.encode(x.reshape(-1, d).float() / scale)
-    c = f.argmax(-1)
-    quiet = f.max(-1).values <= 0
-    if null:
-        c = torch.where(quiet, torch.full_like(c, f.shape[1]), c)
-    return c.numpy().reshape(n, h), float(quiet.float().mean())
 
 
 def main(tasks, variants=VARIANTS):
@@ -54,19 +42,12 @@ def main(tasks, variants=VARIANTS):
         op, on = heads.outputs(work.pos_ids, cfg.mode, None), heads.outputs(work.neg_ids, cfg.mode, None)
         print(name, "ground truth", int(labels.sum()), "heads; mean-difference AUC",
               round(roc_auc(mean_difference(op, on), labels), 3), flush=True)
-        both = torch.cat([op, on])
         for v in variants:
-            node, flip, quiet = [], [], []
-            for seed in range(cfg.seeds):  # the seeds and training prompts of code_run
-                g = torch.Generator().manual_seed(10_000 + seed)
-                pick = torch.randperm(len(both), generator=g)[:cfg.sae_prompts]
-                sae, scale = train_code_sae(both[pick].reshape(-1, both.shape[-1]),
-                                            l1=default_lambda(name) * v["l1_times"], seed=seed)
-                cp, qp = codes(sae, scale, op, v["null"])
-                cn, qn = codes(sae, scale, on, v["null"])
-                node.append(roc_auc(node_scores(cp, cn, cfg.codebook + 1), labels))
-                flip.append(roc_auc(flip_scores(cp, cn), labels))
-                quiet.append((qp + qn) / 2)
+            runs = [code_run(op, on, seed=cfg.seed + s, d_sae=cfg.codebook, l1=default_lambda(name) * v["l1_times"],
+                             train_prompts=cfg.sae_prompts, null_code=v["null"]) for s in range(cfg.seeds)]
+            node = [roc_auc(r["node"], labels) for r in runs]
+            flip = [roc_auc(r["flip"], labels) for r in runs]
+            quiet = [np.mean(np.concatenate([r["codes_pos"], r["codes_neg"]]) == cfg.codebook) for r in runs]
             print(name, v, "node", round(np.mean(node), 3), "flip", round(np.mean(flip), 3), "null share",
                   round(np.mean(quiet), 3), flush=True)
 

@@ -231,6 +231,26 @@ def test_the_same_seed_gives_the_same_codes():
     assert not (np.array_equal(a["codes_pos"], c["codes_pos"]) and a["train_prompts"] == c["train_prompts"])
 
 
+def test_a_null_code_marks_rows_with_no_active_latent_and_leaves_the_rest():
+    from sparsen.circuits.codes import codes_of, train_code_sae
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, 8, generator=g) * 5
+    x[:, 0] *= 0.002  # head 0 writes almost nothing
+    sae, scale = train_code_sae(x.reshape(-1, 8), d_sae=6, l1=0.5, steps=20, seed=0)
+    with torch.no_grad():  # a threshold of 1 on every latent: head 0's rows encode to nothing
+        sae.b_dec.zero_()
+        sae.b_enc.fill_(-1.0)
+    plain, null = codes_of(sae, scale, x), codes_of(sae, scale, x, null_code=True)
+    f = sae.encode(x.reshape(-1, 8)).reshape(5, 4, 6)
+    quiet = (f.max(-1).values <= 0).numpy()
+    assert quiet[:, 0].all() and not quiet.all()
+    assert (null[quiet] == 6).all() and np.array_equal(null[~quiet], plain[~quiet])
+    assert np.array_equal(plain[quiet], f.argmax(-1).numpy()[quiet])
+    run = code_run(x, x.flip(0), seed=0, d_sae=6, steps=20, null_code=True)
+    assert run["codes_pos"].max() <= 6 and run["node"].shape == (4,)
+
+
 # --- the pipeline end to end ------------------------------------------------------------------------------------------
 def test_a_planted_circuit_is_recovered(planted):
     task = synthetic_task(planted, n=24)

@@ -82,13 +82,18 @@ def train_code_sae(x: torch.Tensor, d_sae: int = 200, l1: float = 0.02, steps: i
 
 
 @torch.no_grad()
-def codes_of(sae, scale: float, outputs: torch.Tensor, batch: int = 8192) -> np.ndarray:
-    """Argmax latent of every (prompt, head): outputs [N, n_heads, d] -> int codes [N, n_heads]."""
+def codes_of(sae, scale: float, outputs: torch.Tensor, batch: int = 8192, null_code: bool = False) -> np.ndarray:
+    """Argmax latent of every (prompt, head): outputs [N, n_heads, d] -> int codes [N, n_heads]. ``null_code``: a
+    row with no active latent gets code d_sae (argmax would read latent 0), so a quiet head keeps one code."""
     n, h, d = outputs.shape
     flat = outputs.reshape(-1, d)
     out = np.empty(n * h, dtype=np.int64)
     for s in range(0, len(flat), batch):
-        out[s: s + batch] = sae.encode(flat[s: s + batch].float() / scale).argmax(-1).numpy()
+        f = sae.encode(flat[s: s + batch].float() / scale)
+        c = f.argmax(-1)
+        if null_code:
+            c = torch.where(f.max(-1).values > 0, c, f.shape[1])
+        out[s: s + batch] = c.numpy()
     return out.reshape(n, h)
 
 
@@ -154,9 +159,11 @@ def pair_scores(counts: np.ndarray, top: int | None = None) -> np.ndarray:
 
 
 def code_run(outputs_pos: torch.Tensor, outputs_neg: torch.Tensor, seed: int, d_sae: int = 200, l1: float = 0.02,
-             steps: int = 500, lr: float = 1e-3, train_prompts: int = 10, rescale: bool = False) -> dict:
+             steps: int = 500, lr: float = 1e-3, train_prompts: int = 10, rescale: bool = False,
+             null_code: bool = False) -> dict:
     """One seed of the method: draw ``train_prompts`` prompts from positives and negatives, train the SAE on their
-    heads, code every prompt, score the heads. Returns codes, both scores and the stage's seconds."""
+    heads, code every prompt, score the heads. Returns codes, both scores and the stage's seconds. ``null_code``
+    (not the paper's): see ``codes_of``."""
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(10_000 + seed)
     both = torch.cat([outputs_pos, outputs_neg])
@@ -164,12 +171,13 @@ def code_run(outputs_pos: torch.Tensor, outputs_neg: torch.Tensor, seed: int, d_
     train_x = both[pick].reshape(-1, both.shape[-1])
     sae, scale = train_code_sae(train_x, d_sae=d_sae, l1=l1, steps=steps, lr=lr, seed=seed, rescale=rescale)
     t_train = time.perf_counter() - t0
-    cp = codes_of(sae, scale, outputs_pos)
-    cn = codes_of(sae, scale, outputs_neg)
-    node = node_scores(cp, cn, d_sae)
+    cp = codes_of(sae, scale, outputs_pos, null_code=null_code)
+    cn = codes_of(sae, scale, outputs_neg, null_code=null_code)
+    k = d_sae + null_code
+    node = node_scores(cp, cn, k)
     flip = flip_scores(cp, cn)
     t_node = time.perf_counter() - t0
-    counts = pair_counts(cp, cn, d_sae)
+    counts = pair_counts(cp, cn, k)
     pair = pair_scores(counts)
     t_all = time.perf_counter() - t0
     with torch.no_grad():
