@@ -270,42 +270,57 @@ def test_gemma3_engine_on_its_q5_0_q4_k_q6_k_q8_0_weights_equals_hf_generate():
     check_against_hf(lm, engine, prompt_ids(lm, "The history of the city begins", chat=False), 32)
 
 
-@pytest.fixture(scope="module")
-def scalar_kernels(tmp_path_factory):
-    """The kernels built for plain x86-64 (no AVX): the scalar fallback a machine without AVX2 runs."""
+# The kernels built for each x86-64 level this CPU runs, whatever the machine's own build uses: the scalar fallback
+# (plain x86-64), AVX2 without AVX-512 (v3), AVX-512 (v4). {level: (flags it must run, an ISA name its build has or
+# lacks)}
+ISA_LEVELS = {"x86-64": ((), "-avx2"), "x86-64-v3": (("avx2", "fma", "f16c"), "-avx512f"),
+              "x86-64-v4": (("avx512f", "avx512bw", "avx512dq", "avx512vl"), "avx512f")}
+
+
+@pytest.fixture(scope="module", params=sorted(ISA_LEVELS))
+def isa_kernels(request, tmp_path_factory):
     import shutil
     import subprocess
     from pathlib import Path
 
     from sparsen.engine import open_kernels
 
+    level = request.param
+    needs, isa = ISA_LEVELS[level]
+    cpu = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    if not all(f in cpu for f in needs):
+        pytest.skip(f"this CPU cannot run {level} code")
     cc = shutil.which("gcc")
     if cc is None:
-        pytest.skip("no gcc to build the scalar kernels")
+        pytest.skip("no gcc to build the kernels")
     src = Path(__file__).parents[1] / "src" / "sparsen" / "engine" / "kernels"
-    out = tmp_path_factory.mktemp("scalar") / "kernels.so"
-    subprocess.run([cc, "-O2", "-march=x86-64", "-fopenmp", "-std=c11", "-shared", "-fPIC", f"-I{src}",
-                    *sorted(str(p) for p in src.glob("*.c")), "-o", str(out), "-lm"], check=True)
+    out = tmp_path_factory.mktemp(level) / "kernels.so"
+    subprocess.run([cc, "-O2", f"-march={level}", "-fopenmp", "-ffp-contract=fast", "-std=c11", "-shared", "-fPIC",
+                    f"-I{src}", *sorted(str(p) for p in src.glob("*.c")), "-o", str(out), "-lm"], check=True)
     lib = open_kernels(out)
-    assert "avx2" not in lib.sp_isa().decode()
+    built = lib.sp_isa().decode().split(",")
+    assert (isa[1:] not in built) if isa.startswith("-") else (isa in built)
     return lib
 
 
 @pytest.mark.parametrize("qtype", sorted(DECODERS))
-def test_scalar_fallback_equals_the_dequantized_product(qtype, scalar_kernels):
-    n_out, n_in = 70, 512
-    qt = random_tensor(qtype, n_out, n_in, seed=5)
+@pytest.mark.parametrize("n_out", [37, 70, 576])
+def test_every_isa_build_equals_the_dequantized_product(qtype, n_out, isa_kernels):
+    """The transposed product (every tile shape: 64 only, 128 only, 128s and a 64) at a random half of the inputs and
+    at all of them, and the rows product."""
+    n_in = 512
+    qt = random_tensor(qtype, n_out, n_in, seed=5 + n_out)
     W = qt.dequantize().astype(np.float64)
     rng = np.random.default_rng(6)
     x = rng.standard_normal(n_in).astype(np.float32)
-    act = np.sort(rng.permutation(n_in)[: n_in // 2]).astype(np.int32)
-    xm = np.zeros_like(x)
-    xm[act] = x[act]
     t, r = pack(qt, transposed=True), pack(qt, transposed=False)
     ct, cr = c_weight(t), c_weight(r)
-    y = np.full(t.stride, np.nan, np.float32)
-    assert scalar_kernels.sp_test_gemv(ctypes.byref(ct), n_in, n_out, ptr(x), ptr(act), len(act), ptr(y), 2) == 0
-    assert np.abs(y[:n_out] - W @ xm).max() <= 1e-6 * np.abs(W).max() * np.abs(xm).sum()
+    for act in (np.sort(rng.permutation(n_in)[: n_in // 2]).astype(np.int32), np.arange(n_in, dtype=np.int32)):
+        xm = np.zeros_like(x)
+        xm[act] = x[act]
+        y = np.full(t.stride, np.nan, np.float32)
+        assert isa_kernels.sp_test_gemv(ctypes.byref(ct), n_in, n_out, ptr(x), ptr(act), len(act), ptr(y), 2) == 0
+        assert np.abs(y[:n_out] - W @ xm).max() <= 1e-6 * np.abs(W).max() * np.abs(xm).sum()
     z = np.zeros(n_out, np.float32)
-    scalar_kernels.sp_test_dot_rows(ctypes.byref(cr), n_in, n_out, ptr(x), None, 0, ptr(z), 2)
+    isa_kernels.sp_test_dot_rows(ctypes.byref(cr), n_in, n_out, ptr(x), None, 0, ptr(z), 2)
     assert np.abs(z - W @ x).max() <= 1e-6 * np.abs(W).max() * np.abs(x).sum()

@@ -1,8 +1,10 @@
 """The kernels' layouts of a GGUF file's quantized weights (``kernels/quant.c`` says how they are read).
 
-Transposed (block linears): codes [in, stride] (4-bit: 64 outputs per 32 bytes, nibble j of the chunk's 32-bit lane
-l holding output 64c + 8j + l), scales and minima [in / block, stride]; stride is the output count padded to a
-multiple of 64 (4-bit) or 16 (int8) (padding codes and scales are zero). Rows (lm_head, rows read by a
+Transposed (block linears): scales and minima [in / block, stride], stride the output count padded to a multiple of
+64 (4-bit) or 16 (int8) (padding codes and scales are zero); int8 codes [in, stride]; 4-bit codes tile-major within
+each block of inputs: the block's tiles of 128 outputs, each its rows' 64 bytes in turn (nibble j of 32-bit lane l
+holding output 128c + 16j + l), then a tile of 64 if the stride has one (32 bytes a row, nibble j of lane l output
+8j + l); 64-byte aligned, so a row's chunk of a 128-tile is one cache line. Rows (lm_head, rows read by a
 gate-activation or experts rule): codes [rows, in] (4-bit: ggml's order, byte j of a block holding inputs j and
 j + block / 2), scales and minima [rows, in / block].
 """
@@ -73,8 +75,34 @@ def pack(qt: QuantTensor, transposed: bool) -> Packed:
     stride = -(-out // multiple) * multiple
     codes = np.zeros((n_in, stride), qt.codes.dtype)
     codes[:, :out] = qt.codes.T
-    if kind == W_Q4:  # [in, chunk, j, lane] -> bytes [in, chunk, lane, j // 2], j even in the low nibble
-        c = codes.reshape(n_in, stride // 64, 8, 8).transpose(0, 1, 3, 2).reshape(n_in, stride // 64, 8, 4, 2)
-        codes = (c[..., 0] | (c[..., 1] << 4)).reshape(n_in, stride // 2)
+    if kind == W_Q4:
+        codes = _aligned(_q4_tile_major(codes, qt.block))
     return Packed(kind, qt.block, stride, np.ascontiguousarray(codes), _params(qt.scale, out, stride, True),
                   _params(qt.min, out, stride, True), (out, n_in), True)
+
+
+def _nibbles(c: np.ndarray) -> np.ndarray:
+    """[..., lanes, 8] codes (nibble j of each 32-bit lane last) as the lanes' little-endian bytes, j even low."""
+    c = c.reshape(*c.shape[:-1], 4, 2)
+    return (c[..., 0] | (c[..., 1] << 4)).reshape(*c.shape[:-3], c.shape[-3] * 4)
+
+
+def _q4_tile_major(codes: np.ndarray, block: int) -> np.ndarray:
+    """[in, stride] 4-bit codes as bytes in the tile-major order (the module docstring), [in / block, ...] per block."""
+    n_in, stride = codes.shape
+    nb, full = n_in // block, stride // 128 * 128
+    wide = codes[:, :full].reshape(nb, block, full // 128, 8, 16)  # [b, row, tile, j, lane]
+    parts = [_nibbles(wide.transpose(0, 2, 1, 4, 3)).reshape(nb, full // 2 * block)]  # [b, tile, row, lane, j]
+    if full < stride:
+        tail = codes[:, full:].reshape(nb, block, 8, 8)  # [b, row, j, lane]
+        parts.append(_nibbles(tail.transpose(0, 1, 3, 2)).reshape(nb, 32 * block))
+    return np.concatenate(parts, axis=1)
+
+
+def _aligned(a: np.ndarray, alignment: int = 64) -> np.ndarray:
+    """A copy of ``a`` whose data starts on an ``alignment``-byte boundary."""
+    buf = np.empty(a.nbytes + alignment, np.uint8)
+    start = -buf.ctypes.data % alignment
+    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out

@@ -5,10 +5,15 @@
  *
  *   y[o] = sum over blocks b of  scale[b, o] * sum_{i in b, active} x_i code[i, o]  +  min[b, o] * sum_{i in b, active} x_i
  *
- * Two layouts. Transposed (the block linears): codes [in, stride], input channel i one row, so an inactive channel's
- * row is never read; scales and minima [in / block, stride]. A Q4 row packs 64 outputs in 32 bytes (stride a
- * multiple of 64): nibble j (bits 4j .. 4j + 3) of the chunk's 32-bit lane l is output 64c + 8j + l, so one AND
- * and one conversion give 8 outputs' codes scaled by 16^j (exact; the tile's sums are scaled back once).
+ * Two layouts. Transposed (the block linears): input channel i has its own codes for every output, so an inactive
+ * channel's codes are never read; scales and minima [in / block, stride]. Int8 codes: [in, stride], a row per
+ * input. Q4 codes (stride a multiple of 64) are tile-major within each block of inputs, in the order a product
+ * reads them: the block's tiles of 128 outputs, each its rows' 64-byte chunks one after another (nibble j, bits
+ * 4j .. 4j + 3, of 32-bit lane l is output 128c + 16j + l), then a last tile of 64 when the stride has one (32-byte
+ * chunks, nibble j of lane l output 8j + l). One AND and one conversion give a vector of outputs' codes scaled by
+ * 16^j (exact; the tile's sums are scaled back once). Tile-major because a block read row by row across short
+ * tiles touched 32 rows' cache lines at once, which the hardware prefetchers did not follow: a dense product ran at
+ * half the memory's rate.
  * Rows (lm_head, up or gate read by rows): the file's own order, codes [rows, in] (Q4: ggml's block of 32, byte j
  * holding inputs j and j + 16), scales and minima [rows, in / block].
  */
@@ -30,11 +35,21 @@ static inline float q_param(const sp_weight *w, const void *a, size_t k) {
     return w->scale_f32 ? ((const float *)a)[k] : sp_half(((const uint16_t *)a)[k]);
 }
 
+/* The Q4 transposed codes of input i (of a block of w->block) for the tile holding output o: 64 bytes (a tile of 128
+ * outputs) or 32 (the last tile of 64). */
+static inline const uint8_t *q4_chunk(const sp_weight *w, int i, int o) {
+    const int B = w->block, full = w->stride / 128 * 128;
+    const uint8_t *blk = (const uint8_t *)w->data + (size_t)(i / B) * B * (w->stride / 2);
+    if (o < full) return blk + (size_t)(o / 128) * B * 64 + (size_t)(i % B) * 64;
+    return blk + (size_t)full / 2 * B + (size_t)(i % B) * 32;
+}
+
 /* code (as float) of input i, output o in the transposed layout */
 static inline float q_code_t(const sp_weight *w, int i, int o) {
-    if (w->type == SP_W_Q4) { /* chunk o / 64, lane o % 8, nibble j = o % 64 / 8 */
-        const int j = o % 64 / 8;
-        const uint8_t b = ((const uint8_t *)w->data)[(size_t)i * (w->stride / 2) + (o / 64) * 32 + (o % 8) * 4 + j / 2];
+    if (w->type == SP_W_Q4) {
+        const int wide = o < w->stride / 128 * 128, lanes = wide ? 16 : 8, p = o % (8 * lanes);
+        const int j = p / lanes, l = p % lanes; /* nibble j of 32-bit lane l */
+        const uint8_t b = q4_chunk(w, i, o)[l * 4 + j / 2];
         return (float)(j % 2 ? b >> 4 : b & 15);
     }
     return (float)((const int8_t *)w->data)[(size_t)i * w->stride + o];
@@ -47,25 +62,29 @@ static inline __m256 q_param8(const sp_weight *w, const void *a, size_t k) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)a + k)));
 }
 
-/* acc[0 : 2 n16) += sum_t xs[t] * codes of row ch[t] over the 16 n16 outputs from o (a register tile: n16 is a
- * constant at every call, so the loops unroll and acc stays in registers). Q4 tiles are 64 wide (n16 = 4). */
-static inline __attribute__((always_inline)) void q_axpy_tile(const sp_weight *w, int o, const int *ch,
-                                                              const float *xs, int k, __m256 *acc, const int n16) {
-    for (int h = 0; h < 2 * n16; h++) acc[h] = _mm256_setzero_ps();
-    if (w->type == SP_W_Q4) { /* acc[j] sums x * code * 16^j (nibble 7 is shifted to 6's place: int32 is signed) */
-        const uint8_t *base = (const uint8_t *)w->data + o / 2;
-        for (int t = 0; t < k; t++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(base + (size_t)ch[t] * (w->stride / 2)));
-            const __m256i v7 = _mm256_srli_epi32(v, 4);
-            const __m256 xv = _mm256_broadcast_ss(xs + t);
-            for (int j = 0; j < 8; j++) {
-                const __m256i m = _mm256_set1_epi32(15 << 4 * (j < 7 ? j : 6));
-                acc[j] = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_and_si256(j < 7 ? v : v7, m)), acc[j]);
-            }
+/* Q4: acc[j] = sum_t xs[t] * codes of chunk row ch[t] of the tile at tb (rows row_bytes apart, 8 lanes from lane
+ * offset `half` of each), nibble j's 8 outputs, scaled back from 16^j. Nibble 7 is shifted to 6's place: int32 is
+ * signed. */
+static inline __attribute__((always_inline)) void q4_tile8(const uint8_t *tb, int row_bytes, int bmask, const int *ch,
+                                                          const float *xs, int k, __m256 *acc) {
+    for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+    for (int t = 0; t < k; t++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(tb + (size_t)(ch[t] & bmask) * row_bytes));
+        const __m256i v7 = _mm256_srli_epi32(v, 4);
+        const __m256 xv = _mm256_broadcast_ss(xs + t);
+        for (int j = 0; j < 8; j++) {
+            const __m256i m = _mm256_set1_epi32(15 << 4 * (j < 7 ? j : 6));
+            acc[j] = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(_mm256_and_si256(j < 7 ? v : v7, m)), acc[j]);
         }
-        for (int j = 1; j < 8; j++) acc[j] = _mm256_mul_ps(acc[j], _mm256_set1_ps(1.f / (float)(1 << 4 * (j < 7 ? j : 6))));
-        return;
     }
+    for (int j = 1; j < 8; j++) acc[j] = _mm256_mul_ps(acc[j], _mm256_set1_ps(1.f / (float)(1 << 4 * (j < 7 ? j : 6))));
+}
+
+/* Int8: acc[0 : 2 n16) += sum_t xs[t] * codes of row ch[t] over the 16 n16 outputs from o (n16 is a constant at
+ * every call, so the loops unroll and acc stays in registers). */
+static inline __attribute__((always_inline)) void q8_tile(const sp_weight *w, int o, const int *ch, const float *xs,
+                                                         int k, __m256 *acc, const int n16) {
+    for (int h = 0; h < 2 * n16; h++) acc[h] = _mm256_setzero_ps();
     const int8_t *base = (const int8_t *)w->data + o;
     for (int t = 0; t < k; t++) {
         const int8_t *p = base + (size_t)ch[t] * w->stride;
@@ -75,25 +94,64 @@ static inline __attribute__((always_inline)) void q_axpy_tile(const sp_weight *w
     }
 }
 
-/* Requests the codes at outputs [o, ...) of the next block's active rows into L1, a tile at a time (spread over
- * this block's work). A block's rows are short (out / 2 bytes) and, in a sparse block, scattered: the hardware
- * prefetchers do not follow them, and without this a sparse product ran from memory little faster than the dense
- * one. (Requesting the next block's scales as well made it slower: the prefetchers stream those.) */
+/* Requests the codes at the tile of output o of the next block's active rows into L1 (spread over this block's
+ * tiles). Without it a sparse product ran from memory little faster than a dense one: the hardware prefetchers do
+ * not follow scattered rows. A Q4 tile of a block with a quarter or more of its rows active is requested whole: its
+ * rows are adjacent, the hardware prefetchers fetch the rest of it anyway, and requesting only the active rows'
+ * lines ran slower than the dense product. (Requesting the next block's scales too made it slower: the prefetchers
+ * stream those.) */
 static inline void q_prefetch_next(const sp_weight *w, const int *next, int n_next, int o) {
-    const int q4 = w->type == SP_W_Q4;
-    const size_t rb = q4 ? (size_t)w->stride / 2 : (size_t)w->stride, off = q4 ? (size_t)o / 2 : (size_t)o;
-    for (int t = 0; t < n_next; t++) _mm_prefetch((const char *)w->data + (size_t)next[t] * rb + off, _MM_HINT_T0);
+    if (w->type == SP_W_Q4 && n_next * 4 >= w->block) {
+        const int B = w->block, r0 = next[0] & ~(B - 1), step = o < w->stride / 128 * 128 ? 1 : 2;
+        for (int r = 0; r < B; r += step) _mm_prefetch((const char *)q4_chunk(w, r0 + r, o), _MM_HINT_T0);
+        return;
+    }
+    for (int t = 0; t < n_next; t++)
+        _mm_prefetch(w->type == SP_W_Q4 ? (const char *)q4_chunk(w, next[t], o)
+                                        : (const char *)w->data + (size_t)next[t] * w->stride + o, _MM_HINT_T0);
 }
 
-/* y[o + 8h ...] += scale * acc[h] (+ min * sx) for h < n: a tile's block sums, scaled once. */
-static inline void q_scale_tile(const sp_weight *w, size_t sb, int o, const __m256 *acc, int n, __m256 sxv,
+/* y[o + step h ... + 8) += scale * acc[h] (+ min * sx) for h < n: a tile's block sums, scaled once. */
+static inline void q_scale_tile(const sp_weight *w, size_t sb, int o, int step, const __m256 *acc, int n, __m256 sxv,
                                 float *restrict y) {
     for (int h = 0; h < n; h++) {
-        __m256 t = _mm256_mul_ps(q_param8(w, w->scale, sb + o + 8 * h), acc[h]);
-        if (w->min) t = _mm256_fmadd_ps(q_param8(w, w->min, sb + o + 8 * h), sxv, t);
-        _mm256_storeu_ps(y + o + 8 * h, _mm256_add_ps(_mm256_loadu_ps(y + o + 8 * h), t));
+        const int p = o + step * h;
+        __m256 t = _mm256_mul_ps(q_param8(w, w->scale, sb + p), acc[h]);
+        if (w->min) t = _mm256_fmadd_ps(q_param8(w, w->min, sb + p), sxv, t);
+        _mm256_storeu_ps(y + p, _mm256_add_ps(_mm256_loadu_ps(y + p), t));
     }
 }
+
+#ifdef __AVX512F__
+static inline __m512 q_param16(const sp_weight *w, const void *a, size_t k) {
+    if (w->scale_f32) return _mm512_loadu_ps((const float *)a + k);
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a + k)));
+}
+
+/* A tile of 128 outputs in 16 lanes: the same sums as q4_tile8 over a whole 64-byte chunk, then scaled into y. */
+static inline void q4_tile16(const sp_weight *w, const uint8_t *tb, int bmask, const int *ch, const float *xs, int k,
+                             size_t sb, int o, float sx, float *restrict y) {
+    __m512 acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
+    for (int t = 0; t < k; t++) {
+        const __m512i v = _mm512_loadu_si512((const void *)(tb + (size_t)(ch[t] & bmask) * 64));
+        const __m512i v7 = _mm512_srli_epi32(v, 4);
+        const __m512 xv = _mm512_set1_ps(xs[t]);
+        for (int j = 0; j < 8; j++) {
+            const __m512i m = _mm512_set1_epi32(15 << 4 * (j < 7 ? j : 6));
+            acc[j] = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_and_si512(j < 7 ? v : v7, m)), acc[j]);
+        }
+    }
+    const __m512 sxv = _mm512_set1_ps(sx);
+    for (int j = 0; j < 8; j++) {
+        const int p = o + 16 * j;
+        __m512 t = _mm512_mul_ps(q_param16(w, w->scale, sb + p),
+                                 j ? _mm512_mul_ps(acc[j], _mm512_set1_ps(1.f / (float)(1 << 4 * (j < 7 ? j : 6)))) : acc[j]);
+        if (w->min) t = _mm512_fmadd_ps(q_param16(w, w->min, sb + p), sxv, t);
+        _mm512_storeu_ps(y + p, _mm512_add_ps(_mm512_loadu_ps(y + p), t));
+    }
+}
+#endif
 #endif
 
 /* y[0:stride) += the block's term for the k active channels ch (their inputs xs, summing to sx) of block b; next:
@@ -104,22 +162,40 @@ static void q_axpy_block(const sp_weight *w, int b, const int *ch, const float *
     int o = 0;
 #ifdef __AVX2__
     const __m256 sxv = _mm256_set1_ps(sx);
-    for (; w->type == SP_W_Q4 && o + 64 <= w->stride; o += 64) { /* Q4: the stride is a multiple of 64 */
-        q_prefetch_next(w, next, n_next, o);
-        __m256 acc[8];
-        q_axpy_tile(w, o, ch, xs, k, acc, 4);
-        q_scale_tile(w, sb, o, acc, 8, sxv, y);
+    if (w->type == SP_W_Q4) { /* the stride is a multiple of 64 */
+        const int B = w->block, bmask = B - 1, full = w->stride / 128 * 128;
+        const uint8_t *blk = (const uint8_t *)w->data + (size_t)b * B * (w->stride / 2);
+        for (; o < full; o += 128) {
+            q_prefetch_next(w, next, n_next, o);
+            const uint8_t *tb = blk + (size_t)(o / 128) * B * 64;
+#ifdef __AVX512F__
+            q4_tile16(w, tb, bmask, ch, xs, k, sb, o, sx, y);
+#else
+            for (int half = 0; half < 2; half++) { /* lanes 8 half .. 8 half + 7: outputs o + 16 j + 8 half + l */
+                __m256 acc[8];
+                q4_tile8(tb + 32 * half, 64, bmask, ch, xs, k, acc);
+                q_scale_tile(w, sb, o + 8 * half, 16, acc, 8, sxv, y);
+            }
+#endif
+        }
+        if (o < w->stride) {
+            q_prefetch_next(w, next, n_next, o);
+            __m256 acc[8];
+            q4_tile8(blk + (size_t)full / 2 * B, 32, bmask, ch, xs, k, acc);
+            q_scale_tile(w, sb, o, 8, acc, 8, sxv, y);
+            o += 64;
+        }
     }
     for (; w->type == SP_W_Q8 && o + 32 <= w->stride; o += 32) {
         q_prefetch_next(w, next, n_next, o);
         __m256 acc[4];
-        q_axpy_tile(w, o, ch, xs, k, acc, 2);
-        q_scale_tile(w, sb, o, acc, 4, sxv, y);
+        q8_tile(w, o, ch, xs, k, acc, 2);
+        q_scale_tile(w, sb, o, 8, acc, 4, sxv, y);
     }
     for (; w->type == SP_W_Q8 && o + 16 <= w->stride; o += 16) {
         __m256 acc[2];
-        q_axpy_tile(w, o, ch, xs, k, acc, 1);
-        q_scale_tile(w, sb, o, acc, 2, sxv, y);
+        q8_tile(w, o, ch, xs, k, acc, 1);
+        q_scale_tile(w, sb, o, 8, acc, 2, sxv, y);
     }
 #else
     (void)next, (void)n_next;
