@@ -94,21 +94,22 @@ static inline __attribute__((always_inline)) void q8_tile(const sp_weight *w, in
     }
 }
 
-/* Requests the codes at the tile of output o of the next block's active rows into L1 (spread over this block's
+/* Requests the codes at the tile of output o of the next block's active rows into L2 (spread over this block's
  * tiles). Without it a sparse product ran from memory little faster than a dense one: the hardware prefetchers do
  * not follow scattered rows. A Q4 tile of a block with a quarter or more of its rows active is requested whole: its
  * rows are adjacent, the hardware prefetchers fetch the rest of it anyway, and requesting only the active rows'
- * lines ran slower than the dense product. (Requesting the next block's scales too made it slower: the prefetchers
- * stream those.) */
+ * lines ran slower than the dense product. Into L2 (T1), not L1: 2-5% faster per token on a Zen 4, the L1's
+ * miss buffers left to the loads. (Requesting the next block's scales too made it slower: the prefetchers stream
+ * those.) */
 static inline void q_prefetch_next(const sp_weight *w, const int *next, int n_next, int o) {
     if (w->type == SP_W_Q4 && n_next * 4 >= w->block) {
         const int B = w->block, r0 = next[0] & ~(B - 1), step = o < w->stride / 128 * 128 ? 1 : 2;
-        for (int r = 0; r < B; r += step) _mm_prefetch((const char *)q4_chunk(w, r0 + r, o), _MM_HINT_T0);
+        for (int r = 0; r < B; r += step) _mm_prefetch((const char *)q4_chunk(w, r0 + r, o), _MM_HINT_T1);
         return;
     }
     for (int t = 0; t < n_next; t++)
         _mm_prefetch(w->type == SP_W_Q4 ? (const char *)q4_chunk(w, next[t], o)
-                                        : (const char *)w->data + (size_t)next[t] * w->stride + o, _MM_HINT_T0);
+                                        : (const char *)w->data + (size_t)next[t] * w->stride + o, _MM_HINT_T1);
 }
 
 /* y[o + step h ... + 8) += scale * acc[h] (+ min * sx) for h < n: a tile's block sums, scaled once. */
