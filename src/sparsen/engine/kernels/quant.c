@@ -62,9 +62,8 @@ static inline __m256 q_param8(const sp_weight *w, const void *a, size_t k) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)a + k)));
 }
 
-/* Q4: acc[j] = sum_t xs[t] * codes of chunk row ch[t] of the tile at tb (rows row_bytes apart, 8 lanes from lane
- * offset `half` of each), nibble j's 8 outputs, scaled back from 16^j. Nibble 7 is shifted to 6's place: int32 is
- * signed. */
+/* Q4: acc[j] = sum_t xs[t] * the codes of nibble j in the 32 bytes at tb of block row ch[t] (rows row_bytes apart),
+ * scaled back from 16^j. Nibble 7 is shifted to 6's place: int32 is signed. */
 static inline __attribute__((always_inline)) void q4_tile8(const uint8_t *tb, int row_bytes, int bmask, const int *ch,
                                                           const float *xs, int k, __m256 *acc) {
     for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
@@ -98,9 +97,8 @@ static inline __attribute__((always_inline)) void q8_tile(const sp_weight *w, in
  * tiles). Without it a sparse product ran from memory little faster than a dense one: the hardware prefetchers do
  * not follow scattered rows. A Q4 tile of a block with a quarter or more of its rows active is requested whole: its
  * rows are adjacent, the hardware prefetchers fetch the rest of it anyway, and requesting only the active rows'
- * lines ran slower than the dense product. Into L2 (T1), not L1: 2-5% faster per token on a Zen 4, the L1's
- * miss buffers left to the loads. (Requesting the next block's scales too made it slower: the prefetchers stream
- * those.) */
+ * lines ran slower than the dense product. Into L2 (T1), not L1: that leaves the L1's miss buffers to the loads, and
+ * ran faster. (Requesting the next block's scales too made it slower: the prefetchers stream those.) */
 static inline void q_prefetch_next(const sp_weight *w, const int *next, int n_next, int o) {
     if (w->type == SP_W_Q4 && n_next * 4 >= w->block) {
         const int B = w->block, r0 = next[0] & ~(B - 1), step = o < w->stride / 128 * 128 ? 1 : 2;
@@ -218,7 +216,7 @@ void sp_q_axpy(const sp_weight *w, int out, const float *x, const int *act, int 
     SP_ASSERT(w->block <= 64 && (w->block & (w->block - 1)) == 0);
     const int sh = __builtin_ctz((unsigned)w->block); /* a shift, not a division per channel */
 #ifdef __AVX2__
-    if (n_act) { /* the first block's rows, which no block before requests: 1-4% a token */
+    if (n_act) { /* the first block's rows, which no block before requests */
         int n0 = 0;
         while (n0 < n_act && (act[n0] >> sh) == (act[0] >> sh)) n0++;
         const int full = w->type == SP_W_Q4 ? w->stride / 128 * 128 : w->stride;
