@@ -19,6 +19,7 @@ from sparsen.train.model import LMConfig
 from sparsen.train.trainer import LMTask, TrainConfig, load_trained
 
 BASE = dict(steps=4000, batch=BATCH, lr=5e-4, warmup=50, evals=14, weight_decay=0.0, min_lr_share=0.5)
+TOKENS = dict(steps=2000, lr=3e-3, warmup=100, evals=12, min_lr_share=0.1)  # the language model's own schedule
 VARIANTS = {  # name: (inputs, training fields changed from BASE)
     "lr0.001": ("text", dict(lr=1e-3)),
     "lr0.0005": ("text", {}),
@@ -29,10 +30,10 @@ VARIANTS = {  # name: (inputs, training fields changed from BASE)
     "cls": ("text", {}),  # model field: a CLS token read out instead of the mean over positions
     # the language model itself (causal, its own loss over every position) fitting a random label (of 10) per
     # position of 256 fixed windows, at its own rate: random labels without a pooled head
-    "tokens-text": ("text", dict(steps=2000, lr=3e-3, warmup=100, evals=12, min_lr_share=0.1)),
-    "tokens-bytes": ("random-bytes", dict(steps=2000, lr=3e-3, warmup=100, evals=12, min_lr_share=0.1)),
-    "tokens-text-lr0.006": ("text", dict(steps=2000, lr=6e-3, warmup=100, evals=12, min_lr_share=0.1)),
-    "tokens-bytes-lr0.006": ("random-bytes", dict(steps=2000, lr=6e-3, warmup=100, evals=12, min_lr_share=0.1)),
+    "tokens-text": ("text", TOKENS),
+    "tokens-bytes": ("random-bytes", TOKENS),
+    "tokens-text-lr0.006": ("text", {**TOKENS, "lr": 6e-3}),
+    "tokens-bytes-lr0.006": ("random-bytes", {**TOKENS, "lr": 6e-3}),
 }
 PER_TOKEN = {name for name in VARIANTS if name.startswith("tokens-")}
 MODEL = {"cls": dict(pool="cls")}

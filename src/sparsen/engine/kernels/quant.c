@@ -100,9 +100,10 @@ static inline __attribute__((always_inline)) void q8_tile(const sp_weight *w, in
  * lines ran slower than the dense product. Into L2 (T1), not L1: that leaves the L1's miss buffers to the loads, and
  * ran faster. (Requesting the next block's scales too made it slower: the prefetchers stream those.) */
 static inline void q_prefetch_next(const sp_weight *w, const int *next, int n_next, int o) {
-    if (w->type == SP_W_Q4 && n_next * 4 >= w->block) {
-        const int B = w->block, r0 = next[0] & ~(B - 1), step = o < w->stride / 128 * 128 ? 1 : 2;
-        for (int r = 0; r < B; r += step) _mm_prefetch((const char *)q4_chunk(w, r0 + r, o), _MM_HINT_T1);
+    if (w->type == SP_W_Q4 && n_next * 4 >= w->block) { /* the tile's rows are adjacent: its bytes, a line at a time */
+        const char *tile = (const char *)q4_chunk(w, next[0] & ~(w->block - 1), o);
+        const int bytes = w->block * (o < w->stride / 128 * 128 ? 64 : 32);
+        for (int b = 0; b < bytes; b += 64) _mm_prefetch(tile + b, _MM_HINT_T1);
         return;
     }
     for (int t = 0; t < n_next; t++)
