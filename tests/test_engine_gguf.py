@@ -9,6 +9,7 @@ import torch
 
 from sparsen import SparsenError, load_model
 from sparsen.cli import main
+from sparsen.core.rules import RuleKind
 from sparsen.engine import Engine, c_weight, choose_weights, kernels
 from sparsen.engine.quant import W_Q4, W_Q8, pack
 from sparsen.models.gguf_weights import DECODERS, QuantTensor, read_gguf_weights
@@ -324,3 +325,16 @@ def test_every_isa_build_equals_the_dequantized_product(qtype, n_out, isa_kernel
     z = np.zeros(n_out, np.float32)
     isa_kernels.sp_test_dot_rows(ctypes.byref(cr), n_in, n_out, ptr(x), None, 0, ptr(z), 2)
     assert np.abs(z - W @ x).max() <= 1e-6 * np.abs(W).max() * np.abs(x).sum()
+
+
+@pytest.mark.parametrize("n", [7, 37, 576, 1539])
+def test_every_isa_build_masks_equal_numpy(n, isa_kernels):
+    """The threshold mask (vector compares, the indices packed) at every density, tails shorter than a vector."""
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * rng.random(n) * 3).astype(np.float32)
+    act = np.full(n, -1, np.int32)
+    for thr in (np.full(n, 0.7, np.float32), np.linspace(0, 2, n).astype(np.float32), np.zeros(n, np.float32),
+                np.full(n, np.inf, np.float32)):
+        m = isa_kernels.sp_test_mask(int(RuleKind.THRESHOLD), 0.0, ptr(thr), ptr(x), n, ptr(act))
+        expected = np.flatnonzero(np.abs(x) > thr)
+        assert m == len(expected) and np.array_equal(act[:m], expected)
