@@ -42,6 +42,8 @@ def main() -> None:
     a = p.parse_args()
     lm = load_model("smollm2")
     sites = Plan.load(a.plan).sites
+    if not all(isinstance(r.get("threshold"), float) for r in sites.values()):
+        raise SystemExit(f"{a.plan}: every site needs one scalar threshold (a teal plan from `sparsen calibrate`)")
     masks: dict[str, list] = {}
 
     def hook(site):
