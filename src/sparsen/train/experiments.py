@@ -266,7 +266,7 @@ def random_labels(out, full: bool = False, seeds: int | None = None, steps: int 
         results[variant] = {"runs": [{**_run_brief(r), "train_accuracy": r["train_accuracy_full"]} for r in runs],
                             "init_nnz": _layer_table(runs, "first"), "final_nnz": _layer_table(runs, "last"),
                             "train_accuracy": _mean_ci([r["train_accuracy_full"] for r in runs])}
-    result = {"setting": {**s.__dict__, "sequences": n, "ctx": ctx, "classes": classes, "steps": n_steps},
+    result = {"setting": {**s.__dict__, "lr": tcfg.lr, "sequences": n, "ctx": ctx, "classes": classes, "steps": n_steps},
               "variants": results,
               "acceptance": {f"{v}: fits the random labels (>= 90% train accuracy)": results[v]["train_accuracy"][0] >= 0.9
                              for v in results} |
