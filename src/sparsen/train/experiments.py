@@ -248,6 +248,7 @@ def random_labels(out, full: bool = False, seeds: int | None = None, steps: int 
     s = setting(full, seeds if seeds else (3 if full else 1), steps, text)
     n, ctx, classes = (2048, 64, 10) if full else (512, 64, 10)
     n_steps = steps or (4000 if full else 400)
+    lr = 5e-4  # the classifier's own rate, not the language models' s.lr
     data = _data(s.text, ctx)
     results = {}
     for variant in ("text", "random-bytes"):
@@ -255,7 +256,7 @@ def random_labels(out, full: bool = False, seeds: int | None = None, steps: int 
         for seed in s.seeds:
             task = random_label_task(data, variant, n, ctx, classes, seed, f"{variant} x random labels (seed {seed})")
             cfg = LMConfig(ctx=ctx, classes=classes)
-            tcfg = TrainConfig(steps=n_steps, batch=BATCH, lr=5e-4, warmup=50, seed=seed, evals=14, weight_decay=0.0,
+            tcfg = TrainConfig(steps=n_steps, batch=BATCH, lr=lr, warmup=50, seed=seed, evals=14, weight_decay=0.0,
                                min_lr_share=0.5)
             r = run_cached(out, cfg, tcfg, task, progress, f"classify-{variant}-s{seed}")
             model = load_trained(r["folder"])
@@ -266,7 +267,7 @@ def random_labels(out, full: bool = False, seeds: int | None = None, steps: int 
         results[variant] = {"runs": [{**_run_brief(r), "train_accuracy": r["train_accuracy_full"]} for r in runs],
                             "init_nnz": _layer_table(runs, "first"), "final_nnz": _layer_table(runs, "last"),
                             "train_accuracy": _mean_ci([r["train_accuracy_full"] for r in runs])}
-    result = {"setting": {**s.__dict__, "lr": tcfg.lr, "sequences": n, "ctx": ctx, "classes": classes, "steps": n_steps},
+    result = {"setting": {**s.__dict__, "lr": lr, "sequences": n, "ctx": ctx, "classes": classes, "steps": n_steps},
               "variants": results,
               "acceptance": {f"{v}: fits the random labels (>= 90% train accuracy)": results[v]["train_accuracy"][0] >= 0.9
                              for v in results} |

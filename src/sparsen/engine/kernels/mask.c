@@ -34,8 +34,8 @@ int sp_mask(const sp_rule *r, const float *x, int n, int *act, float *scratch) {
         SP_ASSERT(r->thr != NULL);
         int i = 0;
         /* compares, then the set lanes' indices packed without a branch (a loop over the set bits mispredicted
-         * about once per 8 channels: ~4% of a sparse token). AVX-512 packs in a register, then stores: Zen 4's
-         * compress straight to memory is slow. Whole vectors are stored at act + m <= act + i: inside act[0:n). */
+         * about once per 8 channels). AVX-512 packs in a register, then stores: Zen 4's compress straight to memory
+         * is slow. Whole vectors are stored at act + m <= act + i: inside act[0:n). */
 #ifdef __AVX512F__
         for (__m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); i + 16 <= n;
              i += 16, idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16))) {

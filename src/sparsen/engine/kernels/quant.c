@@ -207,6 +207,13 @@ static void q_axpy_block(const sp_weight *w, int b, const int *ch, const float *
     }
 }
 
+/* How many of act[a:n) (ascending) lie in act[a]'s block of 2^sh inputs: its active channels. */
+static inline int block_run(const int *act, int a, int n, int sh) {
+    int k = 0;
+    while (a + k < n && (act[a + k] >> sh) == (act[a] >> sh)) k++;
+    return k;
+}
+
 /* y[0:out) = sum over the active i of x[i] * W^T[i, :] (transposed layout; act ascending). The active channels are
  * taken a block at a time; y has room for w->stride outputs (the padding is written, with zeros). */
 void sp_q_axpy(const sp_weight *w, int out, const float *x, const int *act, int n_act, float *restrict y) {
@@ -218,24 +225,20 @@ void sp_q_axpy(const sp_weight *w, int out, const float *x, const int *act, int 
     const int sh = __builtin_ctz((unsigned)w->block); /* a shift, not a division per channel */
 #ifdef __AVX2__
     if (n_act) { /* the first block's rows, which no block before requests */
-        int n0 = 0;
-        while (n0 < n_act && (act[n0] >> sh) == (act[0] >> sh)) n0++;
+        const int n0 = block_run(act, 0, n_act, sh);
         const int full = w->type == SP_W_Q4 ? w->stride / 128 * 128 : w->stride;
         for (int o = 0; o < w->stride; o += o < full ? (w->type == SP_W_Q4 ? 128 : 32) : 64) q_prefetch_next(w, act, n0, o);
     }
 #endif
     for (int a = 0; a < n_act;) {
-        const int b = act[a] >> sh;
-        int k = 0;
+        const int k = block_run(act, a, n_act, sh);
         float sx = 0.f;
-        while (a + k < n_act && (act[a + k] >> sh) == b) {
-            xs[k] = x[act[a + k]];
-            sx += xs[k];
-            k++;
+        for (int t = 0; t < k; t++) {
+            xs[t] = x[act[a + t]];
+            sx += xs[t];
         }
-        int n_next = 0; /* the next block's active channels */
-        while (a + k + n_next < n_act && (act[a + k + n_next] >> sh) == (act[a + k] >> sh)) n_next++;
-        q_axpy_block(w, b, act + a, xs, k, sx, y, act + a + k, n_next);
+        const int n_next = block_run(act, a + k, n_act, sh); /* the next block's active channels */
+        q_axpy_block(w, act[a] >> sh, act + a, xs, k, sx, y, act + a + k, n_next);
         a += k;
     }
 }
