@@ -8,8 +8,9 @@ the weights for them (the layouts may differ); the engine's Python is this check
 ABI. A plan is a plan file, 'dense', or an attention spec (e.g. sketch@1/8: calibrated once); --context N prefills
 the first N tokens of WikiText-2 test through torch instead of a short prompt (for the attention methods, whose
 work grows with the context). Each round builds one engine per (plan, build) and times --steps greedy steps after
-8 warm-up steps; the result is the median over rounds of the per-round ratio (REV's ms / this checkout's ms: > 1
-means this one is faster). For kernel changes only: the machine is shared, so only same-round ratios mean anything.
+8 warm-up steps, the builds' engines taking turns every --chunk steps; the result is the median over rounds of the
+per-round ratio (REV's ms / this checkout's ms: > 1 means this one is faster). For kernel changes only: the machine
+is shared, so only same-round ratios mean anything.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def build_rev(rev: str, into: Path):
     return E.open_kernels(lib), mod.pack
 
 
-def step_ms(lm, plan, weights: str, ids, steps: int, prefixes: dict | None, name: str) -> float:
-    """``prefixes``: None (the engine steps the prompt) or {plan name: its torch prefix, computed once}."""
+def start(lm, plan, weights: str, ids, steps: int, prefixes: dict | None, name: str):
+    """An engine past the prompt and 8 warm-up steps, and its next token. ``prefixes``: None (the engine steps the
+    prompt) or {plan name: its torch prefix, computed once}."""
     engine = E.Engine(lm, plan, dtype=weights, threads=2, max_seq=len(ids) + steps + 16)
     if prefixes is None:
         tok = int(np.argmax(engine.prefill(ids)))
@@ -71,14 +73,26 @@ def step_ms(lm, plan, weights: str, ids, steps: int, prefixes: dict | None, name
         tok = int(np.argmax(engine.prefill(ids, via="torch", prefix=prefixes[name])))
     for _ in range(8):
         tok = int(np.argmax(engine.step(tok)))
+    return engine, tok
+
+
+def interleaved_ms(engines: dict, steps: int, chunk: int) -> dict:
+    """ms per step of each engine, the engines taking turns at ``chunk`` steps (the first to go alternating), so a
+    slow spell of the shared machine falls on all of them alike."""
+    total = dict.fromkeys(engines, 0.0)
     gc.collect()
     gc.disable()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        tok = int(np.argmax(engine.step(tok)))
-    ms = (time.perf_counter() - t0) / steps * 1e3
+    order = list(engines)
+    for c in range(0, steps, chunk):
+        for b in order if (c // chunk) % 2 == 0 else order[::-1]:
+            engine, tok = engines[b]
+            t0 = time.perf_counter()
+            for _ in range(min(chunk, steps - c)):
+                tok = int(np.argmax(engine.step(tok)))
+            total[b] += time.perf_counter() - t0
+            engines[b] = (engine, tok)
     gc.enable()
-    return ms
+    return {b: t / steps * 1e3 for b, t in total.items()}
 
 
 def main() -> None:
@@ -88,6 +102,7 @@ def main() -> None:
     p.add_argument("--weights", default="gguf")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--chunk", type=int, default=8, help="the builds take turns every CHUNK steps")
     p.add_argument("--context", type=int, default=0, help="prefill this many WikiText-2 test tokens (torch)")
     a = p.parse_args()
     lm = load_model("smollm2")
@@ -110,9 +125,13 @@ def main() -> None:
         ms = {(b, name): [] for b in builds for name in plans}
         for r in range(a.rounds):
             for name, plan in plans.items():
-                for b, (lib, pack) in builds.items():
+                engines = {}
+                for b, (lib, pack) in builds.items():  # an engine keeps the kernels it was made with
                     E._LIB, E.pack = lib, pack
-                    ms[(b, name)].append(step_ms(lm, plan, a.weights, ids, a.steps, prefixes, name))
+                    engines[b] = start(lm, plan, a.weights, ids, a.steps, prefixes, name)
+                for b, v in interleaved_ms(engines, a.steps, a.chunk).items():
+                    ms[(b, name)].append(v)
+                del engines
             print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{b} {n} {v[-1]:.2f} ms" for (b, n), v in ms.items()),
                   flush=True)
     for name in plans:
