@@ -11,7 +11,7 @@ from sparsen import SparsenError, load_model
 from sparsen.cli import main
 from sparsen.core.rules import RuleKind
 from sparsen.engine import Engine, c_weight, choose_weights, kernels
-from sparsen.engine.quant import W_Q4, W_Q8, pack
+from sparsen.engine.quant import W_Q4, W_Q4_RUNS, W_Q8, pack
 from sparsen.models.gguf_weights import DECODERS, QuantTensor, read_gguf_weights
 
 TINY_TYPES = {"q": "Q4_0", "k": "Q5_0", "v": "Q5_1", "o": "Q8_0", "gate": "Q4_K", "up": "Q4_1", "down": "Q6_K"}
@@ -81,13 +81,14 @@ def test_quantized_gemv_equals_the_dequantized_product(qtype, n_out, sparsity):
     xm = np.zeros_like(x)
     xm[act] = x[act]
     expected = W @ xm
-    p = pack(qt, transposed=True)
-    cw = c_weight(p)
     scale = np.abs(W).max() * np.abs(xm).sum() + 1e-30
-    for threads in (1, 2):
-        y = np.full(p.stride, np.nan, np.float32)
-        assert kernels().sp_test_gemv(ctypes.byref(cw), n_in, n_out, ptr(x), ptr(act), len(act), ptr(y), threads) == 0
-        assert np.abs(y[:n_out] - expected).max() <= 1e-6 * scale
+    for runs in (False, True) if qt.bits == 4 else (False,):  # 4-bit: tile-major and runs
+        p = pack(qt, transposed=True, runs=runs)
+        cw = c_weight(p)
+        for threads in (1, 2):
+            y = np.full(p.stride, np.nan, np.float32)
+            assert kernels().sp_test_gemv(ctypes.byref(cw), n_in, n_out, ptr(x), ptr(act), len(act), ptr(y), threads) == 0
+            assert np.abs(y[:n_out] - expected).max() <= 1e-6 * scale
     if sparsity == 1.0:
         assert np.all(y[:n_out] == 0)
 
@@ -232,20 +233,14 @@ def test_smollm2_gguf_engine_matches_hf_generate(smollm2):
     check_against_hf(smollm2, engine, ids, 64)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["teal", "wina", "cats", "chess", "stat-topk", "topk"])
-def test_smollm2_gguf_engine_under_activation_only_plans(smollm2, method):
+def gguf_engine_matches_fp32(lm, plan) -> Engine:
     """Each sparse step from the same dense prefix: where the GGUF engine chose the fp32 engine's masks (its inputs
     differ by float rounding, so a channel within ~1e-6 of its threshold may flip), its logits are the fp32 ones
-    within 1e-4."""
-    from sparsen.methods import calibrate, config_for
-
-    plan = calibrate(smollm2, config_for(method, sparsity=0.4 if method == "cats" else 0.5, tokens=1024, ctx=128),
-                     progress=False)
-    engines = [Engine(smollm2, plan, dtype=w, max_seq=64) for w in ("gguf", "fp32")]
+    within 1e-4. Returns the GGUF engine."""
+    engines = [Engine(lm, plan, dtype=w, max_seq=64) for w in ("gguf", "fp32")]
     sums = [e.record_masks() for e in engines]
     text = "The history of the city begins with a small settlement on the river, where traders from the north met"
-    ids = smollm2.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
     same = 0
     for n in range(8, len(ids)):
         before = [s.copy() for s in sums]
@@ -257,7 +252,31 @@ def test_smollm2_gguf_engine_under_activation_only_plans(smollm2, method):
             same += 1
             assert np.abs(logits[0] - logits[1]).max() <= 1e-4 * np.abs(logits[1]).max(), n
     assert same >= (len(ids) - 8) // 2, same  # most steps choose the same masks
-    assert engines[0].achieved()["overall"] > 0.3
+    return engines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["teal", "wina", "cats", "chess", "stat-topk", "topk"])
+def test_smollm2_gguf_engine_under_activation_only_plans(smollm2, method):
+    from sparsen.methods import calibrate, config_for
+
+    plan = calibrate(smollm2, config_for(method, sparsity=0.4 if method == "cats" else 0.5, tokens=1024, ctx=128),
+                     progress=False)
+    assert gguf_engine_matches_fp32(smollm2, plan).achieved()["overall"] > 0.3
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_engine_stores_sparse_linears_as_runs(smollm2):
+    """A 75% TEAL plan keeps a quarter of each linear's inputs: with the runs kernel built (AVX-512), every 4-bit
+    block linear is stored as runs, and the logits are still the fp32 engine's."""
+    from sparsen.engine import kernels
+    from sparsen.methods import calibrate, config_for
+
+    plan = calibrate(smollm2, config_for("teal", sparsity=0.75, tokens=1024, ctx=128), progress=False)
+    engine = gguf_engine_matches_fp32(smollm2, plan)
+    types = {p.type for site, p in engine.packed.items() if site != "lm_head"}
+    assert types == ({W_Q4_RUNS} if kernels().sp_q4_runs_fast() else {W_Q4})
+    assert engine.achieved()["overall"] > 0.6
 
 
 @pytest.mark.slow
@@ -316,12 +335,18 @@ def test_every_isa_build_equals_the_dequantized_product(qtype, n_out, isa_kernel
     x = rng.standard_normal(n_in).astype(np.float32)
     t, r = pack(qt, transposed=True), pack(qt, transposed=False)
     ct, cr = c_weight(t), c_weight(r)
-    for act in (np.sort(rng.permutation(n_in)[: n_in // 2]).astype(np.int32), np.arange(n_in, dtype=np.int32)):
+    layouts = [(t, ct)]
+    if qt.bits == 4:  # and as runs
+        u = pack(qt, transposed=True, runs=True)
+        layouts.append((u, c_weight(u)))
+    for act in (np.sort(rng.permutation(n_in)[: n_in // 2]).astype(np.int32), np.arange(n_in, dtype=np.int32),
+                np.sort(rng.permutation(n_in)[: n_in // 8]).astype(np.int32)):
         xm = np.zeros_like(x)
         xm[act] = x[act]
-        y = np.full(t.stride, np.nan, np.float32)
-        assert isa_kernels.sp_test_gemv(ctypes.byref(ct), n_in, n_out, ptr(x), ptr(act), len(act), ptr(y), 2) == 0
-        assert np.abs(y[:n_out] - W @ xm).max() <= 1e-6 * np.abs(W).max() * np.abs(xm).sum()
+        for p, cp in layouts:
+            y = np.full(p.stride, np.nan, np.float32)
+            assert isa_kernels.sp_test_gemv(ctypes.byref(cp), n_in, n_out, ptr(x), ptr(act), len(act), ptr(y), 2) == 0
+            assert np.abs(y[:n_out] - W @ xm).max() <= 1e-6 * np.abs(W).max() * np.abs(xm).sum()
     z = np.zeros(n_out, np.float32)
     isa_kernels.sp_test_dot_rows(ctypes.byref(cr), n_in, n_out, ptr(x), None, 0, ptr(z), 2)
     assert np.abs(z - W @ x).max() <= 1e-6 * np.abs(W).max() * np.abs(x).sum()

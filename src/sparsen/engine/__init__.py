@@ -41,6 +41,9 @@ ABI_VERSION = 7
 DTYPES = ("fp32", "bf16", "gguf")  # gguf: the model file's own quantized weights (engine.quant)
 KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}  # the KV cache's storage (fp16: IEEE half)
 CODE_TILE = 64  # keys per tile of the int8 label cache (SP_CODE_TILE)
+# A 4-bit linear whose plan keeps fewer of its inputs than this is stored as runs (engine.quant): streaming whole
+# active runs beat the tile-major product from memory below about half density (BENCHMARKS.md, row_major_axpy_bench).
+RUNS_BELOW = 0.4
 ATTN_METHODS = {"oracle-topk": 1, "oracle-topp": 2, "sink-window": 3, "h2o": 4, "quest": 5, "double-sparsity": 6,
                 "sketch": 7}
 """the attention methods the kernels run (enum sp_attn_method), by their name in sparsen.methods.attention"""
@@ -151,6 +154,11 @@ def open_kernels(path: str | Path, abi_version: int = ABI_VERSION) -> ctypes.CDL
         if hasattr(lib, name):
             getattr(lib, name).argtypes, getattr(lib, name).restype = args, _i
     return lib
+
+
+def _planned_density(entry: dict | None) -> float:
+    """The share of a linear's inputs its plan entry aims to keep (1 without a rule or a target)."""
+    return 1.0 - float(entry["target"]) if entry is not None and "target" in entry else 1.0
 
 
 def _isa(lib: ctypes.CDLL) -> list[str]:
@@ -448,6 +456,7 @@ class Engine:
                                    f"({self.max_seq}, {self.head_dim}): the engine cannot use it")
             tables[key] = (keep(_f32(cos)), keep(_f32(sin)))
         layers = (Layer * self.n_layers)()
+        runs_fast = hasattr(self.lib, "sp_q4_runs_fast") and self.lib.sp_q4_runs_fast() == 1
         for b in ad.blocks:
             L = layers[b.index]
             entries = {n: sites.get(f"layers.{b.index}.{n}") for n in LINEAR_NAMES}
@@ -472,7 +481,11 @@ class Engine:
                 rows = (n == "up" and gate_act) or (n in ("gate", "up") and experts)
                 if gw is not None:
                     _check_file_weight(gw.linears[b.index, n], lin.weight, site)
-                    self.packed[site] = pack(gw.linears[b.index, n], transposed=not rows)
+                    qt = gw.linears[b.index, n]
+                    if not rows and qt.bits == 4 and runs_fast and _planned_density(entries[n]) < RUNS_BELOW:
+                        self.packed[site] = pack(qt, transposed=True, runs=True)
+                    else:
+                        self.packed[site] = pack(qt, transposed=not rows)
                     L.w[j] = c_weight(self.packed[site], keep)
                 else:
                     w = lin.weight if rows else lin.weight.T

@@ -4,7 +4,9 @@ Transposed (block linears): scales and minima [in / block, stride], stride the o
 64 (4-bit) or 16 (int8) (padding codes and scales are zero); int8 codes [in, stride]; 4-bit codes tile-major within
 each block of inputs: the block's tiles of 128 outputs, each its rows' 64 bytes in turn (nibble j of 32-bit lane l
 holding output 128c + 16j + l), then a tile of 64 if the stride has one (32 bytes a row, nibble j of lane l output
-8j + l); 64-byte aligned, so a row's chunk of a 128-tile is one cache line. Rows (lm_head, rows read by a
+8j + l); 64-byte aligned, so a row's chunk of a 128-tile is one cache line. 4-bit runs (``runs=True``, for a linear
+whose plan keeps few of its inputs): row i's codes for every output in one run of stride / 2 bytes, its chunks packed
+as the tile-major ones. Rows (lm_head, rows read by a
 gate-activation or experts rule): codes [rows, in] (4-bit: ggml's order, byte j of a block holding inputs j and
 j + block / 2), scales and minima [rows, in / block].
 """
@@ -17,7 +19,7 @@ import numpy as np
 
 from sparsen.models.gguf_weights import QuantTensor
 
-W_F32, W_BF16, W_Q4, W_Q8 = 0, 1, 2, 3  # enum sp_wtype
+W_F32, W_BF16, W_Q4, W_Q8, W_Q4_RUNS = 0, 1, 2, 3, 4  # enum sp_wtype
 
 
 @dataclass
@@ -42,7 +44,7 @@ class Packed:
         the scales and minima of a ``block_share`` of the blocks) or a ``share`` of its rows (each with its codes and
         its blocks' scales and minima)."""
         out, n_in = self.shape
-        code = 0.5 if self.type == W_Q4 else 1.0
+        code = 0.5 if self.type in (W_Q4, W_Q4_RUNS) else 1.0
         param = self.scale.itemsize * (2 if self.min is not None else 1)
         if self.transposed:
             return share * n_in * out * code + block_share * (n_in // self.block) * out * param
@@ -59,8 +61,9 @@ def _params(a: np.ndarray | None, rows: int, stride: int, transpose: bool) -> np
     return out
 
 
-def pack(qt: QuantTensor, transposed: bool) -> Packed:
-    """``qt`` ([out, in] as the file stores it) in the transposed layout or as rows."""
+def pack(qt: QuantTensor, transposed: bool, runs: bool = False) -> Packed:
+    """``qt`` ([out, in] as the file stores it) in the transposed layout or as rows; ``runs``: a 4-bit transposed
+    weight as runs (each input's codes in one run) instead of tile-major."""
     out, n_in = qt.shape
     kind = W_Q4 if qt.bits == 4 else W_Q8
     if not transposed:
@@ -76,7 +79,8 @@ def pack(qt: QuantTensor, transposed: bool) -> Packed:
     codes = np.zeros((n_in, stride), qt.codes.dtype)
     codes[:, :out] = qt.codes.T
     if kind == W_Q4:
-        codes = _aligned(_q4_tile_major(codes, qt.block))
+        codes = _aligned(_q4_runs(codes) if runs else _q4_tile_major(codes, qt.block))
+        kind = W_Q4_RUNS if runs else W_Q4
     return Packed(kind, qt.block, stride, np.ascontiguousarray(codes), _params(qt.scale, out, stride, True),
                   _params(qt.min, out, stride, True), (out, n_in), True)
 
@@ -96,6 +100,16 @@ def _q4_tile_major(codes: np.ndarray, block: int) -> np.ndarray:
     if full < stride:
         tail = codes[:, full:].reshape(nb, block, 8, 8)  # [b, row, j, lane]
         parts.append(_nibbles(tail.transpose(0, 1, 3, 2)).reshape(nb, 32 * block))
+    return np.concatenate(parts, axis=1)
+
+
+def _q4_runs(codes: np.ndarray) -> np.ndarray:
+    """[in, stride] 4-bit codes as bytes, each row one run of its chunks (the module docstring)."""
+    n_in, stride = codes.shape
+    full = stride // 128 * 128
+    parts = [_nibbles(codes[:, :full].reshape(n_in, full // 128, 8, 16).transpose(0, 1, 3, 2)).reshape(n_in, full // 2)]
+    if full < stride:
+        parts.append(_nibbles(codes[:, full:].reshape(n_in, 8, 8).transpose(0, 2, 1)).reshape(n_in, 32))
     return np.concatenate(parts, axis=1)
 
 

@@ -143,10 +143,10 @@ static int max_rank(const sp_model *M) {
 static int check_weight(const sp_weight *w, int in, int out, int as_rows) {
     if (!w->data) return SP_ERR_SHAPE;
     if (w->type == SP_W_F32 || w->type == SP_W_BF16) return w->stride == (as_rows ? in : out) ? SP_OK : SP_ERR_SHAPE;
-    if (w->type != SP_W_Q4 && w->type != SP_W_Q8) return SP_ERR_SHAPE;
+    if (w->type != SP_W_Q4 && w->type != SP_W_Q8 && w->type != SP_W_Q4_RUNS) return SP_ERR_SHAPE;
     if ((w->block != 16 && w->block != 32) || in % w->block || !w->scale) return SP_ERR_SHAPE;
-    if (as_rows) return w->stride == in ? SP_OK : SP_ERR_SHAPE;
-    return w->stride >= out && w->stride % (w->type == SP_W_Q4 ? 64 : 16) == 0 ? SP_OK : SP_ERR_SHAPE;
+    if (as_rows) return w->type != SP_W_Q4_RUNS && w->stride == in ? SP_OK : SP_ERR_SHAPE;
+    return w->stride >= out && w->stride % (w->type == SP_W_Q8 ? 16 : 64) == 0 ? SP_OK : SP_ERR_SHAPE;
 }
 
 /* (in, out) of block linear j (enum SP_Q ...). */

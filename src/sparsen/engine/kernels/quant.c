@@ -14,6 +14,10 @@
  * 16^j (exact; the tile's sums are scaled back once). Tile-major because a block read row by row across short
  * tiles touched 32 rows' cache lines at once, which the hardware prefetchers did not follow: a dense product ran at
  * half the memory's rate.
+ * Runs (SP_W_Q4_RUNS, for linears whose plan keeps few inputs): input i's codes for every output in one run of
+ * stride / 2 bytes, its 64-byte chunks (and 32-byte tail) packed as the tile-major ones are; a skipped input is a whole
+ * run never read. Tile-major leaves a skipped row's line between active ones, and reading a scattered quarter of a
+ * tile's lines from memory took longer than reading all of them in order (BENCHMARKS.md); a run streams.
  * Rows (lm_head, up or gate read by rows): the file's own order, codes [rows, in] (Q4: ggml's block of 32, byte j
  * holding inputs j and j + 16), scales and minima [rows, in / block].
  */
@@ -39,6 +43,8 @@ static inline float q_param(const sp_weight *w, const void *a, size_t k) {
  * outputs) or 32 (the last tile of 64). */
 static inline const uint8_t *q4_chunk(const sp_weight *w, int i, int o) {
     const int B = w->block, full = w->stride / 128 * 128;
+    if (w->type == SP_W_Q4_RUNS)
+        return (const uint8_t *)w->data + (size_t)i * (w->stride / 2) + (o < full ? (size_t)(o / 128) * 64 : (size_t)full / 2);
     const uint8_t *blk = (const uint8_t *)w->data + (size_t)(i / B) * B * (w->stride / 2);
     if (o < full) return blk + (size_t)(o / 128) * B * 64 + (size_t)(i % B) * 64;
     return blk + (size_t)full / 2 * B + (size_t)(i % B) * 32;
@@ -46,7 +52,7 @@ static inline const uint8_t *q4_chunk(const sp_weight *w, int i, int o) {
 
 /* code (as float) of input i, output o in the transposed layout */
 static inline float q_code_t(const sp_weight *w, int i, int o) {
-    if (w->type == SP_W_Q4) {
+    if (w->type == SP_W_Q4 || w->type == SP_W_Q4_RUNS) {
         const int wide = o < w->stride / 128 * 128, lanes = wide ? 16 : 8, p = o % (8 * lanes);
         const int j = p / lanes, l = p % lanes; /* nibble j of 32-bit lane l */
         const uint8_t b = q4_chunk(w, i, o)[l * 4 + j / 2];
@@ -107,7 +113,7 @@ static inline void q_prefetch_next(const sp_weight *w, const int *next, int n_ne
         return;
     }
     for (int t = 0; t < n_next; t++)
-        _mm_prefetch(w->type == SP_W_Q4 ? (const char *)q4_chunk(w, next[t], o)
+        _mm_prefetch(w->type != SP_W_Q8 ? (const char *)q4_chunk(w, next[t], o)
                                         : (const char *)w->data + (size_t)next[t] * w->stride + o, _MM_HINT_T1);
 }
 
@@ -151,6 +157,74 @@ static inline void q4_tile16(const sp_weight *w, const uint8_t *tb, int bmask, c
         _mm512_storeu_ps(y + p, _mm512_add_ps(_mm512_loadu_ps(y + p), t));
     }
 }
+
+/* Q4 runs: the block's k active rows ch (inputs xs, summing to sx) streamed 8 at a time into the block's sums over
+ * every output (acc: in L1), then scaled once into y; the next block's n_next active rows requested whole into L2
+ * first, while this block computes. */
+static void q4_runs_block(const sp_weight *w, int b, const int *ch, const float *xs, int k, float sx,
+                          float *restrict y, const int *next, int n_next) {
+    enum { R = 8, MAX_OUT = 8192 };
+    const int S = w->stride, rb = S / 2, full = S / 128 * 128;
+    SP_ASSERT(S <= MAX_OUT && k > 0);
+    const uint8_t *codes = (const uint8_t *)w->data;
+    for (int t = 0; t < n_next; t++)
+        for (int off = 0; off < rb; off += 64) _mm_prefetch((const char *)codes + (size_t)next[t] * rb + off, _MM_HINT_T1);
+    float acc[MAX_OUT] __attribute__((aligned(64)));
+    for (int t = 0; t < k; t += R) {
+        const int m = k - t < R ? k - t : R;
+        const uint8_t *p[R];
+        __m512 xv[R];
+        for (int r = 0; r < R; r++) { /* a short last pass repeats its first row with input 0 */
+            p[r] = codes + (size_t)ch[t + (r < m ? r : 0)] * rb;
+            xv[r] = _mm512_set1_ps(r < m ? xs[t + r] : 0.f);
+        }
+        for (int o = 0; o < full; o += 128) {
+            __m512i v[R], v7[R];
+            for (int r = 0; r < R; r++) {
+                v[r] = _mm512_loadu_si512((const void *)(p[r] + o / 2));
+                v7[r] = _mm512_srli_epi32(v[r], 4);
+            }
+            for (int j = 0; j < 8; j++) {
+                const __m512i msk = _mm512_set1_epi32(15 << 4 * (j < 7 ? j : 6));
+                __m512 s = t ? _mm512_load_ps(acc + o + 16 * j) : _mm512_setzero_ps();
+                for (int r = 0; r < R; r++)
+                    s = _mm512_fmadd_ps(xv[r], _mm512_cvtepi32_ps(_mm512_and_si512(j < 7 ? v[r] : v7[r], msk)), s);
+                _mm512_store_ps(acc + o + 16 * j, s);
+            }
+        }
+        if (full < S) { /* the tail of 64 outputs: 32 bytes a row, nibble j of lane l output full + 8j + l */
+            __m256i v[R], v7[R];
+            for (int r = 0; r < R; r++) {
+                v[r] = _mm256_loadu_si256((const __m256i *)(p[r] + full / 2));
+                v7[r] = _mm256_srli_epi32(v[r], 4);
+            }
+            for (int j = 0; j < 8; j++) {
+                const __m256i msk = _mm256_set1_epi32(15 << 4 * (j < 7 ? j : 6));
+                __m256 s = t ? _mm256_load_ps(acc + full + 8 * j) : _mm256_setzero_ps();
+                for (int r = 0; r < R; r++)
+                    s = _mm256_fmadd_ps(_mm512_castps512_ps256(xv[r]),
+                                        _mm256_cvtepi32_ps(_mm256_and_si256(j < 7 ? v[r] : v7[r], msk)), s);
+                _mm256_store_ps(acc + full + 8 * j, s);
+            }
+        }
+    }
+    const size_t sb = (size_t)b * S;
+    const __m512 sxv = _mm512_set1_ps(sx);
+    for (int o = 0; o < full; o += 128)
+        for (int j = 0; j < 8; j++) {
+            const int p = o + 16 * j;
+            __m512 t = _mm512_mul_ps(q_param16(w, w->scale, sb + p),
+                                     _mm512_mul_ps(_mm512_load_ps(acc + p), _mm512_set1_ps(1.f / (float)(1 << 4 * (j < 7 ? j : 6)))));
+            if (w->min) t = _mm512_fmadd_ps(q_param16(w, w->min, sb + p), sxv, t);
+            _mm512_storeu_ps(y + p, _mm512_add_ps(_mm512_loadu_ps(y + p), t));
+        }
+    if (full < S) {
+        __m256 a[8];
+        for (int j = 0; j < 8; j++)
+            a[j] = _mm256_mul_ps(_mm256_load_ps(acc + full + 8 * j), _mm256_set1_ps(1.f / (float)(1 << 4 * (j < 7 ? j : 6))));
+        q_scale_tile(w, sb, full, 8, a, 8, _mm256_set1_ps(sx), y);
+    }
+}
 #endif
 #endif
 
@@ -160,6 +234,12 @@ static void q_axpy_block(const sp_weight *w, int b, const int *ch, const float *
                          float *restrict y, const int *next, int n_next) {
     const size_t sb = (size_t)b * w->stride;
     int o = 0;
+#ifdef __AVX512F__
+    if (w->type == SP_W_Q4_RUNS) {
+        q4_runs_block(w, b, ch, xs, k, sx, y, next, n_next);
+        return;
+    }
+#endif
 #ifdef __AVX2__
     const __m256 sxv = _mm256_set1_ps(sx);
     if (w->type == SP_W_Q4) { /* the stride is a multiple of 64 */
@@ -214,11 +294,20 @@ static inline int block_run(const int *act, int a, int n, int sh) {
     return k;
 }
 
+/* 1 where the runs layout has its vector kernel (AVX-512), else 0 (the scalar fallback: correct, not fast). */
+int sp_q4_runs_fast(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* y[0:out) = sum over the active i of x[i] * W^T[i, :] (transposed layout; act ascending). The active channels are
  * taken a block at a time; y has room for w->stride outputs (the padding is written, with zeros). */
 void sp_q_axpy(const sp_weight *w, int out, const float *x, const int *act, int n_act, float *restrict y) {
-    SP_ASSERT((w->type == SP_W_Q4 || w->type == SP_W_Q8) && w->block > 0 && w->stride >= out &&
-              w->stride % (w->type == SP_W_Q4 ? 64 : 16) == 0);
+    SP_ASSERT((w->type == SP_W_Q4 || w->type == SP_W_Q8 || w->type == SP_W_Q4_RUNS) && w->block > 0 &&
+              w->stride >= out && w->stride % (w->type == SP_W_Q8 ? 16 : 64) == 0);
     memset(y, 0, sizeof(float) * (size_t)w->stride);
     float xs[64];
     SP_ASSERT(w->block <= 64 && (w->block & (w->block - 1)) == 0);
@@ -226,8 +315,8 @@ void sp_q_axpy(const sp_weight *w, int out, const float *x, const int *act, int 
 #ifdef __AVX2__
     if (n_act) { /* the first block's rows, which no block before requests */
         const int n0 = block_run(act, 0, n_act, sh);
-        const int full = w->type == SP_W_Q4 ? w->stride / 128 * 128 : w->stride;
-        for (int o = 0; o < w->stride; o += o < full ? (w->type == SP_W_Q4 ? 128 : 32) : 64) q_prefetch_next(w, act, n0, o);
+        const int full = w->type != SP_W_Q8 ? w->stride / 128 * 128 : w->stride;
+        for (int o = 0; o < w->stride; o += o < full ? (w->type != SP_W_Q8 ? 128 : 32) : 64) q_prefetch_next(w, act, n0, o);
     }
 #endif
     for (int a = 0; a < n_act;) {
