@@ -41,8 +41,8 @@ ABI_VERSION = 7
 DTYPES = ("fp32", "bf16", "gguf")  # gguf: the model file's own quantized weights (engine.quant)
 KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}  # the KV cache's storage (fp16: IEEE half)
 CODE_TILE = 64  # keys per tile of the int8 label cache (SP_CODE_TILE)
-# A 4-bit linear whose plan keeps fewer of its inputs than this is stored as runs (engine.quant): streaming whole
-# active runs beat the tile-major product from memory below about half density (BENCHMARKS.md, row_major_axpy_bench).
+# A 4-bit linear whose plan keeps fewer of its inputs than this is stored as runs (engine.quant): reading whole active
+# runs beats the tile-major product at low density and breaks even near half (BENCHMARKS.md, "The 50% point at 47cb2c3").
 RUNS_BELOW = 0.4
 ATTN_METHODS = {"oracle-topk": 1, "oracle-topp": 2, "sink-window": 3, "h2o": 4, "quest": 5, "double-sparsity": 6,
                 "sketch": 7}
@@ -456,6 +456,7 @@ class Engine:
                                    f"({self.max_seq}, {self.head_dim}): the engine cannot use it")
             tables[key] = (keep(_f32(cos)), keep(_f32(sin)))
         layers = (Layer * self.n_layers)()
+        # (a build without the symbol, such as kernel_ab's other commit, has no runs layout)
         runs_fast = hasattr(self.lib, "sp_q4_runs_fast") and self.lib.sp_q4_runs_fast() == 1
         for b in ad.blocks:
             L = layers[b.index]
