@@ -16,8 +16,9 @@
  * half the memory's rate.
  * Runs (SP_W_Q4_RUNS, for linears whose plan keeps few inputs): input i's codes for every output in one run of
  * stride / 2 bytes, its 64-byte chunks (and 32-byte tail) packed as the tile-major ones are; a skipped input is a whole
- * run never read. Tile-major leaves a skipped row's line between active ones, and reading a scattered quarter of a
- * tile's lines from memory took longer than reading all of them in order (BENCHMARKS.md); a run streams.
+ * run never read. Tile-major leaves a skipped row's line between active ones, and in the products-alone benchmark
+ * reading a scattered quarter of a tile's lines from memory took longer than reading all of them in order
+ * (BENCHMARKS.md); a run streams.
  * Rows (lm_head, up or gate read by rows): the file's own order, codes [rows, in] (Q4: ggml's block of 32, byte j
  * holding inputs j and j + 16), scales and minima [rows, in / block].
  */
