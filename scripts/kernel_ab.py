@@ -76,13 +76,14 @@ def start(lm, plan, weights: str, ids, steps: int, prefixes: dict | None, name: 
     return engine, tok
 
 
-def interleaved_ms(engines: dict, steps: int, chunk: int) -> dict:
+def interleaved_ms(engines: dict, steps: int, chunk: int, flip: bool) -> dict:
     """ms per step of each engine, the engines taking turns at ``chunk`` steps (the first to go alternating), so a
-    slow spell of the shared machine falls on all of them alike."""
+    slow spell of the shared machine falls on all of them alike; ``flip`` (every other round) reverses who starts,
+    so neither build always takes over from the other more often."""
     total = dict.fromkeys(engines, 0.0)
     gc.collect()
     gc.disable()
-    order = list(engines)
+    order = list(engines)[::-1] if flip else list(engines)
     for c in range(0, steps, chunk):
         for b in order if (c // chunk) % 2 == 0 else order[::-1]:
             engine, tok = engines[b]
@@ -129,7 +130,7 @@ def main() -> None:
                 for b, (lib, pack) in builds.items():  # an engine keeps the kernels it was made with
                     E._LIB, E.pack = lib, pack
                     engines[b] = start(lm, plan, a.weights, ids, a.steps, prefixes, name)
-                for b, v in interleaved_ms(engines, a.steps, a.chunk).items():
+                for b, v in interleaved_ms(engines, a.steps, a.chunk, flip=r % 2 == 1).items():
                     ms[(b, name)].append(v)
                 del engines
             print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{b} {n} {v[-1]:.2f} ms" for (b, n), v in ms.items()),

@@ -93,6 +93,19 @@ def test_quantized_gemv_equals_the_dequantized_product(qtype, n_out, sparsity):
         assert np.all(y[:n_out] == 0)
 
 
+def test_runs_refuse_what_they_cannot_hold():
+    """Runs are a layout of transposed 4-bit codes, with at most SP_Q4_RUNS_MAX_OUT outputs (their block sums)."""
+    with pytest.raises(ValueError, match="4-bit"):
+        pack(random_tensor("Q8_0", 64, 64, seed=1), transposed=True, runs=True)
+    with pytest.raises(ValueError, match="transposed"):
+        pack(random_tensor("Q4_1", 64, 64, seed=1), transposed=False, runs=True)
+    p = pack(random_tensor("Q4_1", 64, 64, seed=1), transposed=True, runs=True)  # held: cw points into it
+    cw = c_weight(p)
+    cw.stride = 8192 + 64
+    x, act, y = np.ones(64, np.float32), np.arange(64, dtype=np.int32), np.zeros(8192 + 64, np.float32)
+    assert kernels().sp_test_gemv(ctypes.byref(cw), 64, 64, ptr(x), ptr(act), 64, ptr(y), 1) == -3  # SP_ERR_SHAPE
+
+
 @pytest.mark.parametrize("qtype", sorted(DECODERS))
 def test_quantized_rows_equal_the_dequantized_product(qtype):
     n_out, n_in = 300, 256
@@ -233,7 +246,7 @@ def test_smollm2_gguf_engine_matches_hf_generate(smollm2):
     check_against_hf(smollm2, engine, ids, 64)
 
 
-def gguf_engine_matches_fp32(lm, plan) -> Engine:
+def checked_gguf_engine(lm, plan) -> Engine:
     """Each sparse step from the same dense prefix: where the GGUF engine chose the fp32 engine's masks (its inputs
     differ by float rounding, so a channel within ~1e-6 of its threshold may flip), its logits are the fp32 ones
     within 1e-4. Returns the GGUF engine."""
@@ -262,20 +275,19 @@ def test_smollm2_gguf_engine_under_activation_only_plans(smollm2, method):
 
     plan = calibrate(smollm2, config_for(method, sparsity=0.4 if method == "cats" else 0.5, tokens=1024, ctx=128),
                      progress=False)
-    assert gguf_engine_matches_fp32(smollm2, plan).achieved()["overall"] > 0.3
+    assert checked_gguf_engine(smollm2, plan).achieved()["overall"] > 0.3
 
 
 @pytest.mark.slow
 def test_smollm2_gguf_engine_stores_sparse_linears_as_runs(smollm2):
     """A 75% TEAL plan keeps a quarter of each linear's inputs: with the runs kernel built (AVX-512), every 4-bit
     block linear is stored as runs, and the logits are still the fp32 engine's."""
-    from sparsen.engine import kernels
     from sparsen.methods import calibrate, config_for
 
     plan = calibrate(smollm2, config_for("teal", sparsity=0.75, tokens=1024, ctx=128), progress=False)
-    engine = gguf_engine_matches_fp32(smollm2, plan)
+    engine = checked_gguf_engine(smollm2, plan)
     types = {p.type for site, p in engine.packed.items() if site != "lm_head"}
-    assert types == ({W_Q4_RUNS} if kernels().sp_q4_runs_fast() else {W_Q4})
+    assert types == ({W_Q4_RUNS} if kernels().sp_q4_runs_vectorized() else {W_Q4})
     assert engine.achieved()["overall"] > 0.6
 
 
@@ -326,8 +338,8 @@ def isa_kernels(request, tmp_path_factory):
 @pytest.mark.parametrize("qtype", sorted(DECODERS))
 @pytest.mark.parametrize("n_out", [37, 70, 576])
 def test_every_isa_build_equals_the_dequantized_product(qtype, n_out, isa_kernels):
-    """The transposed product (every tile shape: 64 only, 128 only, 128s and a 64) at a random half of the inputs and
-    at all of them, and the rows product."""
+    """The transposed product (every tile shape: 64 only, 128 only, 128s and a 64; 4-bit codes tile-major and as
+    runs) at a random eighth of the inputs, a random half and all of them, and the rows product."""
     n_in = 512
     qt = random_tensor(qtype, n_out, n_in, seed=5 + n_out)
     W = qt.dequantize().astype(np.float64)

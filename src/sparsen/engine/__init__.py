@@ -43,7 +43,8 @@ KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}  # the KV cache's storage (
 CODE_TILE = 64  # keys per tile of the int8 label cache (SP_CODE_TILE)
 # A 4-bit linear whose plan keeps fewer of its inputs than this is stored as runs (engine.quant): reading whole active
 # runs beats the tile-major product at low density and breaks even near half (BENCHMARKS.md, "The 50% point at 47cb2c3").
-RUNS_BELOW = 0.4
+RUNS_BELOW_DENSITY = 0.4
+RUNS_MAX_OUT = 8192  # SP_Q4_RUNS_MAX_OUT
 ATTN_METHODS = {"oracle-topk": 1, "oracle-topp": 2, "sink-window": 3, "h2o": 4, "quest": 5, "double-sparsity": 6,
                 "sketch": 7}
 """the attention methods the kernels run (enum sp_attn_method), by their name in sparsen.methods.attention"""
@@ -157,8 +158,9 @@ def open_kernels(path: str | Path, abi_version: int = ABI_VERSION) -> ctypes.CDL
 
 
 def _planned_density(entry: dict | None) -> float:
-    """The share of a linear's inputs its plan entry aims to keep (1 without a rule or a target)."""
-    return 1.0 - float(entry["target"]) if entry is not None and "target" in entry else 1.0
+    """The share of a linear's inputs its plan entry aims to keep (1 without a rule, or one that names no share)."""
+    share = None if entry is None else entry.get("target", entry.get("sparsity"))
+    return 1.0 - float(share) if share is not None else 1.0
 
 
 def _isa(lib: ctypes.CDLL) -> list[str]:
@@ -457,7 +459,7 @@ class Engine:
             tables[key] = (keep(_f32(cos)), keep(_f32(sin)))
         layers = (Layer * self.n_layers)()
         # (a build without the symbol, such as kernel_ab's other commit, has no runs layout)
-        runs_fast = hasattr(self.lib, "sp_q4_runs_fast") and self.lib.sp_q4_runs_fast() == 1
+        runs_vectorized = hasattr(self.lib, "sp_q4_runs_vectorized") and self.lib.sp_q4_runs_vectorized() == 1
         for b in ad.blocks:
             L = layers[b.index]
             entries = {n: sites.get(f"layers.{b.index}.{n}") for n in LINEAR_NAMES}
@@ -483,7 +485,8 @@ class Engine:
                 if gw is not None:
                     _check_file_weight(gw.linears[b.index, n], lin.weight, site)
                     qt = gw.linears[b.index, n]
-                    if not rows and qt.bits == 4 and runs_fast and _planned_density(entries[n]) < RUNS_BELOW:
+                    if (not rows and qt.bits == 4 and runs_vectorized and qt.shape[0] <= RUNS_MAX_OUT
+                            and _planned_density(entries[n]) < RUNS_BELOW_DENSITY):
                         self.packed[site] = pack(qt, transposed=True, runs=True)
                     else:
                         self.packed[site] = pack(qt, transposed=not rows)

@@ -6,9 +6,9 @@ each block of inputs: the block's tiles of 128 outputs, each its rows' 64 bytes 
 holding output 128c + 16j + l), then a tile of 64 if the stride has one (32 bytes a row, nibble j of lane l output
 8j + l); 64-byte aligned, so a row's chunk of a 128-tile is one cache line. 4-bit runs (``runs=True``, for a linear
 whose plan keeps few of its inputs): row i's codes for every output in one run of stride / 2 bytes, its chunks packed
-as the tile-major ones. Rows (lm_head, rows read by a
-gate-activation or experts rule): codes [rows, in] (4-bit: ggml's order, byte j of a block holding inputs j and
-j + block / 2), scales and minima [rows, in / block].
+as the tile-major ones (a run starts on a 32-byte boundary when the stride is an odd multiple of 64). Rows (lm_head,
+rows read by a gate-activation or experts rule): codes [rows, in] (4-bit: ggml's order, byte j of a block holding
+inputs j and j + block / 2), scales and minima [rows, in / block].
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ def pack(qt: QuantTensor, transposed: bool, runs: bool = False) -> Packed:
     weight as runs (each input's codes in one run) instead of tile-major."""
     out, n_in = qt.shape
     kind = W_Q4 if qt.bits == 4 else W_Q8
+    if runs and (kind != W_Q4 or not transposed):
+        raise ValueError("runs are a layout of transposed 4-bit codes")
     if not transposed:
         if kind == W_Q4:  # ggml's order within a block: inputs j and j + block / 2 share byte j
             c = qt.codes.reshape(out, n_in // qt.block, 2, qt.block // 2)

@@ -84,7 +84,7 @@ void sp_dot_rows(const sp_weight *wt, int in, const float *restrict x, const int
         sp_q_dot_rows(wt, in, x, rows, r0, r1, y);
         return;
     }
-    SP_ASSERT(wt->stride == in);
+    SP_ASSERT((wt->type == SP_W_F32 || wt->type == SP_W_BF16) && wt->stride == in);
     const void *w = wt->data;
     const int wbf16 = wt->type == SP_W_BF16;
     int a = r0;
@@ -202,6 +202,7 @@ int sp_test_gemv(const sp_weight *w, int in, int out, const float *x, const int 
                  int threads) {
     (void)in;
     if (threads < 1 || out < 0 || !w || w->stride < out) return SP_ERR_SHAPE;
+    if (w->type == SP_W_Q4_RUNS && w->stride > SP_Q4_RUNS_MAX_OUT) return SP_ERR_SHAPE;
     const int stride = (w->stride + 15) / 16 * 16;
     float *part = malloc(sizeof(float) * (size_t)threads * (stride ? stride : 1));
     if (!part) return SP_ERR_NOMEM;

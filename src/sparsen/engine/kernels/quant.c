@@ -1,11 +1,11 @@
 /* Quantized weights as a GGUF file stores them (sparsen.engine.quant packs them): w = scale * code + min per
- * (output, block of `block` inputs), codes 4-bit unsigned (SP_W_Q4) or int8 (SP_W_Q8), scales and minima IEEE
+ * (output, block of `block` inputs), codes 4-bit unsigned (SP_W_Q4, SP_W_Q4_RUNS) or int8 (SP_W_Q8), scales and minima IEEE
  * half or fp32. Nothing is requantized: a product sums x * code over a block in fp32 and applies the block's scale
  * and minimum once, so it equals the product with the dequantized weights up to summation order.
  *
  *   y[o] = sum over blocks b of  scale[b, o] * sum_{i in b, active} x_i code[i, o]  +  min[b, o] * sum_{i in b, active} x_i
  *
- * Two layouts. Transposed (the block linears): input channel i has its own codes for every output, so an inactive
+ * Two layouts, the transposed one in three forms. Transposed (the block linears): input channel i has its own codes for every output, so an inactive
  * channel's codes are never read; scales and minima [in / block, stride]. Int8 codes: [in, stride], a row per
  * input. Q4 codes (stride a multiple of 64) are tile-major within each block of inputs, in the order a product
  * reads them: the block's tiles of 128 outputs, each its rows' 64-byte chunks one after another (nibble j, bits
@@ -164,13 +164,13 @@ static inline void q4_tile16(const sp_weight *w, const uint8_t *tb, int bmask, c
  * first, while this block computes. */
 static void q4_runs_block(const sp_weight *w, int b, const int *ch, const float *xs, int k, float sx,
                           float *restrict y, const int *next, int n_next) {
-    enum { R = 8, MAX_OUT = 8192 };
+    enum { R = 8 };
     const int S = w->stride, rb = S / 2, full = S / 128 * 128;
-    SP_ASSERT(S <= MAX_OUT && k > 0);
+    SP_ASSERT(S <= SP_Q4_RUNS_MAX_OUT && k > 0);
     const uint8_t *codes = (const uint8_t *)w->data;
     for (int t = 0; t < n_next; t++)
         for (int off = 0; off < rb; off += 64) _mm_prefetch((const char *)codes + (size_t)next[t] * rb + off, _MM_HINT_T1);
-    float acc[MAX_OUT] __attribute__((aligned(64)));
+    float acc[SP_Q4_RUNS_MAX_OUT] __attribute__((aligned(64)));
     for (int t = 0; t < k; t += R) {
         const int m = k - t < R ? k - t : R;
         const uint8_t *p[R];
@@ -296,7 +296,7 @@ static inline int block_run(const int *act, int a, int n, int sh) {
 }
 
 /* 1 where the runs layout has its vector kernel (AVX-512), else 0 (the scalar fallback: correct, not fast). */
-int sp_q4_runs_fast(void) {
+int sp_q4_runs_vectorized(void) {
 #ifdef __AVX512F__
     return 1;
 #else

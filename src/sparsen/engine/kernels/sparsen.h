@@ -57,7 +57,9 @@ enum sp_status {
 };
 
 /* How a weight is stored (sparsen.engine.quant numbers them the same way). */
-/* SP_W_Q4_RUNS: 4-bit codes transposed, each input's codes for every output in one run (kernels/quant.c). */
+/* SP_W_Q4_RUNS: 4-bit codes transposed, each input's codes for every output in one run (kernels/quant.c), at most
+ * SP_Q4_RUNS_MAX_OUT outputs (its block sums live in a buffer on the stack). */
+#define SP_Q4_RUNS_MAX_OUT 8192
 enum sp_wtype { SP_W_F32 = 0, SP_W_BF16 = 1, SP_W_Q4 = 2, SP_W_Q8 = 3, SP_W_Q4_RUNS = 4 };
 
 /* One weight matrix, in the transposed layout W^T [in, out] or as rows W [out, in] (sp_layer.w says which). */
@@ -170,7 +172,7 @@ enum { SP_STRUCT_RULE = 0, SP_STRUCT_LAYER = 1, SP_STRUCT_MODEL = 2, SP_STRUCT_A
 
 int sp_abi_version(void);
 const char *sp_isa(void);        /* "avx,avx2,fma,...": the extensions compiled in (cpuinfo names) */
-int sp_q4_runs_fast(void);        /* 1: SP_W_Q4_RUNS products have their vector kernel in this build */
+int sp_q4_runs_vectorized(void);  /* 1: SP_W_Q4_RUNS products have their vector kernel in this build */
 long sp_struct_size(int which);   /* sizeof a shared struct (SP_STRUCT_*), -1 for an unknown one */
 const char *sp_rule_kinds(void);  /* "DENSE=0,THRESHOLD=1,..." */
 const char *sp_attn_methods(void);  /* "ORACLE_TOPK=1,ORACLE_TOPP=2,..." */
