@@ -12,8 +12,8 @@
  *       benchmarks/row_major_axpy_bench.c src/sparsen/engine/kernels/[a-z]*.c -o /tmp/rmb -lm
  *   /tmp/rmb DENSITY PASSES THREADS LAYERS        # e.g. /tmp/rmb 0.25 10 2 30
  *
- * AVX-512 only (an exploration, not an engine path); `row_major_q4_axpy` is checked against a scalar dequantized
- * product when the program starts. */
+ * AVX-512 only; `row_major_q4_axpy` is checked against a scalar dequantized product when the program starts. The
+ * engine's SP_W_Q4_RUNS product (kernels/quant.c, q4_runs_block) grew out of it. */
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
