@@ -143,7 +143,7 @@ static int max_rank(const sp_model *M) {
 static int check_weight(const sp_weight *w, int in, int out, int as_rows) {
     if (!w->data) return SP_ERR_SHAPE;
     if (w->type == SP_W_F32 || w->type == SP_W_BF16) return w->stride == (as_rows ? in : out) ? SP_OK : SP_ERR_SHAPE;
-    if (w->type != SP_W_Q4 && w->type != SP_W_Q8 && w->type != SP_W_Q4_RUNS) return SP_ERR_SHAPE;
+    if (!sp_q_transposed_type(w->type)) return SP_ERR_SHAPE;
     if ((w->block != 16 && w->block != 32) || in % w->block || !w->scale) return SP_ERR_SHAPE;
     if (as_rows) return w->type != SP_W_Q4_RUNS && w->stride == in ? SP_OK : SP_ERR_SHAPE;
     if (w->type == SP_W_Q4_RUNS && w->stride > SP_Q4_RUNS_MAX_OUT) return SP_ERR_SHAPE;

@@ -52,7 +52,7 @@ static void axpy_rows(const sp_weight *wt, int out, const float *x, const int *a
 void sp_gemv_partial(int ith, int nth, const sp_weight *w, int out, const float *x, const int *act, int n_act,
                      float *part, int stride) {
     SP_ASSERT(out >= 0 && out <= stride && n_act >= 0 && 0 <= ith && ith < nth);
-    if (w->type == SP_W_Q4 || w->type == SP_W_Q8 || w->type == SP_W_Q4_RUNS) {
+    if (sp_q_transposed_type(w->type)) {
         SP_ASSERT(w->stride <= stride);
         const int a0 = sp_q_split(w, act, n_act, ith, nth), a1 = sp_q_split(w, act, n_act, ith + 1, nth);
         sp_q_axpy(w, out, x, act + a0, a1 - a0, part + (size_t)ith * stride);
@@ -178,7 +178,7 @@ void sp_linear(sp_ctx *c, const sp_model *M, int l, int j, const float *x, int n
         M->active[(size_t)l * SP_N_LIN + j] += n_act;
         M->seen[(size_t)l * SP_N_LIN + j] += n_in;
         const sp_weight *w = &L->w[j];
-        if (M->blocks && (w->type == SP_W_Q4 || w->type == SP_W_Q8 || w->type == SP_W_Q4_RUNS)) {
+        if (M->blocks && sp_q_transposed_type(w->type)) {
             int64_t nb = 0;
             const int sh = __builtin_ctz((unsigned)w->block);
             for (int a = 0; a < n_act; a++) nb += a == 0 || (act[a] >> sh) != (act[a - 1] >> sh);

@@ -82,6 +82,9 @@ typedef struct {
 } sp_ctx;
 
 /* This thread's share [lo, hi) of n items (heads, keys). */
+/* A weight whose transposed product is sp_q_axpy's: 4-bit codes (tile-major or runs) or int8. */
+static inline int sp_q_transposed_type(int type) { return type == SP_W_Q4 || type == SP_W_Q8 || type == SP_W_Q4_RUNS; }
+
 static inline void sp_range(int n, int ith, int nth, int *lo, int *hi) {
     *lo = (int)((long)n * ith / nth);
     *hi = (int)((long)n * (ith + 1) / nth);

@@ -135,6 +135,20 @@ static inline __m512 q_param16(const sp_weight *w, const void *a, size_t k) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a + k)));
 }
 
+/* y[o + 16j ... + 16) += scale * acc[j] / 16^j (+ min * sx) for the 8 planes of a 128-output tile: a block's sums
+ * (plane j's codes scaled by 16^j, nibble 7 by 16^6), scaled once. */
+static inline void q4_scale_tile16(const sp_weight *w, size_t sb, int o, const __m512 *acc, float sx,
+                                   float *restrict y) {
+    const __m512 sxv = _mm512_set1_ps(sx);
+    for (int j = 0; j < 8; j++) {
+        const int p = o + 16 * j;
+        __m512 t = _mm512_mul_ps(q_param16(w, w->scale, sb + p),
+                                 j ? _mm512_mul_ps(acc[j], _mm512_set1_ps(1.f / (float)(1 << 4 * (j < 7 ? j : 6)))) : acc[j]);
+        if (w->min) t = _mm512_fmadd_ps(q_param16(w, w->min, sb + p), sxv, t);
+        _mm512_storeu_ps(y + p, _mm512_add_ps(_mm512_loadu_ps(y + p), t));
+    }
+}
+
 /* A tile of 128 outputs in 16 lanes: the same sums as q4_tile8 over a whole 64-byte chunk, then scaled into y. */
 static inline void q4_tile16(const sp_weight *w, const uint8_t *tb, int bmask, const int *ch, const float *xs, int k,
                              size_t sb, int o, float sx, float *restrict y) {
@@ -149,14 +163,7 @@ static inline void q4_tile16(const sp_weight *w, const uint8_t *tb, int bmask, c
             acc[j] = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_and_si512(j < 7 ? v : v7, m)), acc[j]);
         }
     }
-    const __m512 sxv = _mm512_set1_ps(sx);
-    for (int j = 0; j < 8; j++) {
-        const int p = o + 16 * j;
-        __m512 t = _mm512_mul_ps(q_param16(w, w->scale, sb + p),
-                                 j ? _mm512_mul_ps(acc[j], _mm512_set1_ps(1.f / (float)(1 << 4 * (j < 7 ? j : 6)))) : acc[j]);
-        if (w->min) t = _mm512_fmadd_ps(q_param16(w, w->min, sb + p), sxv, t);
-        _mm512_storeu_ps(y + p, _mm512_add_ps(_mm512_loadu_ps(y + p), t));
-    }
+    q4_scale_tile16(w, sb, o, acc, sx, y);
 }
 
 /* Q4 runs: the block's k active rows ch (inputs xs, summing to sx) streamed 8 at a time into the block's sums over
@@ -210,15 +217,11 @@ static void q4_runs_block(const sp_weight *w, int b, const int *ch, const float 
         }
     }
     const size_t sb = (size_t)b * S;
-    const __m512 sxv = _mm512_set1_ps(sx);
-    for (int o = 0; o < full; o += 128)
-        for (int j = 0; j < 8; j++) {
-            const int p = o + 16 * j;
-            __m512 t = _mm512_mul_ps(q_param16(w, w->scale, sb + p),
-                                     _mm512_mul_ps(_mm512_load_ps(acc + p), _mm512_set1_ps(1.f / (float)(1 << 4 * (j < 7 ? j : 6)))));
-            if (w->min) t = _mm512_fmadd_ps(q_param16(w, w->min, sb + p), sxv, t);
-            _mm512_storeu_ps(y + p, _mm512_add_ps(_mm512_loadu_ps(y + p), t));
-        }
+    for (int o = 0; o < full; o += 128) {
+        __m512 a[8];
+        for (int j = 0; j < 8; j++) a[j] = _mm512_load_ps(acc + o + 16 * j);
+        q4_scale_tile16(w, sb, o, a, sx, y);
+    }
     if (full < S) {
         __m256 a[8];
         for (int j = 0; j < 8; j++)
@@ -307,8 +310,8 @@ int sp_q4_runs_vectorized(void) {
 /* y[0:out) = sum over the active i of x[i] * W^T[i, :] (transposed layout; act ascending). The active channels are
  * taken a block at a time; y has room for w->stride outputs (the padding is written, with zeros). */
 void sp_q_axpy(const sp_weight *w, int out, const float *x, const int *act, int n_act, float *restrict y) {
-    SP_ASSERT((w->type == SP_W_Q4 || w->type == SP_W_Q8 || w->type == SP_W_Q4_RUNS) && w->block > 0 &&
-              w->stride >= out && w->stride % (w->type == SP_W_Q8 ? 16 : 64) == 0);
+    SP_ASSERT(sp_q_transposed_type(w->type) && w->block > 0 && w->stride >= out &&
+              w->stride % (w->type == SP_W_Q8 ? 16 : 64) == 0);
     memset(y, 0, sizeof(float) * (size_t)w->stride);
     float xs[64];
     SP_ASSERT(w->block <= 64 && (w->block & (w->block - 1)) == 0);
