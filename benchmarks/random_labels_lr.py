@@ -40,7 +40,13 @@ VARIANTS = {  # name: (inputs, training fields changed from BASE)
     "tokens-bytes-lr0.0045": ("random-bytes", {**TOKENS, "lr": 4.5e-3}),
     "tokens-text-lr0.0045-s1": ("text", {**TOKENS, "lr": 4.5e-3, "seed": 1}),  # labels and weights of seed 1
     "tokens-text-lr0.0045-s2": ("text", {**TOKENS, "lr": 4.5e-3, "seed": 2}),
+    # twice the windows (and labels) to fit
+    "tokens-text-lr0.0045-n512": ("text", {**TOKENS, "lr": 4.5e-3}),
+    # the default model's exact shape and schedule: 128 windows of 128 bytes, 1,000 steps of 32 x 128
+    "tokens-text-ctx128": ("text", dict(steps=1000, lr=4.5e-3, warmup=100, evals=12, min_lr_share=0.1)),
 }
+WINDOWS = {"tokens-text-lr0.0045-n512": 512, "tokens-text-ctx128": 128}  # per-position variants: 256 unless here
+CTX = {"tokens-text-ctx128": 128}  # 64 unless here
 PER_TOKEN = {name for name in VARIANTS if name.startswith("tokens-")}
 MODEL = {"cls": dict(pool="cls")}
 LM_CONTROLS = {  # the language model of `experiment emergence` (seed 0 unless said, 1,000 steps) at other rates
@@ -75,11 +81,12 @@ for name in names:
     inputs, fields = VARIANTS[name]
     per_token = name in PER_TOKEN
     run_seed = fields.get("seed", seed)
-    task = random_label_task(data, inputs, 256 if per_token else n, ctx, classes, run_seed,
-                             f"{inputs} x random labels", per_token=per_token)
+    vctx = CTX.get(name, ctx)
+    task = random_label_task(_data(s.text, vctx), inputs, WINDOWS.get(name, 256) if per_token else n, vctx, classes,
+                             run_seed, f"{inputs} x random labels", per_token=per_token)
     tcfg = TrainConfig(**{**BASE, **fields, "seed": run_seed})
     tag = f"text-lr{tcfg.lr}" if name.startswith("lr") else name  # the lr runs keep their first cache names
-    cfg = LMConfig(ctx=ctx) if per_token else LMConfig(ctx=ctx, classes=classes, **MODEL.get(name, {}))
+    cfg = LMConfig(ctx=vctx) if per_token else LMConfig(ctx=ctx, classes=classes, **MODEL.get(name, {}))
     r = run_cached(out, cfg, tcfg, task, False, tag)
     f = r["final"]
     if per_token:  # the trainer's sample is 32 windows; every training window here

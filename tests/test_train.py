@@ -137,6 +137,13 @@ def test_cli_train_and_experiment(tmp_path, capsys):
         assert (tmp_path / "exp" / f"emergence.{suffix}").stat().st_size > 0
     res = json.loads((tmp_path / "exp" / "emergence.json").read_text())
     assert len(res["runs"]) == 1 and len(res["init_nnz"]) == 4
+    assert main(["experiment", "random", "--out", str(tmp_path / "exp"), "--steps", "2", "--quiet"]) == 0
+    res = json.loads((tmp_path / "exp" / "random.json").read_text())
+    for variant in ("text", "random-bytes"):  # the language model itself, a label per position
+        run = res["variants"][variant]["runs"][0]
+        assert len(res["variants"][variant]["runs"]) == 1 and len(run["final"]["nnz_heldout"]) == 4
+        assert 0 <= run["train_accuracy"] <= 1 and run["history"][-1]["step"] == 2
+    assert (tmp_path / "exp" / "random.png").stat().st_size > 0
 
 
 @pytest.mark.slow

@@ -74,16 +74,15 @@ def add_parsers(sub, add_model, positive_int) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("experiment", help="the Lazy Neuron and top-k experiments: each writes NAME.json, .md and .png",
-                       description="emergence: % nonzero per layer over training, 3 seeds; width: against d_ff; random: "
-                                   "a classifier fitting random labels on text and on random bytes; topk: the top-k "
-                                   "Transformer vs dense (loss, ECE, corrupted inputs, noisy labels); stat-topk: "
+                       description="emergence: % nonzero per layer over training, 3 seeds; width: against d_ff; random: the "
+                                   "language model fitting a random label per position, of text and of random bytes; topk: the "
+                                   "top-k Transformer vs dense (loss, ECE, corrupted inputs, noisy labels); stat-topk: "
                                    "statistical vs exact top-k (recall, forward+backward time); distill: sparse-attention "
                                    "students with and without online distillation; moe-vs-dense, balance, capacity, "
-                                   "experts-per-token, gates: top-k mixtures of experts; gating-theory: a Gaussian "
-                                   "mixture of experts fitted by maximum likelihood against n (synthetic). The default "
-                                   "is small (minutes, on "
-                                   "WikiText-2 validation bytes); --full is the documented setting (Debian's "
-                                   "python3.11-doc). Runs are cached in OUT/runs and reused across experiments.")
+                                   "experts-per-token, gates: top-k mixtures of experts; gating-theory: a Gaussian mixture of "
+                                   "experts fitted by maximum likelihood against n (synthetic). The default is small (minutes, "
+                                   "on WikiText-2 validation bytes); --full is the documented setting (Debian's python3.11-doc). "
+                                   "Runs are cached in OUT/runs and reused across experiments.")
     p.add_argument("name", metavar="NAME", help=f"one of {', '.join(EXPERIMENTS)}")
     p.add_argument("--out", default="experiments", metavar="DIR", help="output folder (default ./experiments)")
     p.add_argument("--full", action="store_true", help="the full setting (see BENCHMARKS.md for its time)")
