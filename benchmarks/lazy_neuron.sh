@@ -5,7 +5,9 @@
 # OUT/runs, so an interrupted script resumes, and width / topk reuse emergence's d_ff 512 runs.
 set -e
 OUT=${1:-experiments}
+start=$(date +%s)
 for e in emergence width topk random distill stat-topk; do
   echo "=== $e $(date)"
   /usr/bin/time -f "%e s wall" sparsen experiment "$e" --full --out "$OUT" --quiet
 done
+echo "=== all six: $(( $(date +%s) - start )) s wall"
