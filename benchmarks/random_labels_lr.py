@@ -1,13 +1,13 @@
-"""The settings of `sparsen experiment random`, chosen by this sweep: the classifier (2,048 windows of 64 bytes,
-random labels) under named training variants, printing train accuracy (the trainer's sample), the nonzero share per
-layer and the dead units at the end. Runs are cached in OUT/runs.
+"""The sweep behind `sparsen experiment random`: the pooled classifier (2,048 windows of 64 bytes, random labels; the
+experiment until d53100d) and the language model fitting a label per position (the `tokens-*` variants;
+`tokens-text-lr0.0045` and `-s1`, `-s2` train the experiment's configuration) under named training variants,
+printing train accuracy, the nonzero share per layer and the dead units at the end. Runs are cached in OUT/runs.
 
     .venv/bin/python benchmarks/random_labels_lr.py OUT                   # lr 1e-3 and 5e-4, text, seed 0 (~5 min each)
     .venv/bin/python benchmarks/random_labels_lr.py OUT steps8000 wd0.1   # named variants below
 
 BENCHMARKS.md's table: every variant below (`all`), seed 0 unless a variant names another (~2 h 15 min on 2 cores;
 cached runs print at once).
-The `tokens-*` variants are not the classifier: the language model itself fits a random label per position.
 """
 
 import sys
