@@ -43,7 +43,7 @@ VARIANTS = {  # name: (inputs, training fields changed from BASE)
     # twice the windows (and labels) to fit
     "tokens-text-lr0.0045-n512": ("text", {**TOKENS, "lr": 4.5e-3}),
     # the default model's exact shape and schedule: 128 windows of 128 bytes, 1,000 steps of 32 x 128
-    "tokens-text-ctx128": ("text", dict(steps=1000, lr=4.5e-3, warmup=100, evals=12, min_lr_share=0.1)),
+    "tokens-text-ctx128": ("text", {**TOKENS, "lr": 4.5e-3, "steps": 1000}),
 }
 WINDOWS = {"tokens-text-lr0.0045-n512": 512, "tokens-text-ctx128": 128}  # per-position variants: 256 unless here
 CTX = {"tokens-text-ctx128": 128}  # 64 unless here
@@ -67,7 +67,6 @@ if names == ["all"]:
     names = [*VARIANTS, *LM_CONTROLS]
 s = setting(True, 1, None, None)
 n, ctx, classes, seed = 2048, 64, 10, 0
-data = _data(s.text, ctx)
 for name in names:
     if name in LM_CONTROLS:
         fields = {"steps": 1000, "warmup": 100, "evals": 16, "seed": seed, **LM_CONTROLS[name]}
