@@ -107,8 +107,9 @@ def test_runs_refuse_what_they_cannot_hold():
 
 
 @pytest.mark.parametrize("qtype", sorted(DECODERS))
-def test_quantized_rows_equal_the_dequantized_product(qtype):
-    n_out, n_in = 300, 256
+@pytest.mark.parametrize("n_in", [256, 768])  # 768: 24 blocks of 32, a 16-block vector pass and a tail
+def test_quantized_rows_equal_the_dequantized_product(qtype, n_in):
+    n_out = 300
     qt = random_tensor(qtype, n_out, n_in, seed=3)
     W = qt.dequantize().astype(np.float64)
     x = np.random.default_rng(4).standard_normal(n_in).astype(np.float32)

@@ -351,8 +351,29 @@ static float q_dot_row(const sp_weight *w, int in, const float *restrict x, cons
     const size_t sr = (size_t)r * nb;
     float s = 0.f;
     int b = 0;
+#ifdef __AVX512F__
+    if (B == 32 && w->type == SP_W_Q8) { /* the lm_head: 16 lanes, a block's scale folded into x (two chains) */
+        const int8_t *p = (const int8_t *)w->data + (size_t)r * in;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        float sc[16];
+        for (; b < nb; b++) {
+            if (b % 16 == 0) {
+                if (b + 16 <= nb) _mm512_storeu_ps(sc, q_param16(w, w->scale, sr + b));
+                else
+                    for (int k = 0; k < nb - b; k++) sc[k] = q_param(w, w->scale, sr + b + k);
+            }
+            const __m512 sv = _mm512_set1_ps(sc[b % 16]);
+            const int8_t *q = p + 32 * b;
+            a0 = _mm512_fmadd_ps(_mm512_mul_ps(sv, _mm512_loadu_ps(x + 32 * b)),
+                                 _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))), a0);
+            a1 = _mm512_fmadd_ps(_mm512_mul_ps(sv, _mm512_loadu_ps(x + 32 * b + 16)),
+                                 _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16)))), a1);
+        }
+        s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    }
+#endif
 #ifdef __AVX2__
-    if (B == 32) {
+    if (B == 32 && b < nb) {
         __m256 acc = _mm256_setzero_ps();
         float sc[8]; /* the scales of blocks b0 .. b0 + 7, widened 8 at a time */
         for (; b < nb; b++) {
