@@ -1,7 +1,8 @@
 /* Quantized weights as a GGUF file stores them (sparsen.engine.quant packs them): w = scale * code + min per
  * (output, block of `block` inputs), codes 4-bit unsigned (SP_W_Q4, SP_W_Q4_RUNS) or int8 (SP_W_Q8), scales and minima IEEE
  * half or fp32. Nothing is requantized: a product sums x * code over a block in fp32 and applies the block's scale
- * and minimum once, so it equals the product with the dequantized weights up to summation order.
+ * and minimum once, so it equals the product with the dequantized weights up to rounding: summation order, and
+ * in the 16-lane tile (q4_tile16) one subtraction of the block's sum of x per plane.
  *
  *   y[o] = sum over blocks b of  scale[b, o] * sum_{i in b, active} x_i code[i, o]  +  min[b, o] * sum_{i in b, active} x_i
  *
@@ -149,20 +150,26 @@ static inline void q4_scale_tile16(const sp_weight *w, size_t sb, int o, const _
     }
 }
 
-/* A tile of 128 outputs in 16 lanes: the same sums as q4_tile8 over a whole 64-byte chunk, then scaled into y. */
+/* A tile of 128 outputs in 16 lanes: the same sums as q4_tile8 over a whole 64-byte chunk, then scaled into y. A code
+ * c becomes the float 1 + c / 16 by placing it at the top of a mantissa of 1.0 (a shift and one ternary logic op,
+ * integer pipes) instead of an AND and a conversion (the conversions and the FMAs had shared the FP pipes): the
+ * sums are then sx + S / 16, S the plane's sum of x * c, taken back out once per tile. */
 static inline void q4_tile16(const sp_weight *w, const uint8_t *tb, int bmask, const int *ch, const float *xs, int k,
                              size_t sb, int o, float sx, float *restrict y) {
     __m512 acc[8];
     for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
+    const __m512i top = _mm512_set1_epi32(15 << 19), one = _mm512_set1_epi32(0x3F800000);
     for (int t = 0; t < k; t++) {
         const __m512i v = _mm512_loadu_si512((const void *)(tb + (size_t)(ch[t] & bmask) * 64));
-        const __m512i v7 = _mm512_srli_epi32(v, 4);
         const __m512 xv = _mm512_set1_ps(xs[t]);
-        for (int j = 0; j < 8; j++) {
-            const __m512i m = _mm512_set1_epi32(15 << 4 * (j < 7 ? j : 6));
-            acc[j] = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_and_si512(j < 7 ? v : v7, m)), acc[j]);
+        for (int j = 0; j < 8; j++) { /* nibble j (bits 4j .. 4j + 3) to bits 19 .. 22; (a & top) | one */
+            const __m512i a = 4 * j <= 19 ? _mm512_slli_epi32(v, 19 - 4 * j) : _mm512_srli_epi32(v, 4 * j - 19);
+            acc[j] = _mm512_fmadd_ps(xv, _mm512_castsi512_ps(_mm512_ternarylogic_epi32(a, top, one, 0xEA)), acc[j]);
         }
     }
+    const __m512 sxv = _mm512_set1_ps(sx);
+    for (int j = 0; j < 8; j++) /* 16 (acc - sx), times the 16^j q4_scale_tile16 divides by */
+        acc[j] = _mm512_mul_ps(_mm512_sub_ps(acc[j], sxv), _mm512_set1_ps((float)(1 << 4 * (j < 7 ? j + 1 : 7))));
     q4_scale_tile16(w, sb, o, acc, sx, y);
 }
 
