@@ -136,15 +136,14 @@ static inline __m512 q_param16(const sp_weight *w, const void *a, size_t k) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)a + k)));
 }
 
-/* y[o + 16j ... + 16) += scale * acc[j] / 16^j (+ min * sx) for the 8 planes of a 128-output tile: a block's sums
- * (plane j's codes scaled by 16^j, nibble 7 by 16^6), scaled once. */
+/* y[o + 16j ... + 16) += scale * acc[j] (+ min * sx) for the 8 planes of a 128-output tile: a block's sums, scaled
+ * once (q_scale_tile in 16 lanes). */
 static inline void q4_scale_tile16(const sp_weight *w, size_t sb, int o, const __m512 *acc, float sx,
                                    float *restrict y) {
     const __m512 sxv = _mm512_set1_ps(sx);
     for (int j = 0; j < 8; j++) {
         const int p = o + 16 * j;
-        __m512 t = _mm512_mul_ps(q_param16(w, w->scale, sb + p),
-                                 j ? _mm512_mul_ps(acc[j], _mm512_set1_ps(1.f / (float)(1 << 4 * (j < 7 ? j : 6)))) : acc[j]);
+        __m512 t = _mm512_mul_ps(q_param16(w, w->scale, sb + p), acc[j]);
         if (w->min) t = _mm512_fmadd_ps(q_param16(w, w->min, sb + p), sxv, t);
         _mm512_storeu_ps(y + p, _mm512_add_ps(_mm512_loadu_ps(y + p), t));
     }
@@ -168,8 +167,7 @@ static inline void q4_tile16(const sp_weight *w, const uint8_t *tb, int bmask, c
         }
     }
     const __m512 sxv = _mm512_set1_ps(sx);
-    for (int j = 0; j < 8; j++) /* 16 (acc - sx), times the 16^j q4_scale_tile16 divides by */
-        acc[j] = _mm512_mul_ps(_mm512_sub_ps(acc[j], sxv), _mm512_set1_ps((float)(1 << 4 * (j < 7 ? j + 1 : 7))));
+    for (int j = 0; j < 8; j++) acc[j] = _mm512_mul_ps(_mm512_sub_ps(acc[j], sxv), _mm512_set1_ps(16.f));
     q4_scale_tile16(w, sb, o, acc, sx, y);
 }
 
@@ -226,7 +224,8 @@ static void q4_runs_block(const sp_weight *w, int b, const int *ch, const float 
     const size_t sb = (size_t)b * S;
     for (int o = 0; o < full; o += 128) {
         __m512 a[8];
-        for (int j = 0; j < 8; j++) a[j] = _mm512_load_ps(acc + o + 16 * j);
+        for (int j = 0; j < 8; j++) /* plane j's sums were of codes scaled by 16^j (nibble 7 by 16^6) */
+            a[j] = _mm512_mul_ps(_mm512_load_ps(acc + o + 16 * j), _mm512_set1_ps(1.f / (float)(1 << 4 * (j < 7 ? j : 6))));
         q4_scale_tile16(w, sb, o, a, sx, y);
     }
     if (full < S) {
