@@ -429,6 +429,17 @@ def test_cli_generate_with_a_rotation_plan(tmp_path, capsys):
     assert "achieved sparsity" in capsys.readouterr().err
 
 
+def test_bench_ratio_quartiles_are_numpys_over_the_same_rounds():
+    from sparsen.engine.commands import _per_round, _per_round_quartiles
+
+    rng = np.random.default_rng(0)
+    runs = {"a": list(rng.uniform(150, 250, 11)), "b": list(rng.uniform(100, 140, 11))}
+    ratios = np.array(runs["a"]) / np.array(runs["b"])
+    assert _per_round(runs, "a", "b") == pytest.approx(np.median(ratios))
+    assert _per_round_quartiles(runs, "a", "b") == pytest.approx(np.quantile(ratios, [0.25, 0.75]))
+    assert _per_round_quartiles({"a": runs["a"][:3], "b": runs["b"][:3]}, "a", "b") is None
+
+
 def test_profile_line_survives_a_noisy_split():
     # A run without block linears can time slower than the dense run on a tiny model (CI failed on this once).
     from sparsen.engine.commands import profile_line

@@ -144,6 +144,16 @@ def _per_round(runs: dict, a: str, b: str):
     return statistics.median(x / y for x, y in pairs) if pairs else None
 
 
+def _per_round_quartiles(runs: dict, a: str, b: str):
+    """The first and third quartiles over rounds of a's rate / b's in the same round (how far a round's ratio
+    strays from the median on this machine), or None under 4 rounds."""
+    ratios = [x / y for x, y in zip(runs.get(a) or [], runs.get(b) or [])]
+    if len(ratios) < 4:
+        return None
+    q = statistics.quantiles(ratios, n=4, method="inclusive")
+    return [q[0], q[2]]
+
+
 def cmd_bench(args) -> None:
     from sparsen.data import corpus_windows
     from sparsen.engine import Engine, bytes_per_token
@@ -216,6 +226,8 @@ def cmd_bench(args) -> None:
             "sparse_mb_per_token": bytes_per_token(sparse, achieved, context) / 1e6 if sparse is not None else None,
             "dense_vs_llamacpp": _per_round(runs, key(w, "dense"), "llamacpp"),
             "sparse_vs_llamacpp": _per_round(runs, key(w, "sparse"), "llamacpp"),
+            "dense_vs_llamacpp_quartiles": _per_round_quartiles(runs, key(w, "dense"), "llamacpp"),
+            "sparse_vs_llamacpp_quartiles": _per_round_quartiles(runs, key(w, "sparse"), "llamacpp"),
             "sparse_vs_dense_per_round": _per_round(runs, key(w, "sparse"), key(w, "dense")),
             "profile": (_profile(e["dense"], d, med(key(w, "no_block_linears")), context) if e["floor"] is not None
                         else None),
@@ -237,19 +249,23 @@ def cmd_bench(args) -> None:
                   "bytes": "per token: block linears (quantized: the active channels' codes, the scales and minima of "
                            "the blocks holding one), lm_head, K and V rows",
                   "ratios": "by_weights' *_vs_llamacpp and sparse_vs_dense_per_round: the median over rounds of the "
-                            "two rates of the same round; speedup_vs_dense: the ratio of the medians"},
+                            "two rates of the same round (*_quartiles: the rounds' first and third quartiles of it); "
+                            "speedup_vs_dense: the ratio of the medians"},
     }
     write_json(args.out, res)
     print(f"{lm.spec}, {args.threads} threads, prompt {len(ids)} + {args.new_tokens} new tokens, median of "
           f"{args.rounds} interleaved rounds ({res['machine']['cpu']})")
-    print(f"  {'system':<26}{'tok/s':>8}{'MB/token':>10}{'vs llama.cpp':>14}  (median over rounds of the same round's ratio)")
+    print(f"  {'system':<26}{'tok/s':>8}{'MB/token':>10}{'vs llama.cpp':>14}  (median over rounds of the same round's ratio"
+          + (", its rounds' middle half)" if llama and args.rounds >= 4 else ")"))
     for w, b in by_weights.items():
-        rows = [("dense", b["engine_dense_tok_s"], b["dense_mb_per_token"], b["dense_vs_llamacpp"])]
+        rows = [("dense", b["engine_dense_tok_s"], b["dense_mb_per_token"], b["dense_vs_llamacpp"],
+                 b["dense_vs_llamacpp_quartiles"])]
         if b["engine_sparse_tok_s"] is not None:
             rows.append((f"sparse {b['achieved_sparsity']:.3f}", b["engine_sparse_tok_s"], b["sparse_mb_per_token"],
-                         b["sparse_vs_llamacpp"]))
-        for role, v, mb, vs in rows:
-            print(f"  {'engine ' + w + ' ' + role:<26}{v:8.1f}{mb:10.1f}" + (f"{vs:13.2f}x" if vs else ""))
+                         b["sparse_vs_llamacpp"], b["sparse_vs_llamacpp_quartiles"]))
+        for role, v, mb, vs, q in rows:
+            print(f"  {'engine ' + w + ' ' + role:<26}{v:8.1f}{mb:10.1f}" + (f"{vs:13.2f}x" if vs else "")
+                  + (f"  ({q[0]:.2f}-{q[1]:.2f})" if vs and q else ""))
     _peer_lines(res, peers, width=26)
     for w, b in by_weights.items():
         if b["engine_sparse_tok_s"] is not None:
