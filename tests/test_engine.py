@@ -429,6 +429,24 @@ def test_cli_generate_with_a_rotation_plan(tmp_path, capsys):
     assert "achieved sparsity" in capsys.readouterr().err
 
 
+def test_timing_the_linears_counts_every_product_and_changes_no_logit(tiny_llama):
+    plan = plan_for(tiny_llama, "teal", 0.5)
+    ids = [3, 14, 15, 92, 65]
+    logits = {}
+    for timed in (False, True):
+        engine = Engine(tiny_llama, plan, threads=2, max_seq=16)
+        timing = engine.time_linears() if timed else None
+        engine.prefill(ids)
+        logits[timed] = np.stack([engine.step(t).copy() for t in (7, 8, 9)])
+    np.testing.assert_array_equal(logits[True], logits[False])  # the clock reads change nothing computed
+    layers = engine.n_layers
+    assert timing.shape == (2, 7, 3) and (timing[:, :, 2] == layers * (len(ids) + 3)).all()  # prefill steps too
+    assert (timing[:, :, 0] > 0).all() and (timing[:, :, 1] >= 0).all()
+    engine.time_linears(False)
+    engine.step(10)
+    assert (timing[:, :, 2] == layers * (len(ids) + 3)).all()  # off: no longer written
+
+
 def test_bench_ratio_quartiles_are_numpys_over_the_same_rounds():
     from sparsen.engine.commands import _per_round, _per_round_quartiles
 

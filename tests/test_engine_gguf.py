@@ -233,6 +233,10 @@ def test_bench_rows_for_several_weights(tiny_gguf, tmp_path):
     assert d["weights"] == ["gguf", "bf16", "fp32"] and d["weights_dtype"] == "gguf"
     g, f = d["by_weights"]["gguf"], d["by_weights"]["fp32"]
     assert g["engine_dense_tok_s"] > 0 and g["engine_sparse_tok_s"] > 0 and g["profile"]["dense_ms"] > 0
+    for w in d["weights"]:  # the block linears' table: each linear's product time, dense and sparse
+        lin = d["by_weights"][w]["profile"]["linears"]
+        assert set(lin) == {"dense", "sparse"} and list(lin["dense"]) == ["q", "k", "v", "o", "gate", "up", "down"]
+        assert all(t["product_ms"] > 0 and t["wait_ms"] >= 0 for r in lin.values() for t in r.values())
     assert g["achieved_sparsity"] == pytest.approx(f["achieved_sparsity"], abs=0.02)  # the same masks, near enough
     # bytes: Q4_1 codes are 1/8 of fp32's; the blocks' scales come on top
     assert g["dense_mb_per_token"] < f["dense_mb_per_token"] / 3 and g["bound_speedup"] > 1

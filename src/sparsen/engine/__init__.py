@@ -36,7 +36,7 @@ from sparsen.models.adapters import LINEAR_NAMES
 from sparsen.models.gguf_weights import QuantTensor, read_gguf_weights, unsupported_tensor
 from sparsen.models.loading import stop_ids  # noqa: F401  (engine.stop_ids, as before)
 
-ABI_VERSION = 7
+ABI_VERSION = 8
 """must equal SP_ABI_VERSION in kernels/sparsen.h (bumped with any change to the structs below)"""
 DTYPES = ("fp32", "bf16", "gguf")  # gguf: the model file's own quantized weights (engine.quant)
 KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}  # the KV cache's storage (fp16: IEEE half)
@@ -77,7 +77,7 @@ class Model(ctypes.Structure):  # sp_model
                 ("vocab", _i), ("max_seq", _i), ("wbf16", _i), ("activation", _i), ("eps", _f), ("attn_scale", _f),
                 ("embed_scale", _f), ("logit_softcap", _f), ("layers", _p), ("embed", _p), ("final_norm", _p),
                 ("lm_head", Weight), ("kv_f16", _i), ("k_cache", _p), ("v_cache", _p), ("active", _p), ("seen", _p),
-                ("blocks", _p), ("mask_sum", _p), ("attn", _p)]
+                ("blocks", _p), ("mask_sum", _p), ("attn", _p), ("timing", _p)]
 
 
 class Attn(ctypes.Structure):  # sp_attn
@@ -420,6 +420,7 @@ class Engine:
         self._src, self._held = src, {}
         self.packed = None  # gguf: {site: engine.quant.Packed}, "lm_head" included
         self.mask_sum = None  # record_masks()
+        self.timing = None  # time_linears()
         gw = None
         if dtype == "gguf":
             gw = read_gguf_weights(src.source, ad.n_layers, ad.n_heads, ad.n_kv_heads)
@@ -627,6 +628,17 @@ class Engine:
             self.mask_sum = np.zeros((self.n_layers, N_LIN), np.uint64)
             self._model.mask_sum = self._keep_ptr(self.mask_sum)
         return self.mask_sum
+
+    def time_linears(self, on: bool = True) -> np.ndarray | None:
+        """Turn on (or off) timing the block linears: [threads, 7, 3] float64, per thread and linear (LINEAR_NAMES
+        order) summed over layers and steps, seconds in its product, seconds waiting for the other threads after it,
+        and products; zero it to start a count. Two clock reads per product, so leave it off where rates count."""
+        if not on:
+            self.timing, self._model.timing = None, None
+            return None
+        self.timing = np.zeros((self.threads, N_LIN, 3), np.float64)
+        self._model.timing = self._keep_ptr(self.timing)
+        return self.timing
 
     # --- decoding -----------------------------------------------------------------------------
     def reset(self) -> None:

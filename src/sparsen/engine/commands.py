@@ -109,6 +109,39 @@ def _profile(engine, dense_tok_s, floor_tok_s, context) -> dict:
             "bytes_per_dense_token_mb": bytes_per_token(engine, 0.0, context) / 1e6}
 
 
+def _linear_times(engine, ids, n_new) -> dict:
+    """Per block linear, ms per decoded token in its product and waiting for the other threads after it (means over
+    the threads), from one greedy run with the engine's clock on (prefill dense, not counted)."""
+    from sparsen.models.adapters import LINEAR_NAMES
+
+    timing = engine.time_linears()
+    try:
+        tok = int(np.argmax(engine.prefill(ids)))
+        timing[:] = 0
+        for _ in range(n_new):
+            tok = int(np.argmax(engine.step(tok)))
+        t = timing.mean(0) * 1e3 / n_new
+    finally:
+        engine.time_linears(False)
+    return {name: {"product_ms": float(t[j, 0]), "wait_ms": float(t[j, 1])} for j, name in enumerate(LINEAR_NAMES)}
+
+
+def linear_lines(w: str, linears: dict, achieved: float | None) -> list[str]:
+    """The block linears' table of ``bench --profile``: ms per token in each product (+ waiting after it)."""
+    names = list(linears["dense"])
+    rows = [("dense", linears["dense"])] + ([(f"sparse {achieved:.3f}", linears["sparse"])] if linears.get("sparse")
+                                             else [])
+    out = [f"  {w}, block linears, ms per token in the product + waiting after it (summed over layers):",
+           "    " + " " * 13 + "".join(f"{n:>12}" for n in names)]
+    for role, t in rows:
+        out.append(f"    {role:<13}" + "".join(f"{t[n]['product_ms']:7.3f}+{t[n]['wait_ms']:.2f}"[:12].rjust(12)
+                                            for n in names))
+    if linears.get("sparse"):
+        out.append(f"    {'sparse/dense':<13}" + "".join(
+            f"{linears['sparse'][n]['product_ms'] / linears['dense'][n]['product_ms']:12.2f}" for n in names))
+    return out
+
+
 def profile_line(pr: dict, context: float) -> str:
     """One line saying where a dense token's time goes."""
     # On a tiny model the two runs are within noise and the difference can come out negative: say so.
@@ -204,6 +237,8 @@ def cmd_bench(args) -> None:
                 if e["floor"] is not None:
                     runs[key(w, "no_block_linears")].append(_engine_run(e["floor"], ids, args.new_tokens))
             _round_line(args, r, runs)
+        linears = {w: {role: _linear_times(e[role], ids, args.new_tokens) for role in ("dense", "sparse")
+                       if e[role] is not None} for w, e in engines.items()} if args.profile else {}
     finally:
         peers.close()
 
@@ -229,8 +264,8 @@ def cmd_bench(args) -> None:
             "dense_vs_llamacpp_quartiles": _per_round_quartiles(runs, key(w, "dense"), "llamacpp"),
             "sparse_vs_llamacpp_quartiles": _per_round_quartiles(runs, key(w, "sparse"), "llamacpp"),
             "sparse_vs_dense_per_round": _per_round(runs, key(w, "sparse"), key(w, "dense")),
-            "profile": (_profile(e["dense"], d, med(key(w, "no_block_linears")), context) if e["floor"] is not None
-                        else None),
+            "profile": ({**_profile(e["dense"], d, med(key(w, "no_block_linears")), context), "linears": linears[w]}
+                        if e["floor"] is not None else None),
         }
     first = by_weights[weights[0]]
     res = {
@@ -276,6 +311,7 @@ def cmd_bench(args) -> None:
     for w, b in by_weights.items():
         if b["profile"]:
             print(f"  {w}:" + profile_line(b["profile"], context)[1:])
+            print("\n".join(linear_lines(w, b["profile"]["linears"], b["achieved_sparsity"])))
     print(f"wrote {args.out}")
 
 

@@ -316,7 +316,7 @@ int sp_decode_step(const sp_model *M, sp_workspace *ws, int pos, int token, floa
             if (L->basis) { /* change of basis of the residual stream, h <- h R, in place: every partial sum has
                              * read h before the GEMV's barrier, and only then are the shares of h written */
                 const sp_weight R = {SP_W_F32, 0, 0, d, L->basis, NULL, NULL};
-                sp_gemv(&c, &R, d, ws->h, ws->iota, d, ws->h);
+                sp_gemv(&c, &R, d, ws->h, ws->iota, d, ws->h, NULL);
                 SP_BARRIER();
             }
             sp_attn_stage(&c, M, l, pos, dense);

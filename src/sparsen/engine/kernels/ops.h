@@ -193,7 +193,8 @@ void sp_gemv_partial(int ith, int nth, const sp_weight *w, int out, const float 
                      float *part, int stride);
 void sp_gemv_reduce(int ith, int nth, int out, const float *part, int stride, float *y);
 void sp_dot_rows(const sp_weight *w, int in, const float *x, const int *rows, int r0, int r1, float *y);
-void sp_gemv(sp_ctx *c, const sp_weight *w, int out, const float *x, const int *act, int n_act, float *y);
+void sp_gemv(sp_ctx *c, const sp_weight *w, int out, const float *x, const int *act, int n_act, float *y,
+             double *timing);
 void sp_linear(sp_ctx *c, const sp_model *M, int l, int j, const float *x, int n_in, const int *act,
                int n_act, int out, float *y, int dense);
 

@@ -20,7 +20,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define SP_ABI_VERSION 7
+#define SP_ABI_VERSION 8
 #define SP_CODE_TILE 64 /* keys per tile of the int8 label cache (sp_attn.codes) */
 
 /* Rule kinds, numbered as sparsen.core.rules.RuleKind (checked at load time through sp_rule_kinds()). */
@@ -163,6 +163,8 @@ typedef struct {
     uint64_t *mask_sum;       /* NULL, or [n_layers, SP_N_LIN] a checksum of each sparse token's active channels (a
                                * sum of hashed indices), summed: two engines that chose the same masks agree on it */
     const sp_attn *attn;      /* NULL: every layer attends densely */
+    double *timing;           /* NULL, or [threads, SP_N_LIN, 3] per thread and block linear, summed over layers and
+                               * steps: seconds in its product, seconds waiting at the barrier after it, products */
 } sp_model;
 
 /* Buffers of one engine, allocated once (sp_workspace_create) for a model and a thread count. Opaque to Python. */
