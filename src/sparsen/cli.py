@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "this many seconds is stopped and noted, as is one that crashes (default 900)")
     p.add_argument("--profile", action="store_true",
                    help="also time the engine with every block-linear input skipped, to split a token's time into the "
-                        "block linears and the rest (lm_head, attention, norms, synchronisation)")
+                        "block linears and the rest (lm_head, attention, norms, synchronisation), and each block "
+                        "linear's product and the wait after it, dense and sparse")
     p.add_argument("--quiet", action="store_true", help="no per-round lines")
 
     p = sub.add_parser("demo", help="the `make demo` job: profile, dense eval, 50%% plans (teal, our best), a report",
