@@ -12,17 +12,14 @@ Per task, the mean over the 10 seeds' SAEs (the paper's L1, and 3x it) of the no
 About 5 min per task on 2 cores.
 """
 
-import json
 import sys
 
 import numpy as np
 import torch
+from circuit_code_variants import committed_task  # this directory is on the path when a script in it runs
 
 from sparsen.circuits.codes import default_lambda, flip_scores, node_scores, train_code_sae
-from sparsen.circuits.heads import Heads
-from sparsen.circuits.run import CircuitConfig, _behaviour, roc_auc
-from sparsen.circuits.tasks import build_task
-from sparsen.circuits.truth import mean_difference
+from sparsen.circuits.run import roc_auc
 from sparsen.models import load_model
 
 OCTAVES = 16  # magnitude bins span 2^-8 .. 2^8
@@ -57,18 +54,7 @@ def magnitude_codes(c, v, d_sae, per_octave):
 def main(tasks):
     lm = load_model("smollm2")
     for name in tasks:
-        cfg = CircuitConfig(task=name)
-        res = json.load(open(f"benchmarks/results/circuits/{name}.json"))
-        names = res["heads"]["names"]
-        labels = np.zeros(len(names), bool)
-        labels[[names.index(n) for n in res["truth"]["sets"]["threshold"]]] = True
-        heads = Heads(lm, max_rows=cfg.max_rows)
-        task = build_task(name, lm.tokenizer, cfg.prompts, cfg.seed, model=lm.spec)
-        beh = _behaviour(heads, task)
-        work = task.subset([i for i in range(len(task)) if beh["m_pos"][i] > 0])
-        op, on = heads.outputs(work.pos_ids, cfg.mode, None), heads.outputs(work.neg_ids, cfg.mode, None)
-        print(name, "ground truth", int(labels.sum()), "heads; mean-difference AUC",
-              round(roc_auc(mean_difference(op, on), labels), 3), flush=True)
+        cfg, labels, op, on = committed_task(lm, name)
         aucs = {}
         both = torch.cat([op, on])
         for s in range(cfg.seeds):  # code_run's draw of the training prompts

@@ -27,21 +27,28 @@ VARIANTS = [dict(l1_times=1, null=False), dict(l1_times=1, null=True), dict(l1_t
             dict(l1_times=10, null=True)]
 
 
+def committed_task(lm, name):
+    """The task's default config, its committed ground truth as labels over heads, and the head outputs of the
+    positives the model solves and of their negatives (as `sparsen circuits` computes them); prints the baseline."""
+    cfg = CircuitConfig(task=name)
+    res = json.load(open(f"benchmarks/results/circuits/{name}.json"))
+    names = res["heads"]["names"]
+    labels = np.zeros(len(names), bool)
+    labels[[names.index(n) for n in res["truth"]["sets"]["threshold"]]] = True
+    heads = Heads(lm, max_rows=cfg.max_rows)
+    task = build_task(name, lm.tokenizer, cfg.prompts, cfg.seed, model=lm.spec)
+    beh = _behaviour(heads, task)
+    work = task.subset([i for i in range(len(task)) if beh["m_pos"][i] > 0])
+    op, on = heads.outputs(work.pos_ids, cfg.mode, None), heads.outputs(work.neg_ids, cfg.mode, None)
+    print(name, "ground truth", int(labels.sum()), "heads; mean-difference AUC",
+          round(roc_auc(mean_difference(op, on), labels), 3), flush=True)
+    return cfg, labels, op, on
+
+
 def main(tasks, variants=VARIANTS):
     lm = load_model("smollm2")
     for name in tasks:
-        cfg = CircuitConfig(task=name)
-        res = json.load(open(f"benchmarks/results/circuits/{name}.json"))
-        names = res["heads"]["names"]
-        labels = np.zeros(len(names), bool)
-        labels[[names.index(n) for n in res["truth"]["sets"]["threshold"]]] = True
-        heads = Heads(lm, max_rows=cfg.max_rows)
-        task = build_task(name, lm.tokenizer, cfg.prompts, cfg.seed, model=lm.spec)
-        beh = _behaviour(heads, task)
-        work = task.subset([i for i in range(len(task)) if beh["m_pos"][i] > 0])
-        op, on = heads.outputs(work.pos_ids, cfg.mode, None), heads.outputs(work.neg_ids, cfg.mode, None)
-        print(name, "ground truth", int(labels.sum()), "heads; mean-difference AUC",
-              round(roc_auc(mean_difference(op, on), labels), 3), flush=True)
+        cfg, labels, op, on = committed_task(lm, name)
         for v in variants:
             runs = [code_run(op, on, seed=cfg.seed + s, d_sae=cfg.codebook, l1=default_lambda(name) * v["l1_times"],
                              train_prompts=cfg.sae_prompts, null_code=v["null"]) for s in range(cfg.seeds)]
