@@ -132,13 +132,13 @@ def linear_lines(w: str, linears: dict, achieved: float | None) -> list[str]:
     rows = [("dense", linears["dense"])] + ([(f"sparse {achieved:.3f}", linears["sparse"])] if linears.get("sparse")
                                              else [])
     out = [f"  {w}, block linears, ms per token in the product + waiting after it (summed over layers):",
-           "    " + " " * 13 + "".join(f"{n:>12}" for n in names)]
+           "    " + " " * 13 + "".join(f"{n:>13}" for n in names)]
     for role, t in rows:
-        out.append(f"    {role:<13}" + "".join(f"{t[n]['product_ms']:7.3f}+{t[n]['wait_ms']:.2f}"[:12].rjust(12)
+        out.append(f"    {role:<13}" + "".join(f" {t[n]['product_ms']:.3f}+{t[n]['wait_ms']:.2f}".rjust(13)
                                             for n in names))
     if linears.get("sparse"):
         out.append(f"    {'sparse/dense':<13}" + "".join(
-            f"{linears['sparse'][n]['product_ms'] / linears['dense'][n]['product_ms']:12.2f}" for n in names))
+            f"{linears['sparse'][n]['product_ms'] / linears['dense'][n]['product_ms']:13.2f}" for n in names))
     return out
 
 
