@@ -171,16 +171,21 @@ def _median_rate(runs: dict, k: str):
     return statistics.median(runs[k]) if runs.get(k) else None
 
 
+def _round_ratios(runs: dict, a: str, b: str) -> list[float]:
+    """a's rate / b's, round by round (the rounds both ran)."""
+    return [x / y for x, y in zip(runs.get(a) or [], runs.get(b) or [])]
+
+
 def _per_round(runs: dict, a: str, b: str):
     """The median over rounds of a's rate / b's in the same round: the machine drifts between rounds."""
-    pairs = list(zip(runs.get(a) or [], runs.get(b) or []))
-    return statistics.median(x / y for x, y in pairs) if pairs else None
+    ratios = _round_ratios(runs, a, b)
+    return statistics.median(ratios) if ratios else None
 
 
 def _per_round_quartiles(runs: dict, a: str, b: str):
     """The first and third quartiles over rounds of a's rate / b's in the same round (how far a round's ratio
     strays from the median on this machine), or None under 4 rounds."""
-    ratios = [x / y for x, y in zip(runs.get(a) or [], runs.get(b) or [])]
+    ratios = _round_ratios(runs, a, b)
     if len(ratios) < 4:
         return None
     q = statistics.quantiles(ratios, n=4, method="inclusive")

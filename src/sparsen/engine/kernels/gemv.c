@@ -130,7 +130,7 @@ void sp_dot_rows(const sp_weight *wt, int in, const float *restrict x, const int
 /* y = W x over the active rows, every thread calling: partial sums, a barrier, this thread's share of the sum.
  * The partials alternate between two sets, so a thread that moves on to the next GEMV never overwrites a
  * partial another thread is still adding up (the barrier of that next GEMV orders the one after it).
- * timing (NULL: not timed): += this thread's seconds in its partial sums, then waiting at the barrier. */
+ * timing (NULL: not timed): += this thread's seconds in its partial sums, then waiting at the barrier, and 1. */
 void sp_gemv(sp_ctx *c, const sp_weight *w, int out, const float *x, const int *act, int n_act, float *y,
              double *timing) {
     sp_workspace *ws = c->ws;
@@ -140,7 +140,7 @@ void sp_gemv(sp_ctx *c, const sp_weight *w, int out, const float *x, const int *
     sp_gemv_partial(c->ith, c->nth, w, out, x, act, n_act, part, ws->stride);
     const double t1 = timing ? omp_get_wtime() : 0.0;
     SP_BARRIER();
-    if (timing) timing[0] += t1 - t0, timing[1] += omp_get_wtime() - t1;
+    if (timing) timing[0] += t1 - t0, timing[1] += omp_get_wtime() - t1, timing[2] += 1;
     sp_gemv_reduce(c->ith, c->nth, out, part, ws->stride, y);
 }
 
@@ -172,9 +172,7 @@ void sp_linear(sp_ctx *c, const sp_model *M, int l, int j, const float *x, int n
                int out, float *y, int dense) {
     const sp_layer *L = &M->layers[l];
     SP_ASSERT(n_act >= 0 && n_act <= n_in && n_in <= c->ws->wide && out <= c->ws->wide);
-    double *timing = M->timing ? M->timing + ((size_t)c->ith * SP_N_LIN + j) * 3 : NULL;
-    if (timing) timing[2] += 1;
-    sp_gemv(c, &L->w[j], out, x, act, n_act, y, timing);
+    sp_gemv(c, &L->w[j], out, x, act, n_act, y, M->timing ? M->timing + ((size_t)c->ith * SP_N_LIN + j) * 3 : NULL);
     if (!dense && L->lr_a[j]) lowrank_add(c, M, L, j, x, n_in, act, n_act, out, y);
     if (L->bias[j]) {
         int lo, hi;
