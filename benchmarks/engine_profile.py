@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/engine_profile.py WEIGHTS [PLAN.json] [--steps N]
 
-runs itself under `perf record` (Debian's linux-perf), then prints each
+runs itself under `perf record` (Debian's linux-perf; greedy steps, as `sparsen bench` times them), then prints each
 kernel function's share of the samples taken in the kernels and in libgomp (the threads waiting at barriers), the
 model's loading and Python left out. A profile, not a benchmark: shares, no rates.
 """
@@ -26,7 +26,7 @@ def decode(weights: str, plan: str | None, steps: int) -> None:
     ids = lm.tokenizer("The history of the city begins", add_special_tokens=False)["input_ids"]
     tok = int(np.argmax(engine.prefill(ids)))
     for _ in range(steps):
-        tok = int(np.argmax(engine.step(tok)))
+        tok = int(np.argmax(engine.step(tok, greedy=True)))
 
 
 def main() -> None:

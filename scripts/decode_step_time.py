@@ -47,7 +47,7 @@ def main() -> None:
             Path(args.ready).write_text("ready")
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            tok = int(engine.step(tok).argmax())
+            tok = int(engine.step(tok, greedy=True).argmax())
         ms = (time.perf_counter() - t0) / args.steps * 1e3
         gc.enable()
         print(f"{spec}: {ms:.2f} ms/token ({args.context} context, {args.weights} weights, {args.kv_dtype} KV)", flush=True)

@@ -179,11 +179,11 @@ def test_out_of_range_tokens_and_positions_are_errors_not_crashes(tiny_llama):
             engine.step(bad)
     # the C step checks too, whatever Python passes it
     lib, m, logits = engine.lib, ctypes.byref(engine._model), ptr(engine.logits)
-    assert lib.sp_decode_step(m, engine._ws, 0, engine.vocab, logits, 1) == -2
-    assert lib.sp_decode_step(m, engine._ws, 0, -5, logits, 1) == -2
-    assert lib.sp_decode_step(m, engine._ws, 4, 1, logits, 1) == -1
-    assert lib.sp_decode_step(m, engine._ws, -1, 1, logits, 1) == -1
-    assert lib.sp_decode_step(m, engine._ws, 3, 1, logits, 1) == 0
+    assert lib.sp_decode_step(m, engine._ws, 0, engine.vocab, logits, 1, 0) == -2
+    assert lib.sp_decode_step(m, engine._ws, 0, -5, logits, 1, 0) == -2
+    assert lib.sp_decode_step(m, engine._ws, 4, 1, logits, 1, 0) == -1
+    assert lib.sp_decode_step(m, engine._ws, -1, 1, logits, 1, 0) == -1
+    assert lib.sp_decode_step(m, engine._ws, 3, 1, logits, 1, 0) == 0
     for t in (1, 2, 3, 4):
         engine.step(t)
     with pytest.raises(SparsenError, match="context is full"):

@@ -11,7 +11,7 @@ from sparsen import SparsenError, load_model
 from sparsen.cli import main
 from sparsen.core.rules import RuleKind
 from sparsen.engine import Engine, c_weight, choose_weights, kernels
-from sparsen.engine.quant import W_Q4, W_Q4_RUNS, W_Q8, pack
+from sparsen.engine.quant import W_Q4, W_Q4_RUNS, W_Q8, head_bound, head_bound_refusal, pack
 from sparsen.models.gguf_weights import DECODERS, QuantTensor, read_gguf_weights
 
 TINY_TYPES = {"q": "Q4_0", "k": "Q5_0", "v": "Q5_1", "o": "Q8_0", "gate": "Q4_K", "up": "Q4_1", "down": "Q6_K"}
@@ -26,8 +26,9 @@ def ptr(a):
     return a.ctypes.data
 
 
-def random_raw(qtype: str, rows: int, n_in: int, rng, scale: float = 0.01) -> np.ndarray:
-    """A tensor's bytes as a GGUF stores them: random codes, random (finite) fp16 scales and minima."""
+def random_raw(qtype: str, rows: int, n_in: int, rng, scale: float = 0.01, positive: bool = False) -> np.ndarray:
+    """A tensor's bytes as a GGUF stores them: random codes, random (finite) fp16 scales and minima (``positive``:
+    scales >= 0, as ggml's Q8_0 writes them)."""
     import gguf
 
     block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
@@ -35,6 +36,7 @@ def random_raw(qtype: str, rows: int, n_in: int, rng, scale: float = 0.01) -> np
     raw = rng.integers(0, 256, (rows, nb, nbytes), dtype=np.uint8)
     for k in HALF_FIELDS[qtype]:
         half = (rng.standard_normal((rows, nb)) * scale).astype(np.float16)
+        half = np.abs(half) if positive else half
         raw[:, :, k:k + 2] = half.view(np.uint8).reshape(rows, nb, 2)
     return raw.reshape(rows, nb * nbytes)
 
@@ -124,6 +126,62 @@ def test_quantized_rows_equal_the_dequantized_product(qtype, n_in):
     assert np.abs(y - W @ x).max() <= 1e-6 * scale
 
 
+def random_head(vocab: int, d: int, seed: int) -> QuantTensor:
+    """A Q8_0 lm_head as ggml writes one (scales >= 0), with a few rows of extreme codes and two equal rows."""
+    rng = np.random.default_rng(seed)
+    qt = QuantTensor("h", "Q8_0", *DECODERS["Q8_0"](random_raw("Q8_0", vocab, d, rng, 0.01, positive=True), vocab))
+    qt.codes[3], qt.codes[4], qt.codes[5] = 127, -128, np.where(rng.random(d) < 0.5, 127, -128)
+    qt.codes[vocab - 1], qt.scale[vocab - 1] = qt.codes[7], qt.scale[7]  # a tie with row 7
+    return qt
+
+
+def head_inputs(d: int, seed: int):
+    """Inputs a final norm might give, and harder ones: outliers, zeros, a block of zeros, one sign."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(d).astype(np.float32)
+    spiky = x.copy()
+    spiky[rng.choice(d, 3, replace=False)] = [40.0, -25.0, 60.0]
+    holes = x * (rng.random(d) < 0.3)
+    holes[:32] = 0
+    return [x, spiky, holes, np.abs(x), np.zeros(d, np.float32), np.full(d, 1e-30, np.float32)]
+
+
+def check_greedy_head(lib, vocab: int, d: int, seed: int) -> None:
+    """The bound is at least every row's logit (as the rows product computes it), and a greedy head's logits are the
+    rows product's where finite, -inf elsewhere, with the same first largest."""
+    p = pack(random_head(vocab, d, seed), transposed=False)
+    hb = head_bound(p)
+    assert hb.rows % 64 == 0 and hb.rows >= vocab and head_bound_refusal(p) is None
+    cw = c_weight(p)
+    from sparsen.engine import HeadBoundC
+
+    chb = HeadBoundC(hb.rows, ptr(hb.nib), ptr(hb.bits), ptr(hb.scale))
+    for x in head_inputs(d, seed):
+        full, bound, greedy = (np.full(vocab, np.nan, np.float32) for _ in range(3))
+        lib.sp_test_dot_rows(ctypes.byref(cw), d, vocab, ptr(x), None, 0, ptr(full), 2)
+        assert lib.sp_test_head(ctypes.byref(cw), ctypes.byref(chb), vocab, d, ptr(x), ptr(bound), 0, 2) == 0
+        assert np.all(bound >= full), float((full - bound).max())
+        assert lib.sp_test_head(ctypes.byref(cw), ctypes.byref(chb), vocab, d, ptr(x), ptr(greedy), 1, 2) == 0
+        kept = np.isfinite(greedy)
+        assert np.all(greedy[~kept] == -np.inf) and np.array_equal(greedy[kept], full[kept])
+        assert int(np.argmax(greedy)) == int(np.argmax(full)) and np.all(full[~kept] < full.max())
+        if x.any():  # the bound leaves few rows on a random head (a zero input leaves every row tied)
+            assert kept.mean() < 0.5
+
+
+@pytest.mark.parametrize("vocab,d", [(1000, 96), (4096, 576), (64, 32)])
+def test_greedy_head_bounds_every_logit_and_keeps_the_largest(vocab, d):
+    check_greedy_head(kernels(), vocab, d, seed=vocab + d)
+
+
+def test_greedy_head_refuses_what_it_cannot_bound():
+    p = pack(random_head(128, 64, 0), transposed=False)
+    p.scale[5, 1] = -p.scale[5, 1] - 1e-3
+    assert "negative" in head_bound_refusal(p)
+    assert "int8 rows" in head_bound_refusal(pack(random_tensor("Q4_1", 128, 64), transposed=False))
+    assert "int8 rows" in head_bound_refusal(pack(random_tensor("Q8_0", 128, 64), transposed=True))
+
+
 # --- a tiny Llama written as a GGUF ----------------------------------------------------------------------
 def write_tiny_llama_gguf(path, types: dict, seed: int = 0):
     """A random 2-layer Llama (hidden 256, 4 heads, 2 KV heads, MLP 512: the K-quants' blocks of 256 fit) with
@@ -158,12 +216,12 @@ def write_tiny_llama_gguf(path, types: dict, seed: int = 0):
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
 
-    def quantized(name, qtype, rows, n_in, scale=None):
+    def quantized(name, qtype, rows, n_in, scale=None, positive=False):
         t = gguf.GGMLQuantizationType[qtype]
-        w.add_tensor(name, random_raw(qtype, rows, n_in, rng, scale or WEIGHT_SCALE[qtype]),
+        w.add_tensor(name, random_raw(qtype, rows, n_in, rng, scale or WEIGHT_SCALE[qtype], positive),
                      raw_shape=(rows, gguf.quant_shape_to_byte_shape((n_in,), t)[0]), raw_dtype=t)
 
-    quantized("token_embd.weight", "Q8_0", vocab, d, 0.004)
+    quantized("token_embd.weight", "Q8_0", vocab, d, 0.004, positive=True)
     w.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(d)).astype(np.float32))
     dims = {"q": (d, d), "k": (kv * d // heads, d), "v": (kv * d // heads, d), "o": (d, d), "gate": (inter, d),
             "up": (inter, d), "down": (d, inter)}
@@ -197,7 +255,11 @@ def test_a_gguf_of_another_shape_loads_and_matches_its_dequantized_reference(tin
             assert np.array_equal(gw.linears[b.index, n].dequantize(), lin.weight.numpy()), (b.index, n)
     assert np.array_equal(gw.lm_head.dequantize(), ad.lm_head.weight.numpy())
     ids = lm.tokenizer("The history of the city begins", add_special_tokens=False)["input_ids"]
-    check_against_hf(lm, Engine(lm, dtype="gguf", max_seq=64), ids, 16)
+    engine = Engine(lm, dtype="gguf", max_seq=64)
+    assert (engine.head_bound is not None) == bool(kernels().sp_head_bound_vectorized())
+    check_against_hf(lm, engine, ids, 16)  # greedy generate with the head's bound where it is on
+    full = Engine(lm, dtype="gguf", max_seq=64, greedy_head=False)
+    assert full.head_bound is None and full.generate(ids, 16) == engine.generate(ids, 16)
 
 
 def test_gguf_weights_refuse_what_they_cannot_run(tiny_gguf, tiny_llama, tmp_path):
@@ -238,6 +300,9 @@ def test_bench_rows_for_several_weights(tiny_gguf, tmp_path):
         assert set(lin) == {"dense", "sparse"} and list(lin["dense"]) == ["q", "k", "v", "o", "gate", "up", "down"]
         assert all(t["product_ms"] > 0 and t["wait_ms"] >= 0 for r in lin.values() for t in r.values())
     assert g["achieved_sparsity"] == pytest.approx(f["achieved_sparsity"], abs=0.02)  # the same masks, near enough
+    # greedy steps on the int8 lm_head read its bound and a few rows (where the bound has its vector kernel)
+    assert g["greedy_head"] == bool(kernels().sp_head_bound_vectorized()) and not f["greedy_head"]
+    assert (g["lm_head_rows_dotted"] is not None) == g["greedy_head"] and f["lm_head_rows_dotted"] is None
     # bytes: Q4_1 codes are 1/8 of fp32's; the blocks' scales come on top
     assert g["dense_mb_per_token"] < f["dense_mb_per_token"] / 3 and g["bound_speedup"] > 1
 
@@ -248,7 +313,8 @@ def test_smollm2_gguf_engine_matches_hf_generate(smollm2):
     ids = smollm2.tokenizer("The history of the city begins", add_special_tokens=False)["input_ids"]
     engine = Engine(smollm2, dtype="gguf", max_seq=128)
     assert engine.packed["layers.0.q"].type == W_Q4 and engine.packed["lm_head"].type == W_Q8  # Q4_1, Q8_0
-    check_against_hf(smollm2, engine, ids, 64)
+    assert (engine.head_bound is not None) == bool(kernels().sp_head_bound_vectorized())
+    check_against_hf(smollm2, engine, ids, 64)  # greedy generate reads the head's bound where it is on
 
 
 def checked_gguf_engine(lm, plan) -> Engine:
@@ -367,6 +433,11 @@ def test_every_isa_build_equals_the_dequantized_product(qtype, n_out, isa_kernel
     z = np.zeros(n_out, np.float32)
     isa_kernels.sp_test_dot_rows(ctypes.byref(cr), n_in, n_out, ptr(x), None, 0, ptr(z), 2)
     assert np.abs(z - W @ x).max() <= 1e-6 * np.abs(W).max() * np.abs(x).sum()
+
+
+def test_every_isa_build_bounds_the_greedy_head(isa_kernels):
+    """The bound's scalar form (builds without AVX-512 VNNI) and its vector form alike."""
+    check_greedy_head(isa_kernels, 1000, 96, seed=11)
 
 
 @pytest.mark.parametrize("n", [7, 37, 576, 1539])

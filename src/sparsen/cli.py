@@ -287,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time the engine with every block-linear input skipped, to split a token's time into the "
                         "block linears and the rest (lm_head, attention, norms, synchronisation), and each block "
                         "linear's product and the wait after it, dense and sparse")
+    p.add_argument("--full-logits", action="store_true",
+                   help="greedy steps dot every lm_head row (by default, on a GGUF's int8 lm_head, they bound every "
+                        "logit from the codes' top five bits and dot only the rows that can be the largest)")
     p.add_argument("--quiet", action="store_true", help="no per-round lines")
 
     p = sub.add_parser("demo", help="the `make demo` job: profile, dense eval, 50%% plans (teal, our best), a report",

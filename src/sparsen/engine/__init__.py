@@ -30,13 +30,13 @@ from sparsen.core.rules import (
 )
 from sparsen.core.sites import Site, SiteKind, model_sites
 from sparsen.engine.cpu import cpu_flags
-from sparsen.engine.quant import W_BF16, W_F32, Packed, pack
+from sparsen.engine.quant import W_BF16, W_F32, Packed, head_bound, head_bound_refusal, pack
 from sparsen.errors import SparsenError
 from sparsen.models.adapters import LINEAR_NAMES
 from sparsen.models.gguf_weights import QuantTensor, read_gguf_weights, unsupported_tensor
 from sparsen.models.loading import stop_ids  # noqa: F401  (engine.stop_ids, as before)
 
-ABI_VERSION = 8
+ABI_VERSION = 9
 """must equal SP_ABI_VERSION in kernels/sparsen.h (bumped with any change to the structs below)"""
 DTYPES = ("fp32", "bf16", "gguf")  # gguf: the model file's own quantized weights (engine.quant)
 KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}  # the KV cache's storage (fp16: IEEE half)
@@ -72,12 +72,17 @@ class Layer(ctypes.Structure):  # sp_layer
                 ("n_experts", _i), ("expert_size", _i), ("top_k", _i)]
 
 
+class HeadBoundC(ctypes.Structure):  # sp_head_bound
+    _fields_ = [("rows", _i), ("nib", _p), ("bits", _p), ("scale", _p)]
+
+
 class Model(ctypes.Structure):  # sp_model
     _fields_ = [("n_layers", _i), ("d", _i), ("n_heads", _i), ("n_kv", _i), ("head_dim", _i), ("inter", _i),
                 ("vocab", _i), ("max_seq", _i), ("wbf16", _i), ("activation", _i), ("eps", _f), ("attn_scale", _f),
                 ("embed_scale", _f), ("logit_softcap", _f), ("layers", _p), ("embed", _p), ("final_norm", _p),
                 ("lm_head", Weight), ("kv_f16", _i), ("k_cache", _p), ("v_cache", _p), ("active", _p), ("seen", _p),
-                ("blocks", _p), ("mask_sum", _p), ("attn", _p), ("timing", _p)]
+                ("blocks", _p), ("mask_sum", _p), ("attn", _p), ("timing", _p), ("head_bound", _p),
+                ("head_tally", _p)]
 
 
 class Attn(ctypes.Structure):  # sp_attn
@@ -89,7 +94,7 @@ class Attn(ctypes.Structure):  # sp_attn
 
 
 STRUCTS = {"sp_rule": (0, Rule), "sp_layer": (1, Layer), "sp_model": (2, Model), "sp_attn": (3, Attn),
-           "sp_weight": (4, Weight)}
+           "sp_weight": (4, Weight), "sp_head_bound": (5, HeadBoundC)}
 """name: (SP_STRUCT_*, ctypes)"""
 
 STATUS = {  # enum sp_status
@@ -148,9 +153,11 @@ def open_kernels(path: str | Path, abi_version: int = ABI_VERSION) -> ctypes.CDL
                            f"({lib.sp_attn_methods().decode()} vs {methods}): {REBUILD}")
     lib.sp_workspace_create.argtypes, lib.sp_workspace_create.restype = [_p, _i, ctypes.POINTER(_i)], _p
     lib.sp_workspace_free.argtypes, lib.sp_workspace_free.restype = [_p], None
-    lib.sp_decode_step.argtypes, lib.sp_decode_step.restype = [_p, _p, _i, _i, _p, _i], _i
+    lib.sp_decode_step.argtypes, lib.sp_decode_step.restype = [_p, _p, _i, _i, _p, _i, _i], _i
+    lib.sp_head_bound_vectorized.argtypes, lib.sp_head_bound_vectorized.restype = [], _i
     tests = {"sp_test_gemv": [_p, _i, _i, _p, _p, _i, _p, _i], "sp_test_dot_rows": [_p, _i, _i, _p, _p, _i, _p, _i],
-             "sp_test_mask": [_i, _f, _p, _p, _i, _p], "sp_test_top_budget": [_p, _i, _i, _p]}
+             "sp_test_mask": [_i, _f, _p, _p, _i, _p], "sp_test_top_budget": [_p, _i, _i, _p],
+             "sp_test_head": [_p, _p, _i, _i, _p, _p, _i, _i]}
     for name, args in tests.items():  # the ops' test hooks (an older build, as scripts/kernel_ab.py loads, may lack one)
         if hasattr(lib, name):
             getattr(lib, name).argtypes, getattr(lib, name).restype = args, _i
@@ -353,7 +360,9 @@ class Engine:
     minima (``engine.quant``: never requantized, so the products equal the fp32 model's up to summation order; plans
     that rotate or add weights cannot use them: ``gguf_refusal``); norms, biases and the embedding stay fp32.
     ``max_seq``: the context, prompt and generated tokens together. ``kv_dtype``: the KV cache's storage, fp32 or fp16
-    (IEEE half).
+    (IEEE half). ``greedy_head``: on a GGUF's int8 (Q8_0) lm_head, greedy steps (``step(..., greedy=True)``, greedy
+    ``generate``) bound every logit from the codes' top five bits and dot only the rows that can be the largest
+    (``kernels/head.c``; needs AVX-512 VNNI, else every row is dotted): the same token, fewer bytes.
 
     A plan with an ``attention`` entry (``sparsen.methods.attention``) selects keys on every generated token in
     its full-attention layers past ``dense_layers``: the kernels estimate, choose the positions and read only those
@@ -362,7 +371,7 @@ class Engine:
     """
 
     def __init__(self, lm, plan=None, dtype: str = "fp32", threads: int = 2, max_seq: int = 2048,
-                 kv_dtype: str = "fp32"):
+                 kv_dtype: str = "fp32", greedy_head: bool = True):
         if dtype not in DTYPES:
             raise SparsenError(f"weights dtype '{dtype}' is not supported: use one of {', '.join(DTYPES)}")
         if kv_dtype not in KV_DTYPES:
@@ -395,7 +404,7 @@ class Engine:
             sp = plan.build_sparsifier(src)  # also checks the plan's sites, factors and attention config
             added, selectors = sp.added_params, sp.attention_rules
         self.lm, self.plan, self.dtype, self.threads, self.max_seq = lm, plan, dtype, threads, max_seq
-        self.kv_dtype, self.added_params = kv_dtype, added
+        self.kv_dtype, self.added_params, self.greedy_head = kv_dtype, added, bool(greedy_head)
         self._keep: list[np.ndarray] = []  # every array the C side points to stays alive here
         self._build(src, plan)
         self._build_attention(src.adapter, plan, selectors)
@@ -421,6 +430,7 @@ class Engine:
         self.packed = None  # gguf: {site: engine.quant.Packed}, "lm_head" included
         self.mask_sum = None  # record_masks()
         self.timing = None  # time_linears()
+        self.head_bound = None  # gguf: the greedy steps' bound on the lm_head (engine.quant.HeadBound), or None
         gw = None
         if dtype == "gguf":
             gw = read_gguf_weights(src.source, ad.n_layers, ad.n_heads, ad.n_kv_heads)
@@ -541,10 +551,16 @@ class Engine:
         tied = ad.lm_head.weight.data_ptr() == ad.embed.weight.data_ptr()
         if gw is not None:
             _check_file_weight(gw.lm_head, ad.lm_head.weight, "lm_head")
-            self.packed["lm_head"] = pack(gw.lm_head, transposed=False)
-            m.lm_head = c_weight(self.packed["lm_head"], keep)
+            head = self.packed["lm_head"] = pack(gw.lm_head, transposed=False)
+            m.lm_head = c_weight(head, keep)
+            if self.greedy_head and self.lib.sp_head_bound_vectorized() and head_bound_refusal(head) is None:
+                hb = self.head_bound = head_bound(head)
+                self._head_bound_c = HeadBoundC(hb.rows, keep(hb.nib), keep(hb.bits), keep(hb.scale))
+                m.head_bound = ctypes.addressof(self._head_bound_c)
         else:
             m.lm_head = c_weight(embed if tied and dtype == "fp32" else weight_array(ad.lm_head.weight, dtype), keep)
+        self.head_tally = np.zeros(2, np.int64)  # greedy steps with the bound, lm_head rows they dotted exactly
+        m.head_tally = keep(self.head_tally)
         kv = (self.n_layers, self.n_kv, self.max_seq, self.head_dim)
         self.k_cache, self.v_cache = np.zeros(kv, KV_DTYPES[self.kv_dtype]), np.zeros(kv, KV_DTYPES[self.kv_dtype])
         m.kv_f16 = int(self.kv_dtype == "fp16")
@@ -647,21 +663,24 @@ class Engine:
         self.active[:] = 0
         self.seen[:] = 0
         self.blocks[:] = 0
+        self.head_tally[:] = 0
         if self.attn_state is not None:
             self.attn_state["tally"][:] = 0
             if "mass" in self.attn_state:
                 self.attn_state["mass"][:] = 0
                 self.attn_state["held"][:] = 1
 
-    def step(self, token: int, dense: bool = False) -> np.ndarray:
-        """Run one token at the next position; returns its logits (a buffer reused by the next call)."""
+    def step(self, token: int, dense: bool = False, greedy: bool = False) -> np.ndarray:
+        """Run one token at the next position; returns its logits (a buffer reused by the next call). ``greedy``: only
+        their largest is needed; with a ``head_bound`` the logits are then exact where they can be the largest and
+        -inf elsewhere (the same argmax, first of ties included)."""
         token = int(token)
         if not 0 <= token < self.vocab:
             raise SparsenError(f"token id {token} is outside the vocabulary [0, {self.vocab}): check the tokenizer")
         if self.pos >= self.max_seq:
             raise SparsenError(f"the context is full ({self.max_seq} tokens): raise max_seq or shorten the run")
         rc = self.lib.sp_decode_step(ctypes.byref(self._model), self._ws, self.pos, token, _ptr(self.logits),
-                                     int(dense))
+                                     int(dense), int(greedy))
         if rc != 0:
             raise SparsenError(f"the engine refused the token at position {self.pos}: {_status(rc)}")
         self.pos += 1
@@ -797,7 +816,7 @@ class Engine:
             if tok in stop:
                 break
             if i + 1 < max_new_tokens:
-                logits = self.step(tok)
+                logits = self.step(tok, greedy=temperature <= 0)
         return out
 
     def generate_text(self, prompt: str, max_new_tokens: int = 64, chat: bool = False, **sampling) -> str:
@@ -880,9 +899,15 @@ def bytes_per_token(engine: Engine, sparsity: float, context: float) -> float:
 
 def weight_bytes(engine: Engine, sparsity: float) -> tuple[float, float]:
     """(block linears, lm_head): the weight bytes a token reads with the block linears at ``sparsity``; on quantized
-    weights (``dtype="gguf"``) the block linears' are ``quantized_block_bytes`` (dense at sparsity 0)."""
+    weights (``dtype="gguf"``) the block linears' are ``quantized_block_bytes`` (dense at sparsity 0), and the
+    lm_head's, after greedy steps with its bound (``head_tally``), the bound and the mean rows they dotted."""
     if engine.packed is not None:
-        return quantized_block_bytes(engine, sparsity > 0), engine.packed["lm_head"].nbytes
+        head = engine.packed["lm_head"]
+        steps, rows = engine.head_tally
+        if steps:  # greedy steps read the bound, then the rows they dot
+            return (quantized_block_bytes(engine, sparsity > 0),
+                    engine.head_bound.nbytes + rows / steps * head.nbytes / head.shape[0])
+        return quantized_block_bytes(engine, sparsity > 0), head.nbytes
     wbytes = 2 if engine.dtype == "bf16" else 4
     return sum(engine.params.values()) * wbytes * (1 - sparsity), engine.vocab * engine.d * wbytes
 

@@ -87,14 +87,20 @@ def cmd_generate(args) -> None:
 # --- bench -------------------------------------------------------------------------------------
 def _engine_run(engine, ids, n_new, prefix=None) -> float:
     """Decode tokens/s of the engine: prefill dense (not timed; through torch when given its ``prefix``), then n_new
-    tokens (greedy)."""
+    tokens (greedy steps: with the engine's ``head_bound``, only the lm_head rows that can be the largest are dotted)."""
     logits = engine.prefill(ids, via="torch", prefix=prefix) if prefix is not None else engine.prefill(ids)
     with no_gc():
         t0 = time.perf_counter()
         tok = int(np.argmax(logits))
         for _ in range(n_new):
-            tok = int(np.argmax(engine.step(tok)))
+            tok = int(np.argmax(engine.step(tok, greedy=True)))
         return n_new / (time.perf_counter() - t0)
+
+
+def _rows_dotted(engine) -> float | None:
+    """The lm_head rows a greedy step with the engine's bound dotted, on average (None: no such step)."""
+    steps, rows = engine.head_tally
+    return rows / steps if steps else None
 
 
 def _profile(engine, dense_tok_s, floor_tok_s, context) -> dict:
@@ -119,7 +125,7 @@ def _linear_times(engine, ids, n_new) -> dict:
         tok = int(np.argmax(engine.prefill(ids)))
         timing[:] = 0
         for _ in range(n_new):
-            tok = int(np.argmax(engine.step(tok)))
+            tok = int(np.argmax(engine.step(tok, greedy=True)))
         t = timing.mean(0) * 1e3 / n_new
     finally:
         engine.time_linears(False)
@@ -221,7 +227,8 @@ def cmd_bench(args) -> None:
                                for name, site in model_sites(lm.adapter).items() if site.kind is SiteKind.LINEAR_INPUT})
     engines = {}  # weights -> {"dense", "sparse", "floor"}: Engine or None
     for w in weights:
-        opts = {"dtype": w, "threads": args.threads, "max_seq": max_seq, "kv_dtype": kv}
+        opts = {"dtype": w, "threads": args.threads, "max_seq": max_seq, "kv_dtype": kv,
+                "greedy_head": not args.full_logits}
         engines[w] = {"dense": Engine(lm, None, **opts), "sparse": Engine(lm, plan, **opts) if plan else None,
                       "floor": Engine(lm, skip_all, **opts) if skip_all else None}
     peers = Peers(systems, PeerSpec(lm.spec, str(lm.source), args.threads, max_seq + 8), args.peer_timeout)
@@ -260,6 +267,8 @@ def cmd_bench(args) -> None:
         by_weights[w] = {
             "engine_dense_tok_s": d, "engine_sparse_tok_s": sp, "achieved_sparsity": achieved,
             "speedup_vs_dense": sp / d if sp else None,
+            "greedy_head": e["dense"].head_bound is not None,
+            "lm_head_rows_dotted": _rows_dotted(e["dense"]),
             "bound_speedup": (bytes_per_token(e["dense"], 0.0, context) / bytes_per_token(sparse, achieved, context)
                               if sparse is not None else None),
             "dense_mb_per_token": bytes_per_token(e["dense"], 0.0, context) / 1e6,
@@ -285,7 +294,9 @@ def cmd_bench(args) -> None:
         "by_weights": by_weights,
         "raw_tok_s": runs,
         "machine": machine(args.threads, peers),
-        "notes": {**peers.notes(), "engine": "prompt prefilled dense (not timed), then new_tokens greedy steps timed",
+        "notes": {**peers.notes(), "engine": "prompt prefilled dense (not timed), then new_tokens greedy steps timed"
+                  + ("" if args.full_logits else "; greedy_head: the steps bound every logit from the int8 lm_head's "
+                     "top five bits and dot only the rows that can be the largest (the same tokens)"),
                   "bytes": "per token: block linears (quantized: the active channels' codes, the scales and minima of "
                            "the blocks holding one), lm_head, K and V rows",
                   "ratios": "by_weights' *_vs_llamacpp and sparse_vs_dense_per_round: the median over rounds of the "
@@ -307,6 +318,10 @@ def cmd_bench(args) -> None:
             print(f"  {'engine ' + w + ' ' + role:<26}{v:8.1f}{mb:10.1f}" + (f"{vs:13.2f}x" if vs else "")
                   + (f"  ({q[0]:.2f}-{q[1]:.2f})" if vs and q else ""))
     _peer_lines(res, peers, width=26)
+    for w, b in by_weights.items():
+        if b["greedy_head"]:
+            print(f"  {w}: greedy steps bound the lm_head's logits and dot {b['lm_head_rows_dotted']:.0f} of its rows "
+                  "a step (--full-logits: every row)")
     for w, b in by_weights.items():
         if b["engine_sparse_tok_s"] is not None:
             print(f"  {w}: sparse / dense {b['speedup_vs_dense']:.2f}x (per round {b['sparse_vs_dense_per_round']:.2f}x) at "
@@ -332,7 +347,8 @@ def _bench_context(args, lm, plan, systems, weights: str) -> None:
     configs = [parse_attention_spec(s) for s in specs]  # a bad spec fails before any model work
     ids = corpus_windows(lm.tokenizer, "wikitext2-test", args.context, 1, bos=lm.window_bos)[0].tolist()
     max_seq = len(ids) + args.new_tokens + 2
-    opts = {"dtype": weights, "threads": args.threads, "max_seq": max_seq, "kv_dtype": args.kv_dtype}
+    opts = {"dtype": weights, "threads": args.threads, "max_seq": max_seq, "kv_dtype": args.kv_dtype,
+            "greedy_head": not args.full_logits}
     engines = {"engine dense": Engine(lm, None, **opts)}
     for spec, cfg in zip(specs, configs):  # calibrated once per spec
         engines[spec] = Engine(lm, attention_plan(lm, cfg, base=plan, progress=not args.quiet), **opts)

@@ -122,3 +122,54 @@ def _aligned(a: np.ndarray, alignment: int = 64) -> np.ndarray:
     out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
     out[...] = a
     return out
+
+
+@dataclass
+class HeadBound:
+    """A greedy step's bound on every logit of an int8 lm_head (``sp_head_bound``, ``kernels/head.c``): each code's
+    top five bits, in tiles of 64 rows, and the rows' scales beside them."""
+
+    rows: int  # the vocabulary rounded up to a multiple of 64
+    nib: np.ndarray  # uint8 [rows / 64, d / 32, 4, 4, 64]
+    bits: np.ndarray  # uint64 [rows / 64, d / 32, 4, 4, 2]
+    scale: np.ndarray  # float16 [rows / 64, d / 32, 64]
+
+    @property
+    def nbytes(self) -> int:
+        return self.nib.nbytes + self.bits.nbytes + self.scale.nbytes
+
+
+def head_bound_refusal(head: Packed) -> str | None:
+    """Why a greedy step cannot bound this lm_head's logits from its codes' top bits (None: it can)."""
+    if head.transposed or head.type != W_Q8 or head.block != 32 or head.min is not None:
+        return "the lm_head is not int8 rows in blocks of 32 without minima"
+    if head.scale.dtype != np.float16:
+        return "the lm_head's scales are not IEEE half"
+    s = head.scale.astype(np.float32)
+    if not (np.isfinite(s).all() and (s >= 0).all()):
+        return "the lm_head has a negative or non-finite scale (the bound needs d >= 0)"
+    return None
+
+
+def head_bound(head: Packed) -> HeadBound:
+    """The bound's layout of an int8 lm_head (``head_bound_refusal`` is None): for tile t of 64 rows, block b of 32
+    inputs, group g of 8 inputs and 16 rows s, byte 4l + m of ``nib`` holds (q >> 4) + 8 of input 8g + m (low nibble)
+    and of 8g + 4 + m (high) of row 64t + 16s + l; bit 4l + m of ``bits``' first (second) word (q >> 3) & 1 of the
+    same inputs."""
+    vocab, d = head.shape
+    rows = -(-vocab // 64) * 64
+    q = np.zeros((rows, d), np.int16)
+    q[:vocab] = head.data
+    nb = d // 32
+    # [tile, s, l, block, g, half, m] -> [tile, block, g, s, l, m, half]
+    q = q.reshape(rows // 64, 4, 16, nb, 4, 2, 4).transpose(0, 3, 4, 1, 2, 6, 5)
+    nib = ((q >> 4) + 8).astype(np.uint8)
+    nib = nib[..., 0] | (nib[..., 1] << 4)  # [tile, block, g, s, l, m]
+    bit = ((q >> 3) & 1).astype(np.uint8)  # [tile, block, g, s, l, m, half]
+    bit = np.moveaxis(bit, -1, -3).reshape(rows // 64, nb, 4, 4, 2, 64)  # [.., half, 4l + m]
+    words = np.packbits(bit, axis=-1, bitorder="little").view("<u8")[..., 0]
+    scale = np.zeros((rows, nb), np.float16)
+    scale[:vocab] = head.scale
+    scale = scale.reshape(rows // 64, 64, nb).transpose(0, 2, 1)
+    return HeadBound(rows, _aligned(nib.reshape(rows // 64, nb, 4, 4, 64)), _aligned(np.ascontiguousarray(words)),
+                     _aligned(scale))

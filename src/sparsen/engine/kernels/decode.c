@@ -65,6 +65,7 @@ long sp_struct_size(int which) {
     case SP_STRUCT_MODEL: return (long)sizeof(sp_model);
     case SP_STRUCT_ATTN: return (long)sizeof(sp_attn);
     case SP_STRUCT_WEIGHT: return (long)sizeof(sp_weight);
+    case SP_STRUCT_HEAD_BOUND: return (long)sizeof(sp_head_bound);
     default: return -1;
     }
 }
@@ -169,6 +170,10 @@ int sp_check_model(const sp_model *M) {
     if (!M->layers || !M->embed || !M->final_norm || !M->k_cache || !M->v_cache || !M->active || !M->seen ||
         check_weight(&M->lm_head, M->d, M->vocab, 1) != SP_OK)
         return SP_ERR_SHAPE;
+    const sp_head_bound *hb = M->head_bound;
+    if (hb && (M->lm_head.type != SP_W_Q8 || M->lm_head.block != 32 || M->lm_head.min || M->lm_head.scale_f32 ||
+               M->d % 32 || hb->rows < M->vocab || hb->rows % 64 || !hb->nib || !hb->bits || !hb->scale))
+        return SP_ERR_SHAPE;
     for (int l = 0; l < M->n_layers; l++) {
         const sp_layer *L = &M->layers[l];
         if (!L->attn_norm || !L->mlp_norm || !L->rope_cos || !L->rope_sin || L->window < 0) return SP_ERR_SHAPE;
@@ -235,6 +240,7 @@ static size_t layout(sp_workspace *ws, char *base) {
     ws->gate_act = carve(base, &off, N * I);
     ws->expert_scores = carve(base, &off, F * (ws->max_experts + 1));
     ws->iota = carve(base, &off, N * (wide > ws->max_rank ? wide : ws->max_rank));
+    ws->head_best = carve(base, &off, F * nt);
     ws->thr = carve(base, &off, sizeof(sp_thread) * nt);
     for (int t = 0; t < nt; t++) {
         sp_thread th;
@@ -294,7 +300,7 @@ void sp_workspace_free(sp_workspace *ws) {
     free(ws);
 }
 
-int sp_decode_step(const sp_model *M, sp_workspace *ws, int pos, int token, float *logits, int dense) {
+int sp_decode_step(const sp_model *M, sp_workspace *ws, int pos, int token, float *logits, int dense, int greedy) {
     if (!M || !ws || !logits) return SP_ERR_SHAPE;
     if (pos < 0 || pos >= M->max_seq) return SP_ERR_POS;
     if (token < 0 || token >= M->vocab) return SP_ERR_TOKEN;
@@ -324,11 +330,19 @@ int sp_decode_step(const sp_model *M, sp_workspace *ws, int pos, int token, floa
         }
         sp_rmsnorm(ws->h, M->final_norm, d, M->eps, c.t->x);
         int lo, hi;
-        sp_split(M->vocab, c.ith, c.nth, &lo, &hi);
-        sp_dot_rows(&M->lm_head, d, c.t->x, NULL, lo, hi, logits);
-        if (M->logit_softcap > 0.f) {
+        if (greedy && M->head_bound) { /* this thread's rows are its tiles' */
+            sp_range(M->head_bound->rows / 64, c.ith, c.nth, &lo, &hi);
+            lo = 64 * lo < M->vocab ? 64 * lo : M->vocab, hi = 64 * hi < M->vocab ? 64 * hi : M->vocab;
+            sp_head_greedy(c.ith, c.nth, &M->lm_head, M->head_bound, M->vocab, d, c.t->x, logits, ws->head_best,
+                           c.t->scratch, M->head_tally);
+        } else {
+            sp_split(M->vocab, c.ith, c.nth, &lo, &hi);
+            sp_dot_rows(&M->lm_head, d, c.t->x, NULL, lo, hi, logits);
+        }
+        if (M->logit_softcap > 0.f) { /* monotone: -inf (a row that cannot be the largest) stays -inf */
             const float cap = M->logit_softcap;
-            for (int j = lo; j < hi; j++) logits[j] = cap * tanhf(logits[j] / cap);
+            for (int j = lo; j < hi; j++)
+                if (logits[j] != -INFINITY) logits[j] = cap * tanhf(logits[j] / cap);
         }
     }
     return SP_OK;

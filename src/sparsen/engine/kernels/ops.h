@@ -69,6 +69,7 @@ struct sp_workspace {
     float *expert_scores; /* [max_experts] the router's scores of one token */
     int max_experts;
     int *iota;         /* [wide] 0, 1, 2, ...: every channel active */
+    float *head_best;  /* [n_threads] a greedy lm_head's best probed logit per thread */
     sp_thread *thr;    /* [n_threads] */
     void *arena;       /* the one allocation every buffer above lives in */
 };
@@ -202,6 +203,11 @@ void sp_linear(sp_ctx *c, const sp_model *M, int l, int j, const float *x, int n
 void sp_q_axpy(const sp_weight *w, int out, const float *x, const int *act, int n_act, float *y);
 int sp_q_split(const sp_weight *w, const int *act, int n_act, int ith, int nth);
 void sp_q_dot_rows(const sp_weight *w, int in, const float *x, const int *rows, int r0, int r1, float *y);
+float sp_q_dot_row(const sp_weight *w, int in, const float *x, int r);
+
+/* head.c */
+void sp_head_greedy(int ith, int nth, const sp_weight *w, const sp_head_bound *hb, int vocab, int d, const float *x,
+                    float *logits, float *best, void *scratch, int64_t *tally);
 
 /* mask.c */
 int sp_mask(const sp_rule *r, const float *x, int n, int *act, float *scratch);

@@ -432,6 +432,12 @@ static float q_dot_row(const sp_weight *w, int in, const float *restrict x, cons
     return s;
 }
 
+/* The dot of row r with x, for rows without minima (sp_q_dot_rows' arithmetic: the same value). */
+float sp_q_dot_row(const sp_weight *w, int in, const float *x, int r) {
+    SP_ASSERT(!w->min && (w->type == SP_W_Q4 || w->type == SP_W_Q8) && in % w->block == 0 && w->stride == in);
+    return q_dot_row(w, in, x, NULL, r);
+}
+
 /* y[r] = dot(W[r, :], x) for the rows r listed in rows[r0:r1] (or r in [r0, r1) when rows is NULL). */
 void sp_q_dot_rows(const sp_weight *w, int in, const float *x, const int *rows, int r0, int r1, float *y) {
     SP_ASSERT((w->type == SP_W_Q4 || w->type == SP_W_Q8) && w->block > 0 && in % w->block == 0 && w->stride == in);

@@ -6,7 +6,7 @@
  *
  * Layouts: every block linear is stored transposed, W^T [in, out], so input channel i is one contiguous row and
  * skipping it skips its bytes (never a gather + matmul). Under a gate-activation rule up is kept as [out, in]
- * rows and only the active rows are dotted; under an experts rule gate and up both are. lm_head is [vocab, d] rows, dotted, split over the vocabulary.
+ * rows and only the active rows are dotted; under an experts rule gate and up both are. lm_head is [vocab, d] rows, dotted, split over the vocabulary (a greedy step on int8 rows bounds them first: head.c).
  * Weights (sp_weight) are fp32, bf16 (uint16, widened in the kernel) or a GGUF file's own quantization (quant.c:
  * codes with a scale and minimum per block of inputs, never requantized). Norm gains, biases, embeddings: fp32. The
  * KV cache is fp32 or IEEE half (converted in the kernels).
@@ -20,7 +20,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define SP_ABI_VERSION 8
+#define SP_ABI_VERSION 9
 #define SP_CODE_TILE 64 /* keys per tile of the int8 label cache (sp_attn.codes) */
 
 /* Rule kinds, numbered as sparsen.core.rules.RuleKind (checked at load time through sp_rule_kinds()). */
@@ -142,6 +142,17 @@ typedef struct {
                            * heads, summed over KV heads), causal keys (x n_kv), estimate vectors (x n_kv), steps */
 } sp_attn;
 
+/* A greedy step's bound on every logit of an int8 lm_head (blocks of 32, half scales >= 0; kernels/head.c): each
+ * code's top five bits c = (q >> 3) + 16 = 2 nib + bit, nib = (q >> 4) + 8, packed in tiles of 64 rows. */
+typedef struct {
+    int rows;               /* the vocabulary rounded up to a multiple of 64 (the padded rows' scales are 0) */
+    const uint8_t *nib;     /* [rows / 64, d / 32, 4, 4, 64] by tile, block, group g of 8 inputs, 16 rows s: byte
+                             * 4l + m holds nib of input 8g + m (low nibble) and 8g + 4 + m (high) of row 16s + l */
+    const uint64_t *bits;   /* [rows / 64, d / 32, 4, 4, 2]: bit 4l + m of the first (second) word, the fifth bit
+                             * (q >> 3) & 1 of input 8g + m (8g + 4 + m) of row 16s + l; 64-byte aligned */
+    const uint16_t *scale;  /* [rows / 64, d / 32, 64] the rows' scales (IEEE half), a tile's block at a time */
+} sp_head_bound;
+
 typedef struct {
     int n_layers, d, n_heads, n_kv, head_dim, inter, vocab, max_seq;
     int wbf16;                /* the low-rank factors are bf16 (else fp32) */
@@ -165,12 +176,15 @@ typedef struct {
     const sp_attn *attn;      /* NULL: every layer attends densely */
     double *timing;           /* NULL, or [threads, SP_N_LIN, 3] per thread and block linear, summed over layers and
                                * steps: seconds in its product, seconds waiting at the barrier after it, products */
+    const sp_head_bound *head_bound; /* NULL, or lm_head's bound: greedy steps read it instead of every row */
+    int64_t *head_tally;      /* NULL, or [2]: greedy steps with head_bound, and the lm_head rows they dotted */
 } sp_model;
 
 /* Buffers of one engine, allocated once (sp_workspace_create) for a model and a thread count. Opaque to Python. */
 typedef struct sp_workspace sp_workspace;
 
-enum { SP_STRUCT_RULE = 0, SP_STRUCT_LAYER = 1, SP_STRUCT_MODEL = 2, SP_STRUCT_ATTN = 3, SP_STRUCT_WEIGHT = 4 };
+enum { SP_STRUCT_RULE = 0, SP_STRUCT_LAYER = 1, SP_STRUCT_MODEL = 2, SP_STRUCT_ATTN = 3, SP_STRUCT_WEIGHT = 4,
+       SP_STRUCT_HEAD_BOUND = 5 };
 
 int sp_abi_version(void);
 const char *sp_isa(void);        /* "avx,avx2,fma,...": the extensions compiled in (cpuinfo names) */
@@ -182,14 +196,19 @@ int sp_check_model(const sp_model *M);
 sp_workspace *sp_workspace_create(const sp_model *M, int n_threads, int *status);
 void sp_workspace_free(sp_workspace *ws);
 /* The forward of `token` at position pos; writes logits [vocab]. dense != 0 ignores every rule (the prompt is
- * prefilled dense, as in the decode protocol). */
-int sp_decode_step(const sp_model *M, sp_workspace *ws, int pos, int token, float *logits, int dense);
+ * prefilled dense, as in the decode protocol). greedy != 0 with a head_bound: only the largest logit is needed;
+ * logits are exact where the bound says they can be the largest and -inf elsewhere (the argmax is the same). */
+int sp_decode_step(const sp_model *M, sp_workspace *ws, int pos, int token, float *logits, int dense, int greedy);
+int sp_head_bound_vectorized(void); /* 1: the head bound has its vector kernel here (else greedy heads stay off) */
 
 /* The ops alone, for tests (same code as the decode step; these allocate their own scratch). */
 int sp_test_gemv(const sp_weight *w, int in, int out, const float *x, const int *act, int n_act, float *y,
                  int threads);
 int sp_test_dot_rows(const sp_weight *w, int in, int n_rows, const float *x, const int *rows, int n_sel, float *y,
                      int threads);
+/* greedy 0: out = the bound on every row's logit; 1: out = the logits a greedy step leaves. */
+int sp_test_head(const sp_weight *w, const sp_head_bound *hb, int vocab, int d, const float *x, float *out,
+                 int greedy, int threads);
 int sp_test_mask(int kind, float param, const float *thr, const float *x, int n, int *act);
 /* The positions of v[0:m) at or above its k-th largest (the selections' top-k, ties included); their count. */
 int sp_test_top_budget(const float *v, int m, int k, int *out);
