@@ -136,37 +136,69 @@ def random_head(vocab: int, d: int, seed: int) -> QuantTensor:
 
 
 def head_inputs(d: int, seed: int):
-    """Inputs a final norm might give, and harder ones: outliers, zeros, a block of zeros, one sign."""
+    """Inputs a final norm might give, and harder ones: outliers, zeros, a block of zeros, one sign, tiny and
+    subnormal values."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(d).astype(np.float32)
     spiky = x.copy()
     spiky[rng.choice(d, 3, replace=False)] = [40.0, -25.0, 60.0]
     holes = x * (rng.random(d) < 0.3)
     holes[:32] = 0
-    return [x, spiky, holes, np.abs(x), np.zeros(d, np.float32), np.full(d, 1e-30, np.float32)]
+    subnormal = (rng.integers(-300, 300, d) * 2.0**-149).astype(np.float32)
+    return [x, spiky, holes, np.abs(x), np.zeros(d, np.float32), np.full(d, 1e-30, np.float32), subnormal]
+
+
+def head_runs(lib, p, x, cap: float = 0.0):
+    """(every logit, the bound, a greedy step's logits) of the int8 head ``p`` on ``x`` through the kernels, the
+    logits softcapped with cap > 0."""
+    from sparsen.engine import HeadBoundC
+
+    hb, cw = head_bound(p), c_weight(p)
+    chb = HeadBoundC(hb.rows, ptr(hb.nib), ptr(hb.bits), ptr(hb.scale))
+    vocab, d = p.shape
+    outs = [np.full(vocab, np.nan, np.float32) for _ in range(3)]
+    for mode, out in zip((2, 0, 1), outs):
+        assert lib.sp_test_head(ctypes.byref(cw), ctypes.byref(chb), vocab, d, ptr(x), ptr(out), mode, cap, 2) == 0
+    return outs
+
+
+def check_greedy(full, greedy, pruning: bool) -> None:
+    """A greedy step's logits are the full ones where finite, -inf elsewhere, with the same first largest."""
+    kept = np.isfinite(greedy)
+    assert np.all(greedy[~kept] == -np.inf) and np.array_equal(greedy[kept], full[kept])
+    assert int(np.argmax(greedy)) == int(np.argmax(full)) and np.all(full[~kept] < full.max())
+    if pruning:  # the bound leaves few rows on a random head
+        assert kept.mean() < 0.5
 
 
 def check_greedy_head(lib, vocab: int, d: int, seed: int) -> None:
     """The bound is at least every row's logit (as the rows product computes it), and a greedy head's logits are the
-    rows product's where finite, -inf elsewhere, with the same first largest."""
-    p = pack(random_head(vocab, d, seed), transposed=False)
-    hb = head_bound(p)
-    assert hb.rows % 64 == 0 and hb.rows >= vocab and head_bound_refusal(p) is None
-    cw = c_weight(p)
-    from sparsen.engine import HeadBoundC
-
-    chb = HeadBoundC(hb.rows, ptr(hb.nib), ptr(hb.bits), ptr(hb.scale))
+    rows product's where finite, -inf elsewhere, with the same first largest; that too with the largest logit on
+    two rows (the first one wins) and under a softcap that merges the largest logits."""
+    qt = random_head(vocab, d, seed)
+    p = pack(qt, transposed=False)
+    assert head_bound(p).rows % 64 == 0 and head_bound(p).rows >= vocab and head_bound_refusal(p) is None
     for x in head_inputs(d, seed):
-        full, bound, greedy = (np.full(vocab, np.nan, np.float32) for _ in range(3))
-        lib.sp_test_dot_rows(ctypes.byref(cw), d, vocab, ptr(x), None, 0, ptr(full), 2)
-        assert lib.sp_test_head(ctypes.byref(cw), ctypes.byref(chb), vocab, d, ptr(x), ptr(bound), 0, 2) == 0
+        full, bound, greedy = head_runs(lib, p, x)
         assert np.all(bound >= full), float((full - bound).max())
-        assert lib.sp_test_head(ctypes.byref(cw), ctypes.byref(chb), vocab, d, ptr(x), ptr(greedy), 1, 2) == 0
-        kept = np.isfinite(greedy)
-        assert np.all(greedy[~kept] == -np.inf) and np.array_equal(greedy[kept], full[kept])
-        assert int(np.argmax(greedy)) == int(np.argmax(full)) and np.all(full[~kept] < full.max())
-        if x.any():  # the bound leaves few rows on a random head (a zero input leaves every row tied)
-            assert kept.mean() < 0.5
+        check_greedy(full, greedy, pruning=np.abs(x).max() > 1e-20)  # zero or tiny inputs bound loosely
+    x = head_inputs(d, seed)[0]
+    full = head_runs(lib, p, x)[0]
+    top = int(np.argmax(full))
+    tied = QuantTensor("h", "Q8_0", 8, 32, qt.codes.copy(), qt.scale.copy(), None)
+    for r in (0, vocab - 1):  # the largest row copied to the first and the last row
+        tied.codes[r], tied.scale[r] = qt.codes[top], qt.scale[top]
+    full, _, greedy = head_runs(lib, pack(tied, transposed=False), x)
+    assert np.argmax(full) == 0 and full[0] == full[vocab - 1] == full.max()
+    check_greedy(full, greedy, pruning=vocab >= 256)
+    cap = float(np.abs(full).max()) / 20  # the largest logits all round to the cap
+    full, _, greedy = head_runs(lib, p, x, cap)
+    assert (full == full.max()).sum() > 1
+    check_greedy(full, greedy, pruning=False)
+    huge = x.copy()
+    huge[::32] = 1e30  # beyond the bound's range: every row is dotted
+    full, bound, greedy = head_runs(lib, p, huge)
+    assert np.isnan(bound).all() and np.isfinite(full).all() and np.array_equal(greedy, full)
 
 
 @pytest.mark.parametrize("vocab,d", [(1000, 96), (4096, 576), (64, 32)])

@@ -157,7 +157,7 @@ def open_kernels(path: str | Path, abi_version: int = ABI_VERSION) -> ctypes.CDL
     lib.sp_head_bound_vectorized.argtypes, lib.sp_head_bound_vectorized.restype = [], _i
     tests = {"sp_test_gemv": [_p, _i, _i, _p, _p, _i, _p, _i], "sp_test_dot_rows": [_p, _i, _i, _p, _p, _i, _p, _i],
              "sp_test_mask": [_i, _f, _p, _p, _i, _p], "sp_test_top_budget": [_p, _i, _i, _p],
-             "sp_test_head": [_p, _p, _i, _i, _p, _p, _i, _i]}
+             "sp_test_head": [_p, _p, _i, _i, _p, _p, _i, _f, _i]}
     for name, args in tests.items():  # the ops' test hooks (an older build, as scripts/kernel_ab.py loads, may lack one)
         if hasattr(lib, name):
             getattr(lib, name).argtypes, getattr(lib, name).restype = args, _i

@@ -157,19 +157,21 @@ def head_bound(head: Packed) -> HeadBound:
     and of 8g + 4 + m (high) of row 64t + 16s + l; bit 4l + m of ``bits``' first (second) word (q >> 3) & 1 of the
     same inputs."""
     vocab, d = head.shape
-    rows = -(-vocab // 64) * 64
-    q = np.zeros((rows, d), np.int16)
-    q[:vocab] = head.data
-    nb = d // 32
-    # [tile, s, l, block, g, half, m] -> [tile, block, g, s, l, m, half]
-    q = q.reshape(rows // 64, 4, 16, nb, 4, 2, 4).transpose(0, 3, 4, 1, 2, 6, 5)
-    nib = ((q >> 4) + 8).astype(np.uint8)
-    nib = nib[..., 0] | (nib[..., 1] << 4)  # [tile, block, g, s, l, m]
-    bit = ((q >> 3) & 1).astype(np.uint8)  # [tile, block, g, s, l, m, half]
-    bit = np.moveaxis(bit, -1, -3).reshape(rows // 64, nb, 4, 4, 2, 64)  # [.., half, 4l + m]
-    words = np.packbits(bit, axis=-1, bitorder="little").view("<u8")[..., 0]
+    rows, nb = -(-vocab // 64) * 64, d // 32
+    tiles = rows // 64
+    nib, words = np.empty((tiles, nb, 4, 4, 64), np.uint8), np.empty((tiles, nb, 4, 4, 2), np.uint64)
+    step = 256  # tiles at a time: the temporaries stay a few MB (Gemma 3's head has 4,096 tiles)
+    for t0 in range(0, tiles, step):
+        t1 = min(t0 + step, tiles)
+        q = np.zeros(((t1 - t0) * 64, d), np.int8)
+        q[: max(0, min(vocab, 64 * t1) - 64 * t0)] = head.data[64 * t0:64 * t1]
+        # [tile, s, l, block, g, half, m] -> [tile, block, g, s, l, m, half]
+        q = q.reshape(t1 - t0, 4, 16, nb, 4, 2, 4).transpose(0, 3, 4, 1, 2, 6, 5)
+        n = ((q >> 4) + 8).astype(np.uint8)  # arithmetic shifts of int8: floor(q / 16) + 8, 0..15
+        nib[t0:t1] = (n[..., 0] | (n[..., 1] << 4)).reshape(t1 - t0, nb, 4, 4, 64)
+        bit = np.moveaxis(((q >> 3) & 1).astype(np.uint8), -1, -3).reshape(t1 - t0, nb, 4, 4, 2, 64)
+        words[t0:t1] = np.packbits(bit, axis=-1, bitorder="little").view("<u8")[..., 0]
     scale = np.zeros((rows, nb), np.float16)
     scale[:vocab] = head.scale
-    scale = scale.reshape(rows // 64, 64, nb).transpose(0, 2, 1)
-    return HeadBound(rows, _aligned(nib.reshape(rows // 64, nb, 4, 4, 64)), _aligned(np.ascontiguousarray(words)),
-                     _aligned(scale))
+    scale = scale.reshape(tiles, 64, nb).transpose(0, 2, 1)
+    return HeadBound(rows, _aligned(nib), _aligned(words), _aligned(scale))

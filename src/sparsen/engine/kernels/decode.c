@@ -333,13 +333,13 @@ int sp_decode_step(const sp_model *M, sp_workspace *ws, int pos, int token, floa
         if (greedy && M->head_bound) { /* this thread's rows are its tiles' */
             sp_range(M->head_bound->rows / 64, c.ith, c.nth, &lo, &hi);
             lo = 64 * lo < M->vocab ? 64 * lo : M->vocab, hi = 64 * hi < M->vocab ? 64 * hi : M->vocab;
-            sp_head_greedy(c.ith, c.nth, &M->lm_head, M->head_bound, M->vocab, d, c.t->x, logits, ws->head_best,
-                           c.t->scratch, M->head_tally);
+            sp_head_greedy(c.ith, c.nth, &M->lm_head, M->head_bound, M->vocab, d, c.t->x, M->logit_softcap, logits,
+                           ws->head_best, c.t->scratch, M->head_tally);
         } else {
             sp_split(M->vocab, c.ith, c.nth, &lo, &hi);
             sp_dot_rows(&M->lm_head, d, c.t->x, NULL, lo, hi, logits);
         }
-        if (M->logit_softcap > 0.f) { /* monotone: -inf (a row that cannot be the largest) stays -inf */
+        if (M->logit_softcap > 0.f) { /* -inf (a row that cannot be the largest) stays -inf */
             const float cap = M->logit_softcap;
             for (int j = lo; j < hi; j++)
                 if (logits[j] != -INFINITY) logits[j] = cap * tanhf(logits[j] / cap);

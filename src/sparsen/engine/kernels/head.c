@@ -11,6 +11,7 @@
  * dotted (sp_q_dot_row: the full product's arithmetic, so those logits equal its logits bit for bit). Four bits
  * would read less but bound loosely: the floor then left a good share of the rows, read one by one.
  */
+#include <float.h>
 #include <omp.h>
 #include <string.h>
 
@@ -32,24 +33,35 @@ int sp_head_bound_vectorized(void) {
 typedef struct {
     int8_t *q1, *q2;
     float *a1, *a2, *c;
+    int ok; /* 0: x is beyond the bound's range (a value over SP_HEAD_X_MAX in size, or not finite) */
 } head_x;
 
+/* Inputs up to this size keep every term of the bound and of the exact dot finite in float (half scales <= 65504). */
+#define SP_HEAD_X_MAX 1e25f
+/* Added to every bound: covers the absolute rounding of subnormal terms (< 1e-38 in all), which the margin, relative
+ * to the terms' size, does not. */
+#define SP_HEAD_ABS 1e-35f
+
 static head_x head_prepare(const float *x, int d, void *scratch) {
-    head_x hx = {(int8_t *)scratch, (int8_t *)scratch + d, NULL, NULL, NULL};
+    head_x hx = {(int8_t *)scratch, (int8_t *)scratch + d, NULL, NULL, NULL, 1};
     hx.a1 = (float *)((int8_t *)scratch + 2 * d), hx.a2 = hx.a1 + d / 32, hx.c = hx.a2 + d / 32;
+    for (int i = 0; i < d; i++) hx.ok &= fabsf(x[i]) <= SP_HEAD_X_MAX; /* false for NaN too */
+    if (!hx.ok) return hx;
     for (int b = 0; b < d / 32; b++) {
         const float *xb = x + 32 * b;
         float mx = 0.f;
         for (int i = 0; i < 32; i++) mx = fmaxf(mx, fabsf(xb[i]));
-        const float s = mx > 0.f ? mx / 127.f : 1.f, s2 = s / 254.f;
+        /* s at least FLT_MIN: a subnormal s would round x / s past 127 */
+        const float s = mx > 0.f ? fmaxf(mx / 127.f, FLT_MIN) : 1.f, s2 = s / 254.f;
         double pos = 0.0, l1 = 0.0, err = 0.0, sum1 = 0.0, sum2 = 0.0;
         for (int i = 0; i < 32; i++) {
-            const int q1 = (int)lrintf(xb[i] / s);
+            int q1 = (int)lrintf(xb[i] / s);
+            q1 = q1 > 127 ? 127 : q1 < -127 ? -127 : q1; /* (never, with s >= max / 127; the residue keeps it exact) */
             const double r = (double)xb[i] - (double)s * q1;
             int q2 = (int)lrint(r / s2);
             q2 = q2 > 127 ? 127 : q2 < -127 ? -127 : q2;
             hx.q1[32 * b + i] = (int8_t)q1, hx.q2[32 * b + i] = (int8_t)q2;
-            err += fabs(r - (double)s2 * q2); /* e_i, exactly enough: the limbs are exact in double */
+            err += fabs(r - (double)s2 * q2); /* e_i: exact in double, so clamped limbs stay a bound */
             pos += xb[i] > 0.f ? xb[i] : 0.f;
             l1 += fabsf(xb[i]);
             sum1 += q1, sum2 += q2;
@@ -97,9 +109,9 @@ static void head_bound_tile(const sp_head_bound *hb, int d, const head_x *hx, in
             acc[s] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_load_si256((const __m256i *)(sc + 16 * s))), v, acc[s]);
         }
     }
-    for (int s = 0; s < 4; s++) _mm512_storeu_ps(u + 16 * s, acc[s]);
+    for (int s = 0; s < 4; s++) _mm512_storeu_ps(u + 16 * s, _mm512_add_ps(acc[s], _mm512_set1_ps(SP_HEAD_ABS)));
 #else
-    for (int r = 0; r < 64; r++) u[r] = 0.f;
+    for (int r = 0; r < 64; r++) u[r] = SP_HEAD_ABS;
     for (int b = 0; b < nb; b++)
         for (int r = 0; r < 64; r++) {
             const int s = r / 16, l = r % 16;
@@ -141,81 +153,110 @@ static void heap_offer(float *hu, int *hr, int *n, int k, float u, int r) {
     hu[i] = u, hr[i] = r;
 }
 
-/* This thread's tiles [t0, t1): u[r] = U of row r (rows below vocab), then the exact logits of its SP_HEAD_PROBE
- * rows of largest U; returns the largest of them (-inf without rows). scratch: [d] floats. */
+/* The exact logits of a thread's rows of largest bound. */
 enum { SP_HEAD_PROBE = 16 };
-float sp_head_bound_rows(const sp_weight *w, const sp_head_bound *hb, int vocab, int d, const float *x, int t0, int t1,
-                         float *u, void *scratch, int *probed) {
+typedef struct {
+    int n, row[SP_HEAD_PROBE];
+    float logit[SP_HEAD_PROBE];
+} head_probe;
+
+/* This thread's tiles [t0, t1): u[r] = U of row r (rows below vocab), then the exact logits of its SP_HEAD_PROBE rows
+ * of largest U into *pr; returns the largest of them (-inf without rows). Returns 0 (and nothing in u) when x is
+ * beyond the bound's range. scratch: [d] floats. */
+static int head_bound_rows(const sp_weight *w, const sp_head_bound *hb, int vocab, int d, const float *x, int t0, int t1,
+                           float *u, void *scratch, head_probe *pr) {
     SP_ASSERT(w->type == SP_W_Q8 && w->block == 32 && !w->min && !w->scale_f32 && d % 32 == 0 && w->stride == d);
     SP_ASSERT(t0 >= 0 && t1 <= hb->rows / 64 && hb->rows >= vocab);
     const head_x hx = head_prepare(x, d, scratch);
+    if (!hx.ok) return 0;
     float hu[SP_HEAD_PROBE], tile[64];
-    int hr[SP_HEAD_PROBE], n = 0;
+    pr->n = 0;
     for (int t = t0; t < t1; t++) {
         head_bound_tile(hb, d, &hx, t, tile);
         const int m = vocab - 64 * t < 64 ? vocab - 64 * t : 64;
         for (int r = 0; r < m; r++) {
             u[64 * t + r] = tile[r];
-            heap_offer(hu, hr, &n, SP_HEAD_PROBE, tile[r], 64 * t + r);
+            heap_offer(hu, pr->row, &pr->n, SP_HEAD_PROBE, tile[r], 64 * t + r);
         }
     }
-    for (int i = 0; i < n; i++) { /* the probed rows' codes, all requested before the first dot */
-        const char *c = (const char *)w->data + (size_t)hr[i] * d;
+    for (int i = 0; i < pr->n; i++) { /* the probed rows' codes, all requested before the first dot */
+        const char *c = (const char *)w->data + (size_t)pr->row[i] * d;
         for (int o = 0; o < d; o += 64) __builtin_prefetch(c + o);
     }
-    float top = -INFINITY;
-    for (int i = 0; i < n; i++) {
-        const float y = sp_q_dot_row(w, d, x, hr[i]);
-        top = y > top ? y : top;
-    }
-    *probed = n;
-    return top;
+    for (int i = 0; i < pr->n; i++) pr->logit[i] = sp_q_dot_row(w, d, x, pr->row[i]);
+    return 1;
 }
 
-/* Rows [r0, r1): logits[r] = the exact logit where u[r] (U, in logits itself) reaches floor, else -inf; returns how
- * many rows it dotted. */
-int sp_head_exact(const sp_weight *w, int d, const float *x, float floor, int r0, int r1, float *logits) {
+/* A bound u keeps its row when, softcapped as the logits will be (cap > 0), it reaches the capped floor fc: the cap
+ * is non-decreasing, so a row whose capped logit is the largest keeps (the cap merges logits that differ). */
+static inline int head_keeps(float u, float fc, float cap) {
+    return (cap > 0.f ? cap * tanhf(u / cap) : u) >= fc; /* false for NaN */
+}
+
+/* Rows [r0, r1): logits[r] = the exact logit where the bound u[r] (in logits itself) keeps the row, else -inf (a
+ * probed row's logit taken from the probe); returns how many rows it dotted. */
+static int head_exact(const sp_weight *w, int d, const float *x, float fc, float cap, const head_probe *pr, int r0,
+                      int r1, float *logits) {
     int next = r0, dotted = 0;
-    while (next < r1 && !(logits[next] >= floor)) logits[next++] = -INFINITY;
+    while (next < r1 && !head_keeps(logits[next], fc, cap)) logits[next++] = -INFINITY;
     while (next < r1) {
         const int r = next++;
-        while (next < r1 && !(logits[next] >= floor)) logits[next++] = -INFINITY;
+        while (next < r1 && !head_keeps(logits[next], fc, cap)) logits[next++] = -INFINITY;
         if (next < r1) { /* the next row's codes and scales, while this one computes */
             const char *c = (const char *)w->data + (size_t)next * d;
             for (int o = 0; o < d; o += 64) __builtin_prefetch(c + o);
             __builtin_prefetch((const char *)w->scale + (size_t)next * (d / 32) * 2);
         }
-        logits[r] = sp_q_dot_row(w, d, x, r);
-        dotted++;
+        int i = 0;
+        while (i < pr->n && pr->row[i] != r) i++;
+        if (i < pr->n) {
+            logits[r] = pr->logit[i];
+        } else {
+            logits[r] = sp_q_dot_row(w, d, x, r);
+            dotted++;
+        }
     }
     return dotted;
 }
 
-/* The greedy head for every thread (one barrier): this thread's tiles of the rows, logits exact where U reaches the
- * best probed logit of any thread and -inf elsewhere, so their first largest is the full product's. best: [nth];
- * tally: NULL, or [2] += (a step, the rows this thread dotted exactly). */
+/* The greedy head for every thread (one barrier): this thread's tiles of the rows, logits exact where the bound
+ * reaches the best probed logit of any thread (softcapped both, with cap > 0; the logits are left uncapped) and -inf
+ * elsewhere, so their first largest, capped or not, is the full product's; every row exact when x is beyond the
+ * bound's range. best: [nth]; tally: NULL, or [2] += (a step, the rows this thread dotted). */
 void sp_head_greedy(int ith, int nth, const sp_weight *w, const sp_head_bound *hb, int vocab, int d, const float *x,
-                    float *logits, float *best, void *scratch, int64_t *tally) {
-    int t0, t1, probed;
+                    float cap, float *logits, float *best, void *scratch, int64_t *tally) {
+    int t0, t1;
     sp_range(hb->rows / 64, ith, nth, &t0, &t1);
-    best[ith] = sp_head_bound_rows(w, hb, vocab, d, x, t0, t1, logits, scratch, &probed);
-    SP_BARRIER(); /* every thread's probe is in */
-    float floor = -INFINITY;
-    for (int i = 0; i < nth; i++) floor = best[i] > floor ? best[i] : floor;
-    const int r1 = 64 * t1 < vocab ? 64 * t1 : vocab;
-    const int dotted = sp_head_exact(w, d, x, floor, 64 * t0 < vocab ? 64 * t0 : vocab, r1, logits);
+    const int r0 = 64 * t0 < vocab ? 64 * t0 : vocab, r1 = 64 * t1 < vocab ? 64 * t1 : vocab;
+    head_probe pr;
+    const int bounded = head_bound_rows(w, hb, vocab, d, x, t0, t1, logits, scratch, &pr);
+    if (bounded) {
+        best[ith] = -INFINITY;
+        for (int i = 0; i < pr.n; i++) best[ith] = pr.logit[i] > best[ith] ? pr.logit[i] : best[ith];
+    }
+    SP_BARRIER(); /* every thread's probe is in (every thread bounded or none: they share x) */
+    int dotted = r1 - r0;
+    if (bounded) {
+        float floor = -INFINITY;
+        for (int i = 0; i < nth; i++) floor = best[i] > floor ? best[i] : floor;
+        const float fc = cap > 0.f ? cap * tanhf(floor / cap) : floor;
+        dotted = pr.n + head_exact(w, d, x, fc, cap, &pr, r0, r1, logits);
+    } else {
+        sp_q_dot_rows(w, d, x, NULL, r0, r1, logits);
+    }
     if (tally) {
         if (ith == 0) tally[0] += 1;
 #pragma omp atomic
-        tally[1] += probed + dotted;
+        tally[1] += dotted;
     }
 }
 
-/* Test entry point: with greedy 0, bound[r] = U of every row; with 1, logits as a greedy step leaves them. */
+/* Test entry point, mode 0: out[r] = the bound on row r's logit (NaN for every row when x is beyond its range);
+ * 1: the logits a greedy step leaves; 2: every row's logit. Softcapped with cap > 0 as the decode step caps them. */
 int sp_test_head(const sp_weight *w, const sp_head_bound *hb, int vocab, int d, const float *x, float *out,
-                 int greedy, int threads) {
+                 int mode, float cap, int threads) {
     if (threads < 1 || !w || !hb || w->type != SP_W_Q8 || w->block != 32 || w->min || w->scale_f32 || d % 32 ||
-        w->stride != d || hb->rows < vocab || hb->rows % 64)
+        w->stride != d || hb->rows < vocab || hb->rows % 64 || mode < 0 || mode > 2)
         return SP_ERR_SHAPE;
     float best[threads];
     char *scratch = aligned_alloc(64, (size_t)threads * 4 * (size_t)d);
@@ -224,13 +265,16 @@ int sp_test_head(const sp_weight *w, const sp_head_bound *hb, int vocab, int d, 
     {
         const int ith = omp_get_thread_num(), nth = omp_get_num_threads();
         void *mine = scratch + (size_t)ith * 4 * d;
-        if (greedy) {
-            sp_head_greedy(ith, nth, w, hb, vocab, d, x, out, best, mine, NULL);
-        } else {
-            int t0, t1, probed;
-            sp_range(hb->rows / 64, ith, nth, &t0, &t1);
-            sp_head_bound_rows(w, hb, vocab, d, x, t0, t1, out, mine, &probed);
-        }
+        int t0, t1;
+        sp_range(hb->rows / 64, ith, nth, &t0, &t1);
+        const int r0 = 64 * t0 < vocab ? 64 * t0 : vocab, r1 = 64 * t1 < vocab ? 64 * t1 : vocab;
+        head_probe pr;
+        if (mode == 0 && !head_bound_rows(w, hb, vocab, d, x, t0, t1, out, mine, &pr))
+            for (int r = r0; r < r1; r++) out[r] = NAN;
+        if (mode == 1) sp_head_greedy(ith, nth, w, hb, vocab, d, x, cap, out, best, mine, NULL);
+        if (mode == 2) sp_q_dot_rows(w, d, x, NULL, r0, r1, out);
+        for (int r = r0; mode > 0 && cap > 0.f && r < r1; r++)
+            if (out[r] != -INFINITY) out[r] = cap * tanhf(out[r] / cap);
     }
     free(scratch);
     return SP_OK;

@@ -207,7 +207,7 @@ float sp_q_dot_row(const sp_weight *w, int in, const float *x, int r);
 
 /* head.c */
 void sp_head_greedy(int ith, int nth, const sp_weight *w, const sp_head_bound *hb, int vocab, int d, const float *x,
-                    float *logits, float *best, void *scratch, int64_t *tally);
+                    float cap, float *logits, float *best, void *scratch, int64_t *tally);
 
 /* mask.c */
 int sp_mask(const sp_rule *r, const float *x, int n, int *act, float *scratch);

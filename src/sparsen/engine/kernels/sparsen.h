@@ -206,9 +206,10 @@ int sp_test_gemv(const sp_weight *w, int in, int out, const float *x, const int 
                  int threads);
 int sp_test_dot_rows(const sp_weight *w, int in, int n_rows, const float *x, const int *rows, int n_sel, float *y,
                      int threads);
-/* greedy 0: out = the bound on every row's logit; 1: out = the logits a greedy step leaves. */
+/* mode 0: out = the bound on every row's logit; 1: the logits a greedy step leaves; 2: every logit (1, 2:
+ * softcapped with cap > 0). */
 int sp_test_head(const sp_weight *w, const sp_head_bound *hb, int vocab, int d, const float *x, float *out,
-                 int greedy, int threads);
+                 int mode, float cap, int threads);
 int sp_test_mask(int kind, float param, const float *thr, const float *x, int n, int *act);
 /* The positions of v[0:m) at or above its k-th largest (the selections' top-k, ties included); their count. */
 int sp_test_top_budget(const float *v, int m, int k, int *out);
