@@ -6,7 +6,8 @@
  *
  * Layouts: every block linear is stored transposed, W^T [in, out], so input channel i is one contiguous row and
  * skipping it skips its bytes (never a gather + matmul). Under a gate-activation rule up is kept as [out, in]
- * rows and only the active rows are dotted; under an experts rule gate and up both are. lm_head is [vocab, d] rows, dotted, split over the vocabulary (a greedy step on int8 rows bounds them first: head.c).
+ * rows and only the active rows are dotted; under an experts rule gate and up both are. lm_head is [vocab, d] rows,
+ * dotted, split over the vocabulary (a greedy step on int8 rows bounds them first: head.c).
  * Weights (sp_weight) are fp32, bf16 (uint16, widened in the kernel) or a GGUF file's own quantization (quant.c:
  * codes with a scale and minimum per block of inputs, never requantized). Norm gains, biases, embeddings: fp32. The
  * KV cache is fp32 or IEEE half (converted in the kernels).
