@@ -656,6 +656,12 @@ class Engine:
         self._model.timing = self._keep_ptr(self.timing)
         return self.timing
 
+    def lm_head_rows_dotted(self) -> float | None:
+        """The lm_head rows a greedy step with the ``head_bound`` dotted, on average since the last reset (None: no
+        such step)."""
+        steps, rows = self.head_tally
+        return rows / steps if steps else None
+
     # --- decoding -----------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the context, the sparsity counts and the KV selection's sequence state."""
@@ -902,12 +908,9 @@ def weight_bytes(engine: Engine, sparsity: float) -> tuple[float, float]:
     weights (``dtype="gguf"``) the block linears' are ``quantized_block_bytes`` (dense at sparsity 0), and the
     lm_head's, after greedy steps with its bound (``head_tally``), the bound and the mean rows they dotted."""
     if engine.packed is not None:
-        head = engine.packed["lm_head"]
-        steps, rows = engine.head_tally
-        if steps:  # greedy steps read the bound, then the rows they dot
-            return (quantized_block_bytes(engine, sparsity > 0),
-                    engine.head_bound.nbytes + rows / steps * head.nbytes / head.shape[0])
-        return quantized_block_bytes(engine, sparsity > 0), head.nbytes
+        head, rows = engine.packed["lm_head"], engine.lm_head_rows_dotted()
+        head_bytes = head.nbytes if rows is None else engine.head_bound.nbytes + rows * head.nbytes / head.shape[0]
+        return quantized_block_bytes(engine, sparsity > 0), head_bytes
     wbytes = 2 if engine.dtype == "bf16" else 4
     return sum(engine.params.values()) * wbytes * (1 - sparsity), engine.vocab * engine.d * wbytes
 

@@ -97,12 +97,6 @@ def _engine_run(engine, ids, n_new, prefix=None) -> float:
         return n_new / (time.perf_counter() - t0)
 
 
-def _rows_dotted(engine) -> float | None:
-    """The lm_head rows a greedy step with the engine's bound dotted, on average (None: no such step)."""
-    steps, rows = engine.head_tally
-    return rows / steps if steps else None
-
-
 def _profile(engine, dense_tok_s, floor_tok_s, context) -> dict:
     """Split a dense token's time into the block linears and the rest, from a run that skips every block linear."""
     from sparsen.engine import bytes_per_token, weight_bytes
@@ -268,7 +262,7 @@ def cmd_bench(args) -> None:
             "engine_dense_tok_s": d, "engine_sparse_tok_s": sp, "achieved_sparsity": achieved,
             "speedup_vs_dense": sp / d if sp else None,
             "greedy_head": e["dense"].head_bound is not None,
-            "lm_head_rows_dotted": _rows_dotted(e["dense"]),
+            "lm_head_rows_dotted": e["dense"].lm_head_rows_dotted(),
             "bound_speedup": (bytes_per_token(e["dense"], 0.0, context) / bytes_per_token(sparse, achieved, context)
                               if sparse is not None else None),
             "dense_mb_per_token": bytes_per_token(e["dense"], 0.0, context) / 1e6,

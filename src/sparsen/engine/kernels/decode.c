@@ -170,10 +170,7 @@ int sp_check_model(const sp_model *M) {
     if (!M->layers || !M->embed || !M->final_norm || !M->k_cache || !M->v_cache || !M->active || !M->seen ||
         check_weight(&M->lm_head, M->d, M->vocab, 1) != SP_OK)
         return SP_ERR_SHAPE;
-    const sp_head_bound *hb = M->head_bound;
-    if (hb && (M->lm_head.type != SP_W_Q8 || M->lm_head.block != 32 || M->lm_head.min || M->lm_head.scale_f32 ||
-               M->d % 32 || hb->rows < M->vocab || hb->rows % 64 || !hb->nib || !hb->bits || !hb->scale))
-        return SP_ERR_SHAPE;
+    if (M->head_bound && sp_head_bound_check(&M->lm_head, M->head_bound, M->vocab, M->d) != SP_OK) return SP_ERR_SHAPE;
     for (int l = 0; l < M->n_layers; l++) {
         const sp_layer *L = &M->layers[l];
         if (!L->attn_norm || !L->mlp_norm || !L->rope_cos || !L->rope_sin || L->window < 0) return SP_ERR_SHAPE;
@@ -329,20 +326,14 @@ int sp_decode_step(const sp_model *M, sp_workspace *ws, int pos, int token, floa
             sp_mlp_stage(&c, M, l, dense);
         }
         sp_rmsnorm(ws->h, M->final_norm, d, M->eps, c.t->x);
-        int lo, hi;
-        if (greedy && M->head_bound) { /* this thread's rows are its tiles' */
-            sp_range(M->head_bound->rows / 64, c.ith, c.nth, &lo, &hi);
-            lo = 64 * lo < M->vocab ? 64 * lo : M->vocab, hi = 64 * hi < M->vocab ? 64 * hi : M->vocab;
+        if (greedy && M->head_bound) {
             sp_head_greedy(c.ith, c.nth, &M->lm_head, M->head_bound, M->vocab, d, c.t->x, M->logit_softcap, logits,
                            ws->head_best, c.t->scratch, M->head_tally);
         } else {
+            int lo, hi;
             sp_split(M->vocab, c.ith, c.nth, &lo, &hi);
             sp_dot_rows(&M->lm_head, d, c.t->x, NULL, lo, hi, logits);
-        }
-        if (M->logit_softcap > 0.f) { /* -inf (a row that cannot be the largest) stays -inf */
-            const float cap = M->logit_softcap;
-            for (int j = lo; j < hi; j++)
-                if (logits[j] != -INFINITY) logits[j] = cap * tanhf(logits[j] / cap);
+            sp_softcap(logits, lo, hi, M->logit_softcap);
         }
     }
     return SP_OK;

@@ -190,7 +190,7 @@ static int head_bound_rows(const sp_weight *w, const sp_head_bound *hb, int voca
 /* A bound u keeps its row when, softcapped as the logits will be (cap > 0), it reaches the capped floor fc: the cap
  * is non-decreasing, so a row whose capped logit is the largest keeps (the cap merges logits that differ). */
 static inline int head_keeps(float u, float fc, float cap) {
-    return (cap > 0.f ? cap * tanhf(u / cap) : u) >= fc; /* false for NaN */
+    return (cap > 0.f ? sp_softcap1(u, cap) : u) >= fc; /* false for NaN */
 }
 
 /* Rows [r0, r1): logits[r] = the exact logit where the bound u[r] (in logits itself) keeps the row, else -inf (a
@@ -219,15 +219,28 @@ static int head_exact(const sp_weight *w, int d, const float *x, float fc, float
     return dotted;
 }
 
+/* The shapes a bound needs: an int8 lm_head [vocab, d] of blocks of 32 with half scales, its tiles covering vocab. */
+int sp_head_bound_check(const sp_weight *w, const sp_head_bound *hb, int vocab, int d) {
+    if (!w || !hb || w->type != SP_W_Q8 || w->block != 32 || w->min || w->scale_f32 || d % 32 || w->stride != d ||
+        hb->rows < vocab || hb->rows % 64 || !hb->nib || !hb->bits || !hb->scale)
+        return SP_ERR_SHAPE;
+    return SP_OK;
+}
+
+/* Thread ith's tiles [t0, t1) and their rows below vocab, [r0, r1). */
+static void head_range(const sp_head_bound *hb, int vocab, int ith, int nth, int *t0, int *t1, int *r0, int *r1) {
+    sp_range(hb->rows / 64, ith, nth, t0, t1);
+    *r0 = 64 * *t0 < vocab ? 64 * *t0 : vocab, *r1 = 64 * *t1 < vocab ? 64 * *t1 : vocab;
+}
+
 /* The greedy head for every thread (one barrier): this thread's tiles of the rows, logits exact where the bound
- * reaches the best probed logit of any thread (softcapped both, with cap > 0; the logits are left uncapped) and -inf
- * elsewhere, so their first largest, capped or not, is the full product's; every row exact when x is beyond the
- * bound's range. best: [nth]; tally: NULL, or [2] += (a step, the rows this thread dotted). */
+ * reaches the best probed logit of any thread and -inf elsewhere, so their first largest is the full product's;
+ * every row exact when x is beyond the bound's range. With cap > 0 the logits are softcapped, and the bound and the
+ * floor compared capped. best: [nth]; tally: NULL, or [2] += (a step, the rows this thread dotted). */
 void sp_head_greedy(int ith, int nth, const sp_weight *w, const sp_head_bound *hb, int vocab, int d, const float *x,
                     float cap, float *logits, float *best, void *scratch, int64_t *tally) {
-    int t0, t1;
-    sp_range(hb->rows / 64, ith, nth, &t0, &t1);
-    const int r0 = 64 * t0 < vocab ? 64 * t0 : vocab, r1 = 64 * t1 < vocab ? 64 * t1 : vocab;
+    int t0, t1, r0, r1;
+    head_range(hb, vocab, ith, nth, &t0, &t1, &r0, &r1);
     head_probe pr;
     const int bounded = head_bound_rows(w, hb, vocab, d, x, t0, t1, logits, scratch, &pr);
     if (bounded) {
@@ -239,11 +252,12 @@ void sp_head_greedy(int ith, int nth, const sp_weight *w, const sp_head_bound *h
     if (bounded) {
         float floor = -INFINITY;
         for (int i = 0; i < nth; i++) floor = best[i] > floor ? best[i] : floor;
-        const float fc = cap > 0.f ? cap * tanhf(floor / cap) : floor;
+        const float fc = cap > 0.f ? sp_softcap1(floor, cap) : floor;
         dotted = pr.n + head_exact(w, d, x, fc, cap, &pr, r0, r1, logits);
     } else {
         sp_q_dot_rows(w, d, x, NULL, r0, r1, logits);
     }
+    sp_softcap(logits, r0, r1, cap);
     if (tally) {
         if (ith == 0) tally[0] += 1;
 #pragma omp atomic
@@ -255,9 +269,7 @@ void sp_head_greedy(int ith, int nth, const sp_weight *w, const sp_head_bound *h
  * 1: the logits a greedy step leaves; 2: every row's logit. Softcapped with cap > 0 as the decode step caps them. */
 int sp_test_head(const sp_weight *w, const sp_head_bound *hb, int vocab, int d, const float *x, float *out,
                  int mode, float cap, int threads) {
-    if (threads < 1 || !w || !hb || w->type != SP_W_Q8 || w->block != 32 || w->min || w->scale_f32 || d % 32 ||
-        w->stride != d || hb->rows < vocab || hb->rows % 64 || mode < 0 || mode > 2)
-        return SP_ERR_SHAPE;
+    if (threads < 1 || mode < 0 || mode > 2 || sp_head_bound_check(w, hb, vocab, d) != SP_OK) return SP_ERR_SHAPE;
     float best[threads];
     char *scratch = aligned_alloc(64, (size_t)threads * 4 * (size_t)d);
     if (!scratch) return SP_ERR_NOMEM;
@@ -265,16 +277,16 @@ int sp_test_head(const sp_weight *w, const sp_head_bound *hb, int vocab, int d, 
     {
         const int ith = omp_get_thread_num(), nth = omp_get_num_threads();
         void *mine = scratch + (size_t)ith * 4 * d;
-        int t0, t1;
-        sp_range(hb->rows / 64, ith, nth, &t0, &t1);
-        const int r0 = 64 * t0 < vocab ? 64 * t0 : vocab, r1 = 64 * t1 < vocab ? 64 * t1 : vocab;
+        int t0, t1, r0, r1;
+        head_range(hb, vocab, ith, nth, &t0, &t1, &r0, &r1);
         head_probe pr;
         if (mode == 0 && !head_bound_rows(w, hb, vocab, d, x, t0, t1, out, mine, &pr))
             for (int r = r0; r < r1; r++) out[r] = NAN;
         if (mode == 1) sp_head_greedy(ith, nth, w, hb, vocab, d, x, cap, out, best, mine, NULL);
-        if (mode == 2) sp_q_dot_rows(w, d, x, NULL, r0, r1, out);
-        for (int r = r0; mode > 0 && cap > 0.f && r < r1; r++)
-            if (out[r] != -INFINITY) out[r] = cap * tanhf(out[r] / cap);
+        if (mode == 2) {
+            sp_q_dot_rows(w, d, x, NULL, r0, r1, out);
+            sp_softcap(out, r0, r1, cap);
+        }
     }
     free(scratch);
     return SP_OK;

@@ -180,6 +180,13 @@ static inline float sp_bf16(uint16_t b) {
     return v.f;
 }
 
+/* A logit softcap: y <- cap tanh(y / cap) over [lo, hi) for cap > 0 (-inf, a row a greedy step left out, stays). */
+static inline float sp_softcap1(float y, float cap) { return cap * tanhf(y / cap); }
+static inline void sp_softcap(float *y, int lo, int hi, float cap) {
+    for (int j = lo; cap > 0.f && j < hi; j++)
+        if (y[j] != -INFINITY) y[j] = sp_softcap1(y[j], cap);
+}
+
 static inline float sp_act(int kind, float g) {
     if (kind == SP_ACT_GELU_TANH) {
         const float c = 0.7978845608028654f; /* sqrt(2 / pi) */
@@ -206,6 +213,7 @@ void sp_q_dot_rows(const sp_weight *w, int in, const float *x, const int *rows, 
 float sp_q_dot_row(const sp_weight *w, int in, const float *x, int r);
 
 /* head.c */
+int sp_head_bound_check(const sp_weight *w, const sp_head_bound *hb, int vocab, int d);
 void sp_head_greedy(int ith, int nth, const sp_weight *w, const sp_head_bound *hb, int vocab, int d, const float *x,
                     float cap, float *logits, float *best, void *scratch, int64_t *tally);
 
