@@ -24,9 +24,7 @@ def decode(weights: str, plan: str | None, steps: int) -> None:
     lm = load_model("smollm2")
     engine = Engine(lm, Plan.load(plan) if plan else None, dtype=weights, max_seq=steps + 80)
     ids = lm.tokenizer("The history of the city begins", add_special_tokens=False)["input_ids"]
-    tok = int(np.argmax(engine.prefill(ids)))
-    for _ in range(steps):
-        tok = int(np.argmax(engine.step(tok, greedy=True)))
+    engine.greedy_steps(int(np.argmax(engine.prefill(ids))), steps)
 
 
 def main() -> None:

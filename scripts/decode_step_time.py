@@ -46,8 +46,7 @@ def main() -> None:
         if args.wait_for_perf:
             Path(args.ready).write_text("ready")
         t0 = time.perf_counter()
-        for _ in range(args.steps):
-            tok = int(engine.step(tok, greedy=True).argmax())
+        engine.greedy_steps(tok, args.steps)
         ms = (time.perf_counter() - t0) / args.steps * 1e3
         gc.enable()
         print(f"{spec}: {ms:.2f} ms/token ({args.context} context, {args.weights} weights, {args.kv_dtype} KV)", flush=True)

@@ -388,6 +388,15 @@ def test_generate_text_decodes_the_greedy_tokens(tiny_llama):
         engine.generate_text("Hello", chat=True)
 
 
+def test_greedy_steps_end_on_generates_last_token(tiny_llama):
+    engine = Engine(tiny_llama, plan_for(tiny_llama, "teal", 0.5), max_seq=64)
+    ids = tiny_llama.tokenizer("Hello", add_special_tokens=False)["input_ids"]
+    tokens = engine.generate(ids, 12)
+    first = int(np.argmax(engine.prefill(ids)))
+    assert first == tokens[0] and engine.greedy_steps(first, 11) == tokens[-1]
+    assert engine.pos == len(ids) + 11 and engine.greedy_steps(tokens[-1], 0) == tokens[-1]
+
+
 def test_sampling_is_seeded_and_respects_top_p():
     logits = np.array([5.0, 4.9, -10, -10], np.float32)
     picks = {sample(logits, 1.0, 0.5, np.random.default_rng(s)) for s in range(20)}

@@ -692,6 +692,13 @@ class Engine:
         self.pos += 1
         return self.logits
 
+    def greedy_steps(self, token: int, n: int) -> int:
+        """Decode ``n`` greedy tokens after ``token``, each step's argmax fed to the next (the timed loop of ``bench``
+        and the profiling scripts: no tokens kept); returns the last."""
+        for _ in range(n):
+            token = int(np.argmax(self.step(token, greedy=True)))
+        return token
+
     def prefill(self, ids, via: str = "engine", prefix: TorchPrefix | None = None) -> np.ndarray:
         """The prompt, dense (as a dense prefill would compute it); returns the last position's logits.
         ``via="engine"`` steps the kernels token by token; ``via="torch"`` runs the prompt through the torch model in
