@@ -1,6 +1,6 @@
 """Three changes to TEAL's magnitude thresholds, probed on SmolLM2 across domains (issue "Sparsity that travels"):
 
-    .venv/bin/python benchmarks/threshold_variants.py [--windows 6] [--ctx 512] [--calib wikitext2-valid]
+    .venv/bin/python benchmarks/threshold_variants.py [--variants wina,fisher,centre,gain] [--windows 6] [--ctx 512]
 
 Every variant keeps x_i where a per-channel criterion exceeds its threshold, set per linear at a quantile of the
 criterion over the calibration windows (one pass, dense activations, every linear at the same level):
@@ -10,6 +10,8 @@ criterion over the calibration windows (one pass, dense activations, every linea
           input: the expected loss a dropped input costs to first order, instead of its output norm;
   centre  |x_i - c_i| with c the channel's calibration median, a dropped input replaced by c_i instead of 0 (the
           mode-centring of SCAP, Chua et al. 2024: y = W sparse(x - c) + W c, a constant added to the output);
+  relative  |x_i| / rms(x), the token's root-mean-square over the linear's inputs: thresholds that move with each
+          token's scale (one of the issue's candidates; stat-topk assumes a Gaussian instead of calibrating);
   gain    plain, each linear's output scaled by the least-squares gain <y, y_s> / <y_s, y_s> of its sparse output
           y_s against the dense y on the calibration inputs (foldable into W: would undo a systematic shrink).
 Per evaluation corpus (windows the calibration never reads; every position sparse, the `full` protocol): perplexity,
@@ -25,12 +27,17 @@ import torch
 from sparsen import load_model
 from sparsen.data import corpus_windows
 
-VARIANTS = (("plain", 0.45), ("plain", 0.5), ("wina", 0.5), ("fisher", 0.5), ("centre", 0.5), ("gain", 0.5))
+VARIANTS = ("wina", "fisher", "centre", "relative", "gain")  # each at level 0.5, beside TEAL ("plain") at 0.45 and 0.5
+LEVELS = (0.45, 0.5)
 
 
 def sample(v: torch.Tensor, n: int = 3_000_000) -> torch.Tensor:
     v = v.flatten()
     return v[torch.randperm(v.numel())[:n]] if v.numel() > n else v
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    return x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)
 
 
 def input_grad_rms(lm, mods, wins) -> dict:
@@ -72,23 +79,29 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--calib", default="wikitext2-valid")
     p.add_argument("--corpora", default="wikitext2-test,python-docs,python-code,licences")
+    p.add_argument("--variants", default="wina,fisher,centre,gain", help=f"comma-separated, of {', '.join(VARIANTS)}")
     a = p.parse_args()
+    chosen = a.variants.split(",")
+    if not set(chosen) <= set(VARIANTS):
+        p.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    runs = [("plain", LEVELS[0]), ("plain", LEVELS[1])] + [(v, LEVELS[1]) for v in chosen]
     torch.manual_seed(0)
     lm = load_model("smollm2")
     tok = lm.tokenizer
     mods = {s: m for s, _, _, m in lm.adapter.linear_sites()}
-    grad = input_grad_rms(lm, mods, corpus_windows(tok, a.calib, a.ctx, 4))
+    grad = input_grad_rms(lm, mods, corpus_windows(tok, a.calib, a.ctx, 4)) if "fisher" in chosen else None
     xs = linear_inputs(lm, mods, corpus_windows(tok, a.calib, a.ctx, 8))
-    levels = sorted({lvl for _, lvl in VARIANTS})
     cfg = {}
     with torch.no_grad():
         for s in list(xs):
             x, W = xs.pop(s), mods[s].weight.float()
             med = x.median(0).values
             scales = {"plain": torch.ones(x.shape[1]), "wina": W.norm(dim=0).clamp_min(1e-12),
-                      "fisher": (grad[s] / grad[s].mean()).clamp_min(1e-12)}
-            c = {k: {lvl: sample(x.abs() * sc).quantile(lvl) / sc for lvl in levels} for k, sc in scales.items()}
-            c["centre"] = {lvl: sample((x - med).abs()).quantile(lvl).expand(x.shape[1]) for lvl in levels}
+                      **({"fisher": (grad[s] / grad[s].mean()).clamp_min(1e-12)} if grad else {})}
+            c = {k: {lvl: sample(x.abs() * sc).quantile(lvl) / sc for lvl in LEVELS} for k, sc in scales.items()}
+            c["centre"] = {lvl: sample((x - med).abs()).quantile(lvl).expand(x.shape[1]) for lvl in LEVELS}
+            if "relative" in chosen:  # only when asked: its sample would move the random draws of the others
+                c["relative"] = {lvl: sample(x.abs() / rms(x)).quantile(lvl) for lvl in LEVELS}
             c["gain"] = c["plain"]
             y, ys = x @ W.T, (x * (x.abs() > c["plain"][0.5])) @ W.T
             cfg[s] = {"t": c, "median": med, "gain": float((y * ys).sum() / (ys * ys).sum())}
@@ -106,6 +119,9 @@ def main() -> None:
         if v == "centre":
             keep = (x - cfg[s]["median"]).abs() > t
             out = torch.where(keep, x, cfg[s]["median"])
+        elif v == "relative":
+            keep = x.abs() > t * rms(x)
+            out = x * keep
         else:
             keep = x.abs() > t
             out = x * keep
@@ -138,7 +154,7 @@ def main() -> None:
         ppl0, _ = scores(wins, dense)
         print(f"{corpus}: dense perplexity {ppl0:.3f}", flush=True)
         rows = {}
-        for v, lvl in VARIANTS:
+        for v, lvl in runs:
             state.update(variant=v, level=lvl, dropped=0, n=0)
             ppl, kl = scores(wins, dense)
             rows[v, lvl] = (ppl, kl, state["dropped"] / state["n"])
