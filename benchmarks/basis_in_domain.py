@@ -1,0 +1,118 @@
+"""How much a basis fitted to the text being run buys, per domain (issue "Sparsity that travels"):
+
+    .venv/bin/python benchmarks/basis_in_domain.py [--windows 6] [--ctx 512]
+
+For every block linear that reads the residual stream (q, k, v, gate, up: each layer's two normed inputs) the
+input is turned into the eigenbasis of its second moment, thresholded there by magnitude and turned back (what
+folding the basis into the weights computes); o and down keep TEAL's thresholds. Every linear at the same level,
+one pass on dense activations. The basis and thresholds come either from WikiText-2 validation (as `calibrate`
+reads) or from 8 windows of the evaluated corpus itself that follow its 6 scored windows (an in-domain fit: what a
+basis fitted on a user's own text could reach). Per corpus: perplexity increase and KL against TEAL interpolated at
+the same sparsity, TEAL's thresholds from the same source.
+"""
+
+import argparse
+import math
+
+import torch
+
+from sparsen import load_model
+from sparsen.data import corpus_windows
+
+RESIDUAL_READERS = ("q", "k", "v", "gate", "up")
+
+
+def sample(v: torch.Tensor, n: int = 3_000_000) -> torch.Tensor:
+    v = v.flatten()
+    return v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:n]] if v.numel() > n else v
+
+
+@torch.no_grad()
+def fit(lm, mods, wins, levels) -> dict:
+    """Per linear: TEAL's thresholds, and for residual readers a basis R with thresholds on |x R|."""
+    store = {s: [] for s in mods}
+    hs = [m.register_forward_pre_hook(lambda _, a, s=s: store[s].append(a[0].reshape(-1, a[0].shape[-1])))
+          for s, m in mods.items()]
+    for w in wins:
+        lm.adapter.trunk(w[None])
+    for h in hs:
+        h.remove()
+    out = {}
+    for s in list(store):
+        x = torch.cat(store.pop(s))
+        c = {"teal": {lvl: sample(x.abs()).quantile(lvl) for lvl in levels}}
+        if s.split(".")[-1] in RESIDUAL_READERS:
+            R = torch.linalg.eigh(x.T @ x / len(x)).eigenvectors
+            c["R"] = R
+            c["rotated"] = {lvl: sample((x @ R).abs()).quantile(lvl) for lvl in levels}
+        out[s] = c
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--windows", type=int, default=6)
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--corpora", default="wikitext2-test,python-docs,python-code,licences")
+    a = p.parse_args()
+    lm = load_model("smollm2")
+    tok = lm.tokenizer
+    mods = {s: m for s, _, _, m in lm.adapter.linear_sites()}
+    levels = (0.45, 0.5)
+    state = {"cfg": None, "variant": None, "level": None, "dropped": 0, "n": 0}
+
+    def pre(s, args):
+        if state["variant"] is None:
+            return None
+        x, c, lvl = args[0], state["cfg"][s], state["level"]
+        if state["variant"] == "rotated" and "R" in c:
+            z = x @ c["R"]
+            keep = z.abs() > c["rotated"][lvl]
+            out = (z * keep) @ c["R"].T
+        else:
+            keep = x.abs() > c["teal"][lvl]
+            out = x * keep
+        state["dropped"] += int((~keep).sum())
+        state["n"] += keep.numel()
+        return (out,)
+
+    for s, m in mods.items():
+        m.register_forward_pre_hook(lambda _, args, s=s: pre(s, args))
+
+    @torch.no_grad()
+    def scores(wins, dense):
+        nll = kl = n = 0.0
+        for w, d in zip(wins, dense):
+            lp = lm.model(w[None]).logits[0].float().log_softmax(-1)
+            nll += -float(lp[:-1].gather(1, w[1:, None]).sum())
+            kl += float((d.exp() * (d - lp)).sum(-1)[:-1].sum())
+            n += len(w) - 1
+        return math.exp(nll / n), kl / n
+
+    wiki = fit(lm, mods, corpus_windows(tok, "wikitext2-valid", a.ctx, 8), levels)
+    for corpus in a.corpora.split(","):
+        allw = corpus_windows(tok, corpus, a.ctx, a.windows + 8)
+        wins = allw[:a.windows]
+        own = fit(lm, mods, allw[a.windows:], levels)
+        state["variant"] = None
+        with torch.no_grad():
+            dense = [lm.model(w[None]).logits[0].float().log_softmax(-1) for w in wins]
+        ppl0, _ = scores(wins, dense)
+        print(f"{corpus}: dense perplexity {ppl0:.3f}", flush=True)
+        for source, cfg in (("wikitext2-valid", wiki), (f"{corpus} (in-domain)", own)):
+            rows = {}
+            for v, lvl in (("teal", 0.45), ("teal", 0.5), ("rotated", 0.5)):
+                state.update(cfg=cfg, variant=v, level=lvl, dropped=0, n=0)
+                rows[v, lvl] = (*scores(wins, dense), state["dropped"] / state["n"])
+                state["variant"] = None
+            (p0, k0, s0), (p1, k1, s1) = rows["teal", 0.45], rows["teal", 0.5]
+            ppl, kl, sp = rows["rotated", 0.5]
+            f = (sp - s0) / (s1 - s0)
+            teal_inc = math.exp(math.log(p0) + f * (math.log(p1) - math.log(p0))) - ppl0
+            print(f"  fitted on {source}: TEAL {s0:.3f} / {s1:.3f}; rotated at {sp:.3f}: perplexity {ppl:.3f}, KL "
+                  f"{kl:.4f}, increase / TEAL's {(ppl - ppl0) / teal_inc:.2f}, KL / TEAL's {kl / (k0 + f * (k1 - k0)):.2f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
