@@ -40,6 +40,18 @@ def rms(x: torch.Tensor) -> torch.Tensor:
     return x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)
 
 
+@torch.no_grad()
+def scores(lm, wins, dense) -> tuple[float, float]:
+    """Perplexity of ``wins`` under the model as hooked now, and its KL per token to the ``dense`` log-probabilities."""
+    nll = kl = n = 0.0
+    for w, d in zip(wins, dense):
+        lp = lm.model(w[None]).logits[0].float().log_softmax(-1)
+        nll += -float(lp[:-1].gather(1, w[1:, None]).sum())
+        kl += float((d.exp() * (d - lp)).sum(-1)[:-1].sum())
+        n += len(w) - 1
+    return math.exp(nll / n), kl / n
+
+
 def input_grad_rms(lm, mods, wins) -> dict:
     """sqrt(mean over tokens of (dL/dx_i)^2) per linear and input channel, x that linear's own input."""
     zs, g2, n = {}, {s: 0.0 for s in mods}, 0
@@ -136,27 +148,17 @@ def main() -> None:
         m.register_forward_pre_hook(lambda _, args, s=s: pre(s, args))
         m.register_forward_hook(lambda _, args, y, s=s: post(s, y))
 
-    @torch.no_grad()
-    def scores(wins, dense):
-        nll = kl = n = 0.0
-        for w, d in zip(wins, dense):
-            lp = lm.model(w[None]).logits[0].float().log_softmax(-1)
-            nll += -float(lp[:-1].gather(1, w[1:, None]).sum())
-            kl += float((d.exp() * (d - lp)).sum(-1)[:-1].sum())
-            n += len(w) - 1
-        return math.exp(nll / n), kl / n
-
     for corpus in a.corpora.split(","):
         wins = corpus_windows(tok, corpus, a.ctx, a.windows)
         state["variant"] = None
         with torch.no_grad():
             dense = [lm.model(w[None]).logits[0].float().log_softmax(-1) for w in wins]
-        ppl0, _ = scores(wins, dense)
+        ppl0, _ = scores(lm, wins, dense)
         print(f"{corpus}: dense perplexity {ppl0:.3f}", flush=True)
         rows = {}
         for v, lvl in runs:
             state.update(variant=v, level=lvl, dropped=0, n=0)
-            ppl, kl = scores(wins, dense)
+            ppl, kl = scores(lm, wins, dense)
             rows[v, lvl] = (ppl, kl, state["dropped"] / state["n"])
             state["variant"] = None
         (p0, k0, s0), (p1, k1, s1) = rows["plain", 0.45], rows["plain", 0.5]
