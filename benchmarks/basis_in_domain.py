@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 import torch
+from threshold_variants import linear_inputs, scores  # this directory is on the path when a script in it runs
 
 from sparsen import load_model
 from sparsen.data import corpus_windows
@@ -32,16 +33,10 @@ def sample(v: torch.Tensor, n: int = 3_000_000) -> torch.Tensor:
 @torch.no_grad()
 def fit(lm, mods, wins, levels) -> dict:
     """Per linear: TEAL's thresholds, and for residual readers a basis R with thresholds on |x R|."""
-    store = {s: [] for s in mods}
-    hs = [m.register_forward_pre_hook(lambda _, a, s=s: store[s].append(a[0].reshape(-1, a[0].shape[-1])))
-          for s, m in mods.items()]
-    for w in wins:
-        lm.adapter.trunk(w[None])
-    for h in hs:
-        h.remove()
+    xs = linear_inputs(lm, mods, wins)
     out = {}
-    for s in list(store):
-        x = torch.cat(store.pop(s))
+    for s in list(xs):
+        x = xs.pop(s)
         c = {"teal": {lvl: sample(x.abs()).quantile(lvl) for lvl in levels}}
         if s.split(".")[-1] in RESIDUAL_READERS:
             R = torch.linalg.eigh(x.T @ x / len(x)).eigenvectors
@@ -81,16 +76,6 @@ def main() -> None:
     for s, m in mods.items():
         m.register_forward_pre_hook(lambda _, args, s=s: pre(s, args))
 
-    @torch.no_grad()
-    def scores(wins, dense):
-        nll = kl = n = 0.0
-        for w, d in zip(wins, dense):
-            lp = lm.model(w[None]).logits[0].float().log_softmax(-1)
-            nll += -float(lp[:-1].gather(1, w[1:, None]).sum())
-            kl += float((d.exp() * (d - lp)).sum(-1)[:-1].sum())
-            n += len(w) - 1
-        return math.exp(nll / n), kl / n
-
     wiki = fit(lm, mods, corpus_windows(tok, "wikitext2-valid", a.ctx, 8), levels)
     for corpus in a.corpora.split(","):
         allw = corpus_windows(tok, corpus, a.ctx, a.windows + 8)
@@ -99,11 +84,11 @@ def main() -> None:
         state["variant"] = None
         with torch.no_grad():
             dense = [lm.model(w[None]).logits[0].float().log_softmax(-1) for w in wins]
-        ppl0, _ = scores(wins, dense)
+        ppl0, _ = scores(lm, wins, dense)
         print(f"{corpus}: dense perplexity {ppl0:.3f}", flush=True)
         def run(cfg, variant, level):
             state.update(cfg=cfg, variant=variant, level=level, dropped=0, n=0)
-            ppl, kl = scores(wins, dense)
+            ppl, kl = scores(lm, wins, dense)
             state["variant"] = None
             return ppl, kl, state["dropped"] / state["n"]
 
