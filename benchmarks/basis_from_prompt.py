@@ -117,7 +117,7 @@ def main() -> None:
     # WikiText-2 validation: TEAL's thresholds per linear at every level, and the moments the bases shrink toward
     cal_inputs = {s: [] for s in mods}
     state["mode"] = "capture"
-    for w in corpus_windows(tok, "wikitext2-valid", 2 * 512, 8):
+    for w in corpus_windows(tok, "wikitext2-valid", a.ctx, 8):  # their first halves, as for the prompts
         with torch.no_grad():
             ad.trunk(w[None])
         for key, v in state["rows"].items():
