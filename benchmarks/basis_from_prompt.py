@@ -26,6 +26,7 @@ import torch
 
 from sparsen import load_model
 from sparsen.data import corpus_windows
+from sparsen.methods.rotation import segment_of, segment_starts
 
 READERS = {"q": "attn", "k": "attn", "v": "attn", "gate": "mlp", "up": "mlp"}
 TEAL_LEVELS = (0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
@@ -34,10 +35,6 @@ TEAL_LEVELS = (0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
 def sample(v: torch.Tensor, n: int = 2_000_000) -> torch.Tensor:
     v = v.flatten()
     return v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(0))[:n]] if v.numel() > n else v
-
-
-def segment_starts(n_layers: int, segments: int) -> list[int]:
-    return [round(i * n_layers / segments) for i in range(segments)]
 
 
 def moments(rows: dict, n_layers: int, segments: int) -> list[torch.Tensor]:
@@ -148,7 +145,7 @@ def main() -> None:
 
     def fitted(Qs: list[torch.Tensor], S: int, Qo=None) -> dict:
         """Per layer its run's basis; per linear the level's quantile of its prompt input (rotated for readers)."""
-        seg = [sum(1 for st in segment_starts(L, S) if st <= i) - 1 for i in range(L)]
+        seg = segment_of(L, segment_starts(L, S))
         Q = [Qs[seg[i]].float() for i in range(L)]
         t = {}
         for s in mods:

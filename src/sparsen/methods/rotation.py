@@ -78,6 +78,11 @@ def fold_norm_gains(lm) -> None:
     ad.set_unit_gain(ad.final_norm)
 
 
+def segment_starts(n_layers: int, segments: int) -> list[int]:
+    """The first layer of each of ``segments`` runs of consecutive layers, as even as rounding allows."""
+    return [round(i * n_layers / segments) for i in range(segments)]
+
+
 def segment_of(n_layers: int, starts: list[int]) -> list[int]:
     """Segment index of every layer, given the first layer of each segment."""
     return [sum(1 for st in starts if st <= layer) - 1 for layer in range(n_layers)]
@@ -235,7 +240,7 @@ def residual_bases(lm, wins, segments: int = 1, progress: bool = True, basis: st
     """
     d, n = lm.adapter.hidden_size, lm.adapter.n_layers
     segments = max(1, min(segments, n))
-    starts = [round(i * n / segments) for i in range(segments)]
+    starts = segment_starts(n, segments)
     seg = segment_of(n, starts)
     skip = wins.shape[1] // 2
     C = torch.zeros(segments, d, d, dtype=torch.float64)
