@@ -1,7 +1,7 @@
 """A residual-stream basis fitted on each prompt at run time, decode protocol (issue "Sparsity that travels"):
 
     .venv/bin/python benchmarks/basis_from_prompt.py [--windows 6] [--ctx 1024] [--level 0.5] [--shrink 0,0.5]
-        [--segments 1,4] [--levels-from PLAN]
+        [--segments 1,4] [--values] [--levels-from PLAN]
 
 Each window's first half is the prompt (computed dense), the second half is scored with every linear sparse, as
 `sparsen eval --protocol decode` does. The rotated variants compute what `rotate` folds into the weights (norm gains
