@@ -18,21 +18,11 @@ import numpy as np
 import torch
 from circuit_code_variants import committed_task  # this directory is on the path when a script in it runs
 
-from sparsen.circuits.codes import default_lambda, flip_scores, node_scores, train_code_sae
+from sparsen.circuits.codes import default_lambda, flip_scores, node_scores, train_code_sae, tv_scores
 from sparsen.circuits.run import roc_auc
 from sparsen.models import load_model
 
 OCTAVES = 16  # magnitude bins span 2^-8 .. 2^8
-
-
-def tv_scores(codes_pos: np.ndarray, codes_neg: np.ndarray, k: int) -> np.ndarray:
-    """Per head: 1/2 sum_c |P(c | positives) - P(c | negatives)|."""
-    out = np.zeros(codes_pos.shape[1])
-    for h in range(codes_pos.shape[1]):
-        p = np.bincount(codes_pos[:, h], minlength=k) / len(codes_pos)
-        n = np.bincount(codes_neg[:, h], minlength=k) / len(codes_neg)
-        out[h] = 0.5 * np.abs(p - n).sum()
-    return out
 
 
 @torch.no_grad()

@@ -2,17 +2,20 @@
 prompt gets a code of its own instead of latent 0), against the ground truth committed in
 benchmarks/results/circuits/TASK.json (no patching: the head outputs are recomputed, ~1 min per task).
 
-    .venv/bin/python scripts/circuit_code_variants.py ioi,greater-than,docstring [3:null,10:null]
+    .venv/bin/python scripts/circuit_code_variants.py ioi,greater-than,docstring [3:null,10:null] [--mode tail]
+        [--codebook 400]
 
 (the optional second argument: the variants to run, L1 multiple and "null" or "argmax"; default the four in VARIANTS,
-~3-5 min each per task on 2 cores).
+~3-5 min each per task on 2 cores; --mode: the head outputs the codes and the baseline read, as `sparsen circuits
+--mode`; --codebook: the SAE's latents, default the paper's 200).
 
 Asks whether a code that can say "this head is quiet" sees the output magnitude the mean-difference baseline uses.
-Each line: task, variant, node AUC and flip AUC (means of 10 seeds), the share of (prompt, head) rows coded null.
+Each line: task, variant, node AUC, flip AUC and tv AUC (means of 10 seeds), the share of (prompt, head) rows coded
+null.
 """
 
+import argparse
 import json
-import sys
 
 import numpy as np
 
@@ -27,7 +30,7 @@ VARIANTS = [dict(l1_times=1, null=False), dict(l1_times=1, null=True), dict(l1_t
             dict(l1_times=10, null=True)]
 
 
-def committed_task(lm, name):
+def committed_task(lm, name, mode="mean"):
     """The task's default config, its committed ground truth as labels over heads, and the head outputs of the
     positives the model solves and of their negatives (as `sparsen circuits` computes them); prints the baseline."""
     cfg = CircuitConfig(task=name)
@@ -39,29 +42,39 @@ def committed_task(lm, name):
     task = build_task(name, lm.tokenizer, cfg.prompts, cfg.seed, model=lm.spec)
     beh = _behaviour(heads, task)
     work = task.subset([i for i in range(len(task)) if beh["m_pos"][i] > 0])
-    op, on = heads.outputs(work.pos_ids, cfg.mode, None), heads.outputs(work.neg_ids, cfg.mode, None)
-    print(name, "ground truth", int(labels.sum()), "heads; mean-difference AUC",
+    starts = work.first_differences()
+    op, on = heads.outputs(work.pos_ids, mode, None, starts), heads.outputs(work.neg_ids, mode, None, starts)
+    print(name if mode == "mean" else f"{name} (mode {mode})", "ground truth", int(labels.sum()), "heads; mean-difference AUC",
           round(roc_auc(mean_difference(op, on), labels), 3), flush=True)
     return cfg, labels, op, on
 
 
-def main(tasks, variants=VARIANTS):
+def main(tasks, variants=VARIANTS, mode="mean", codebook=None):
     lm = load_model("smollm2")
     for name in tasks:
-        cfg, labels, op, on = committed_task(lm, name)
+        cfg, labels, op, on = committed_task(lm, name, mode)
+        book = codebook or cfg.codebook
         for v in variants:
-            runs = [code_run(op, on, seed=cfg.seed + s, d_sae=cfg.codebook, l1=default_lambda(name) * v["l1_times"],
+            runs = [code_run(op, on, seed=cfg.seed + s, d_sae=book, l1=default_lambda(name) * v["l1_times"],
                              train_prompts=cfg.sae_prompts, null_code=v["null"]) for s in range(cfg.seeds)]
             node = [roc_auc(r["node"], labels) for r in runs]
             flip = [roc_auc(r["flip"], labels) for r in runs]
-            quiet = [np.mean(np.concatenate([r["codes_pos"], r["codes_neg"]]) == cfg.codebook) for r in runs]
-            print(name, v, "node", round(np.mean(node), 3), "flip", round(np.mean(flip), 3), "null share",
-                  round(np.mean(quiet), 3), flush=True)
+            tv = [roc_auc(r["tv"], labels) for r in runs]
+            quiet = [np.mean(np.concatenate([r["codes_pos"], r["codes_neg"]]) == book) for r in runs]
+            print(name, v, *([f"codebook {book}"] if codebook else []), "node", round(np.mean(node), 3), "flip",
+                  round(np.mean(flip), 3), "tv", round(np.mean(tv), 3), "null share", round(np.mean(quiet), 3),
+                  flush=True)
 
 
 if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("tasks", nargs="?", default="ioi,greater-than,docstring")
+    ap.add_argument("variants", nargs="?", default=None)
+    ap.add_argument("--mode", default="mean", choices=("mean", "last", "tail"))
+    ap.add_argument("--codebook", type=int, default=None)
+    args = ap.parse_args()
     chosen = VARIANTS
-    if len(sys.argv) > 2:
+    if args.variants:
         chosen = [dict(l1_times=float(m), null=kind == "null")
-                  for m, kind in (v.split(":") for v in sys.argv[2].split(","))]
-    main(sys.argv[1].split(",") if len(sys.argv) > 1 else ["ioi", "greater-than", "docstring"], chosen)
+                  for m, kind in (v.split(":") for v in args.variants.split(","))]
+    main(args.tasks.split(","), chosen, args.mode, args.codebook)

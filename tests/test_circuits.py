@@ -11,7 +11,7 @@ import torch
 
 import sparsen
 from sparsen.circuits import CircuitConfig, run_circuits, summary_markdown
-from sparsen.circuits.codes import code_run, flip_scores, node_scores, pair_counts, pair_scores
+from sparsen.circuits.codes import code_run, flip_scores, node_scores, pair_counts, pair_scores, tv_scores
 from sparsen.circuits.heads import Heads, Recorded
 from sparsen.circuits.run import average_ranks, permutation_null, roc_auc
 from sparsen.circuits.tasks import GENERATORS, TASKS, Task, build_task, pad_batch
@@ -119,6 +119,9 @@ def test_node_and_pair_scores_by_hand():
     assert flip_scores(pos, neg).tolist() == [0.5, 0.0, 1.0]  # pair 0: 5 vs 4, 0 vs 0, 1 vs 3; pair 1: 4 vs 4, ...
     with pytest.raises(ValueError, match="paired"):
         flip_scores(pos, neg[:1])
+    # tv: head 0 P(pos) = {5: .5, 4: .5}, P(neg) = {4: 1} -> 0.5; head 1 the same -> 0; head 2 disjoint -> 1
+    assert tv_scores(pos, neg, 8).tolist() == [0.5, 0.0, 1.0]
+    assert tv_scores(pos, neg).tolist() == [0.5, 0.0, 1.0]  # k from the codes
     c = pair_counts(pos, neg, 8)
     # pairs (0,1): (5,0) new, (4,0) seen -> 1; (0,2): (5,1), (4,2) -> 2; (1,2): (0,1), (0,2) -> 2; symmetric
     assert c.tolist() == [[0, 1, 2], [1, 0, 2], [2, 2, 0]]
@@ -160,6 +163,28 @@ def test_head_outputs_sum_to_the_attention_output(tiny_llama):
         want_mean = torch.stack([attn[i, : lengths[i]].mean(0) for i in range(4)])
         assert torch.allclose(last[:, rows].sum(1), want_last, atol=1e-5)
         assert torch.allclose(mean[:, rows].sum(1), want_mean, atol=1e-5)
+
+
+def test_tail_outputs_average_from_each_pairs_first_difference(tiny_llama):
+    heads = Heads(tiny_llama)
+    task = synthetic_task(tiny_llama, n=4)
+    task.neg_ids[1] = list(task.pos_ids[1])  # an identical pair: its tail is the last position
+    task.neg_ids[2] = task.pos_ids[2][:-1] + [(task.pos_ids[2][-1] + 1) % 256]
+    starts = task.first_differences()
+    assert starts == [0, len(task.pos_ids[1]) - 1, len(task.pos_ids[2]) - 1, 0]
+    tail = heads.outputs(task.pos_ids, "tail", starts=starts)
+    ids, lengths = pad_batch(task.pos_ids)
+    z = heads.z(ids)
+    for layer in range(heads.n_layers):
+        attn = tiny_llama.adapter.blocks[layer].linears["o"](z[layer])
+        want = torch.stack([attn[i, starts[i]: lengths[i]].mean(0) for i in range(4)])
+        rows = slice(layer * heads.n_heads, (layer + 1) * heads.n_heads)
+        assert torch.allclose(tail[:, rows].sum(1), want, atol=1e-5)
+    assert torch.equal(heads.outputs(task.pos_ids, "tail", starts=[0] * 4), heads.outputs(task.pos_ids, "mean"))
+    with pytest.raises(ValueError, match="one start per prompt"):
+        heads.outputs(task.pos_ids, "tail")
+    with pytest.raises(ValueError, match="before the prompt's end"):
+        heads.outputs(task.pos_ids, "tail", starts=[len(q) for q in task.pos_ids])
 
 
 def test_patching_from_an_identical_prompt_changes_nothing(tiny_llama):
@@ -268,7 +293,7 @@ def test_a_planted_circuit_is_recovered(planted):
     labels[PLANTED] = True
     node = np.array(res["scores"]["node"])
     assert np.mean([roc_auc(s, labels) for s in node]) >= 0.95
-    assert res["auc"]["threshold"]["flip"]["mean"] >= 0.95
+    assert res["auc"]["threshold"]["flip"]["mean"] >= 0.95 and res["auc"]["threshold"]["tv"]["mean"] >= 0.95
     assert res["auc"]["threshold"]["node"]["mean"] >= 0.95 and res["auc"]["threshold"]["node"]["above_null"]
     assert np.abs(np.array(res["scores"]["attribution"])[outside]).max() < 1e-6
     assert set(res["runtime_seconds"]) >= {"prompts", "behaviour", "outputs", "truth_patching", "codes", "auc"}
@@ -320,6 +345,8 @@ def test_tasks_refuse_a_byte_tokenizer_and_unknown_names(tiny_llama):
         CircuitConfig(task="nope")
     with pytest.raises(SparsenError, match="pairs must be at least 2"):
         CircuitConfig(task="ioi", pairs=1)
+    with pytest.raises(SparsenError, match="'mean', 'last' or 'tail'"):
+        CircuitConfig(task="ioi", mode="first")
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------------------

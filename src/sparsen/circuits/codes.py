@@ -23,6 +23,8 @@ Flip score (ours, not the paper's): the share of prompt pairs whose code at h di
 paired negative. A pair's prompts share everything but what the task hinges on (a name, a year's digits, the
 parameter names), so a head whose code moves with it is one that change reaches; counting distinct codes instead
 rewards heads whose codes vary from prompt to prompt for any reason.
+
+TV score (ours): the total-variation distance between a head's code frequencies on positives and on negatives.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ LAMBDA = {"docstring": 0.05}
 """the paper's L1 weight per task (0.02 for the others)"""
 
 
-CODE_SCORES = ("node", "flip", "pair")
+CODE_SCORES = ("node", "flip", "tv", "pair")
 """the per-head scores ``code_run`` reads from the codes, one row per seed in a circuits run"""
 
 
@@ -116,6 +118,19 @@ def flip_scores(codes_pos: np.ndarray, codes_neg: np.ndarray) -> np.ndarray:
     return (codes_pos != codes_neg).mean(0)
 
 
+def tv_scores(codes_pos: np.ndarray, codes_neg: np.ndarray, k: int | None = None) -> np.ndarray:
+    """Per head: the total-variation distance 1/2 sum_c |P(c | positives) - P(c | negatives)| between its code
+    frequencies (the node score's "seen only on positives" with the frequencies kept). codes [N, n_heads]."""
+    k = int(max(codes_pos.max(initial=0), codes_neg.max(initial=0)) + 1) if k is None else k
+    n_heads = codes_pos.shape[1]
+
+    def freq(codes):
+        at = np.arange(n_heads)[None] * k + codes
+        return np.bincount(at.ravel(), minlength=n_heads * k).reshape(n_heads, k) / max(len(codes), 1)
+
+    return 0.5 * np.abs(freq(codes_pos) - freq(codes_neg)).sum(1)
+
+
 def pair_counts(codes_pos: np.ndarray, codes_neg: np.ndarray, k: int | None = None) -> np.ndarray:
     """[n_heads, n_heads]: for each head pair, the distinct code pairs (c1, c2) seen on positives and never on
     negatives (the diagonal is 0)."""
@@ -176,6 +191,7 @@ def code_run(outputs_pos: torch.Tensor, outputs_neg: torch.Tensor, seed: int, d_
     k = d_sae + null_code
     node = node_scores(cp, cn, k)
     flip = flip_scores(cp, cn)
+    tv = tv_scores(cp, cn, k)
     t_node = time.perf_counter() - t0
     counts = pair_counts(cp, cn, k)
     pair = pair_scores(counts)
@@ -185,6 +201,6 @@ def code_run(outputs_pos: torch.Tensor, outputs_neg: torch.Tensor, seed: int, d_
         f = sae.encode(xs)
         fvu = float((sae.decode(f) - xs).pow(2).sum() / (xs - xs.mean(0)).pow(2).sum())
         l0 = float((f > 0).float().sum(1).mean())
-    return {"seed": seed, "codes_pos": cp, "codes_neg": cn, "node": node, "flip": flip, "pair": pair,
+    return {"seed": seed, "codes_pos": cp, "codes_neg": cn, "node": node, "flip": flip, "tv": tv, "pair": pair,
             "train_prompts": pick.tolist(), "fvu": fvu, "l0": l0, "codes_used": int(len(np.unique(np.concatenate([cp, cn])))),
             "seconds": {"train": t_train, "codes_and_node": t_node - t_train, "pair": t_all - t_node, "total": t_all}}

@@ -146,23 +146,31 @@ class Heads:
         return [got[self.points[i].name].clone() for i in range(self.n_layers)]
 
     @torch.no_grad()
-    def outputs(self, seqs: list[list[int]], mode: str = "mean", progress=None) -> torch.Tensor:
+    def outputs(self, seqs: list[list[int]], mode: str = "mean", progress=None, starts=None) -> torch.Tensor:
         """Every head's output r_h in the residual stream, [N, n_layers * n_heads, hidden]: the mean over each prompt's
-        positions (``mode="mean"``, as O'Neill & Bui) or at its last position (``"last"``)."""
+        positions (``mode="mean"``, as O'Neill & Bui), at its last position (``"last"``), or the mean over its
+        positions from ``starts[i]`` on (``"tail"``: for a pair, from the first token where its prompts differ)."""
         from sparsen.circuits.tasks import pad_batch
 
-        if mode not in ("mean", "last"):
-            raise ValueError(f"mode must be 'mean' or 'last', not {mode!r}")
+        if mode not in ("mean", "last", "tail"):
+            raise ValueError(f"mode must be 'mean', 'last' or 'tail', not {mode!r}")
+        if mode == "tail" and (starts is None or len(starts) != len(seqs)
+                               or any(not 0 <= a < len(q) for a, q in zip(starts, seqs))):
+            raise ValueError("mode 'tail' needs one start per prompt, each before the prompt's end")
         out = torch.empty(len(seqs), self.n, self.adapter.hidden_size)
         for s in range(0, len(seqs), self.max_rows):
             ids, lengths = pad_batch(seqs[s: s + self.max_rows], self.pad_id)
-            mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).float()
+            at = torch.arange(ids.shape[1])[None]
+            keep = at < lengths[:, None]
+            if mode == "tail":
+                keep &= at >= torch.as_tensor(starts[s: s + self.max_rows])[:, None]
+            mask = keep.float()
             got = {}
 
             def reader(i):
                 def fn(z):
-                    if mode == "mean":
-                        pooled = (z * mask[..., None]).sum(1) / lengths[:, None]
+                    if mode != "last":
+                        pooled = (z * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
                     else:
                         pooled = z[torch.arange(z.shape[0]), lengths - 1]
                     got[i] = head_results(pooled.float(), self.w_o(i).float(), self.n_heads, self.head_dim)

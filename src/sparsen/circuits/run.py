@@ -4,11 +4,11 @@ Stages (each timed):
   prompts      seeded pairs from ``tasks.build_task``
   behaviour    the model on positives and negatives: accuracy (M > 0) and mean M; positives the model gets wrong
                are dropped with their negatives (the method's positives are prompts the model solves)
-  outputs      every head's position-mean output on the kept positives and negatives
+  outputs      every head's pooled output (``mode``) on the kept positives and negatives
   truth        per-head patching of the first ``pairs`` kept pairs, both sets, halves; the mean-ablation check on
                every kept positive
   attribution  attribution patching of the same pairs (baseline)
-  codes        per seed: the shared SAE, the codes, node, flip and pair scores
+  codes        per seed: the shared SAE, the codes, node, flip, tv and pair scores
   auc          ROC AUC of every score against the ground-truth sets, and a label-permutation null
 Everything returned is JSON-able.
 """
@@ -60,7 +60,8 @@ class CircuitConfig:
     steps: int = 500
     lr: float = 1e-3
     mode: str = "mean"
-    """head outputs for the codes: position mean (the paper) or last position"""
+    """head outputs for the codes: position mean (the paper), last position, or "tail": the mean over the positions
+    from the first one where a pair's prompts differ (the ones before are the same in both)"""
     threshold: float = 0.03
     cover: float = 0.8
     permutations: int = 1000
@@ -76,8 +77,8 @@ class CircuitConfig:
                 raise SparsenError(f"{name} must be a positive integer, not {v!r}")
         if self.pairs < 2:
             raise SparsenError("pairs must be at least 2 (two disjoint halves are compared)")
-        if self.mode not in ("mean", "last"):
-            raise SparsenError(f"mode must be 'mean' or 'last', not {self.mode!r}")
+        if self.mode not in ("mean", "last", "tail"):
+            raise SparsenError(f"mode must be 'mean', 'last' or 'tail', not {self.mode!r}")
         if self.l1 is None:
             self.l1 = default_lambda(self.task)
         if not self.l1 >= 0:
@@ -178,8 +179,9 @@ def run_circuits(lm, config: CircuitConfig, progress: bool = True, task: Task | 
     lap("behaviour")
 
     bar = _bar(progress, 2 * len(work), f"{task.name}: head outputs")
-    out_pos = heads.outputs(work.pos_ids, cfg.mode, bar)
-    out_neg = heads.outputs(work.neg_ids, cfg.mode, bar)
+    starts = work.first_differences()
+    out_pos = heads.outputs(work.pos_ids, cfg.mode, bar, starts)
+    out_neg = heads.outputs(work.neg_ids, cfg.mode, bar, starts)
     bar.close()
     lap("outputs")
     mdiff = mean_difference(out_pos, out_neg)

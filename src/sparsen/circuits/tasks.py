@@ -114,6 +114,12 @@ class Task:
                     [self.neg_text[i] for i in rows] if self.neg_text else [], self.chance, self.chance_accuracy,
                     [self.groups[i] for i in rows] if self.groups else [])
 
+    def first_differences(self) -> list[int]:
+        """Per pair, the first position where its prompts differ (before it, a causal model computes the same for
+        both); the last position for a pair of identical prompts."""
+        return [next((j for j, (a, b) in enumerate(zip(p, n)) if a != b), len(p) - 1)
+                for p, n in zip(self.pos_ids, self.neg_ids)]
+
     def group_of(self, i: int) -> int:
         return self.groups[i] if self.groups else 0
 
