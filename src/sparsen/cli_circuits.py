@@ -14,8 +14,8 @@ def add_parsers(sub, add_model, positive_int) -> None:
                        description="Build seeded positive/negative prompt pairs for a task, check the model solves it, "
                                    "compute a ground-truth circuit by per-head activation patching from the paired "
                                    "negatives, train the shared code SAE on the heads' outputs over --seeds seeds and "
-                                   "report the ROC AUC of its node, flip and pair scores (and of the mean-difference and "
-                                   "attribution-patching baselines) against that ground truth, with a label-permutation "
+                                   "report the ROC AUC of its node, flip, tv and pair scores (and of the mean-difference "
+                                   "and attribution-patching baselines) against that ground truth, with a label-permutation "
                                    "null and each stage's runtime. Writes circuits.json and circuits.md to --out.")
     p.add_argument("--task", required=True, metavar="TASK", help=f"one of {', '.join(TASK_NAMES)}")
     add_model(p)
@@ -54,7 +54,8 @@ def cmd_circuits(args) -> None:
     print(f"{args.task} on {lm.spec}: positives accuracy {b['positives']['accuracy']:.3f} (M {b['positives']['metric']:.3f}), "
           f"negatives {b['negatives']['accuracy']:.3f} (M {b['negatives']['metric']:.3f}); ground truth "
           f"{len(res['truth']['sets']['threshold'])} heads; node AUC {auc['node']['mean']:.3f} ± {auc['node']['std']:.3f} "
-          f"(null 95% {auc['node']['null_95']:.3f}), flip {auc['flip']['mean']:.3f}, pair {auc['pair']['mean']:.3f}, "
+          f"(null 95% {auc['node']['null_95']:.3f}), flip {auc['flip']['mean']:.3f}, tv {auc['tv']['mean']:.3f}, "
+          f"pair {auc['pair']['mean']:.3f}, "
           f"mean-difference {auc['mean_difference']['mean']:.3f}, attribution {auc['attribution']['mean']:.3f}")
     failed = [k for k, v in res["acceptance"].items() if not v["pass"]]
     print(f"acceptance: {'all pass' if not failed else 'failed ' + ', '.join(failed)}")
