@@ -20,7 +20,7 @@ import json
 import numpy as np
 
 from sparsen.circuits.codes import code_run, default_lambda
-from sparsen.circuits.heads import Heads
+from sparsen.circuits.heads import OUTPUT_MODES, Heads
 from sparsen.circuits.run import CircuitConfig, _behaviour, roc_auc
 from sparsen.circuits.tasks import build_task
 from sparsen.circuits.truth import mean_difference
@@ -70,7 +70,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("tasks", nargs="?", default="ioi,greater-than,docstring")
     ap.add_argument("variants", nargs="?", default=None)
-    ap.add_argument("--mode", default="mean", choices=("mean", "last", "tail"))
+    ap.add_argument("--mode", default="mean", choices=OUTPUT_MODES)
     ap.add_argument("--codebook", type=int, default=None)
     args = ap.parse_args()
     chosen = VARIANTS

@@ -12,7 +12,7 @@ import torch
 import sparsen
 from sparsen.circuits import CircuitConfig, run_circuits, summary_markdown
 from sparsen.circuits.codes import code_run, flip_scores, node_scores, pair_counts, pair_scores, tv_scores
-from sparsen.circuits.heads import Heads, Recorded
+from sparsen.circuits.heads import OUTPUT_MODES, Heads, Recorded
 from sparsen.circuits.run import average_ranks, permutation_null, roc_auc
 from sparsen.circuits.tasks import GENERATORS, TASKS, Task, build_task, pad_batch
 from sparsen.circuits.truth import (
@@ -25,6 +25,7 @@ from sparsen.circuits.truth import (
     template_means,
     threshold_set,
 )
+from sparsen.cli_circuits import OUTPUT_MODES as CLI_OUTPUT_MODES
 from sparsen.cli_circuits import TASK_NAMES, add_parsers, cmd_circuits
 from sparsen.errors import SparsenError
 
@@ -331,6 +332,7 @@ def test_task_pairs_align_and_are_seeded(name):
     m.sum().backward()  # the metric is differentiable (attribution patching needs it)
     assert m.shape == (12,) and logits.grad is not None
     assert set(TASK_NAMES) == set(TASKS) == set(GENERATORS)
+    assert CLI_OUTPUT_MODES == OUTPUT_MODES
 
 
 def test_tasks_refuse_a_byte_tokenizer_and_unknown_names(tiny_llama):

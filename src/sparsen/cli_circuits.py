@@ -7,6 +7,7 @@ from __future__ import annotations
 from sparsen.errors import SparsenError
 
 TASK_NAMES = ("ioi", "greater-than", "docstring")  # sparsen.circuits.TASKS (not imported here: torch)
+OUTPUT_MODES = ("mean", "last", "tail")  # sparsen.circuits.heads.OUTPUT_MODES (likewise)
 
 
 def add_parsers(sub, add_model, positive_int) -> None:
@@ -28,7 +29,7 @@ def add_parsers(sub, add_model, positive_int) -> None:
     p.add_argument("--seed", type=int, default=0, help="prompt seed; SAE seeds follow it (default 0)")
     p.add_argument("--l1", type=float, default=None,
                    help="the SAE's L1 weight (default the paper's: 0.02, docstring 0.05)")
-    p.add_argument("--mode", default="mean", choices=("mean", "last", "tail"),
+    p.add_argument("--mode", default="mean", choices=OUTPUT_MODES,
                    help="head outputs the codes read: mean over positions (the paper, default), the last position, or "
                         "tail: the mean over the positions from the first one where a pair's prompts differ")
     p.add_argument("--max-rows", type=positive_int, default=96, help="prompt rows per forward pass (default 96)")

@@ -20,6 +20,9 @@ import torch
 
 from sparsen.models.hookpoints import StopForward, attach, head_results, hook_point, read_activations
 
+OUTPUT_MODES = ("mean", "last", "tail")
+"""how ``Heads.outputs`` pools a head's output over a prompt's positions"""
+
 
 def _layer_out(out):
     return out[0] if isinstance(out, tuple) else out
@@ -152,7 +155,7 @@ class Heads:
         positions from ``starts[i]`` on (``"tail"``: for a pair, from the first token where its prompts differ)."""
         from sparsen.circuits.tasks import pad_batch
 
-        if mode not in ("mean", "last", "tail"):
+        if mode not in OUTPUT_MODES:
             raise ValueError(f"mode must be 'mean', 'last' or 'tail', not {mode!r}")
         if mode == "tail" and (starts is None or len(starts) != len(seqs)
                                or any(not 0 <= a < len(q) for a, q in zip(starts, seqs))):

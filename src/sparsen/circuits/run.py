@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from sparsen.circuits.codes import CODE_SCORES, code_run, default_lambda
-from sparsen.circuits.heads import Heads
+from sparsen.circuits.heads import OUTPUT_MODES, Heads
 from sparsen.circuits.tasks import TASKS, Task, build_task, check_task
 from sparsen.circuits.truth import (
     attribution_patching,
@@ -77,7 +77,7 @@ class CircuitConfig:
                 raise SparsenError(f"{name} must be a positive integer, not {v!r}")
         if self.pairs < 2:
             raise SparsenError("pairs must be at least 2 (two disjoint halves are compared)")
-        if self.mode not in ("mean", "last", "tail"):
+        if self.mode not in OUTPUT_MODES:
             raise SparsenError(f"mode must be 'mean', 'last' or 'tail', not {self.mode!r}")
         if self.l1 is None:
             self.l1 = default_lambda(self.task)
