@@ -18,6 +18,7 @@ import argparse
 import json
 
 import numpy as np
+import torch
 
 from sparsen.circuits.codes import code_run, default_lambda
 from sparsen.circuits.heads import OUTPUT_MODES, Heads
@@ -49,19 +50,28 @@ def committed_task(lm, name, mode="mean"):
     return cfg, labels, op, on
 
 
-def main(tasks, variants=VARIANTS, mode="mean", codebook=None):
+def centred(op, on):
+    """Each head's outputs less that head's mean over every prompt, positives and negatives alike (no labels)."""
+    mean = torch.cat([op, on]).float().mean(0, keepdim=True)
+    return op.float() - mean, on.float() - mean
+
+
+def main(tasks, variants=VARIANTS, mode="mean", codebook=None, train_prompts=None):
     lm = load_model("smollm2")
     for name in tasks:
         cfg, labels, op, on = committed_task(lm, name, mode)
         book = codebook or cfg.codebook
         for v in variants:
-            runs = [code_run(op, on, seed=cfg.seed + s, d_sae=book, l1=default_lambda(name) * v["l1_times"],
-                             train_prompts=cfg.sae_prompts, null_code=v["null"]) for s in range(cfg.seeds)]
+            xp, xn = centred(op, on) if v.get("centre") else (op, on)
+            runs = [code_run(xp, xn, seed=cfg.seed + s, d_sae=book, l1=default_lambda(name) * v["l1_times"],
+                             train_prompts=train_prompts or cfg.sae_prompts, null_code=v["null"])
+                    for s in range(cfg.seeds)]
             node = [roc_auc(r["node"], labels) for r in runs]
             flip = [roc_auc(r["flip"], labels) for r in runs]
             tv = [roc_auc(r["tv"], labels) for r in runs]
             quiet = [np.mean(np.concatenate([r["codes_pos"], r["codes_neg"]]) == book) for r in runs]
-            print(name, v, *([f"codebook {book}"] if codebook else []), "node", round(np.mean(node), 3), "flip",
+            print(name, v, *([f"codebook {book}"] if codebook else []),
+                  *([f"train prompts {train_prompts}"] if train_prompts else []), "node", round(np.mean(node), 3), "flip",
                   round(np.mean(flip), 3), "tv", round(np.mean(tv), 3), "null share", round(np.mean(quiet), 3),
                   flush=True)
 
@@ -72,9 +82,10 @@ if __name__ == "__main__":
     ap.add_argument("variants", nargs="?", default=None)
     ap.add_argument("--mode", default="mean", choices=OUTPUT_MODES)
     ap.add_argument("--codebook", type=int, default=None)
+    ap.add_argument("--train-prompts", type=int, default=None)
     args = ap.parse_args()
     chosen = VARIANTS
     if args.variants:
-        chosen = [dict(l1_times=float(m), null=kind == "null")
-                  for m, kind in (v.split(":") for v in args.variants.split(","))]
-    main(args.tasks.split(","), chosen, args.mode, args.codebook)
+        chosen = [dict(l1_times=float(m), null=kind == "null", **({"centre": True} if rest == ["centre"] else {}))
+                  for m, kind, *rest in (v.split(":") for v in args.variants.split(","))]
+    main(args.tasks.split(","), chosen, args.mode, args.codebook, args.train_prompts)

@@ -16,7 +16,9 @@ from sparsen.circuits.heads import OUTPUT_MODES, Heads, Recorded
 from sparsen.circuits.run import average_ranks, permutation_null, roc_auc
 from sparsen.circuits.tasks import GENERATORS, TASKS, Task, build_task, pad_batch
 from sparsen.circuits.truth import (
+    Patching,
     attribution_patching,
+    bootstrap_threshold,
     cover_set,
     halves,
     jaccard,
@@ -110,6 +112,27 @@ def test_ground_truth_sets_and_jaccard():
     assert jaccard([1, 2, 3], [2, 3, 4]) == 0.5 and jaccard([], []) == 1.0 and jaccard([1], []) == 0.0
     a, b = halves(7)
     assert a == [0, 2, 4, 6] and b == [1, 3, 5] and not set(a) & set(b)
+
+
+def test_bootstrap_of_the_threshold_set_against_a_loop():
+    rng = np.random.default_rng(3)
+    p, h = 12, 6
+    m_clean, m_neg = rng.normal(3, 0.5, p), rng.normal(0, 0.5, p)
+    num = rng.normal(0, 0.05, (p, h)) * (m_clean - m_neg)[:, None]
+    num[:, 0] = 0.5 * (m_clean - m_neg)  # always in
+    num[:, 1] = 0.0  # never in
+    patched = Patching(num=num, m_clean=m_clean, m_neg=m_neg)
+    boot = bootstrap_threshold(patched, threshold=0.03, n=200, seed=7)
+    draws = np.random.default_rng(7).integers(0, p, (200, p))  # the same resamples, one at a time
+    sizes, member = [], np.zeros(h)
+    for d in draws:
+        s = threshold_set(Patching(num=num[d], m_clean=m_clean[d], m_neg=m_neg[d]).effect(), 0.03)
+        sizes.append(len(s))
+        member[s] += 1 / 200
+    np.testing.assert_allclose(boot["p_in_set"], member)
+    assert boot["p_in_set"][0] == 1.0 and boot["p_in_set"][1] == 0.0
+    assert boot["size_quantiles"]["p50"] == np.quantile(sizes, 0.5)
+    assert boot["size_in_gate"] == np.mean([5 <= n <= 40 for n in sizes])
 
 
 def test_node_and_pair_scores_by_hand():
@@ -369,7 +392,11 @@ def test_cli_writes_json_and_markdown(tmp_path, monkeypatch, capsys, planted):
                          "--out", str(out), "--quiet"]))
     res = json.loads((out / "circuits.json").read_text())
     assert res["config"]["pairs"] == 8 and len(res["scores"]["node"]) == 2
-    assert (out / "circuits.md").read_text().startswith("# Circuits")
+    boot = res["truth"]["bootstrap"]
+    assert boot["resamples"] == 1000 and 0 <= boot["size_in_gate"] <= 1
+    assert all(name in res["heads"]["names"] and 0 < p <= 1 for name, p in boot["p_in_set"].items())
+    md = (out / "circuits.md").read_text()
+    assert md.startswith("# Circuits") and "bootstrap over the 8 pairs (1000 resamples)" in md
     assert "node AUC" in capsys.readouterr().out
 
 

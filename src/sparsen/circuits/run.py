@@ -27,6 +27,7 @@ from sparsen.circuits.heads import OUTPUT_MODES, Heads
 from sparsen.circuits.tasks import TASKS, Task, build_task, check_task
 from sparsen.circuits.truth import (
     attribution_patching,
+    bootstrap_threshold,
     cover_set,
     halves,
     jaccard,
@@ -198,6 +199,7 @@ def run_circuits(lm, config: CircuitConfig, progress: bool = True, task: Task | 
     e1, e2 = patched.effect(h1), patched.effect(h2)
     half_sets = {"threshold": (threshold_set(e1, cfg.threshold), threshold_set(e2, cfg.threshold)),
                  "cover": (cover_set(e1, cfg.cover), cover_set(e2, cfg.cover))}
+    boot = bootstrap_threshold(patched, cfg.threshold, seed=cfg.seed)
     means = template_means(heads, work)
     ablation = mean_ablation(heads, work, means, sets)  # every kept positive: the patched pairs and held-out ones
     lap("truth_ablation")
@@ -271,6 +273,8 @@ def run_circuits(lm, config: CircuitConfig, progress: bool = True, task: Task | 
             "sets": {k: named(v) for k, v in sets.items()},
             "halves": {k: {"a": named(a), "b": named(b), "jaccard": jaccard(a, b)} for k, (a, b) in half_sets.items()},
             "mean_ablation": ablation,
+            "bootstrap": {**{k: v for k, v in boot.items() if k != "p_in_set"},
+                          "p_in_set": {names[i]: float(q) for i, q in enumerate(boot["p_in_set"]) if q > 0}},
             "effect_sum": float(np.nansum(effect)), "effect_abs_sum": float(np.nansum(np.abs(effect))),
         },
         "scores": {**{name: rows.tolist() for name, rows in per_seed.items()}, "mean_difference": mdiff.tolist(),
@@ -318,6 +322,14 @@ def summary_markdown(res: dict) -> str:
         lines.append(f"- {label}: {len(tr['sets'][k])} heads, halves Jaccard {tr['halves'][k]['jaccard']:.2f}, "
                      f"kept alone (rest mean-ablated) retain {ab['retained']:.2f} of M_clean "
                      f"({ab['retained_vs_ablated']:.2f} of the gap to all-ablated): {', '.join(tr['sets'][k])}")
+    bs = tr.get("bootstrap")
+    if bs:
+        q = bs["size_quantiles"]
+        edge = sorted(((p, h) for h, p in bs["p_in_set"].items() if 0.05 <= p <= 0.95), reverse=True)
+        lines.append(f"- bootstrap over the {b['pairs_patched']} pairs ({bs['resamples']} resamples): the |effect| >= "
+                     f"{tr['threshold']} set has {q['p5']:.0f}-{q['p95']:.0f} heads (5th-95th percentile, median "
+                     f"{q['p50']:.0f}), 5-40 heads in {bs['size_in_gate']:.0%} of resamples; heads in it in 5-95% of "
+                     f"resamples: {', '.join(f'{h} ({p:.2f})' for p, h in edge) or 'none'}")
     lines += ["", "## ROC AUC against the ground truth (mean over seeds; permutation-null 95th percentile)", "",
               "| score | vs threshold set | null 95% | vs cover set | null 95% |", "|---|---|---|---|---|"]
     for s in res["auc"]["threshold"]:

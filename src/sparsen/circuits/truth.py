@@ -9,7 +9,9 @@ the pair-averaged effect normalised by the pair-averaged total (a ratio of means
 negative happen to score alike would make its own ratio explode; the mean of per-pair ratios is kept beside it as
 ``effect_pairwise``). The per-pair numerators are kept, so disjoint halves of the pairs give their own sets.
 
-Sets: the heads with |effect| >= 0.03, and the smallest set whose |effect| covers 80% of the total sum |effect|.
+Sets: the heads with |effect| >= 0.03, and the smallest set whose |effect| covers 80% of the total sum |effect|;
+a bootstrap over the pairs says how firmly each head is in the first (a head near the threshold is in or out by
+which pairs were drawn).
 Check: keeping only a set's heads, every other head mean-ablated (its z replaced by the positives' mean z at each
 position, the mean taken over the prompts of the same template so that positions align), should keep >= 50% of
 M_clean. Baselines: attribution patching (one forward and backward: num estimated
@@ -95,6 +97,23 @@ def cover_set(effect: np.ndarray, fraction: float = 0.8) -> list[int]:
     csum = np.cumsum(a[order])
     k = int(np.searchsorted(csum, fraction * total - 1e-12 * total) + 1)
     return sorted(int(i) for i in order[:k])
+
+
+def bootstrap_threshold(patched: Patching, threshold: float = 0.03, n: int = 1000, seed: int = 0) -> dict:
+    """How much the thresholded set owes to which pairs were drawn: ``n`` resamples of the pairs with replacement,
+    each giving its own effect and set. Returns the set size's distribution (quantiles 5/50/95 and the share of
+    resamples in the 5-40 gate) and each head's share of resamples that put it in the set ([n_nodes])."""
+    rng = np.random.default_rng(seed)
+    p = len(patched.m_clean)
+    num = np.nan_to_num(patched.num)
+    draws = rng.integers(0, p, (n, p))
+    weight = np.zeros((n, p))  # how often each pair is drawn, per resample
+    np.add.at(weight, (np.arange(n)[:, None], draws), 1.0 / p)
+    effect = (weight @ num) / (weight @ (patched.m_clean - patched.m_neg))[:, None]  # [n, n_nodes]
+    member = np.abs(effect) >= threshold
+    sizes = member.sum(1)
+    return {"resamples": n, "size_quantiles": {f"p{q}": float(np.quantile(sizes, q / 100)) for q in (5, 50, 95)},
+            "size_in_gate": float(((sizes >= 5) & (sizes <= 40)).mean()), "p_in_set": member.mean(0)}
 
 
 def jaccard(a, b) -> float:
