@@ -11,7 +11,7 @@ benchmarks/results/circuits/TASK.json (no patching: the head outputs are recompu
 
 Asks whether a code that can say "this head is quiet" sees the output magnitude the mean-difference baseline uses.
 Each line: task, variant, node AUC, flip AUC and tv AUC (means of 10 seeds), the share of (prompt, head) rows coded
-null.
+null, and the SAE's mean L0 and FVU on its training rows.
 """
 
 import argparse
@@ -73,6 +73,7 @@ def main(tasks, variants=VARIANTS, mode="mean", codebook=None, train_prompts=Non
             print(name, v, *([f"codebook {book}"] if codebook else []),
                   *([f"train prompts {train_prompts}"] if train_prompts else []), "node", round(np.mean(node), 3), "flip",
                   round(np.mean(flip), 3), "tv", round(np.mean(tv), 3), "null share", round(np.mean(quiet), 3),
+                  "train L0", round(np.mean([r["l0"] for r in runs]), 2), "FVU", round(np.mean([r["fvu"] for r in runs]), 3),
                   flush=True)
 
 

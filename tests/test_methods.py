@@ -325,6 +325,20 @@ def test_global_allocation_sets_blocks_apart_and_hits_the_model_wide_target(meth
     assert abs(achieved_on_calibration_windows(lm, plan) - 0.5) < 0.02
 
 
+def test_search_allocation_starts_from_global_and_only_keeps_moves_that_lower_the_kl():
+    lm = load_model("tiny-llama")
+    base = calibrate(lm, "teal", 0.5, {**CFG, "allocation": "global"}, progress=False)
+    still = calibrate(lm, "teal", 0.5, {**CFG, "allocation": "search", "search_steps": 0}, progress=False)
+    assert still.params["block_levels"] == pytest.approx(base.params["block_levels"])  # no moves: global's levels
+    assert still.params["search"]["kl"] == still.params["search"]["kl_start"]
+    plan = calibrate(lm, "teal", 0.5, {**CFG, "allocation": "search", "search_steps": 12}, progress=False)
+    rec, levels = plan.params["search"], plan.params["block_levels"]
+    assert rec["kl"] <= rec["kl_start"] and (rec["accepted"] > 0) == (rec["kl"] < rec["kl_start"])
+    assert rec["kl_start"] == pytest.approx(still.params["search"]["kl_start"])
+    assert sum(levels) / len(levels) == pytest.approx(0.5)  # moves keep the budget
+    assert abs(achieved_on_calibration_windows(lm, plan) - 0.5) < 0.02
+
+
 @pytest.mark.parametrize("method", ["teal", "rotate"])
 def test_sensitivity_allocation_hits_the_model_wide_target(method):
     lm = load_model("tiny-llama")

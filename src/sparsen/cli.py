@@ -22,7 +22,7 @@ MODEL_HELP = ("model SPEC: 'smollm2' (bundled SmolLM2-135M-Instruct, default), '
               "'tiny-llama' / 'tiny-qwen2' (seeded random test models), a Hugging Face model directory, or a .gguf file")
 # calibrate's --allocation choices; the CLI does not import torch to list them (a test keeps them equal to
 # sparsen.methods.ALLOCATIONS)
-ALLOCATION_CHOICES = ("uniform", "greedy", "sensitivity", "global")
+ALLOCATION_CHOICES = ("uniform", "greedy", "sensitivity", "global", "search")
 
 
 def _positive_int(s: str) -> int:
@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how sparsity is spread over linears: uniform; greedy (TEAL's block-wise greedy: inside each "
                         "block, raise the linear whose step adds the least block-output error per parameter share); "
                         "sensitivity (per input group, greedy on measured KL per skipped weight byte); or global (ours: "
-                        "TEAL's greedy inside each block, each block's level set by the KL it causes alone). All but "
+                        "TEAL's greedy inside each block, each block's level set by the KL it causes alone); or search (ours: "
+                        "global's block levels refined by local search on the whole model's KL). All but "
                         "uniform: teal, wina and the rotation methods. Default uniform")
     p.add_argument("--segments", type=_positive_int, default=None,
                    help="rotation methods: give each of N runs of consecutive layers its own basis of the residual "

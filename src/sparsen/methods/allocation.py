@@ -251,6 +251,13 @@ def global_levels(lm, wins: torch.Tensor, target: float, rule_for, config, progr
     until the blocks' mean level (they have equal parameter counts) is the target. Assumes blocks' damages
     add up (measured on SmolLM2: one layer at a time summed to 0.29, all at once 0.25).
     """
+    paths, params, level, kl = _global_block_levels(lm, wins, target, rule_for, config, progress)
+    per_site = {f"layers.{i}.{n}": s for i in paths for n, s in levels_on_path(paths[i], level[i], params[i]).items()}
+    return per_site, {"block_levels": [level[i] for i in sorted(level)], "block_kl_at_target": [kl[i] for i in sorted(kl)]}
+
+
+def _global_block_levels(lm, wins, target, rule_for, config, progress):
+    """``global_levels``' work: the greedy paths, parameter counts, each block's level and its KL alone at the target."""
     hi = min(target + config.global_span, MAX_LEVEL)
     step = config.global_step
     paths = block_greedy_paths(lm, wins[0], hi, rule_for, config, progress)
@@ -273,8 +280,47 @@ def global_levels(lm, wins: torch.Tensor, target: float, rule_for, config, progr
         i = min(open_, key=lambda j: damage(j, min(level[j] + step, reach[j])) - damage(j, level[j]))
         missing = (target - sum(level.values()) / len(level)) * len(level)
         level[i] = min(level[i] + step, reach[i], level[i] + missing)
+    return paths, params, level, kl
+
+
+@torch.no_grad()
+def search_levels(lm, wins: torch.Tensor, target: float, rule_for, config, progress=True) -> tuple[dict[str, float], dict]:
+    """Ours: the global allocation's block levels refined by local search on the whole model's KL.
+
+    ``global`` assumes the blocks' damages add up; here every candidate is scored with all blocks sparse at once:
+    the KL(dense || sparse) per decode token on the calibration windows (first half a dense prompt). Each of
+    ``config.search_steps`` steps moves ``config.search_move`` of level from one random block to another (the
+    blocks have equal parameter counts, so the budget holds) and keeps the move if the KL falls."""
+    paths, params, level, _ = _global_block_levels(lm, wins, target, rule_for, config, progress)
+    reach = {i: paths[i][-1][0] if paths[i] else 0.0 for i in paths}
+    tokens = wins[:, :config.kl_tokens]
+    skip = tokens.shape[1] // 2
+    dense = [F.log_softmax(lm.model(w[None]).logits[0, skip:].float(), -1) for w in tokens]
+
+    def kl_of(lv):
+        rules = {f"layers.{i}.{n}": rule_for(f"layers.{i}.{n}", s)
+                 for i in paths for n, s in levels_on_path(paths[i], lv[i], params[i]).items() if s > 0}
+        with Sparsifier(lm.adapter, rules, dense_prefix=skip):
+            total = sum(float((d.exp() * (d - F.log_softmax(lm.model(w[None]).logits[0, skip:].float(), -1))).sum())
+                        for d, w in zip(dense, tokens))
+        return total / sum(len(d) for d in dense)
+
+    start = best = kl_of(level)
+    rng = np.random.default_rng(0)
+    blocks = sorted(paths)
+    accepted = 0
+    for _ in tqdm(range(config.search_steps), desc="allocation search", disable=not progress, leave=False):
+        i, j = (int(b) for b in rng.choice(blocks, 2, replace=False))
+        move = min(config.search_move, reach[i] - level[i], level[j])
+        if move <= 1e-9:
+            continue
+        cand = {**level, i: level[i] + move, j: level[j] - move}
+        k = kl_of(cand)
+        if k < best:
+            level, best, accepted = cand, k, accepted + 1
     per_site = {f"layers.{i}.{n}": s for i in paths for n, s in levels_on_path(paths[i], level[i], params[i]).items()}
-    return per_site, {"block_levels": [level[i] for i in sorted(level)], "block_kl_at_target": [kl[i] for i in sorted(kl)]}
+    return per_site, {"block_levels": [level[i] for i in sorted(level)],
+                      "search": {"kl_start": start, "kl": best, "steps": config.search_steps, "accepted": accepted}}
 
 
 def mean_level_by_name(per_site: dict[str, float]) -> dict[str, float]:
@@ -293,8 +339,9 @@ def site_levels(lm, hists, wins, target, config, progress=True, rule_for=None) -
         return {s: target for s in sites}, {}
     # default rule at a level: the magnitude threshold at that quantile of the site's calibration histogram
     rule_for = rule_for or (lambda site, s: ThresholdRule(hists[site].quantile(s)))
-    if allocation == "global":
-        per_site, record = global_levels(lm, wins, target, rule_for, config, progress)
+    if allocation in ("global", "search"):
+        levels_of = global_levels if allocation == "global" else search_levels
+        per_site, record = levels_of(lm, wins, target, rule_for, config, progress)
         return per_site, {**record, "mean_level": mean_level_by_name(per_site)}
     if allocation == "greedy":
         per_site = block_greedy_levels(lm, wins[0], target, rule_for, config, progress)

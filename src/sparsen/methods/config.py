@@ -72,7 +72,7 @@ class MethodConfig:
         return dataclasses.asdict(self)
 
 
-ALLOCATIONS = ("uniform", "greedy", "sensitivity", "global")
+ALLOCATIONS = ("uniform", "greedy", "sensitivity", "global", "search")
 
 
 @method_config
@@ -85,7 +85,8 @@ class AllocatedConfig(MethodConfig):
     """'uniform' (every linear at the target); 'greedy' (TEAL's block-wise greedy: inside each block raise the
     linear whose step adds the least block-output error per parameter share); 'sensitivity' (per input group,
     greedy on measured KL per skipped byte, the same in every layer); 'global' (ours: TEAL's greedy inside each
-    block, each block's level set by the KL it causes alone)"""
+    block, each block's level set by the KL it causes alone); 'search' (ours: global's levels refined by local search
+    on the whole model's KL)"""
     greedy_step: float = 0.05
     """greedy and global: the step by which a linear's level is raised inside a block"""
     greedy_tokens: int = 256
@@ -96,8 +97,13 @@ class AllocatedConfig(MethodConfig):
     """global: the step by which a block's level is raised"""
     kl_tokens: int = 512
     """global: tokens of each calibration window the per-block KL is measured on (second half)"""
+    search_steps: int = 100
+    """search: candidate moves tried (each one whole-model pass over the KL windows)"""
+    search_move: float = 0.05
+    """search: the level a move takes from one block and gives to another"""
     allocation_windows: int | None = None
-    """sensitivity and global: calibration windows the KL is measured on (None: 1 for sensitivity, 3 for global)"""
+    """sensitivity, global and search: calibration windows the KL is measured on (None: 1 for sensitivity, 3 for
+    global and search)"""
 
     def __post_init__(self):
         super().__post_init__()
@@ -108,13 +114,16 @@ class AllocatedConfig(MethodConfig):
         for name in ("greedy_tokens", "kl_tokens"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 2, f"{name} {v!r}: give at least 2 tokens")
+        _check(isinstance(self.search_steps, int) and self.search_steps >= 0,
+               f"search_steps {self.search_steps!r}: give 0 or more")
+        _check(_number(self.search_move) and 0 < self.search_move <= 0.5, f"search_move {self.search_move!r}: give (0, 0.5]")
         _check(self.allocation_windows is None or (isinstance(self.allocation_windows, int) and self.allocation_windows >= 1),
                f"allocation_windows {self.allocation_windows!r}: give 1 or more, or None")
 
     def kl_windows(self) -> int:
         if self.allocation_windows is not None:
             return self.allocation_windows
-        return {"sensitivity": 1, "global": 3}.get(self.allocation, 1)
+        return {"sensitivity": 1, "global": 3, "search": 3}.get(self.allocation, 1)
 
 
 @method_config
