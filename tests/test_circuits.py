@@ -397,7 +397,8 @@ def test_cli_writes_json_and_markdown(tmp_path, monkeypatch, capsys, planted):
     assert all(name in res["heads"]["names"] and 0 < p <= 1 for name, p in boot["p_in_set"].items())
     md = (out / "circuits.md").read_text()
     assert md.startswith("# Circuits") and "bootstrap over the 8 pairs (1000 resamples)" in md
-    assert "node AUC" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "node AUC" in printed and "of bootstrap resamples within 5-40" in printed
 
 
 def test_cli_bad_input_is_one_line(tmp_path):

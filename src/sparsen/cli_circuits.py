@@ -54,7 +54,8 @@ def cmd_circuits(args) -> None:
     b, auc = res["behaviour"], res["auc"]["threshold"]
     print(f"{args.task} on {lm.spec}: positives accuracy {b['positives']['accuracy']:.3f} (M {b['positives']['metric']:.3f}), "
           f"negatives {b['negatives']['accuracy']:.3f} (M {b['negatives']['metric']:.3f}); ground truth "
-          f"{len(res['truth']['sets']['threshold'])} heads; node AUC {auc['node']['mean']:.3f} ± {auc['node']['std']:.3f} "
+          f"{len(res['truth']['sets']['threshold'])} heads ({res['truth']['bootstrap']['size_in_gate']:.0%} of bootstrap "
+          f"resamples within 5-40); node AUC {auc['node']['mean']:.3f} ± {auc['node']['std']:.3f} "
           f"(null 95% {auc['node']['null_95']:.3f}), flip {auc['flip']['mean']:.3f}, tv {auc['tv']['mean']:.3f}, "
           f"pair {auc['pair']['mean']:.3f}, "
           f"mean-difference {auc['mean_difference']['mean']:.3f}, attribution {auc['attribution']['mean']:.3f}")
