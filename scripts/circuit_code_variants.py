@@ -2,12 +2,13 @@
 prompt gets a code of its own instead of latent 0), against the ground truth committed in
 benchmarks/results/circuits/TASK.json (no patching: the head outputs are recomputed, ~1 min per task).
 
-    .venv/bin/python scripts/circuit_code_variants.py ioi,greater-than,docstring [3:null,10:null] [--mode tail]
-        [--codebook 400]
+    .venv/bin/python scripts/circuit_code_variants.py ioi,greater-than,docstring [3:null,10:null,3:null:centre]
+        [--mode tail] [--codebook 400] [--train-prompts 40]
 
-(the optional second argument: the variants to run, L1 multiple and "null" or "argmax"; default the four in VARIANTS,
-~3-5 min each per task on 2 cores; --mode: the head outputs the codes and the baseline read, as `sparsen circuits
---mode`; --codebook: the SAE's latents, default the paper's 200).
+(the optional second argument: the variants to run, L1 multiple and "null" or "argmax", and ":centre" to code each
+head's outputs less its own mean over all prompts; default the four in VARIANTS, ~3-5 min each per task on 2 cores;
+--mode: the head outputs the codes and the baseline read, as `sparsen circuits --mode`; --codebook: the SAE's
+latents, default the paper's 200; --train-prompts: the prompts the SAE is trained on, default the paper's 10).
 
 Asks whether a code that can say "this head is quiet" sees the output magnitude the mean-difference baseline uses.
 Each line: task, variant, node AUC, flip AUC and tv AUC (means of 10 seeds), the share of (prompt, head) rows coded
