@@ -12,23 +12,20 @@ import sys
 
 import numpy as np
 
+from sparsen.circuits.run import bootstrap_line, bootstrap_record
 from sparsen.circuits.truth import Patching, bootstrap_threshold
 
 
 def main(tasks):
     for name in tasks:
         res = json.load(open(f"benchmarks/results/circuits/{name}.json"))
-        tr, names = res["truth"], res["heads"]["names"]
-        pp = tr["per_pair"]
+        tr, pp = res["truth"], res["truth"]["per_pair"]
         patched = Patching(num=np.array(pp["num"], dtype=float), m_clean=np.array(pp["m_clean"]),
                            m_neg=np.array(pp["m_neg"]))
-        boot = bootstrap_threshold(patched, tr["threshold"], seed=res["config"]["seed"])
-        q = boot["size_quantiles"]
-        edge = sorted(((p, names[i]) for i, p in enumerate(boot["p_in_set"]) if 0.05 <= p <= 0.95), reverse=True)
-        print(f"{name}: {len(tr['sets']['threshold'])} heads with |effect| >= {tr['threshold']} on {len(patched.m_clean)} "
-              f"pairs; bootstrap ({boot['resamples']} resamples) {q['p5']:.0f}-{q['p95']:.0f} heads (median "
-              f"{q['p50']:.0f}), 5-40 heads in {boot['size_in_gate']:.1%}; heads in 5-95% of resamples: "
-              f"{', '.join(f'{h} {p:.2f}' for p, h in edge) or 'none'}")
+        boot = bootstrap_record(bootstrap_threshold(patched, tr["threshold"], seed=res["config"]["seed"]),
+                                res["heads"]["names"])
+        print(f"{name}: {len(tr['sets']['threshold'])} heads with |effect| >= {tr['threshold']}; "
+              f"{bootstrap_line(boot, len(patched.m_clean), tr['threshold'])}")
 
 
 if __name__ == "__main__":

@@ -273,8 +273,7 @@ def run_circuits(lm, config: CircuitConfig, progress: bool = True, task: Task | 
             "sets": {k: named(v) for k, v in sets.items()},
             "halves": {k: {"a": named(a), "b": named(b), "jaccard": jaccard(a, b)} for k, (a, b) in half_sets.items()},
             "mean_ablation": ablation,
-            "bootstrap": {**{k: v for k, v in boot.items() if k != "p_in_set"},
-                          "p_in_set": {names[i]: float(q) for i, q in enumerate(boot["p_in_set"]) if q > 0}},
+            "bootstrap": bootstrap_record(boot, names),
             "effect_sum": float(np.nansum(effect)), "effect_abs_sum": float(np.nansum(np.abs(effect))),
         },
         "scores": {**{name: rows.tolist() for name, rows in per_seed.items()}, "mean_difference": mdiff.tolist(),
@@ -287,6 +286,22 @@ def run_circuits(lm, config: CircuitConfig, progress: bool = True, task: Task | 
                             "sae_stage_per_seed_max": float(np.max(sae_stage))},
     }
     return _jsonable(result)
+
+
+def bootstrap_record(boot: dict, names: list[str]) -> dict:
+    """``bootstrap_threshold``'s result as a run records it: each head's share by name, heads never in left out."""
+    return {**{k: v for k, v in boot.items() if k != "p_in_set"},
+            "p_in_set": {names[i]: float(q) for i, q in enumerate(boot["p_in_set"]) if q > 0}}
+
+
+def bootstrap_line(bs: dict, pairs: int, threshold: float) -> str:
+    """One line on a ``bootstrap_record``: the set's size over the resamples and the heads at its edge."""
+    q = bs["size_quantiles"]
+    edge = sorted(((p, h) for h, p in bs["p_in_set"].items() if 0.05 <= p <= 0.95), reverse=True)
+    return (f"bootstrap over the {pairs} pairs ({bs['resamples']} resamples): the |effect| >= {threshold} set has "
+            f"{q['p5']:.0f}-{q['p95']:.0f} heads (5th-95th percentile, median {q['p50']:.0f}), 5-40 heads in "
+            f"{bs['size_in_gate']:.1%} of resamples; heads in it in 5-95% of resamples: "
+            f"{', '.join(f'{h} ({p:.2f})' for p, h in edge) or 'none'}")
 
 
 def _jsonable(x):
@@ -322,14 +337,8 @@ def summary_markdown(res: dict) -> str:
         lines.append(f"- {label}: {len(tr['sets'][k])} heads, halves Jaccard {tr['halves'][k]['jaccard']:.2f}, "
                      f"kept alone (rest mean-ablated) retain {ab['retained']:.2f} of M_clean "
                      f"({ab['retained_vs_ablated']:.2f} of the gap to all-ablated): {', '.join(tr['sets'][k])}")
-    bs = tr.get("bootstrap")
-    if bs:
-        q = bs["size_quantiles"]
-        edge = sorted(((p, h) for h, p in bs["p_in_set"].items() if 0.05 <= p <= 0.95), reverse=True)
-        lines.append(f"- bootstrap over the {b['pairs_patched']} pairs ({bs['resamples']} resamples): the |effect| >= "
-                     f"{tr['threshold']} set has {q['p5']:.0f}-{q['p95']:.0f} heads (5th-95th percentile, median "
-                     f"{q['p50']:.0f}), 5-40 heads in {bs['size_in_gate']:.0%} of resamples; heads in it in 5-95% of "
-                     f"resamples: {', '.join(f'{h} ({p:.2f})' for p, h in edge) or 'none'}")
+    if tr.get("bootstrap"):
+        lines.append("- " + bootstrap_line(tr["bootstrap"], b["pairs_patched"], tr["threshold"]))
     lines += ["", "## ROC AUC against the ground truth (mean over seeds; permutation-null 95th percentile)", "",
               "| score | vs threshold set | null 95% | vs cover set | null 95% |", "|---|---|---|---|---|"]
     for s in res["auc"]["threshold"]:

@@ -252,8 +252,13 @@ def global_levels(lm, wins: torch.Tensor, target: float, rule_for, config, progr
     add up (measured on SmolLM2: one layer at a time summed to 0.29, all at once 0.25).
     """
     paths, params, level, kl = _global_block_levels(lm, wins, target, rule_for, config, progress)
-    per_site = {f"layers.{i}.{n}": s for i in paths for n, s in levels_on_path(paths[i], level[i], params[i]).items()}
+    per_site = _sites_at(paths, params, level)
     return per_site, {"block_levels": [level[i] for i in sorted(level)], "block_kl_at_target": [kl[i] for i in sorted(kl)]}
+
+
+def _sites_at(paths: dict[int, list], params: dict[int, dict[str, int]], level: dict[int, float]) -> dict[str, float]:
+    """Every linear's level when block i is at ``level[i]`` on its greedy path."""
+    return {f"layers.{i}.{n}": s for i in paths for n, s in levels_on_path(paths[i], level[i], params[i]).items()}
 
 
 def _global_block_levels(lm, wins, target, rule_for, config, progress):
@@ -298,8 +303,7 @@ def search_levels(lm, wins: torch.Tensor, target: float, rule_for, config, progr
     dense = [F.log_softmax(lm.model(w[None]).logits[0, skip:].float(), -1) for w in tokens]
 
     def kl_of(lv):
-        rules = {f"layers.{i}.{n}": rule_for(f"layers.{i}.{n}", s)
-                 for i in paths for n, s in levels_on_path(paths[i], lv[i], params[i]).items() if s > 0}
+        rules = {site: rule_for(site, s) for site, s in _sites_at(paths, params, lv).items() if s > 0}
         with Sparsifier(lm.adapter, rules, dense_prefix=skip):
             total = sum(float((d.exp() * (d - F.log_softmax(lm.model(w[None]).logits[0, skip:].float(), -1))).sum())
                         for d, w in zip(dense, tokens))
@@ -318,7 +322,7 @@ def search_levels(lm, wins: torch.Tensor, target: float, rule_for, config, progr
         k = kl_of(cand)
         if k < best:
             level, best, accepted = cand, k, accepted + 1
-    per_site = {f"layers.{i}.{n}": s for i in paths for n, s in levels_on_path(paths[i], level[i], params[i]).items()}
+    per_site = _sites_at(paths, params, level)
     return per_site, {"block_levels": [level[i] for i in sorted(level)],
                       "search": {"kl_start": start, "kl": best, "steps": config.search_steps, "accepted": accepted}}
 
