@@ -15,7 +15,6 @@ distributions of the tuning windows are held in memory (160 windows take 16 GB).
 """
 
 import argparse
-import math
 import time
 
 import numpy as np
@@ -25,8 +24,7 @@ from tqdm import tqdm
 
 from sparsen import calibrate, config_for, load_model
 from sparsen.data import corpus_windows, eval_corpora
-from sparsen.evaluation import evaluate_many
-from sparsen.evaluation.frontier import parse_method
+from sparsen.evaluation.frontier import evaluate_grid, parse_method, relative_to_reference
 
 
 def norm_gains(model) -> list[torch.nn.Parameter]:
@@ -63,14 +61,6 @@ def tune(copy, plan, wins, dense_logp, steps: int, lr: float) -> list[float]:
     for p in gains:
         p.requires_grad_(False)
     return losses
-
-
-def ratios(teal: list[tuple[float, float, float]], dense_nll: float, achieved: float, nll: float, kl: float):
-    """(increase / TEAL's, KL / TEAL's) at ``achieved``, TEAL's (achieved, nll, kl) interpolated in the log."""
-    x = np.array([t[0] for t in teal])
-    t_nll = float(np.interp(achieved, x, [t[1] for t in teal]))
-    t_kl = math.exp(float(np.interp(achieved, x, [math.log(t[2]) for t in teal])))
-    return (math.exp(nll - dense_nll) - 1) / (math.exp(t_nll - dense_nll) - 1), kl / t_kl
 
 
 def main():
@@ -110,19 +100,16 @@ def main():
     configs["tuned"] = (copy.model, plan.build_sparsifier(copy))
     print(f"\n{args.method} at {args.sparsity}, {args.steps} steps at lr {args.lr}"
           ": achieved · increase / TEAL's · KL / TEAL's")
+    rows = [{"method": "teal", "target": s, "name": f"teal@{s:g}"} for s in teal]
+    rows += [{"method": name, "target": args.sparsity, "name": name} for name in ("plan", "tuned")]
     for corpus in eval_corpora(["domains"]):
-        with torch.no_grad():
-            dense, res = evaluate_many(lm, configs, corpus=corpus, n_windows=args.windows, protocol="decode",
-                                       progress=False)
-        teal_pts = sorted((res[f"teal@{s:g}"].sparsity["overall"], res[f"teal@{s:g}"].nll, res[f"teal@{s:g}"].kl)
-                          for s in teal)
+        record = evaluate_grid(lm, configs, rows, corpus, ("decode",), args.windows, 1024, progress=False)
         cells = []
-        for name in ("plan", "tuned"):
-            r = res[name]
-            a = r.sparsity["overall"]
-            inc, klr = ratios(teal_pts, dense.nll, a, r.nll, r.kl)
-            cells.append(f"{name} {a:.3f} · {inc:.2f} · {klr:.2f}")
-        print(f"{corpus}: dense {dense.ppl:.2f}; " + "; ".join(cells), flush=True)
+        for row in record["rows"][len(teal):]:
+            inc, kl = relative_to_reference(record, row, "decode")
+            cells.append(f"{row['name']} {row['decode']['achieved']:.3f} · "
+                         + " · ".join("n/a" if v is None else f"{v:.2f}" for v in (inc, kl)))
+        print(f"{corpus}: dense {record['dense']['decode']['ppl']:.2f}; " + "; ".join(cells), flush=True)
     print(f"{time.perf_counter() - t0:.0f} s")
 
 
