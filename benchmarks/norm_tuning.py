@@ -1,12 +1,14 @@
 """RMSNorm gains tuned to the sparse model, probed on SmolLM2 across domains (issue "Sparsity that travels"):
 
-    .venv/bin/python benchmarks/norm_tuning.py [--method teal:global] [--steps 200] [--windows 8]
+    .venv/bin/python benchmarks/norm_tuning.py [--method teal:global] [--steps 200] [--windows 8] [--lora 16]
 
 A plan is calibrated on the mixed calibration text as `sparsen frontier --calib-text mixed-calib` does. A copy of
 the model then runs under the plan's hooks (decode protocol: each window's first half dense, the second sparse) and
 its RMSNorm gains alone (61 x 576 numbers, folded into the weights at no cost per token) are trained by Adam on the
 KL from the dense model's next-token distribution on calibration windows; the masks pass gradients to the inputs
 they keep (the thresholds are fixed, so the achieved sparsity moves a little; every ratio is read at equal sparsity).
+``--lora R`` trains a rank-R term B A beside every block linear as well (B starts at zero; the term reads the
+linear's sparse input, so merged into the weight, W + B A, it costs nothing per token and skips the same columns).
 
 Per evaluation corpus (8 windows of 1,024, decode, never read by calibration): achieved sparsity, perplexity
 increase over dense and KL, each against uniform TEAL interpolated at the same achieved sparsity (TEAL at 0.45,
@@ -37,14 +39,37 @@ def plan_for(lm, spec: str, sparsity: float, calib: dict):
                                     **calib), progress=False)
 
 
-def tune(copy, plan, wins, dense_logp, steps: int, lr: float) -> list[float]:
-    """Adam on the copy's norm gains; returns the KL per step (mean over the scored half of one window)."""
+def add_lora(copy, rank: int, seed: int = 0) -> tuple[list[torch.nn.Parameter], list]:
+    """A rank-``rank`` term (x A^T) B^T added to every block linear's output, x the input after the plan's mask
+    (a forward hook registered after the plan's pre-hook sees the masked input). Returns (parameters, handles)."""
+    g = torch.Generator().manual_seed(seed)
+    params, handles = [], []
+    for _, _, _, lin in copy.adapter.linear_sites():
+        a = torch.nn.Parameter(torch.randn(rank, lin.in_features, generator=g) / lin.in_features ** 0.5)
+        b = torch.nn.Parameter(torch.zeros(lin.out_features, rank))
+        params += [a, b]
+        handles.append(lin.register_forward_hook(lambda m, args, out, a=a, b=b: out + (args[0] @ a.T) @ b.T))
+    return params, handles
+
+
+@torch.no_grad()
+def merge_lora(copy, params, handles) -> None:
+    """W += B A, and the hooks removed: the tuned copy is then a plain model (thresholds unchanged)."""
+    for h in handles:
+        h.remove()
+    for (_, _, _, lin), a, b in zip(copy.adapter.linear_sites(), params[0::2], params[1::2]):
+        lin.weight += b @ a
+
+
+def tune(copy, plan, wins, dense_logp, steps: int, lr: float, extra=(), extra_lr: float = 1e-4) -> list[float]:
+    """Adam on the copy's norm gains (and ``extra`` parameters at ``extra_lr``); returns the KL per step (mean over
+    the scored half of one window)."""
     start = wins.shape[1] // 2
     copy.model.requires_grad_(False)
     gains = norm_gains(copy.model)
     for p in gains:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(gains, lr=lr)
+    opt = torch.optim.Adam([{"params": gains}] + ([{"params": list(extra), "lr": extra_lr}] if extra else []), lr=lr)
     sp = plan.build_sparsifier(copy)
     sp.dense_prefix = start
     losses = []
@@ -72,6 +97,8 @@ def main():
     ap.add_argument("--tune-windows", type=int, default=16)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--lora", type=int, default=0, help="rank of a tuned term beside every block linear (0: none)")
+    ap.add_argument("--lora-lr", type=float, default=1e-4)
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -87,7 +114,10 @@ def main():
         dense_logp = [F.log_softmax(lm.model(w[None]).logits[0, start:-1].float(), -1) for w in wins]
     copy = load_model("smollm2")
     plan.transform_(copy)  # a rotated plan's folded weights (nothing for plans without a transform)
-    losses = tune(copy, plan, wins, dense_logp, args.steps, args.lr)
+    lora = add_lora(copy, args.lora) if args.lora else ([], [])
+    losses = tune(copy, plan, wins, dense_logp, args.steps, args.lr, lora[0], args.lora_lr)
+    if args.lora:
+        merge_lora(copy, *lora)
     k = min(16, len(losses))
     print(f"tuning KL, first {k} steps {np.mean(losses[:k]):.4f}, last {k} {np.mean(losses[-k:]):.4f}", flush=True)
 
@@ -99,7 +129,8 @@ def main():
     configs["plan"] = (owner.model, plan.build_sparsifier(owner))
     configs["tuned"] = (copy.model, plan.build_sparsifier(copy))
     print(f"\n{args.method} at {args.sparsity}, {args.steps} steps at lr {args.lr}"
-          ": achieved · increase / TEAL's · KL / TEAL's")
+          + (f", LoRA rank {args.lora} at lr {args.lora_lr}" if args.lora else "")
+          + ": achieved · increase / TEAL's · KL / TEAL's")
     rows = [{"method": "teal", "target": s, "name": f"teal@{s:g}"} for s in teal]
     rows += [{"method": name, "target": args.sparsity, "name": name} for name in ("plan", "tuned")]
     for corpus in eval_corpora(["domains"]):
