@@ -41,7 +41,7 @@ def plan_for(lm, spec: str, sparsity: float, calib: dict):
 
 def add_lora(copy, rank: int, seed: int = 0) -> tuple[list[torch.nn.Parameter], list]:
     """A rank-``rank`` term (x A^T) B^T added to every block linear's output, x the input after the plan's mask
-    (a forward hook registered after the plan's pre-hook sees the masked input). Returns (parameters, handles)."""
+    (a forward hook sees the input as the plan's pre-hook returned it). Returns (parameters, handles)."""
     g = torch.Generator().manual_seed(seed)
     params, handles = [], []
     for _, _, _, lin in copy.adapter.linear_sites():
