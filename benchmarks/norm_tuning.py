@@ -26,11 +26,14 @@ from tqdm import tqdm
 
 from sparsen import calibrate, config_for, load_model
 from sparsen.data import corpus_windows, eval_corpora
+from sparsen.evaluation import scored_range, window_logprobs
 from sparsen.evaluation.frontier import evaluate_grid, parse_method, relative_to_reference
 
 
-def norm_gains(model) -> list[torch.nn.Parameter]:
-    return [p for n, p in model.named_parameters() if n.endswith("norm.weight")]
+def norm_gains(lm) -> list[torch.nn.Parameter]:
+    """The gains of every block's two norms and of the final norm (the adapter names them)."""
+    ad = lm.adapter
+    return [n.weight for b in ad.blocks for n in (b.attn_norm, b.mlp_norm)] + [ad.final_norm.weight]
 
 
 def plan_for(lm, spec: str, sparsity: float, calib: dict):
@@ -64,9 +67,9 @@ def merge_lora(copy, params, handles) -> None:
 def tune(copy, plan, wins, dense_logp, steps: int, lr: float, extra=(), extra_lr: float = 1e-4) -> list[float]:
     """Adam on the copy's norm gains (and ``extra`` parameters at ``extra_lr``); returns the KL per step (mean over
     the scored half of one window)."""
-    start = wins.shape[1] // 2
+    start, stop = scored_range(wins.shape[1], "decode")
     copy.model.requires_grad_(False)
-    gains = norm_gains(copy.model)
+    gains = norm_gains(copy)
     for p in gains:
         p.requires_grad_(True)
     opt = torch.optim.Adam([{"params": gains}] + ([{"params": list(extra), "lr": extra_lr}] if extra else []), lr=lr)
@@ -76,7 +79,7 @@ def tune(copy, plan, wins, dense_logp, steps: int, lr: float, extra=(), extra_lr
     with sp:
         for step in tqdm(range(steps), desc="tune norms"):
             i = step % len(wins)
-            logits = copy.model(wins[i][None]).logits[0, start:-1].float()
+            logits = copy.model(wins[i][None]).logits[0, start:stop].float()
             d = dense_logp[i]
             loss = (d.exp() * (d - F.log_softmax(logits, -1))).sum(-1).mean()
             opt.zero_grad()
@@ -109,9 +112,7 @@ def main():
     print(f"calibrated in {time.perf_counter() - t0:.0f} s", flush=True)
 
     wins = corpus_windows(lm.tokenizer, "mixed-calib", 1024, args.tune_windows, bos=lm.window_bos)
-    start = wins.shape[1] // 2
-    with torch.no_grad():
-        dense_logp = [F.log_softmax(lm.model(w[None]).logits[0, start:-1].float(), -1) for w in wins]
+    dense_logp = [window_logprobs(lm.model, w, *scored_range(wins.shape[1], "decode")) for w in wins]
     copy = load_model("smollm2")
     plan.transform_(copy)  # a rotated plan's folded weights (nothing for plans without a transform)
     lora = add_lora(copy, args.lora) if args.lora else ([], [])
