@@ -13,7 +13,9 @@ linear's sparse input, so merged into the weight, W + B A, it costs nothing per 
 Per evaluation corpus (8 windows of 1,024, decode, never read by calibration): achieved sparsity, perplexity
 increase over dense and KL, each against uniform TEAL interpolated at the same achieved sparsity (TEAL at 0.45,
 0.5 and 0.55 in the same run), for the plan as calibrated and for the tuned copy. A probe, not a method. The dense
-distributions of the tuning windows are held in memory (160 windows take 16 GB).
+distributions of the tuning windows are held in memory in half precision (160 windows take 8 GB); the last
+``--holdout`` calibration windows are never tuned on, and their KL, printed as tuning goes, is the curve to choose
+steps and learning rates by (the evaluation corpora are not).
 """
 
 import argparse
@@ -64,9 +66,17 @@ def merge_lora(copy, params, handles) -> None:
         lin.weight += b @ a
 
 
-def tune(copy, plan, wins, dense_logp, steps: int, lr: float, extra=(), extra_lr: float = 1e-4) -> list[float]:
+def kl_to_dense(logits: torch.Tensor, dense_logp: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(dense || sparse) (the dense log-probs may be stored in half precision)."""
+    d = dense_logp.float()
+    return (d.exp() * (d - F.log_softmax(logits.float(), -1))).sum(-1).mean()
+
+
+def tune(copy, plan, wins, dense_logp, steps: int, lr: float, extra=(), extra_lr: float = 1e-4, held=None,
+         check_every: int = 0) -> list[float]:
     """Adam on the copy's norm gains (and ``extra`` parameters at ``extra_lr``); returns the KL per step (mean over
-    the scored half of one window)."""
+    the scored half of one window). ``held`` = (windows, dense log-probs) never trained on: their mean KL is printed
+    before the first step and every ``check_every`` steps."""
     start, stop = scored_range(wins.shape[1], "decode")
     copy.model.requires_grad_(False)
     gains = norm_gains(copy)
@@ -76,16 +86,24 @@ def tune(copy, plan, wins, dense_logp, steps: int, lr: float, extra=(), extra_lr
     sp = plan.build_sparsifier(copy)
     sp.dense_prefix = start
     losses = []
+
+    def check(step):
+        if held is not None and check_every and step % check_every == 0:
+            with torch.no_grad():
+                kl = np.mean([float(kl_to_dense(copy.model(w[None]).logits[0, start:stop], d))
+                              for w, d in zip(*held)])
+            tqdm.write(f"held-out calibration KL after {step} steps: {kl:.4f}")
+
     with sp:
         for step in tqdm(range(steps), desc="tune norms"):
+            check(step)
             i = step % len(wins)
-            logits = copy.model(wins[i][None]).logits[0, start:stop].float()
-            d = dense_logp[i]
-            loss = (d.exp() * (d - F.log_softmax(logits, -1))).sum(-1).mean()
+            loss = kl_to_dense(copy.model(wins[i][None]).logits[0, start:stop], dense_logp[i])
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
+        check(steps)
     for p in gains:
         p.requires_grad_(False)
     return losses
@@ -102,6 +120,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--lora", type=int, default=0, help="rank of a tuned term beside every block linear (0: none)")
     ap.add_argument("--lora-lr", type=float, default=1e-4)
+    ap.add_argument("--holdout", type=int, default=8, help="last calibration windows kept out of tuning")
+    ap.add_argument("--check-every", type=int, default=40, help="steps between held-out KL checks (0: none)")
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -111,12 +131,18 @@ def main():
     plan = plan_for(lm, args.method, args.sparsity, calib)
     print(f"calibrated in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    wins = corpus_windows(lm.tokenizer, "mixed-calib", 1024, args.tune_windows, bos=lm.window_bos)
-    dense_logp = [window_logprobs(lm.model, w, *scored_range(wins.shape[1], "decode")) for w in wins]
+    every = corpus_windows(lm.tokenizer, "mixed-calib", 1024, bos=lm.window_bos)
+    if args.tune_windows + args.holdout > len(every):
+        raise SystemExit(f"mixed-calib has {len(every)} windows: --tune-windows plus --holdout must not exceed it")
+    wins, held = every[:args.tune_windows], every[len(every) - args.holdout:]
+    scored = scored_range(wins.shape[1], "decode")
+    dense_logp = [window_logprobs(lm.model, w, *scored).half() for w in tqdm(wins, desc="dense log-probs")]
+    held_logp = [window_logprobs(lm.model, w, *scored).half() for w in held]
     copy = load_model("smollm2")
     plan.transform_(copy)  # a rotated plan's folded weights (nothing for plans without a transform)
     lora = add_lora(copy, args.lora) if args.lora else ([], [])
-    losses = tune(copy, plan, wins, dense_logp, args.steps, args.lr, lora[0], args.lora_lr)
+    losses = tune(copy, plan, wins, dense_logp, args.steps, args.lr, lora[0], args.lora_lr, (held, held_logp),
+                  args.check_every)
     if args.lora:
         merge_lora(copy, *lora)
     k = min(16, len(losses))
