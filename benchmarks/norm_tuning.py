@@ -76,7 +76,7 @@ def tune(copy, plan, wins, dense_logp, steps: int, lr: float, extra=(), extra_lr
          check_every: int = 0) -> list[float]:
     """Adam on the copy's norm gains (and ``extra`` parameters at ``extra_lr``); returns the KL per step (mean over
     the scored half of one window). ``held`` = (windows, dense log-probs) never trained on: their mean KL is printed
-    before the first step and every ``check_every`` steps."""
+    before the first step, every ``check_every`` steps and after the last."""
     start, stop = scored_range(wins.shape[1], "decode")
     copy.model.requires_grad_(False)
     gains = norm_gains(copy)
@@ -88,7 +88,7 @@ def tune(copy, plan, wins, dense_logp, steps: int, lr: float, extra=(), extra_lr
     losses = []
 
     def check(step):
-        if held is not None and check_every and step % check_every == 0:
+        if held is not None and check_every and (step % check_every == 0 or step == steps):
             with torch.no_grad():
                 kl = np.mean([float(kl_to_dense(copy.model(w[None]).logits[0, start:stop], d))
                               for w, d in zip(*held)])
