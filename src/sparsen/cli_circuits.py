@@ -22,9 +22,9 @@ def add_parsers(sub, add_model, positive_int) -> None:
     add_model(p)
     p.add_argument("--prompts", type=positive_int, default=100,
                    help="prompt pairs generated: positives and as many paired negatives (default 100)")
-    p.add_argument("--pairs", type=positive_int, default=40,
-                   help="pairs patched for the ground truth, from the positives the model solves (default 40); the "
-                        "patching costs about n_heads x pairs prompt forwards")
+    p.add_argument("--pairs", type=positive_int, default=96,
+                   help="pairs patched for the ground truth, from the positives the model solves (default 96, or "
+                        "as many as it solves); the patching costs about n_heads x pairs prompt forwards")
     p.add_argument("--seeds", type=positive_int, default=10, help="SAE seeds (default 10)")
     p.add_argument("--seed", type=int, default=0, help="prompt seed; SAE seeds follow it (default 0)")
     p.add_argument("--l1", type=float, default=None,
