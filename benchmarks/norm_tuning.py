@@ -141,8 +141,8 @@ def main():
     copy = load_model("smollm2")
     plan.transform_(copy)  # a rotated plan's folded weights (nothing for plans without a transform)
     lora = add_lora(copy, args.lora) if args.lora else ([], [])
-    losses = tune(copy, plan, wins, dense_logp, args.steps, args.lr, lora[0], args.lora_lr, (held, held_logp),
-                  args.check_every)
+    losses = tune(copy, plan, wins, dense_logp, args.steps, args.lr, lora[0], args.lora_lr,
+                  (held, held_logp) if args.holdout else None, args.check_every)
     if args.lora:
         merge_lora(copy, *lora)
     k = min(16, len(losses))
