@@ -11,9 +11,9 @@ they keep (the thresholds are fixed, so the achieved sparsity moves a little; ev
 linear's sparse input, so merged into the weight, W + B A, it costs nothing per token and skips the same columns).
 
 Per evaluation corpus (8 windows of 1,024, decode, never read by calibration): achieved sparsity, perplexity
-increase over dense and KL, each against uniform TEAL interpolated at the same achieved sparsity (TEAL at 0.45,
-0.5 and 0.55 in the same run), for the plan as calibrated and for the tuned copy. A probe, not a method. The dense
-distributions of the tuning windows are held in memory in half precision (160 windows take 8 GB); the last
+increase over dense and KL, each against uniform TEAL interpolated at the same achieved sparsity (TEAL at
+--sparsity and 0.05 either side, in the same run), for the plan as calibrated and for the tuned copy. A probe,
+not a method. The dense distributions of the tuning windows are held in memory in half precision (160 windows take 8 GB); the last
 ``--holdout`` calibration windows are never tuned on, and their KL, printed as tuning goes, is the curve to choose
 steps and learning rates by (the evaluation corpora are not).
 """

@@ -50,8 +50,8 @@ class CircuitConfig:
     prompts: int = 100
     """prompt pairs generated (positives and negatives each)"""
     pairs: int = 96
-    """kept pairs patched for the ground truth (and attribution patching); with 40 the thresholded set's size on
-    SmolLM2's greater-than was a coin toss between resamples of the pairs"""
+    """kept pairs patched for the ground truth (and attribution patching); with fewer, which heads pass the threshold
+    depends on which pairs were drawn (the bootstrap in the report says how much)"""
     seeds: int = 10
     seed: int = 0
     """the prompts' seed; SAE seeds are seed .. seed + seeds - 1"""
