@@ -12,10 +12,12 @@ linear's sparse input, so merged into the weight, W + B A, it costs nothing per 
 
 Per evaluation corpus (8 windows of 1,024, decode, never read by calibration): achieved sparsity, perplexity
 increase over dense and KL, each against uniform TEAL interpolated at the same achieved sparsity (TEAL at
---sparsity and 0.05 either side, in the same run), for the plan as calibrated and for the tuned copy. A probe,
-not a method. The dense distributions of the tuning windows are held in memory in half precision (160 windows take 8 GB); the last
-``--holdout`` calibration windows are never tuned on, and their KL, printed as tuning goes, is the curve to choose
-steps and learning rates by (the evaluation corpora are not).
+--sparsity and 0.05 either side, in the same run), for the plan as calibrated and for the tuned copy. The
+method itself is any config's ``tune_steps`` (``sparsen/methods/tuning.py``: the same training, the tuned weights
+stored in the plan); this probe adds the held-out curve. The dense distributions of the tuning windows are held in
+memory in half precision (160 windows take 8 GB); the last ``--holdout`` calibration windows are never tuned on,
+and their KL, printed as tuning goes, is the curve to choose steps and learning rates by (the evaluation corpora
+are not).
 """
 
 import argparse
@@ -23,19 +25,13 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from sparsen import calibrate, config_for, load_model
 from sparsen.data import corpus_windows, eval_corpora
 from sparsen.evaluation import scored_range, window_logprobs
 from sparsen.evaluation.frontier import evaluate_grid, parse_method, relative_to_reference
-
-
-def norm_gains(lm) -> list[torch.nn.Parameter]:
-    """The gains of every block's two norms and of the final norm (the adapter names them)."""
-    ad = lm.adapter
-    return [n.weight for b in ad.blocks for n in (b.attn_norm, b.mlp_norm)] + [ad.final_norm.weight]
+from sparsen.methods.tuning import kl_to_dense, norm_gains
 
 
 def plan_for(lm, spec: str, sparsity: float, calib: dict):
@@ -64,12 +60,6 @@ def merge_lora(copy, params, handles) -> None:
         h.remove()
     for (_, _, _, lin), a, b in zip(copy.adapter.linear_sites(), params[0::2], params[1::2]):
         lin.weight += b @ a
-
-
-def kl_to_dense(logits: torch.Tensor, dense_logp: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(dense || sparse) (the dense log-probs may be stored in half precision)."""
-    d = dense_logp.float()
-    return (d.exp() * (d - F.log_softmax(logits.float(), -1))).sum(-1).mean()
 
 
 def tune(copy, plan, wins, dense_logp, steps: int, lr: float, extra=(), extra_lr: float = 1e-4, held=None,

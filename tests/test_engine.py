@@ -308,12 +308,14 @@ def hand_plan(lm, kind):
 
 
 def method_plan(lm, method, cats=0.4):
-    """A plan of ``method`` (``rotate:3``: 3 runs of layers; ``hand:...``: hand_plan) at 0.5, CATS at ``cats`` (it
-    reaches only what the MLP's share of the weights allows)."""
+    """A plan of ``method`` (``rotate:3``: 3 runs of layers; ``hand:...``: hand_plan; ``...+tune``: weights tuned
+    to it) at 0.5, CATS at ``cats`` (it reaches only what the MLP's share of the weights allows)."""
     if method.startswith("hand:"):
         return hand_plan(lm, method.split(":")[1])
+    method, tuned, _ = method.partition("+tune")  # weights tuned to the plan: a second transform
     name, _, segments = method.partition(":")
-    return plan_for(lm, name, cats if name == "cats" else 0.5, **({"segments": int(segments)} if segments else {}))
+    return plan_for(lm, name, cats if name == "cats" else 0.5, **({"segments": int(segments)} if segments else {}),
+                    **({"tune_steps": 4, "tune_rank": 4, "tune_lr": 1e-2, "tune_rank_lr": 1e-3} if tuned else {}))
 
 
 def state(lm):
@@ -321,7 +323,8 @@ def state(lm):
 
 
 @pytest.mark.parametrize("method", ["teal", "topk", "stat-topk", "rotate", "rotate:3", "rotate-wina", "rotate-topk",
-                                    "wina", "rsparse", "chess", "cats", "moefy", "hand:gate_act", "hand:channel"])
+                                    "wina", "rsparse", "chess", "cats", "moefy", "hand:gate_act", "hand:channel",
+                                    "teal+tune", "rotate:3+tune"])
 def test_sparse_engine_equals_masked_dense_computation(method):
     source = load_model("tiny-llama")
     plan = method_plan(source, method)

@@ -3,8 +3,8 @@
 A plan is a JSON file: the method, its config and parameters, the target and calibration-measured sparsity,
 the model's fingerprint, and one rule entry per site (``layers.3.q``; kinds in ``core/rules.py``). Tensors
 (per-channel thresholds, low-rank factors, a transform's bases) live in a safetensors file beside the JSON.
-A plan may name a registered weight transform (``core/transforms.py``). A plan refuses to apply to another
-model.
+A plan may name registered weight transforms (``core/transforms.py``), applied in order (a rotation, then weights
+tuned on the rotated model). A plan refuses to apply to another model.
 
 Applying a plan is explicit: ``plan.transform_(lm)`` changes lm's weights (if the plan has a transform),
 ``plan.build_sparsifier(lm)`` only builds the hooks (and refuses a model that lacks the plan's transform);
@@ -37,8 +37,9 @@ class Plan:
     params: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     calibrated_sparsity: float | None = None
-    transform: str | None = None
-    """a registered weight transform the plan needs (e.g. 'residual_rotation'); its tensors live beside the plan"""
+    transform: str | list[str] | None = None
+    """the registered weight transform(s) the plan needs, applied in order (e.g. 'residual_rotation', or
+    ['residual_rotation', 'tuned_weights']); their tensors live beside the plan"""
     tensors_file: str | None = None
     format: str = PLAN_FORMAT
     config: dict | None = None
@@ -91,8 +92,11 @@ class Plan:
                     plan.tensors = load_file(str(tensor_path))
                 except (SafetensorError, OSError) as e:
                     raise ValueError(f"{tensor_path.name}: {e}") from None
-            if plan.transform is not None:
-                get_transform(plan.transform).validate(plan.tensors)
+            if plan.transform is not None and not (isinstance(plan.transform, str) or (
+                    isinstance(plan.transform, list) and plan.transform and all(isinstance(t, str) for t in plan.transform))):
+                raise ValueError(f"transform {plan.transform!r}")
+            for name in plan.transforms:
+                get_transform(name).validate(plan.tensors)
             for site, entry in plan.sites.items():
                 rule = rule_from_entry(entry, plan.tensors)
                 if isinstance(rule, (GateActRule, ExpertRule)) and not site.endswith(".down"):
@@ -109,26 +113,38 @@ class Plan:
                                f"'{lm.spec}' ({lm.fingerprint}): calibrate a plan for this model")
 
     # --- applying -------------------------------------------------------------------------------
-    def transform_tensors(self) -> dict:
-        """The tensors of the plan's transform (the rest are thresholds and low-rank factors)."""
+    @property
+    def transforms(self) -> list[str]:
+        """The plan's weight transforms, in the order they apply (none: [])."""
         if self.transform is None:
-            return {}
-        return {k: v for k, v in self.tensors.items() if k in get_transform(self.transform).tensor_keys}
+            return []
+        return [self.transform] if isinstance(self.transform, str) else list(self.transform)
+
+    def add_transform(self, name: str, tensors: dict) -> None:
+        """Append a transform (applied after the plan's others) with its tensors."""
+        self.transform = name if self.transform is None else [*self.transforms, name]
+        self.tensors.update(tensors)
+
+    def transform_tensors(self) -> dict:
+        """The tensors of the plan's transforms (the rest are thresholds and low-rank factors)."""
+        keys = {k for name in self.transforms for k in get_transform(name).tensor_keys}
+        return {k: v for k, v in self.tensors.items() if k in keys}
 
     def carried_by(self, lm) -> bool:
         """Whether ``lm`` already carries this plan's transform (always, for a plan without one)."""
         return self.transform is None or getattr(lm, "transform_key", None) == applied_key(self.transform_tensors())
 
     def transform_(self, lm) -> None:
-        """Apply the plan's weight transform to ``lm`` in place (once; nothing to do without a transform)."""
+        """Apply the plan's weight transforms to ``lm`` in place (once; nothing to do without a transform)."""
         self.check_model(lm)
         if self.transform is None or self.carried_by(lm):
             return
         if getattr(lm, "transform_key", None) is not None:
             raise SparsenError("this model already carries another plan's transform: load the model again")
-        t = get_transform(self.transform)
-        t.check_model(lm, self.tensors)
-        t.apply_(lm, self.tensors)
+        for name in self.transforms:  # every check before any weight changes
+            get_transform(name).check_model(lm, self.tensors)
+        for name in self.transforms:
+            get_transform(name).apply_(lm, self.tensors)
         lm.transform_key = applied_key(self.transform_tensors())
 
     def build_sparsifier(self, lm, dense_prefix: int = 0, hold_reference: bool = True) -> Sparsifier:
@@ -145,7 +161,7 @@ class Plan:
                 rules[site] = rule
         if self.attention is not None:
             rules.update(attention_rules(self.attention, lm.adapter, self.tensors))
-        added = get_transform(self.transform).added_params(lm, self.tensors) if self.transform else 0
+        added = sum(get_transform(name).added_params(lm, self.tensors) for name in self.transforms)
         holds = None
         if self.hold == "prompt":
             holds = {site: (float(e["target"]), float(e.get("prompt_scale", 1.0)) if hold_reference else 1.0)
@@ -164,5 +180,9 @@ class Plan:
         return (self.config or {}).get("hold", "calibrated")
 
     def residual_changes(self) -> dict:
-        """layer -> R: the changes of basis of the residual stream the plan's transform needs (for the engine)."""
-        return get_transform(self.transform).residual_changes(self.tensors) if self.transform else {}
+        """layer -> R: the changes of basis of the residual stream the plan's transforms need (for the engine)."""
+        changes = {}
+        for name in self.transforms:
+            for layer, R in get_transform(name).residual_changes(self.tensors).items():
+                changes[layer] = changes[layer] @ R if layer in changes else R
+        return changes

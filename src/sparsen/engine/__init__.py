@@ -238,7 +238,8 @@ def gguf_refusal(lm, plan) -> str | None:
     if (bad := unsupported_tensor(source)) is not None:
         return f"its tensor '{bad[0]}' is {bad[1]}, which the engine does not run quantized"
     if plan is not None and (plan.transform is not None or plan.residual_changes()):
-        return f"the {plan.method} plan changes the weights (a rotation), which cannot keep the file's quantization"
+        return (f"the {plan.method} plan changes the weights (a rotation or tuned weights), which cannot keep the "
+                "file's quantization")
     if plan is not None:
         for entry in plan.sites.values():
             if entry.get("rule") == "experts" or "lowrank" in entry:  # R-Sparse's factors, MoEfication's regrouping
@@ -300,14 +301,7 @@ def _c_rule(rule, n_in: int, site: str) -> tuple[int, float, np.ndarray | None]:
 
 def _transformed_copy(lm, plan):
     """A deep copy of ``lm`` carrying ``plan``'s weight transform; ``lm`` itself is left as it was."""
-    import copy
-    import dataclasses
-
-    from sparsen.models import adapter_for
-
-    model = copy.deepcopy(lm.model)
-    twin = dataclasses.replace(lm, model=model, adapter=adapter_for(model), plan=None, sparsifier=None,
-                               _fingerprint=lm.fingerprint)
+    twin = lm.copy()
     plan.transform_(twin)
     return twin
 

@@ -112,7 +112,7 @@ def calibrate_grid(lm, methods, sparsities, calib: dict, progress: bool = True, 
             continue
         owner = lm
         if plan.transform is not None:  # a transformed copy per distinct transform (plans may share one)
-            key = (plan.transform, applied_key(plan.transform_tensors()))
+            key = (tuple(plan.transforms), applied_key(plan.transform_tensors()))
             if key not in copies:
                 copies[key] = model_loader()
                 plan.transform_(copies[key])

@@ -1,7 +1,7 @@
 """Training-free sparsification methods: each is one file with a config dataclass and a ``calibrate`` function,
 registered in ``registry.py``; ``calibrate(lm, config)`` returns a ``core.Plan``."""
 
-from sparsen.methods import attention  # noqa: F401  (registers the key-selection methods with the core)
+from sparsen.methods import attention, tuning  # noqa: F401  (register key selection and tuned weights with the core)
 from sparsen.methods.cats import CatsConfig
 from sparsen.methods.chess import ChessConfig
 from sparsen.methods.config import ALLOCATIONS, AllocatedConfig, MethodConfig, RotationConfig

@@ -50,6 +50,16 @@ class MethodConfig:
     """how thresholds meet new text at run time: 'calibrated' uses them as calibrated; 'prompt' rescales each site's
     thresholds, per prompt, so that the prompt's own (dense) activations reach the site's calibrated sparsity,
     and the continuation runs with them: the sparsity then holds on text unlike the calibration text"""
+    tune_steps: int = 0
+    """after calibration, steps of tuning the weights to the sparse model (``methods/tuning.py``: the RMSNorm gains and
+    a rank-``tune_rank`` term beside each block linear, trained on the KL from the dense model, one window of the
+    calibration text per step; folded into the weights, free per token); 0: none"""
+    tune_lr: float = 1e-3
+    """tuning: Adam's learning rate for the norm gains"""
+    tune_rank: int = 16
+    """tuning: rank of the term beside each block linear"""
+    tune_rank_lr: float = 1e-4
+    """tuning: Adam's learning rate for the low-rank terms"""
 
     def __post_init__(self):
         check_sparsity(self.sparsity)
@@ -60,6 +70,13 @@ class MethodConfig:
                f"corpus '{self.corpus}' is an evaluation corpus, never calibration text: calibrate on {CALIB_CORPUS} "
                "or your own UTF-8 file")
         _check(self.hold in HOLDS, f"hold '{self.hold}': use one of {', '.join(HOLDS)}")
+        _check(isinstance(self.tune_steps, int) and not isinstance(self.tune_steps, bool) and self.tune_steps >= 0,
+               f"tune_steps {self.tune_steps!r}: give 0 (no tuning) or more")
+        _check(isinstance(self.tune_rank, int) and not isinstance(self.tune_rank, bool) and self.tune_rank >= 1,
+               f"tune_rank {self.tune_rank!r}: give a whole number of 1 or more")
+        for name in ("tune_lr", "tune_rank_lr"):
+            v = getattr(self, name)
+            _check(_number(v) and 0 < v < 1, f"{name} {v!r}: give a learning rate in (0, 1)")
         _check(self.allocation in self.allocations,
                f"method '{self.method}' supports allocation {', '.join(self.allocations)}, not '{self.allocation}'")
 

@@ -89,6 +89,10 @@ def calibrate(lm, config: MethodConfig, progress: bool = True) -> Plan:
     )
     if config.hold == "prompt" and wins is not None:
         measure_prompt_scales(lm, plan, wins, progress)
+    if config.tune_steps:
+        from sparsen.methods.tuning import tune_plan
+
+        tune_plan(lm, plan, config, progress)
     return plan
 
 
@@ -98,11 +102,9 @@ def measure_prompt_scales(lm, plan: Plan, wins, progress: bool = True) -> None:
     the scale the first half of a window asks for), stored in its entry as ``prompt_scale``. At run time a prompt's
     scale divided by this one rescales the thresholds, so that text like the calibration text keeps them as
     calibrated and other text moves them by how much its inputs differ (prompt positions differ from later ones)."""
-    import copy
-
     target = lm
     if plan.transform is not None:
-        target = copy.deepcopy(lm)
+        target = lm.copy()
         plan.transform_(target)
     for entry in plan.sites.values():
         entry.pop("prompt_scale", None)

@@ -21,8 +21,6 @@ is exact and free; in the eigenbasis of the head outputs o's input mask drops le
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from tqdm.auto import tqdm
 
@@ -307,11 +305,7 @@ def basis_windows(lm, config, n_threshold: int) -> torch.Tensor:
 
 def _rotated_copy(lm, wins, progress, config, segments: int, sparsity: float):
     """A folded, rotated copy of ``lm``; the bases fitted on ``wins`` (the basis windows)."""
-    work = copy.copy(lm)  # calibrate on a transformed copy; the caller's model stays as it was
-    work.model = copy.deepcopy(lm.model)
-    from sparsen.models.adapters import adapter_for
-
-    work.adapter = adapter_for(work.model)
+    work = lm.copy()  # calibrate on a transformed copy; the caller's model stays as it was
     fold_norm_gains(work)
     Q, starts, Qo = residual_bases(work, wins, segments, progress, config.basis, sparsity, values=config.rotate_values,
                                    max_rows=config.sparse_basis_rows, iters=config.sparse_basis_iters)

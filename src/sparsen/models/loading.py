@@ -50,6 +50,16 @@ class LoadedModel:
     def config(self):
         return self.model.config
 
+    def copy(self) -> "LoadedModel":
+        """A copy with weights of its own (to transform or train; this model stays as it is), without this one's plan,
+        hooks object or transform; same fingerprint."""
+        import copy
+        import dataclasses
+
+        model = copy.deepcopy(self.model)
+        return dataclasses.replace(self, model=model, adapter=adapter_for(model), transform_key=None, plan=None,
+                                   sparsifier=None, _fingerprint=self.fingerprint)
+
     @property
     def window_bos(self) -> int | None:
         """The token every evaluation or calibration window starts with, for a model that needs one (else None)."""

@@ -1,0 +1,156 @@
+"""Weights tuned to a sparse plan after calibration (``tune_steps`` of any method's config): the transform
+'tuned_weights'.
+
+The model runs under the plan's hooks (decode protocol: each window's first half dense, the second sparse) and
+two sets of weights are trained by Adam on the KL from the dense model's next-token distribution, one calibration
+window per step: the RMSNorm gains, and a rank-``tune_rank`` term B A beside every block linear (B starts at zero).
+The term reads the linear's input after the plan's mask, so merged into the weight, W + B A, it skips the same
+columns and costs nothing per token; the gains fold into the norms. The thresholds stay as calibrated (the masks
+pass gradients to the inputs they keep), so the achieved sparsity moves a little. The transform applies after the
+plan's others (a rotation), on the weights they leave.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sparsen.core.transforms import register_transform
+from sparsen.data import corpus_windows
+from sparsen.errors import SparsenError
+from sparsen.models.adapters import LINEAR_NAMES as LINEARS
+
+TRANSFORM = "tuned_weights"
+GAINS = "tune.gains"
+
+
+def _factor_keys() -> tuple[str, ...]:
+    return tuple(f"tune.{f}.{name}" for name in LINEARS for f in ("A", "B"))
+
+
+def norm_gains(lm) -> list[torch.nn.Parameter]:
+    """The gains of every block's two norms and of the final norm, in that order (the adapter names them)."""
+    ad = lm.adapter
+    return [n.weight for b in ad.blocks for n in (b.attn_norm, b.mlp_norm)] + [ad.final_norm.weight]
+
+
+def _block_linears(lm) -> dict[str, list[torch.nn.Linear]]:
+    """name -> that linear of every block, for the names in LINEARS the model has."""
+    blocks = lm.adapter.blocks
+    return {name: [b.linears[name] for b in blocks] for name in LINEARS if all(name in b.linears for b in blocks)}
+
+
+class TunedWeights:
+    """Norm gains replaced and a low-rank term added to each block linear. Tensors: tune.gains [n_norms, d] (the
+    order of ``norm_gains``), tune.A.NAME [layers, r, in] and tune.B.NAME [layers, out, r] per linear NAME."""
+
+    name = TRANSFORM
+    tensor_keys = (GAINS, *_factor_keys())
+
+    def validate(self, tensors: dict) -> None:
+        if GAINS not in tensors or tensors[GAINS].dim() != 2:
+            raise ValueError("the plan's tuned norm gains are missing from its tensors")
+        for name in LINEARS:
+            a, b = tensors.get(f"tune.A.{name}"), tensors.get(f"tune.B.{name}")
+            if (a is None) != (b is None):
+                raise ValueError(f"the plan's tuned term on '{name}' has one factor of two")
+            if a is not None and (a.dim() != 3 or b.dim() != 3 or a.shape[:2] != (b.shape[0], b.shape[2])):
+                raise ValueError(f"the plan's tuned factors of '{name}' do not fit each other")
+
+    def check_model(self, lm, tensors: dict) -> None:
+        gains = norm_gains(lm)
+        if tuple(tensors[GAINS].shape) != (len(gains), gains[0].numel()):
+            raise SparsenError("the plan's tuned norm gains do not fit this model's norms: recalibrate")
+        linears = _block_linears(lm)
+        for name in LINEARS:
+            if f"tune.A.{name}" not in tensors:
+                continue
+            a, b = tensors[f"tune.A.{name}"], tensors[f"tune.B.{name}"]
+            lins = linears.get(name)
+            if lins is None or (a.shape[0], a.shape[2], b.shape[1]) != (len(lins), lins[0].in_features,
+                                                                        lins[0].out_features):
+                raise SparsenError(f"the plan's tuned term on '{name}' does not fit this model's linears: recalibrate")
+
+    @torch.no_grad()
+    def apply_(self, lm, tensors: dict) -> None:
+        for p, g in zip(norm_gains(lm), tensors[GAINS]):
+            p.copy_(g.to(p.dtype))
+        for name, lins in _block_linears(lm).items():
+            if f"tune.A.{name}" in tensors:
+                for lin, a, b in zip(lins, tensors[f"tune.A.{name}"], tensors[f"tune.B.{name}"]):
+                    lin.weight += (b.double() @ a.double()).to(lin.weight.dtype)
+
+    def added_params(self, lm, tensors: dict) -> int:
+        return 0  # merged into the weights
+
+    def residual_changes(self, tensors: dict) -> dict:
+        return {}
+
+
+register_transform(TunedWeights())
+
+
+def kl_to_dense(logits: torch.Tensor, dense_logp: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(dense || sparse) (the dense log-probs may be held in half precision)."""
+    d = dense_logp.float()
+    return (d.exp() * (d - F.log_softmax(logits.float(), -1))).sum(-1).mean()
+
+
+def tune_plan(lm, plan, config, progress: bool = True) -> None:
+    """Tune ``plan`` (just calibrated on ``lm``, which is not changed) by ``config.tune_steps`` steps, and add the
+    result to it as the 'tuned_weights' transform; its KL on the first and last steps go in ``plan.params``."""
+    steps, rank = config.tune_steps, config.tune_rank
+    every = corpus_windows(lm.tokenizer, config.corpus, config.ctx, bos=lm.window_bos)
+    wins = every[: min(steps, len(every))]  # one window per step; cycled when the text holds fewer
+    start, stop = config.ctx // 2, config.ctx - 1  # the decode protocol's scored positions
+    if stop - start < 1:
+        raise SparsenError(f"ctx {config.ctx} leaves no sparse positions to tune on: use a longer ctx")
+    work = lm.copy()  # the caller's model stays as it was
+    plan.transform_(work)
+    work.model.requires_grad_(False)
+    gains = norm_gains(work)
+    for p in gains:
+        p.requires_grad_(True)
+    linears = _block_linears(work)
+    g = torch.Generator().manual_seed(0)
+    draws = {name: [] for name in linears}  # drawn block by block, as the probe (benchmarks/norm_tuning.py) does
+    for i in range(len(work.adapter.blocks)):
+        for name, lins in linears.items():
+            draws[name].append(torch.randn(rank, lins[i].in_features, generator=g) / lins[i].in_features ** 0.5)
+    factors, handles = {}, []
+    for name, lins in linears.items():
+        a = torch.stack(draws[name])
+        b = torch.zeros(len(lins), lins[0].out_features, rank)
+        a.requires_grad_(True)
+        b.requires_grad_(True)
+        factors[name] = (a, b)
+        for i, lin in enumerate(lins):
+            handles.append(lin.register_forward_hook(
+                lambda m, args, out, a=a, b=b, i=i: out + (args[0] @ a[i].T) @ b[i].T))
+    extra = [t for ab in factors.values() for t in ab]
+    opt = torch.optim.Adam([{"params": gains}, {"params": extra, "lr": config.tune_rank_lr}], lr=config.tune_lr)
+    sp = plan.build_sparsifier(work)
+    sp.dense_prefix = start
+    kls = []
+    try:
+        with sp:
+            for step in tqdm(range(steps), desc="tune weights", unit="step", disable=not progress, leave=False):
+                w = wins[step % len(wins)][None]
+                with torch.no_grad():
+                    dense_logp = F.log_softmax(lm.model(w).logits[0, start:stop].float(), -1)
+                loss = kl_to_dense(work.model(w).logits[0, start:stop], dense_logp)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                kls.append(float(loss.detach()))
+    finally:
+        for h in handles:
+            h.remove()
+    tensors = {GAINS: torch.stack([p.detach().float().clone() for p in gains])}
+    for name, (a, b) in factors.items():
+        tensors[f"tune.A.{name}"], tensors[f"tune.B.{name}"] = a.detach().clone(), b.detach().clone()
+    k = max(1, min(16, steps // 4))
+    plan.add_transform(TRANSFORM, tensors)
+    plan.params["tuning"] = {"steps": steps, "windows": len(wins), "kl_first": sum(kls[:k]) / k,
+                             "kl_last": sum(kls[-k:]) / k}
