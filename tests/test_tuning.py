@@ -102,3 +102,16 @@ def test_cli_calibrates_a_tuned_rotation_plan_that_eval_and_generate_run(tmp_pat
     assert main(["calibrate", "--model", "tiny-llama", "--method", "teal", "--sparsity", "0.5", "--tune-steps", "-1",
                  "--out", str(tmp_path / "bad.json")]) == 2
     assert "tune_steps -1" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
+
+
+def test_a_frontier_runs_a_tuned_plan_beside_the_untuned_one():
+    from sparsen.evaluation.frontier import run_frontier
+
+    fr = run_frontier(load_model("tiny-llama"), ["rotate", "rotate+tune_steps=3+tune_lr=0.01+tune_rank_lr=0.001"],
+                      sparsities=[0.5], protocols=("decode",), windows=2, ctx=128, calib={"tokens": 1024, "ctx": 256},
+                      progress=False, model_loader=lambda: load_model("tiny-llama"))
+    plain, tuned = fr["rows"]
+    assert "tuning" not in plain["params"] and tuned["params"]["tuning"]["steps"] == 3
+    # each plan ran on its own transformed copy: the rotation alone, the rotation and the tuned weights
+    assert tuned["decode"]["kl"] != plain["decode"]["kl"]
+    assert abs(tuned["decode"]["achieved"] - plain["decode"]["achieved"]) < 0.05
