@@ -342,7 +342,7 @@ def test_sparse_engine_equals_masked_dense_computation(method):
     assert engine.achieved()["overall"] > 0.1  # the plan really skips weights
 
 
-@pytest.mark.parametrize("method", ["teal", "cats", "wina", "moefy"])
+@pytest.mark.parametrize("method", ["teal", "cats", "wina", "moefy", "teal+tune"])
 def test_sparse_engine_on_tiny_gemma3(method):
     # gelu_tanh gate activations (CATS), the branch-output norms and QK-norm under masks
     plan = method_plan(tiny_gemma3(), method, cats=0.3)
