@@ -118,17 +118,13 @@ def tune_plan(lm, plan, config, progress: bool = True) -> None:
     for i in range(len(work.adapter.blocks)):
         for name, lins in linears.items():
             draws[name].append(torch.randn(rank, lins[i].in_features, generator=g) / lins[i].in_features ** 0.5)
-    factors, handles = {}, []
+    factors, handles = {}, []  # one leaf per linear: indexing a stacked leaf costs a full-size gradient per use
     for name, lins in linears.items():
-        a = torch.stack(draws[name])
-        b = torch.zeros(len(lins), lins[0].out_features, rank)
-        a.requires_grad_(True)
-        b.requires_grad_(True)
-        factors[name] = (a, b)
-        for i, lin in enumerate(lins):
-            handles.append(lin.register_forward_hook(
-                lambda m, args, out, a=a, b=b, i=i: out + (args[0] @ a[i].T) @ b[i].T))
-    extra = [t for ab in factors.values() for t in ab]
+        factors[name] = ([a.requires_grad_(True) for a in draws[name]],
+                         [torch.zeros(lin.out_features, rank, requires_grad=True) for lin in lins])
+        for lin, a, b in zip(lins, *factors[name]):
+            handles.append(lin.register_forward_hook(lambda m, args, out, a=a, b=b: out + (args[0] @ a.T) @ b.T))
+    extra = [t for ab in factors.values() for ts in ab for t in ts]
     opt = torch.optim.Adam([{"params": gains}, {"params": extra, "lr": config.tune_rank_lr}], lr=config.tune_lr)
     sp = plan.build_sparsifier(work)
     sp.dense_prefix = start
@@ -149,7 +145,7 @@ def tune_plan(lm, plan, config, progress: bool = True) -> None:
             h.remove()
     tensors = {GAINS: torch.stack([p.detach().float().clone() for p in gains])}
     for name, (a, b) in factors.items():
-        tensors[f"tune.A.{name}"], tensors[f"tune.B.{name}"] = a.detach().clone(), b.detach().clone()
+        tensors[f"tune.A.{name}"], tensors[f"tune.B.{name}"] = torch.stack(a).detach(), torch.stack(b).detach()
     k = max(1, min(16, steps // 4))
     plan.add_transform(TRANSFORM, tensors)
     plan.params["tuning"] = {"steps": steps, "windows": len(wins), "kl_first": sum(kls[:k]) / k,
