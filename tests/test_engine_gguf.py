@@ -302,7 +302,7 @@ def test_gguf_weights_refuse_what_they_cannot_run(tiny_gguf, tiny_llama, tmp_pat
     from sparsen.methods import calibrate, config_for
 
     rot = calibrate(tiny_gguf, config_for("rotate", sparsity=0.5, tokens=512, ctx=64), progress=False)
-    with pytest.raises(SparsenError, match="changes the weights \\(a rotation\\)"):
+    with pytest.raises(SparsenError, match="changes the weights \\(a rotation"):
         Engine(tiny_gguf, rot, dtype="gguf")
     assert choose_weights(tiny_gguf, rot)[0] == "bf16"
     # an unsupported tensor type: one line naming the tensor and the type, suggesting --weights fp32
