@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-steps", type=int, default=None, metavar="N",
                    help="after calibrating, tune the weights to the sparse model for N steps, one calibration window "
                         "each: the RMSNorm gains and a rank-16 term beside every block linear, trained on the KL from "
-                        "the dense model and folded into the weights (free per token; stored in the plan; ~10 s a step "
-                        "of 1,024 tokens on SmolLM2 here). Default 0 (none)")
+                        "the dense model and folded into the weights (free per token; stored in the plan; a step is a "
+                        "forward and backward pass over one window, so N steps take minutes). Default 0 (none)")
     p.add_argument("--tokens", type=_positive_int, default=16384, help="calibration tokens (default 16384)")
     p.add_argument("--ctx", type=_positive_int, default=1024, help="calibration window length (default 1024)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
