@@ -47,6 +47,7 @@ def test_tuning_lowers_the_kl_on_text_it_did_not_see(method, tmp_path):
     plan = plan_for(method)
     tuned = plan_for(method, **TUNE)
     assert tuned.transforms == plan.transforms + ["tuned_weights"]
+    assert tuned.params["tuning"]["held_out_kl_after"] < tuned.params["tuning"]["held_out_kl_before"]
     # the thresholds are the untuned plan's; only the weights moved
     assert tuned.sites == plan.sites
     results = {}
@@ -93,7 +94,7 @@ def test_cli_calibrates_a_tuned_rotation_plan_that_eval_and_generate_run(tmp_pat
     plan = tmp_path / "plan.json"
     assert main(["calibrate", "--model", "tiny-llama", "--method", "rotate", "--sparsity", "0.5", "--tokens", "1024",
                  "--ctx", "256", "--tune-steps", "2", "--out", str(plan), "--quiet"]) == 0
-    assert "weights tuned for 2 steps" in capsys.readouterr().out
+    assert "weights tuned for 2 steps on 2 window(s): KL to dense on the next window" in capsys.readouterr().out
     assert Plan.load(plan).transforms == ["residual_rotation", "tuned_weights"]
     assert main(["eval", "--model", "tiny-llama", "--plan", str(plan), "--ctx", "256", "--windows", "1",
                  "--protocol", "decode", "--out", str(tmp_path / "e.json")]) == 0

@@ -358,8 +358,11 @@ def cmd_calibrate(args) -> None:
     print(f"{args.method} plan for {lm.spec}: target sparsity {args.sparsity:.3f}, on calibration tokens {got} "
           f"({time.perf_counter() - t0:.0f} s)")
     if (t := plan.params.get("tuning")) is not None:
-        print(f"weights tuned for {t['steps']} steps on {t['windows']} window(s): KL to dense {t['kl_first']:.4f} on the "
-              f"first steps, {t['kl_last']:.4f} on the last")
+        line = f"weights tuned for {t['steps']} steps on {t['windows']} window(s)"
+        if t["held_out_kl_before"] is not None:
+            line += (f": KL to dense on the next window (not tuned on) {t['held_out_kl_before']:.4f} before, "
+                     f"{t['held_out_kl_after']:.4f} after")
+        print(line)
     print(f"wrote {args.out}")
 
 

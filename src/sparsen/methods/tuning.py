@@ -99,10 +99,12 @@ def kl_to_dense(logits: torch.Tensor, dense_logp: torch.Tensor) -> torch.Tensor:
 
 def tune_plan(lm, plan, config, progress: bool = True) -> None:
     """Tune ``plan`` (just calibrated on ``lm``, which is not changed) by ``config.tune_steps`` steps, and add the
-    result to it as the 'tuned_weights' transform; its KL on the first and last steps go in ``plan.params``."""
+    result to it as the 'tuned_weights' transform. ``plan.params['tuning']`` records the KL on the calibration text's
+    first window not tuned on, before and after (None when every window was tuned on)."""
     steps, rank = config.tune_steps, config.tune_rank
     every = corpus_windows(lm.tokenizer, config.corpus, config.ctx, bos=lm.window_bos)
     wins = every[: min(steps, len(every))]  # one window per step; cycled when the text holds fewer
+    held = every[steps][None] if steps < len(every) else None
     start, stop = config.ctx // 2, config.ctx - 1  # the decode protocol's scored positions
     if stop - start < 1:
         raise SparsenError(f"ctx {config.ctx} leaves no sparse positions to tune on: use a longer ctx")
@@ -128,9 +130,9 @@ def tune_plan(lm, plan, config, progress: bool = True) -> None:
     opt = torch.optim.Adam([{"params": gains}, {"params": extra, "lr": config.tune_rank_lr}], lr=config.tune_lr)
     sp = plan.build_sparsifier(work)
     sp.dense_prefix = start
-    kls = []
     try:
         with sp:
+            held_kl = [_held_out_kl(lm, work, held, start, stop)]
             for step in tqdm(range(steps), desc="tune weights", unit="step", disable=not progress, leave=False):
                 w = wins[step % len(wins)][None]
                 with torch.no_grad():
@@ -139,14 +141,22 @@ def tune_plan(lm, plan, config, progress: bool = True) -> None:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                kls.append(float(loss.detach()))
+            held_kl.append(_held_out_kl(lm, work, held, start, stop))
     finally:
         for h in handles:
             h.remove()
     tensors = {GAINS: torch.stack([p.detach().float().clone() for p in gains])}
     for name, (a, b) in factors.items():
         tensors[f"tune.A.{name}"], tensors[f"tune.B.{name}"] = torch.stack(a).detach(), torch.stack(b).detach()
-    k = max(1, min(16, steps // 4))
     plan.add_transform(TRANSFORM, tensors)
-    plan.params["tuning"] = {"steps": steps, "windows": len(wins), "kl_first": sum(kls[:k]) / k,
-                             "kl_last": sum(kls[-k:]) / k}
+    plan.params["tuning"] = {"steps": steps, "windows": len(wins), "held_out_kl_before": held_kl[0],
+                             "held_out_kl_after": held_kl[1]}
+
+
+@torch.no_grad()
+def _held_out_kl(lm, work, window, start: int, stop: int) -> float | None:
+    """KL of ``work`` (under its attached hooks) from the dense ``lm`` on one window's scored positions."""
+    if window is None:
+        return None
+    dense_logp = F.log_softmax(lm.model(window).logits[0, start:stop].float(), -1)
+    return float(kl_to_dense(work.model(window).logits[0, start:stop], dense_logp))
