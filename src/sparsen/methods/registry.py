@@ -18,6 +18,7 @@ from sparsen.core.plan import Plan
 from sparsen.data import corpus_windows
 from sparsen.errors import SparsenError, UnreachableSparsity
 from sparsen.methods.config import ConfigFieldError, MethodConfig
+from sparsen.methods.tuning import tune_plan
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,6 @@ def calibrate(lm, config: MethodConfig, progress: bool = True) -> Plan:
     if config.hold == "prompt" and wins is not None:
         measure_prompt_scales(lm, plan, wins, progress)
     if config.tune_steps:
-        from sparsen.methods.tuning import tune_plan
-
         tune_plan(lm, plan, config, progress)
     return plan
 

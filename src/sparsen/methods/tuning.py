@@ -134,10 +134,7 @@ def tune_plan(lm, plan, config, progress: bool = True) -> None:
         with sp:
             held_kl = [_held_out_kl(lm, work, held, start, stop)]
             for step in tqdm(range(steps), desc="tune weights", unit="step", disable=not progress, leave=False):
-                w = wins[step % len(wins)][None]
-                with torch.no_grad():
-                    dense_logp = F.log_softmax(lm.model(w).logits[0, start:stop].float(), -1)
-                loss = kl_to_dense(work.model(w).logits[0, start:stop], dense_logp)
+                loss = _window_kl(lm, work, wins[step % len(wins)][None], start, stop)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -153,10 +150,14 @@ def tune_plan(lm, plan, config, progress: bool = True) -> None:
                              "held_out_kl_after": held_kl[1]}
 
 
+def _window_kl(lm, work, window, start: int, stop: int) -> torch.Tensor:
+    """KL of ``work`` (under its attached hooks) from the dense ``lm`` on one window's scored positions (the gradient
+    flows through ``work`` only)."""
+    with torch.no_grad():
+        dense_logp = F.log_softmax(lm.model(window).logits[0, start:stop].float(), -1)
+    return kl_to_dense(work.model(window).logits[0, start:stop], dense_logp)
+
+
 @torch.no_grad()
 def _held_out_kl(lm, work, window, start: int, stop: int) -> float | None:
-    """KL of ``work`` (under its attached hooks) from the dense ``lm`` on one window's scored positions."""
-    if window is None:
-        return None
-    dense_logp = F.log_softmax(lm.model(window).logits[0, start:stop].float(), -1)
-    return float(kl_to_dense(work.model(window).logits[0, start:stop], dense_logp))
+    return None if window is None else float(_window_kl(lm, work, window, start, stop))
