@@ -79,3 +79,13 @@ def test_rule_kinds_cover_every_plan_entry_kind():
                  **({"tensor": "t"} if name == "channel_threshold" else {})}
         rule = rule_from_entry(entry, tensors)
         assert (rule is None) == (kind == RuleKind.DENSE) and (rule is None or rule.kind == kind), name
+
+
+def test_kl_sum_equals_torch_kl_div_and_is_zero_on_itself():
+    from sparsen.core.divergence import kl_sum
+    g = torch.Generator().manual_seed(0)
+    dense = torch.log_softmax(torch.randn(7, 50, generator=g), -1)
+    sparse = torch.log_softmax(torch.randn(7, 50, generator=g), -1)
+    want = torch.nn.functional.kl_div(sparse, dense, log_target=True, reduction="sum")
+    assert torch.allclose(kl_sum(dense, sparse), want, atol=1e-5)
+    assert float(kl_sum(dense, dense)) == 0.0

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sparsen.core.divergence import kl_sum
 from sparsen.data import EVAL_CORPUS, corpus_windows
 
 PROTOCOLS = ("full", "decode")
@@ -78,7 +79,7 @@ def evaluate(lm, corpus: str = EVAL_CORPUS, ctx: int = 1024, n_windows: int | No
         raise ValueError(f"unknown protocol {protocol!r}")
     wins = corpus_windows(lm.tokenizer, corpus, ctx, n_windows, bos=lm.window_bos)
     start, stop = scored_range(ctx, protocol)
-    nll_sum = dense_nll_sum = kl_sum = 0.0
+    nll_sum = dense_nll_sum = kl_total = 0.0
     agree = scored = 0
     t0 = time.perf_counter()
     if sparsifier is not None:
@@ -97,7 +98,7 @@ def evaluate(lm, corpus: str = EVAL_CORPUS, ctx: int = 1024, n_windows: int | No
                     with sparsifier.disabled():
                         logp_dense = window_logprobs(lm.model, w, start, stop)
                     dense_nll_sum += -logp_dense.gather(1, targets[:, None]).double().sum().item()
-                    kl_sum += (logp_dense.exp() * (logp_dense - logp)).sum().double().item()
+                    kl_total += kl_sum(logp_dense, logp).double().item()
                     agree += int((logp_dense.argmax(-1) == logp.argmax(-1)).sum())
     finally:
         if sparsifier is not None:
@@ -106,7 +107,7 @@ def evaluate(lm, corpus: str = EVAL_CORPUS, ctx: int = 1024, n_windows: int | No
     res = EvalResult(model=lm.spec, corpus=corpus, ctx=ctx, windows=len(wins), protocol=protocol, tokens_scored=scored,
                      nll=nll, ppl=math.exp(nll), plan=plan_name)
     if sparsifier is not None:
-        res.kl = kl_sum / scored
+        res.kl = kl_total / scored
         res.top1_agree = agree / scored
         res.dense_nll = dense_nll_sum / scored
         res.dense_ppl = math.exp(res.dense_nll)
@@ -186,7 +187,7 @@ def evaluate_many(lm, configs: dict, corpus: str = EVAL_CORPUS, ctx: int = 1024,
                 logp = logprobs(model)
             t = tallies[name]
             t.nll += -logp.gather(1, targets[:, None]).double().sum().item()
-            t.kl += (dense.exp() * (dense - logp)).sum().double().item()
+            t.kl += kl_sum(dense, logp).double().item()
             t.agree += int((dense.argmax(-1) == logp.argmax(-1)).sum())
             t.scored += targets.numel()
     seconds = time.perf_counter() - t0

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sparsen.core.divergence import kl_sum
 from sparsen.core.hooks import Sparsifier
 from sparsen.core.rules import TopKRule
 from sparsen.data import CALIB_CORPUS, corpus_windows
@@ -54,7 +55,7 @@ def group_sensitivity(lm, wins: torch.Tensor, sparsities=SENSITIVITY_SPARSITIES,
         rules = {site: TopKRule(sp) for site, _, name, _ in lm.adapter.linear_sites() if name in INPUT_GROUPS[group]}
         with Sparsifier(lm.adapter, rules):
             sparse = [F.log_softmax(lm.model(w[None]).logits[0, :-1].float(), -1) for w in wins]
-        kl = sum((d.exp() * (d - s)).sum().item() for d, s in zip(dense, sparse)) / sum(map(len, targets))
+        kl = sum(kl_sum(d, s).item() for d, s in zip(dense, sparse)) / sum(map(len, targets))
         out["groups"].setdefault(group, {})[str(sp)] = {"kl": kl, "ppl": float(torch.tensor(nll(sparse)).exp())}
     return out
 

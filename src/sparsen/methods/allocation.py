@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sparsen.core.divergence import kl_sum
 from sparsen.core.hooks import Sparsifier
 from sparsen.core.rules import ThresholdRule
 from sparsen.models.adapters import GROUP_OF, INPUT_GROUPS, LINEAR_NAMES
@@ -43,7 +44,7 @@ def group_kl_table(lm, hists, wins, rule_for, progress=True) -> dict[str, list[f
     for g, s in tqdm(jobs, desc="sensitivity allocation", disable=not progress, leave=False):
         rules = {site: rule_for(site, s) for site in hists if GROUP_OF[site.split(".")[-1]] == g}
         with Sparsifier(lm.adapter, rules):
-            kl = sum((d.exp() * (d - logp(w))).sum().item() for d, w in zip(dense, wins)) / sum(len(d) for d in dense)
+            kl = sum(kl_sum(d, logp(w)).item() for d, w in zip(dense, wins)) / sum(len(d) for d in dense)
         table[g].append(max(kl, 0.0))
     return table
 
@@ -234,7 +235,7 @@ def block_kls(lm, tokens: torch.Tensor, block_levels: dict[int, dict[str, float]
         with Sparsifier(ad, rules):
             for prompt, calls, key, d in runs:
                 lp = logprobs_from(i, prompt, calls, key)
-                total += float((d.exp() * (d - lp)).sum())
+                total += float(kl_sum(d, lp))
                 n_tok += len(d)
         kl[i] = max(total / n_tok, 1e-9)
     return kl
@@ -305,7 +306,7 @@ def search_levels(lm, wins: torch.Tensor, target: float, rule_for, config, progr
     def kl_of(lv):
         rules = {site: rule_for(site, s) for site, s in _sites_at(paths, params, lv).items() if s > 0}
         with Sparsifier(lm.adapter, rules, dense_prefix=skip):
-            total = sum(float((d.exp() * (d - F.log_softmax(lm.model(w[None]).logits[0, skip:].float(), -1))).sum())
+            total = sum(float(kl_sum(d, F.log_softmax(lm.model(w[None]).logits[0, skip:].float(), -1)))
                         for d, w in zip(dense, tokens))
         return total / sum(len(d) for d in dense)
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sparsen.core.divergence import kl_sum
 from sparsen.core.transforms import register_transform
 from sparsen.data import corpus_windows
 from sparsen.errors import SparsenError
@@ -93,8 +94,7 @@ register_transform(TunedWeights())
 
 def kl_to_dense(logits: torch.Tensor, dense_logp: torch.Tensor) -> torch.Tensor:
     """Mean over positions of KL(dense || sparse) (the dense log-probs may be held in half precision)."""
-    d = dense_logp.float()
-    return (d.exp() * (d - F.log_softmax(logits.float(), -1))).sum(-1).mean()
+    return kl_sum(dense_logp.float(), F.log_softmax(logits.float(), -1)) / len(dense_logp)
 
 
 def tune_plan(lm, plan, config, progress: bool = True) -> None:
