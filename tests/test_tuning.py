@@ -83,7 +83,7 @@ def test_tuned_weights_refuse_what_does_not_fit(tmp_path):
     Plan(**{**tuned.__dict__, "tensors": bad}).save(tmp_path / "p.json")
     with pytest.raises(SparsenError, match="corrupt.*one factor of two"):
         Plan.load(tmp_path / "p.json")
-    for field, value in (("tune_steps", -1), ("tune_rank", 0), ("tune_lr", 0)):
+    for field, value in (("tune_steps", -1), ("tune_rank", 0), ("tune_lr", 0), ("tune_schedule", "linear")):
         with pytest.raises(SparsenError, match=field):
             config_for("teal", sparsity=0.5, **{field: value})
 
@@ -116,3 +116,13 @@ def test_a_frontier_runs_a_tuned_plan_beside_the_untuned_one():
     # each plan ran on its own transformed copy: the rotation alone, the rotation and the tuned weights
     assert tuned["decode"]["kl"] != plain["decode"]["kl"]
     assert abs(tuned["decode"]["achieved"] - plain["decode"]["achieved"]) < 0.05
+
+
+def test_cosine_schedule_starts_at_the_full_rate_and_still_tunes():
+    one = {**TUNE, "tune_steps": 1}
+    constant, cosine = plan_for("teal", **one), plan_for("teal", **one, tune_schedule="cosine")
+    for key, t in constant.tensors.items():  # the first step is taken at the full rate either way
+        assert torch.equal(cosine.tensors[key], t), key
+    tuned = plan_for("teal", **TUNE, tune_schedule="cosine")
+    assert tuned.params["tuning"]["held_out_kl_after"] < tuned.params["tuning"]["held_out_kl_before"]
+    assert not torch.equal(tuned.tensors[GAINS], plan_for("teal", **TUNE).tensors[GAINS])

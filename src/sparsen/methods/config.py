@@ -25,6 +25,7 @@ _number = is_number
 
 
 HOLDS = ("calibrated", "prompt")  # MethodConfig.hold
+TUNE_SCHEDULES = ("constant", "cosine")  # MethodConfig.tune_schedule
 
 
 @method_config
@@ -60,6 +61,8 @@ class MethodConfig:
     """tuning: rank of the term beside each block linear"""
     tune_rank_lr: float = 1e-4
     """tuning: Adam's learning rate for the low-rank terms"""
+    tune_schedule: str = "constant"
+    """tuning: the learning rates held 'constant', or decayed to 0 along a half 'cosine' over the steps"""
 
     def __post_init__(self):
         check_sparsity(self.sparsity)
@@ -74,6 +77,8 @@ class MethodConfig:
                f"tune_steps {self.tune_steps!r}: give 0 (no tuning) or more")
         _check(isinstance(self.tune_rank, int) and not isinstance(self.tune_rank, bool) and self.tune_rank >= 1,
                f"tune_rank {self.tune_rank!r}: give a whole number of 1 or more")
+        _check(self.tune_schedule in TUNE_SCHEDULES,
+               f"tune_schedule '{self.tune_schedule}': use one of {', '.join(TUNE_SCHEDULES)}")
         for name in ("tune_lr", "tune_rank_lr"):
             v = getattr(self, name)
             _check(_number(v) and 0 < v < 1, f"{name} {v!r}: give a learning rate in (0, 1)")

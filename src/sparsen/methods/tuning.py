@@ -12,6 +12,8 @@ plan's others (a rotation), on the weights they leave.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -128,6 +130,8 @@ def tune_plan(lm, plan, config, progress: bool = True) -> None:
             handles.append(lin.register_forward_hook(lambda m, args, out, a=a, b=b: out + (args[0] @ a.T) @ b.T))
     extra = [t for ab in factors.values() for ts in ab for t in ts]
     opt = torch.optim.Adam([{"params": gains}, {"params": extra, "lr": config.tune_rank_lr}], lr=config.tune_lr)
+    decay = (lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))) if config.tune_schedule == "cosine" else (lambda s: 1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, decay)
     sp = plan.build_sparsifier(work)
     sp.dense_prefix = start
     try:
@@ -138,6 +142,7 @@ def tune_plan(lm, plan, config, progress: bool = True) -> None:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                schedule.step()
             held_kl.append(_held_out_kl(lm, work, held, start, stop))
     finally:
         for h in handles:

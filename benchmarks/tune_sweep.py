@@ -1,0 +1,79 @@
+"""Tuning settings compared on held-out calibration text only (issue "Sparsity that travels"):
+
+    .venv/bin/python benchmarks/tune_sweep.py [--method SPEC] [--sparsity 0.4] [--settings "80,80+tune_schedule=cosine"]
+
+A plan is calibrated once on the mixed calibration text (as `sparsen frontier --calib-text mixed-calib` does, no
+tuning); each setting then tunes a copy of it with `sparsen.methods.tuning.tune_plan` (the method's own step) and is
+scored by the KL from the dense model on the mix's last ``--holdout`` windows, which no setting tunes on (decode
+protocol: each window's first half dense, the rest sparse). A setting is the number of steps, then `+field=value`
+for any of the config's tune_* fields. The evaluation corpora are not read: this is where a setting may be chosen.
+"""
+
+import argparse
+import copy
+import time
+
+import numpy as np
+import torch
+
+from sparsen import calibrate, config_for, load_model
+from sparsen.data import corpus_windows
+from sparsen.evaluation import scored_range, window_logprobs
+from sparsen.evaluation.frontier import parse_method
+from sparsen.methods.tuning import kl_to_dense, tune_plan
+
+
+@torch.no_grad()
+def held_out_kl(lm, plan, held, dense_logp) -> float:
+    work = lm.copy()
+    plan.transform_(work)
+    start, stop = scored_range(held.shape[1], "decode")
+    sp = plan.build_sparsifier(work)
+    sp.dense_prefix = start
+    with sp:
+        return float(np.mean([float(kl_to_dense(work.model(w[None]).logits[0, start:stop], d))
+                              for w, d in zip(held, dense_logp)]))
+
+
+def parse_setting(text: str) -> tuple[int, dict]:
+    steps, *fields = text.split("+")
+    out = {}
+    for f in fields:
+        key, value = f.split("=")
+        out[key] = value if key == "tune_schedule" else (int(value) if key == "tune_rank" else float(value))
+    return int(steps), out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--method", default="rotate-wina:global+hold=prompt")
+    ap.add_argument("--sparsity", type=float, default=0.4)
+    ap.add_argument("--settings", default="80,80+tune_schedule=cosine")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--holdout", type=int, default=8)
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    lm = load_model("smollm2")
+    name, allocation, segments, fields = parse_method(args.method)
+    calib = {"corpus": "mixed-calib", "tokens": args.tokens, "ctx": 1024}
+    base = dict(sparsity=args.sparsity, allocation=allocation, segments=segments, **fields, **calib)
+    plan0 = calibrate(lm, config_for(name, **base), progress=False)
+    every = corpus_windows(lm.tokenizer, "mixed-calib", 1024, bos=lm.window_bos)
+    held = every[len(every) - args.holdout:]
+    dense_logp = [window_logprobs(lm.model, w, *scored_range(1024, "decode")) for w in held]
+    print(f"{args.method} at {args.sparsity}: calibrated in {time.perf_counter() - t0:.0f} s; held-out KL on the "
+          f"mix's last {args.holdout} of {len(every)} windows", flush=True)
+    print(f"untuned: {held_out_kl(lm, plan0, held, dense_logp):.4f}", flush=True)
+    for text in args.settings.split(","):
+        steps, tune = parse_setting(text)
+        if steps + args.holdout > len(every):
+            raise SystemExit(f"{text}: {steps} steps would tune on held-out windows ({len(every)} in the mix)")
+        t1 = time.perf_counter()
+        plan = copy.deepcopy(plan0)
+        tune_plan(lm, plan, config_for(name, **base, tune_steps=steps, **tune), progress=False)
+        print(f"{text}: {held_out_kl(lm, plan, held, dense_logp):.4f} ({time.perf_counter() - t1:.0f} s)", flush=True)
+    print(f"{time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
