@@ -11,6 +11,7 @@ from sparsen.core.attention import budget_tokens, prime
 from sparsen.core.plan import Plan
 from sparsen.errors import SparsenError
 from sparsen.methods.attention import attention_method_names, attention_plan, parse_attention_spec
+from sparsen.models.kv import cache_of, with_cache
 
 CALIB = {"calib_tokens": 256, "calib_ctx": 128}
 
@@ -78,11 +79,11 @@ def test_cache_path_equals_single_pass(tiny_llama, ids):
                 single = lm.model(ids).logits[:, 100:]
             mass = {}
             with capturing_prefix_mass(lm.adapter, mass):
-                cache = lm.model(ids[:, :100], use_cache=True).past_key_values
+                cache = cache_of(lm.model(ids[:, :100], use_cache=True))
             sp2 = plan.build_sparsifier(lm)
             prime(sp2, mass)
             with sp2:
-                tail = lm.model(ids[:, 100:], past_key_values=copy.deepcopy(cache)).logits
+                tail = lm.model(ids[:, 100:], **with_cache(lm.model, copy.deepcopy(cache))).logits
         assert torch.allclose(single, tail, atol=1e-4), (name, (single - tail).abs().max())
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from sparsen.evaluation import evaluate
 from sparsen.evaluation.attn_frontier import build_plans, format_markdown, grid_specs, perplexity
+from sparsen.models.kv import cache_of, with_cache
 
 
 def test_grid_specs_cross_methods_and_densities():
@@ -121,12 +122,12 @@ def test_the_growing_cache_copy_equals_hf_dynamic_cache(tiny_llama):
     lm = tiny_llama
     ids = torch.randint(0, lm.adapter.vocab_size, (1, 60), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        prompt = lm.model(ids[:, :40], use_cache=True).past_key_values
+        prompt = cache_of(lm.model(ids[:, :40], use_cache=True))
         before = [la.keys.clone() for la in prompt.layers]
         outs = []
         for cache in (copy.deepcopy(prompt), _growing_copy(prompt, 8)):  # 20 more positions than the room
-            logits = [lm.model(ids[:, 40:45], past_key_values=cache).logits]
-            logits += [lm.model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(45, 60)]
+            logits = [lm.model(ids[:, 40:45], **with_cache(lm.model, cache)).logits]
+            logits += [lm.model(ids[:, t:t + 1], **with_cache(lm.model, cache)).logits for t in range(45, 60)]
             outs.append(torch.cat(logits, 1))
             assert cache.get_seq_length() == 60
     assert torch.allclose(outs[0], outs[1], atol=1e-5)

@@ -10,6 +10,7 @@ from sparsen.data import CALIB_CORPUS, corpus_windows
 from sparsen.evaluation import evaluate
 from sparsen.methods import calibrate as calibrate_config
 from sparsen.methods import config_for, method_names
+from sparsen.models.kv import cache_of, with_cache
 
 CFG = {"tokens": 2048, "ctx": 256}
 
@@ -440,10 +441,10 @@ def test_block_kl_from_recorded_layer_inputs_equals_a_whole_model_run():
     fast = block_kls(lm, tokens, levels, rule_for, progress=False)
 
     def logprobs(w, prompt):  # the scored half, after a dense prompt
-        return F.log_softmax(lm.model(w[None, 32:], past_key_values=copy.deepcopy(prompt)).logits[0], -1)
+        return F.log_softmax(lm.model(w[None, 32:], **with_cache(lm.model, copy.deepcopy(prompt))).logits[0], -1)
 
     with torch.no_grad():
-        prompts = [lm.model(w[None, :32], use_cache=True).past_key_values for w in tokens]
+        prompts = [cache_of(lm.model(w[None, :32], use_cache=True)) for w in tokens]
         dense = [logprobs(w, p) for w, p in zip(tokens, prompts)]
         for i, kl in fast.items():
             with Sparsifier(lm.adapter, {f"layers.{i}.{n}": rule_for(None, s) for n, s in levels[i].items()}):

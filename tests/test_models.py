@@ -95,3 +95,19 @@ def test_smollm2_loads_as_fp32_llama(smollm2):
     with torch.no_grad():
         nxt = smollm2.model(ids).logits[0, -1].argmax().item()
     assert smollm2.tokenizer.decode([nxt]).strip() == "Paris"
+
+
+@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-qwen2"])
+def test_a_cached_forward_equals_the_whole_forward_without_deprecation_warnings(spec):
+    import warnings
+
+    from sparsen.models.kv import cache_of, with_cache
+
+    lm = load_model(spec)
+    ids = torch.randint(0, 200, (1, 24))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the keyword transformers deprecates is not the one used
+        whole = lm.model(ids).logits[0, 16:]
+        cache = cache_of(lm.model(ids[:, :16], use_cache=True))
+        tail = lm.model(ids[:, 16:], **with_cache(lm.model, cache)).logits[0]
+    assert torch.allclose(tail, whole, atol=1e-4)

@@ -19,6 +19,7 @@ from sparsen.core.prefill import (
 )
 from sparsen.errors import SparsenError
 from sparsen.methods.attention import attention_method_names, attention_plan, parse_attention_spec
+from sparsen.models.kv import cache_of, with_cache
 
 PREFILL = ["block-topk", "xattention", "vertical-slash", "flexprefill"]
 
@@ -327,10 +328,10 @@ def test_sparse_prefill_then_dense_decoding(tiny_llama, ids, name):
         assert att["prefill_density_all_layers"] == pytest.approx((2 * att["prefill_density"] + 1) / 3)
         assert not torch.allclose(out.logits, ref.logits, atol=1e-3)
         nxt = torch.tensor([[5]])
-        cache = out.past_key_values
+        cache = cache_of(out)
         with sp:
-            step = lm.model(nxt, past_key_values=copy.deepcopy(cache)).logits
-        dense_step = lm.model(nxt, past_key_values=copy.deepcopy(cache)).logits
+            step = lm.model(nxt, **with_cache(lm.model, copy.deepcopy(cache))).logits
+        dense_step = lm.model(nxt, **with_cache(lm.model, copy.deepcopy(cache))).logits
     assert torch.equal(step, dense_step)
     assert sp.achieved()["attention"]["prefill_tokens"] == 200  # the step was not a prefill
 

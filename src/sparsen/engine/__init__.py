@@ -34,6 +34,7 @@ from sparsen.engine.quant import W_BF16, W_F32, Packed, head_bound, head_bound_r
 from sparsen.errors import SparsenError
 from sparsen.models.adapters import LINEAR_NAMES
 from sparsen.models.gguf_weights import QuantTensor, read_gguf_weights, unsupported_tensor
+from sparsen.models.kv import cache_of
 from sparsen.models.loading import stop_ids  # noqa: F401  (engine.stop_ids, as before)
 
 ABI_VERSION = 9
@@ -735,7 +736,7 @@ class Engine:
         captured: dict | None = {} if (self.needs_prefix_mass if mass is None else mass) else None
         with torch.no_grad(), capturing_prefix_mass(src.adapter, captured) if captured is not None else nullcontext():
             out = src.model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = cache_of(out)
         return TorchPrefix(ids, src.model, [c.keys[0] for c in cache.layers], [c.values[0] for c in cache.layers],
                            captured, out.logits[0, -1].float().numpy())
 

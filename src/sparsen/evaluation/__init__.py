@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from sparsen.core.divergence import kl_sum
 from sparsen.data import EVAL_CORPUS, corpus_windows
+from sparsen.models.kv import cache_of, with_cache
 
 PROTOCOLS = ("full", "decode")
 
@@ -167,14 +168,14 @@ def evaluate_many(lm, configs: dict, corpus: str = EVAL_CORPUS, ctx: int = 1024,
                     if prefix_observer is not None and key == id(lm.model):
                         cm = prefix_observer()
                         observed = stack.enter_context(cm) if cm is not None else None
-                    prefix_cache[key] = m(w[None, :start], use_cache=True).past_key_values
+                    prefix_cache[key] = cache_of(m(w[None, :start], use_cache=True))
 
         def logprobs(model):
             if protocol == "full":
                 logits = model(w[None]).logits[0, start:stop]
             else:
                 cache = copy.deepcopy(prefix_cache[id(model)])
-                logits = model(w[None, start:], past_key_values=cache).logits[0, : stop - start]
+                logits = model(w[None, start:], **with_cache(model, cache)).logits[0, : stop - start]
             return F.log_softmax(logits.float(), dim=-1)
 
         dense = logprobs(lm.model)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from sparsen.core.attention import capturing_prefix_mass, prime
 from sparsen.errors import SparsenError
 from sparsen.evaluation.tasks import TaskSample, prompt_tokens, score
+from sparsen.models.kv import cache_of, with_cache
 from sparsen.models.loading import stop_ids
 
 SPARSE_FROM = ("question", "answer")
@@ -97,7 +98,7 @@ def _growing_copy(cache, extra: int):
 def _greedy(lm, tail: list[int], cache, first_logits, max_new: int, stop: set[int]) -> list[int]:
     """Decode greedily after feeding ``tail`` (the question, sparse) on top of ``cache``."""
     model = lm.model
-    logits = (model(torch.tensor([tail]), past_key_values=cache, logits_to_keep=1).logits[0, -1] if tail
+    logits = (model(torch.tensor([tail]), **with_cache(model, cache), logits_to_keep=1).logits[0, -1] if tail
               else first_logits)
     out: list[int] = []
     for i in range(max_new):
@@ -105,7 +106,7 @@ def _greedy(lm, tail: list[int], cache, first_logits, max_new: int, stop: set[in
         out.append(tok)
         if tok in stop or i + 1 == max_new:
             break
-        logits = model(torch.tensor([[tok]]), past_key_values=cache).logits[0, -1]
+        logits = model(torch.tensor([[tok]]), **with_cache(model, cache)).logits[0, -1]
     return out
 
 
@@ -174,13 +175,13 @@ def run_tasks(lm, samples: list[TaskSample], plans: dict, sparse_from: str = "qu
                 sp.reset_stats()
                 with sp:  # a forward from position 0: the whole prompt through the method's pattern; then dense
                     pre = lm.model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
-                    gen = _greedy(lm, [], pre.past_key_values, pre.logits[0, -1], s.max_new_tokens, stop)
+                    gen = _greedy(lm, [], cache_of(pre), pre.logits[0, -1], s.max_new_tokens, stop)
                 att = sp.achieved()["attention"]
                 text = tok.decode(gen, skip_special_tokens=True)
                 row["results"][r.label] = {"text": text, "score": score(s, text), "density": att["prefill_density"],
                                            "estimate_share": att["prefill_estimate_share"]}
                 continue
-            cache = _growing_copy(out.past_key_values, len(ids) - split + s.max_new_tokens)
+            cache = _growing_copy(cache_of(out), len(ids) - split + s.max_new_tokens)
             if sp is None:
                 gen = _greedy(lm, ids[split:], cache, out.logits[0, -1], s.max_new_tokens, stop)
                 density = None

@@ -24,6 +24,7 @@ from sparsen.core.divergence import kl_sum
 from sparsen.core.hooks import Sparsifier
 from sparsen.core.rules import ThresholdRule
 from sparsen.models.adapters import GROUP_OF, INPUT_GROUPS, LINEAR_NAMES
+from sparsen.models.kv import cache_of, with_cache
 
 # The allocation knobs (steps, spans, tokens, windows) are fields of AllocatedConfig (methods/config.py).
 LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -213,9 +214,9 @@ def block_kls(lm, tokens: torch.Tensor, block_levels: dict[int, dict[str, float]
     skip = tokens.shape[1] // 2
     runs = []
     for w in tokens:
-        prompt = lm.model(w[None, :skip], use_cache=True).past_key_values
+        prompt = cache_of(lm.model(w[None, :skip], use_cache=True))
         cache = copy.deepcopy(prompt)
-        calls, logits = _captured_calls(lm, lambda: lm.model(w[None, skip:], past_key_values=cache).logits)
+        calls, logits = _captured_calls(lm, lambda: lm.model(w[None, skip:], **with_cache(lm.model, cache)).logits)
         # the keyword the layers get the cache under differs between transformers versions: find it by identity
         key = next(k for k, v in calls[0][1].items() if v is cache)
         runs.append((prompt, calls, key, F.log_softmax(logits[0].float(), -1)))
