@@ -105,13 +105,20 @@ def test_cli_calibrates_a_tuned_rotation_plan_that_eval_and_generate_run(tmp_pat
     assert "tune_steps -1" in capsys.readouterr().err and not (tmp_path / "bad.json").exists()
 
 
-def test_a_frontier_runs_a_tuned_plan_beside_the_untuned_one():
-    from sparsen.evaluation.frontier import run_frontier
+def test_a_frontier_runs_a_tuned_plan_beside_the_untuned_one_from_one_calibration(monkeypatch):
+    import dataclasses
 
+    from sparsen.evaluation.frontier import run_frontier
+    from sparsen.methods import rotation
+
+    calls, inner = [], rotation.METHOD.calibrate
+    monkeypatch.setattr(rotation, "METHOD", dataclasses.replace(
+        rotation.METHOD, calibrate=lambda *a, **k: calls.append(1) or inner(*a, **k)))
     fr = run_frontier(load_model("tiny-llama"), ["rotate", "rotate+tune_steps=3+tune_lr=0.01+tune_rank_lr=0.001"],
                       sparsities=[0.5], protocols=("decode",), windows=2, ctx=128, calib={"tokens": 1024, "ctx": 256},
                       progress=False, model_loader=lambda: load_model("tiny-llama"))
     plain, tuned = fr["rows"]
+    assert len(calls) == 1  # the tuned spec tuned a copy of the untuned plan
     assert "tuning" not in plain["params"] and tuned["params"]["tuning"]["steps"] == 3
     # each plan ran on its own transformed copy: the rotation alone, the rotation and the tuned weights
     assert tuned["decode"]["kl"] != plain["decode"]["kl"]
@@ -126,3 +133,17 @@ def test_cosine_schedule_starts_at_the_full_rate_and_still_tunes():
     tuned = plan_for("teal", **TUNE, tune_schedule="cosine")
     assert tuned.params["tuning"]["held_out_kl_after"] < tuned.params["tuning"]["held_out_kl_before"]
     assert not torch.equal(tuned.tensors[GAINS], plan_for("teal", **TUNE).tensors[GAINS])
+
+
+def test_tuning_a_given_untuned_plan_equals_calibrating_with_the_tuning():
+    from sparsen.methods.registry import calibrate as calibrate_from
+
+    lm = load_model("tiny-llama")
+    config = config_for("teal", sparsity=0.5, **CFG, **TUNE)
+    base = calibrate(lm, config_for("teal", sparsity=0.5, **CFG), progress=False)
+    tuned, whole = calibrate_from(lm, config, progress=False, untuned=base), calibrate(lm, config, progress=False)
+    assert tuned.config == whole.config and tuned.sites == whole.sites and "tuning" not in base.params
+    for key, t in whole.tensors.items():
+        assert torch.equal(tuned.tensors[key], t), key
+    with pytest.raises(SparsenError, match="not calibrated with this config"):
+        calibrate_from(lm, config_for("teal", sparsity=0.4, **CFG, **TUNE), progress=False, untuned=base)

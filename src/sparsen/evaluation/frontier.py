@@ -9,6 +9,7 @@ not the target. A method that cannot reach a target (CATS covers only up/down) i
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -22,6 +23,7 @@ from sparsen.errors import SparsenError, UnreachableSparsity
 from sparsen.evaluation import evaluate_many
 from sparsen.methods import calibrate, config_for, get_method
 from sparsen.methods.config import parse_fields
+from sparsen.methods.registry import untuned_fields
 
 DEFAULT_SPARSITIES = (0.25, 0.4, 0.5, 0.6, 0.7)
 REFERENCE = "teal"  # the uniform TEAL baseline every other method is compared with
@@ -102,11 +104,16 @@ def calibrate_grid(lm, methods, sparsities, calib: dict, progress: bool = True, 
     jobs = [(m, s) for m in methods for s in sparsities]
     if REFERENCE in methods:
         jobs += [(REFERENCE, s) for s in reference_targets(sparsities)]
+    untuned = {}  # a plan before its tuning step, shared by the specs that differ only in their tune_* fields
     for method, s in tqdm(jobs, desc="calibrate grid", disable=not progress):
         name, allocation, segments, fields = parsed[method]
         try:
-            plan = calibrate(lm, config_for(name, sparsity=s, allocation=allocation, segments=segments, **fields,
-                                            **calib), progress=False)
+            config = config_for(name, sparsity=s, allocation=allocation, segments=segments, **fields, **calib)
+            key = (name, json.dumps(untuned_fields(config), sort_keys=True, default=str))
+            if key not in untuned and config.tune_steps:
+                untuned[key] = calibrate(lm, config_for(name, **untuned_fields(config)), progress=False)
+            plan = calibrate(lm, config, progress=False, untuned=untuned.get(key))
+            untuned.setdefault(key, plan)
         except UnreachableSparsity as e:
             rows.append({"method": method, "target": s, "skipped": str(e)})
             continue

@@ -7,6 +7,8 @@ windows and returns a ``Plan``. A method's function has the signature
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -56,11 +58,25 @@ def config_for(method: str, **fields) -> MethodConfig:
     return cls(**{k: v for k, v in fields.items() if v is not None})
 
 
-def calibrate(lm, config: MethodConfig, progress: bool = True) -> Plan:
-    """Calibrate the method of ``config`` on ``lm`` and return the plan (the model is not changed)."""
+def untuned_fields(config: MethodConfig) -> dict:
+    """The config's fields with the tuning's at their defaults: what its plan is before the tuning step."""
+    return {**config.fields(), **{f.name: f.default for f in dataclasses.fields(config) if f.name.startswith("tune_")}}
+
+
+def calibrate(lm, config: MethodConfig, progress: bool = True, untuned: Plan | None = None) -> Plan:
+    """Calibrate the method of ``config`` on ``lm`` and return the plan (the model is not changed). ``untuned``: this
+    config's plan without its tuning, calibrated already on ``lm`` (a copy of it is tuned: calibration is skipped)."""
     if not isinstance(config, MethodConfig):
         raise ConfigFieldError(f"calibrate takes a method config such as sparsen.TealConfig(sparsity=0.5), not "
                                f"{type(config).__name__}")
+    if untuned is not None:
+        if untuned.config != untuned_fields(config) or untuned.fingerprint != lm.fingerprint:
+            raise SparsenError("the untuned plan given was not calibrated with this config on this model")
+        plan = copy.deepcopy(untuned)
+        plan.config = config.fields()
+        if config.tune_steps:
+            tune_plan(lm, plan, config, progress)
+        return plan
     m = get_method(config.method)
     if m.rotation and lm.adapter.rotation_refusal:
         raise SparsenError(f"method '{m.name}' cannot apply to {lm.config.model_type}: {lm.adapter.rotation_refusal}")
