@@ -3,24 +3,26 @@
     .venv/bin/python benchmarks/tune_sweep.py [--method SPEC] [--sparsity 0.4] [--settings "80,80+tune_schedule=cosine"]
 
 A plan is calibrated once on the mixed calibration text (as `sparsen frontier --calib-text mixed-calib` does, no
-tuning); each setting then tunes a copy of it with `sparsen.methods.tuning.tune_plan` (the method's own step) and is
+tuning); each setting then tunes a copy of it (`calibrate(..., untuned=plan)`: the method's own tuning step) and is
 scored by the KL from the dense model on the mix's last ``--holdout`` windows, which no setting tunes on (decode
 protocol: each window's first half dense, the rest sparse). A setting is the number of steps, then `+field=value`
 for any of the config's tune_* fields. The evaluation corpora are not read: this is where a setting may be chosen.
 """
 
 import argparse
-import copy
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from sparsen import calibrate, config_for, load_model
+from sparsen import load_model
 from sparsen.data import corpus_windows
 from sparsen.evaluation import scored_range, window_logprobs
 from sparsen.evaluation.frontier import parse_method
-from sparsen.methods.tuning import kl_to_dense, tune_plan
+from sparsen.methods import calibrate, config_for
+from sparsen.methods.config import parse_fields
+from sparsen.methods.tuning import kl_to_dense
 
 
 @torch.no_grad()
@@ -37,11 +39,7 @@ def held_out_kl(lm, plan, held, dense_logp) -> float:
 
 def parse_setting(text: str) -> tuple[int, dict]:
     steps, *fields = text.split("+")
-    out = {}
-    for f in fields:
-        key, value = f.split("=")
-        out[key] = value if key == "tune_schedule" else (int(value) if key == "tune_rank" else float(value))
-    return int(steps), out
+    return int(steps), parse_fields(fields, "--settings")
 
 
 def main():
@@ -51,6 +49,7 @@ def main():
     ap.add_argument("--settings", default="80,80+tune_schedule=cosine")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--holdout", type=int, default=8)
+    ap.add_argument("--save", default=None, metavar="DIR", help="write the untuned and tuned plans here")
     args = ap.parse_args()
     t0 = time.perf_counter()
     lm = load_model("smollm2")
@@ -64,14 +63,18 @@ def main():
     print(f"{args.method} at {args.sparsity}: calibrated in {time.perf_counter() - t0:.0f} s; held-out KL on the "
           f"mix's last {args.holdout} of {len(every)} windows", flush=True)
     print(f"untuned: {held_out_kl(lm, plan0, held, dense_logp):.4f}", flush=True)
+    if args.save:
+        Path(args.save).mkdir(parents=True, exist_ok=True)
+        plan0.save(Path(args.save) / "untuned.json")
     for text in args.settings.split(","):
         steps, tune = parse_setting(text)
         if steps + args.holdout > len(every):
             raise SystemExit(f"{text}: {steps} steps would tune on held-out windows ({len(every)} in the mix)")
         t1 = time.perf_counter()
-        plan = copy.deepcopy(plan0)
-        tune_plan(lm, plan, config_for(name, **base, tune_steps=steps, **tune), progress=False)
+        plan = calibrate(lm, config_for(name, **base, tune_steps=steps, **tune), progress=False, untuned=plan0)
         print(f"{text}: {held_out_kl(lm, plan, held, dense_logp):.4f} ({time.perf_counter() - t1:.0f} s)", flush=True)
+        if args.save:
+            plan.save(Path(args.save) / f"tuned_{text.replace('+', '_').replace('=', '-')}.json")
     print(f"{time.perf_counter() - t0:.0f} s")
 
 
