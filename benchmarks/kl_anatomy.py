@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsen import Plan, load_model  # sparsen.Plan: the API, which registers the methods' transforms
+from sparsen.core.divergence import kl_sum
 from sparsen.data import corpus_windows, eval_corpora
 from sparsen.evaluation import scored_range, window_logprobs
 
@@ -28,29 +29,34 @@ def entropy(logp: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def anatomy(lm, plan, wins, dense) -> dict:
+def sparse_logprobs(lm, plan, wins) -> tuple[torch.Tensor, float]:
+    """The plan's log-probs on every window's scored half, stacked [positions, vocab], and its achieved sparsity."""
     work = lm.copy()
     plan.transform_(work)
     start, stop = scored_range(wins.shape[1], "decode")
     sp = plan.build_sparsifier(work)
     sp.dense_prefix = start
-    logits = []
     with sp:
-        for w in wins:
-            logits.append(work.model(w[None]).logits[0, start:stop].float())
-    logits, d = torch.cat(logits), torch.cat(dense)
-    per_pos = (d.exp() * (d - F.log_softmax(logits, -1))).sum(-1)
+        logp = [F.log_softmax(work.model(w[None]).logits[0, start:stop].float(), -1) for w in wins]
+    return torch.cat(logp), sp.achieved()["overall"]
+
+
+@torch.no_grad()
+def anatomy(lm, plan, wins, dense) -> dict:
+    logp, achieved = sparse_logprobs(lm, plan, wins)
+    d = torch.cat(dense)
+    per_pos = (d.exp() * (d - logp)).sum(-1)
     worst = per_pos.sort(descending=True).values
     n = len(per_pos)
     h = entropy(d)
     thirds = h.sort().indices.chunk(3)
-    by_t = {float(t): float((d.exp() * (d - F.log_softmax(logits / t, -1))).sum(-1).mean()) for t in TEMPERATURES}
+    by_t = {float(t): float(kl_sum(d, F.log_softmax(logp / t, -1))) / n for t in TEMPERATURES}  # log-probs / t: logits / t
     best = min(by_t, key=by_t.get)
     return {"kl": float(per_pos.mean()), "top1%": float(worst[: max(1, n // 100)].sum() / per_pos.sum()),
             "top10%": float(worst[: max(1, n // 10)].sum() / per_pos.sum()),
             "kl_sure": float(per_pos[thirds[0]].mean()), "kl_unsure": float(per_pos[thirds[-1]].mean()),
-            "entropy": float(entropy(F.log_softmax(logits, -1)).mean()), "dense_entropy": float(h.mean()),
-            "best_t": best, "kl_at_best_t": by_t[best], "achieved": sp.achieved()["overall"]}
+            "entropy": float(entropy(logp).mean()), "dense_entropy": float(h.mean()),
+            "best_t": best, "kl_at_best_t": by_t[best], "achieved": achieved}
 
 
 def main():
