@@ -37,7 +37,7 @@ def sparse_logprobs(lm, plan, wins) -> tuple[torch.Tensor, float]:
     sp = plan.build_sparsifier(work)
     sp.dense_prefix = start
     with sp:
-        logp = [F.log_softmax(work.model(w[None]).logits[0, start:stop].float(), -1) for w in wins]
+        logp = [window_logprobs(work.model, w, start, stop) for w in wins]
     return torch.cat(logp), sp.achieved()["overall"]
 
 

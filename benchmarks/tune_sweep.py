@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from kl_anatomy import sparse_logprobs  # benchmarks/, beside this script
 
-from sparsen import load_model
+from sparsen import SparsenError, load_model
 from sparsen.core.divergence import kl_sum
 from sparsen.data import corpus_windows
 from sparsen.evaluation import scored_range, window_logprobs
@@ -49,8 +49,17 @@ def main():
     name, allocation, segments, fields = parse_method(args.method)
     calib = {"corpus": "mixed-calib", "tokens": args.tokens, "ctx": 1024}
     base = dict(sparsity=args.sparsity, allocation=allocation, segments=segments, **fields, **calib)
-    plan0 = calibrate(lm, config_for(name, **base), progress=False)
     every = corpus_windows(lm.tokenizer, "mixed-calib", 1024, bos=lm.window_bos)
+    settings = {}  # every setting checked before the first calibration, not after an hour of tuning
+    for text in args.settings.split(","):
+        steps, tune = parse_setting(text)
+        if steps + args.holdout > len(every):
+            raise SystemExit(f"{text}: {steps} steps would tune on held-out windows ({len(every)} in the mix)")
+        try:
+            settings[text] = config_for(name, **base, tune_steps=steps, **tune)
+        except SparsenError as e:
+            raise SystemExit(f"{text}: {e}") from None
+    plan0 = calibrate(lm, config_for(name, **base), progress=False)
     held = every[len(every) - args.holdout:]
     dense_logp = [window_logprobs(lm.model, w, *scored_range(1024, "decode")) for w in held]
     print(f"{args.method} at {args.sparsity}: calibrated in {time.perf_counter() - t0:.0f} s; held-out KL on the "
@@ -59,12 +68,9 @@ def main():
     if args.save:
         Path(args.save).mkdir(parents=True, exist_ok=True)
         plan0.save(Path(args.save) / "untuned.json")
-    for text in args.settings.split(","):
-        steps, tune = parse_setting(text)
-        if steps + args.holdout > len(every):
-            raise SystemExit(f"{text}: {steps} steps would tune on held-out windows ({len(every)} in the mix)")
+    for text, config in settings.items():
         t1 = time.perf_counter()
-        plan = calibrate(lm, config_for(name, **base, tune_steps=steps, **tune), progress=False, untuned=plan0)
+        plan = calibrate(lm, config, progress=False, untuned=plan0)
         print(f"{text}: {held_out_kl(lm, plan, held, dense_logp):.4f} ({time.perf_counter() - t1:.0f} s)", flush=True)
         if args.save:
             plan.save(Path(args.save) / f"tuned_{text.replace('+', '_').replace('=', '-')}.json")
