@@ -67,8 +67,9 @@ def dense_prefix(ctx: int, protocol: str) -> int:
 
 @torch.no_grad()
 def window_logprobs(model, window: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """log-softmax of the model's logits at positions [start, stop) of one window, fp32 [n, vocab]."""
-    logits = model(window[None]).logits[0, start:stop].float()
+    """log-softmax of the model's logits at positions [start, stop) of one window, fp32 [n, vocab] (the unembedding
+    runs on those positions only)."""
+    logits = model(window[None], logits_to_keep=window.shape[-1] - start).logits[0, : stop - start].float()
     return F.log_softmax(logits, dim=-1)
 
 

@@ -158,9 +158,10 @@ def tune_plan(lm, plan, config, progress: bool = True) -> None:
 def _window_kl(lm, work, window, start: int, stop: int) -> torch.Tensor:
     """KL of ``work`` (under its attached hooks) from the dense ``lm`` on one window's scored positions (the gradient
     flows through ``work`` only)."""
+    keep = window.shape[-1] - start  # the unembedding runs on the scored positions only
     with torch.no_grad():
-        dense_logp = F.log_softmax(lm.model(window).logits[0, start:stop].float(), -1)
-    return kl_to_dense(work.model(window).logits[0, start:stop], dense_logp)
+        dense_logp = F.log_softmax(lm.model(window, logits_to_keep=keep).logits[0, : stop - start].float(), -1)
+    return kl_to_dense(work.model(window, logits_to_keep=keep).logits[0, : stop - start], dense_logp)
 
 
 @torch.no_grad()
