@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsen import Plan, load_model  # sparsen.Plan: the API, which registers the methods' transforms
-from sparsen.core.divergence import kl_sum
+from sparsen.core.divergence import kl_per_position, kl_sum
 from sparsen.data import corpus_windows, eval_corpora
 from sparsen.evaluation import scored_range, window_logprobs
 
@@ -45,7 +45,7 @@ def sparse_logprobs(lm, plan, wins) -> tuple[torch.Tensor, float]:
 def anatomy(lm, plan, wins, dense) -> dict:
     logp, achieved = sparse_logprobs(lm, plan, wins)
     d = torch.cat(dense)
-    per_pos = (d.exp() * (d - logp)).sum(-1)
+    per_pos = kl_per_position(d, logp)
     worst = per_pos.sort(descending=True).values
     n = len(per_pos)
     h = entropy(d)

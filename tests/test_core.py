@@ -82,10 +82,12 @@ def test_rule_kinds_cover_every_plan_entry_kind():
 
 
 def test_kl_sum_equals_torch_kl_div_and_is_zero_on_itself():
-    from sparsen.core.divergence import kl_sum
+    from sparsen.core.divergence import kl_per_position, kl_sum
     g = torch.Generator().manual_seed(0)
     dense = torch.log_softmax(torch.randn(7, 50, generator=g), -1)
     sparse = torch.log_softmax(torch.randn(7, 50, generator=g), -1)
     want = torch.nn.functional.kl_div(sparse, dense, log_target=True, reduction="sum")
     assert torch.allclose(kl_sum(dense, sparse), want, atol=1e-5)
     assert float(kl_sum(dense, dense)) == 0.0
+    rows = torch.nn.functional.kl_div(sparse, dense, log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(kl_per_position(dense, sparse), rows, atol=1e-5)
