@@ -158,10 +158,14 @@ def tune_plan(lm, plan, config, progress: bool = True) -> None:
 def _window_kl(lm, work, window, start: int, stop: int) -> torch.Tensor:
     """KL of ``work`` (under its attached hooks) from the dense ``lm`` on one window's scored positions (the gradient
     flows through ``work`` only)."""
-    keep = window.shape[-1] - start  # the unembedding runs on the scored positions only
     with torch.no_grad():
-        dense_logp = F.log_softmax(lm.model(window, logits_to_keep=keep).logits[0, : stop - start].float(), -1)
-    return kl_to_dense(work.model(window, logits_to_keep=keep).logits[0, : stop - start], dense_logp)
+        dense_logp = F.log_softmax(_scored_logits(lm.model, window, start, stop).float(), -1)
+    return kl_to_dense(_scored_logits(work.model, window, start, stop), dense_logp)
+
+
+def _scored_logits(model, window, start: int, stop: int) -> torch.Tensor:
+    """Logits at positions [start, stop) of one window [1, ctx]; the unembedding runs on those positions only."""
+    return model(window, logits_to_keep=window.shape[-1] - start).logits[0, : stop - start]
 
 
 @torch.no_grad()
